@@ -1,0 +1,357 @@
+"""Feature maps of any ``nn.Module`` by layer name, with each layer's coordinate frame.
+
+How a layer's grid maps onto the image
+--------------------------------------
+Along each axis, pixel ``j`` of a feature map sits at input-pixel position ``x = a * j + b``
+(pixel-index units of the input image: ``a`` is the accumulated stride, ``b`` the offset of
+the centre of feature pixel 0). Every convolution or pooling with kernel ``k``, stride ``s``,
+padding ``p`` and dilation ``d`` updates it as::
+
+    a' = a * s        b' = b + a * (d * (k - 1) / 2 - p)
+
+Elementwise layers (activations, BatchNorm, dropout, residual additions, channel
+concatenations) keep the frame. These rules are applied while the model runs, by watching every
+torch function call (a :class:`torch.overrides.TorchFunctionMode`), so functional code,
+nested modules and residual branches are all covered. A layer reached through an operation the
+tracer does not know (``interpolate``, adaptive pooling, transposed convolutions) gets the
+*assumed* frame "covers the image's field of view" and ``LayerFrame.exact`` is ``False``.
+
+From ``(a, b)`` and the sizes follows the affine map from the layer's normalised coordinates
+``u`` to the image's normalised coordinates ``X = alpha * u + beta`` with
+``alpha = a w / W`` and ``beta = (a (w - 1) + 2 b + 1) / W - 1``. A transformation ``T`` of the
+image (normalised, input -> output) then acts on the layer as ``Phi^{-1} T Phi``
+(:meth:`LayerFrame.to_layer`). For a ``valid`` 9x9 convolution on 28x28 inputs
+(``a = 1, b = 4, w = 20``) this gives ``alpha = 20/28, beta = 0``: the same centre, a smaller
+field of view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["LayerFrame", "FeatureExtractor", "extract_features", "list_layers", "INPUT"]
+
+INPUT = "input"
+"""Pseudo-layer name of the input itself (the identity network)."""
+
+
+@dataclass(frozen=True)
+class LayerFrame:
+    """Where a feature map's pixel grid sits on the input image (see the module docstring).
+
+    Attributes:
+        stride: ``(a_x, a_y)`` input pixels per feature pixel.
+        offset: ``(b_x, b_y)`` input-pixel position of feature pixel ``(0, 0)``.
+        size: feature map ``(h, w)``.
+        input_size: image ``(H, W)``.
+        exact: ``True`` if traced through known layers, ``False`` if assumed.
+    """
+
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+    size: tuple[int, int]
+    input_size: tuple[int, int]
+    exact: bool = True
+
+    @classmethod
+    def identity(cls, size: Sequence[int]) -> "LayerFrame":
+        h, w = (int(s) for s in size)
+        return cls((1.0, 1.0), (0.0, 0.0), (h, w), (h, w), True)
+
+    @classmethod
+    def assumed(cls, size: Sequence[int], input_size: Sequence[int]) -> "LayerFrame":
+        """The frame of a map that covers exactly the image's field of view."""
+        h, w = (int(s) for s in size)
+        hh, ww = (int(s) for s in input_size)
+        ax, ay = ww / w, hh / h
+        return cls((ax, ay), ((ax - 1) / 2, (ay - 1) / 2), (h, w), (hh, ww), False)
+
+    def matrix(self, dtype=None, device=None) -> torch.Tensor:
+        """``Phi``: layer-normalised -> image-normalised point coordinates (3x3)."""
+        (ax, ay), (bx, by) = self.stride, self.offset
+        h, w = self.size
+        hh, ww = self.input_size
+        alx, aly = ax * w / ww, ay * h / hh
+        bex = (ax * (w - 1) + 2 * bx + 1) / ww - 1
+        bey = (ay * (h - 1) + 2 * by + 1) / hh - 1
+        return torch.tensor([[alx, 0, bex], [0, aly, bey], [0, 0, 1]],
+                            dtype=dtype or torch.get_default_dtype(), device=device)
+
+    def to_layer(self, image_matrix: torch.Tensor) -> torch.Tensor:
+        """An image transformation (normalised, input -> output) as it acts on this layer."""
+        phi = self.matrix(image_matrix.dtype, image_matrix.device)
+        return torch.linalg.inv(phi) @ image_matrix @ phi
+
+    def to_image(self, layer_matrix: torch.Tensor) -> torch.Tensor:
+        """A layer transformation (layer-normalised) expressed on the image (inverse of :meth:`to_layer`)."""
+        phi = self.matrix(layer_matrix.dtype, layer_matrix.device)
+        return phi @ layer_matrix @ torch.linalg.inv(phi)
+
+    @property
+    def is_identity(self) -> bool:
+        return bool(torch.allclose(self.matrix(torch.float64), torch.eye(3, dtype=torch.float64), atol=1e-9))
+
+
+# ----------------------------------------------------------------------------- frame tracing
+
+_GEOMETRIC = {"conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices", "_max_pool2d"}
+_ARGS = {
+    "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+}
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1]))
+    return (int(v), int(v))
+
+
+def _bind(name: str, args, kwargs) -> dict:
+    names = _ARGS["max_pool2d" if "max_pool" in name else name]
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+class _FrameTracer(TorchFunctionMode):
+    """Propagates per-axis frames ``((a_x, b_x), (a_y, b_y))`` from the input through the ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames: dict[int, tuple[tuple[float, float], tuple[float, float], bool]] = {}
+        self._alive: list[torch.Tensor] = []  # keep ids unique during the pass
+
+    def seed(self, x: torch.Tensor) -> None:
+        self.frames[id(x)] = ((1.0, 0.0), (1.0, 0.0), True)
+        self._alive.append(x)
+
+    def lookup(self, t: torch.Tensor):
+        return self.frames.get(id(t))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            self._propagate(func, args, kwargs, out)
+        except Exception:  # tracing must never break the user's forward pass
+            pass
+        return out
+
+    def _framed_inputs(self, args, kwargs):
+        found = []
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor) and id(a) in self.frames:
+                found.append(a)
+            elif isinstance(a, (list, tuple)):
+                found += [t for t in a if isinstance(t, torch.Tensor) and id(t) in self.frames]
+        return found
+
+    def _record(self, out, frame) -> None:
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for o in outs:
+            if isinstance(o, torch.Tensor) and o.dim() >= 3:
+                self.frames[id(o)] = frame
+                self._alive.append(o)
+
+    def _propagate(self, func, args, kwargs, out) -> None:
+        inputs = self._framed_inputs(args, kwargs)
+        if not inputs:
+            return
+        name = getattr(func, "__name__", "")
+        src = inputs[0]
+        (ax, bx), (ay, by), exact = self.frames[id(src)]
+        if name in _GEOMETRIC and src.dim() == 4:
+            p = _bind(name, args, kwargs)
+            if name == "conv2d":
+                k = tuple(p["weight"].shape[-2:])
+                s = _pair(p.get("stride", 1))
+                d = _pair(p.get("dilation", 1))
+                pad = p.get("padding", 0)
+                if isinstance(pad, str):
+                    pad = (0, 0) if pad == "valid" else tuple((d[i] * (k[i] - 1)) // 2 for i in range(2))
+                pad = _pair(pad)
+            else:
+                k = _pair(p["kernel_size"])
+                s = _pair(p.get("stride") or k)
+                d = _pair(p.get("dilation", 1)) if "max_pool" in name else (1, 1)
+                pad = _pair(p.get("padding", 0))
+            # index 0 is the H axis (y), index 1 the W axis (x)
+            nx = (ax * s[1], bx + ax * (d[1] * (k[1] - 1) / 2 - pad[1]))
+            ny = (ay * s[0], by + ay * (d[0] * (k[0] - 1) / 2 - pad[0]))
+            self._record(out, (nx, ny, exact))
+            return
+        # same spatial size as a framed input: elementwise-like, keeps the frame
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for o in outs:
+            if not isinstance(o, torch.Tensor) or o.dim() < 3:
+                continue
+            same = [t for t in inputs if t.dim() >= 3 and t.shape[-2:] == o.shape[-2:]]
+            if not same:
+                continue
+            frames = {self.frames[id(t)][:2] for t in same}
+            if len(frames) == 1:
+                self._record(o, (*frames.pop(), all(self.frames[id(t)][2] for t in same)))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def list_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules whose output is a 4-D tensor, in execution order (deepest name kept
+    when a container returns its last child's tensor), preceded by ``"input"``.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    >>> list_layers(net, torch.rand(1, 1, 8, 8))
+    ['input', '0', '1']
+    """
+    ex = FeatureExtractor(model, "all")
+    ex(example[:1])
+    return [INPUT] + ex.layer_names
+
+
+class FeatureExtractor:
+    """Collect the outputs of named layers of ``model`` (forward hooks) with their frames.
+
+    Args:
+        model: any ``nn.Module`` taking a ``(B, C, H, W)`` tensor.
+        layers: ``"all"`` (every module with a 4-D output), or an iterable of module names as in
+            ``model.named_modules()``; ``"input"`` names the input itself.
+
+    The model is put in eval mode during the call (BatchNorm uses its running statistics,
+    dropout is off) and restored afterwards. Gradients are not tracked.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU())
+    >>> feats, frames = FeatureExtractor(net, ["0"])(torch.rand(2, 1, 9, 9))
+    >>> feats["0"].shape, frames["0"].stride
+    (torch.Size([2, 4, 5, 5]), (2.0, 2.0))
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] = "all"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.modules.pop("", None)
+        if isinstance(layers, str) and layers == "all":
+            self.requested: list[str] | None = None
+        else:
+            if isinstance(layers, str):
+                layers = [s.strip() for s in layers.split(",") if s.strip()]
+            self.requested = list(layers)
+            if not self.requested:
+                raise ValueError("layers: no layer names given; use 'all' or names such as "
+                                 + ", ".join(list(self.modules)[:8]))
+            unknown = [n for n in self.requested if n != INPUT and n not in self.modules]
+            if unknown:
+                raise ValueError(
+                    f"layers: unknown layer name(s) {', '.join(map(repr, unknown))}; valid choices: "
+                    + ", ".join([INPUT, *self.modules])
+                )
+        self.layer_names: list[str] = []
+
+    def __call__(self, images: torch.Tensor, batch_size: int | None = None):
+        """Return ``(features, frames)``: dicts layer name -> ``(B, C, h, w)`` tensor / :class:`LayerFrame`."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images: expected a (B, C, H, W) tensor, got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"images: expected a floating-point tensor, got dtype {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("images: empty batch (B = 0)")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images: contain NaN or infinite values")
+        bs = batch_size or images.shape[0]
+        parts: dict[str, list[torch.Tensor]] = {}
+        frames: dict[str, LayerFrame] = {}
+        for i in range(0, images.shape[0], bs):
+            feats, fr = self._run(images[i : i + bs])
+            for k, v in feats.items():
+                parts.setdefault(k, []).append(v)
+            frames.update(fr)
+        return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}, frames
+
+    def _run(self, x: torch.Tensor):
+        captured: dict[str, torch.Tensor] = {}
+        order: list[str] = []
+        seen: set[int] = set()
+        bad: dict[str, str] = {}
+        wanted = None if self.requested is None else set(self.requested)
+
+        def hook(name):
+            def fn(_module, _inp, out):
+                if wanted is not None and name not in wanted:
+                    return
+                if not isinstance(out, torch.Tensor) or out.dim() != 4:
+                    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    bad[name] = str(shape)
+                    return
+                if wanted is None and id(out) in seen:
+                    return
+                seen.add(id(out))
+                captured[name] = out.detach()
+                order.append(name)
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        was_training = self.model.training
+        tracer = _FrameTracer()
+        try:
+            self.model.eval()
+            with torch.no_grad(), tracer:
+                tracer.seed(x)
+                self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+            self.model.train(was_training)
+        if wanted is not None:
+            if bad:
+                n, s = next(iter(bad.items()))
+                raise ValueError(f"layers: layer {n!r} has a non-4-D output {s}; choose layers with "
+                                 f"(B, C, H, W) outputs, e.g. {', '.join(order[:6]) or INPUT}")
+            missing = [n for n in self.requested if n != INPUT and n not in captured]
+            if missing:
+                raise ValueError(f"layers: layer(s) {', '.join(missing)} did not run in the forward pass")
+        # keep only the deepest name for a tensor returned by several containers (hooks of
+        # inner modules fire first, so the first name seen is the deepest)
+        self.layer_names = order if wanted is None else [n for n in self.requested if n != INPUT]
+        size = tuple(x.shape[-2:])
+        frames = {}
+        feats = {}
+        if wanted is not None and INPUT in wanted:
+            feats[INPUT] = x.detach()
+            frames[INPUT] = LayerFrame.identity(size)
+        for n in self.layer_names:
+            t = captured[n]
+            fr = tracer.lookup(t)
+            if fr is None:
+                frames[n] = LayerFrame.assumed(t.shape[-2:], size)
+            else:
+                (ax, bx), (ay, by), exact = fr
+                frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact)
+            feats[n] = t
+        if wanted is not None:
+            order_all = [n for n in self.requested]
+            feats = {n: feats[n] for n in order_all}
+            frames = {n: frames[n] for n in order_all}
+        return feats, frames
+
+
+def extract_features(model: nn.Module, images: torch.Tensor, layers: str | Iterable[str] = "all",
+                     batch_size: int | None = None):
+    """Shorthand for ``FeatureExtractor(model, layers)(images, batch_size)``.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+    >>> feats, frames = extract_features(net, torch.rand(1, 1, 6, 10), "0,1")
+    >>> list(feats), frames["1"].is_identity
+    (['0', '1'], True)
+    """
+    return FeatureExtractor(model, layers)(images, batch_size)
+

@@ -1,0 +1,255 @@
+"""Warping a batch of images or feature maps by many candidate transformations at once.
+
+Convention
+----------
+Every function here takes transformation matrices in the **normalised** frame of
+:mod:`invariance.geometry` (``[-1, 1]`` over the field of view, ``align_corners=False``,
+``(x, y)`` order) mapping **input to output**: ``warp(f, A)(q) = f(A^{-1} q)``. Convert
+centred-frame (pixel) matrices with :func:`invariance.geometry.centred_to_normalized`, or call
+:func:`transform_images`, which takes family parameters directly.
+
+Affine matrices go through :func:`torch.nn.functional.affine_grid`; projective ones (last row
+not ``(0, 0, 1)``) through a homogeneous grid of their own. Sampling is
+:func:`torch.nn.functional.grid_sample`, so everything runs on the device of the inputs and is
+differentiable with respect to both the images and the matrices.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import geometry as G
+
+__all__ = [
+    "PADDING_MODES",
+    "MODES",
+    "warp",
+    "warp_chunks",
+    "sampling_grid",
+    "valid_mask",
+    "transform_images",
+    "disk_mask",
+]
+
+PADDING_MODES = ("zeros", "border", "reflection")
+MODES = ("bilinear", "nearest", "bicubic")
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (B = 0)")
+    if 0 in images.shape[1:]:
+        raise ValueError(f"{name}: empty channel or spatial dimension in shape {tuple(images.shape)}")
+
+
+def _normalise_matrices(matrices: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool]:
+    """Return (matrices as (K,3,3) shared or (B,K,3,3) per image, per_image flag)."""
+    G._check_matrix(matrices, "matrices")
+    G._check_finite(matrices, "matrices")
+    if matrices.dim() == 2:
+        return matrices.unsqueeze(0), False
+    if matrices.dim() == 3:
+        if matrices.shape[0] == 0:
+            raise ValueError("matrices: no transformations given (K = 0)")
+        return matrices, False
+    if matrices.dim() == 4:
+        if matrices.shape[0] != batch:
+            raise ValueError(
+                f"matrices: per-image matrices need shape (B={batch}, K, 3, 3), got {tuple(matrices.shape)}"
+            )
+        if matrices.shape[1] == 0:
+            raise ValueError("matrices: no transformations given (K = 0)")
+        return matrices, True
+    raise ValueError(f"matrices: expected (3, 3), (K, 3, 3) or (B, K, 3, 3), got {tuple(matrices.shape)}")
+
+
+def sampling_grid(matrices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Sampling grids ``(N, H, W, 2)`` for ``grid_sample`` from input->output matrices ``(N, 3, 3)``.
+
+    The grid holds, for each output pixel ``q`` (normalised), the source point ``A^{-1} q``.
+
+    >>> g = sampling_grid(torch.eye(3)[None], (2, 3))
+    >>> g[0, 0, 0]            # top-left pixel centre in normalised coordinates
+    tensor([-0.6667, -0.5000])
+    """
+    h, w = G._check_size(size)
+    inv = G.inverse(matrices)
+    if G.is_affine(matrices):
+        return F.affine_grid(inv[:, :2, :], [inv.shape[0], 1, h, w], align_corners=False)
+    xs = (torch.arange(w, dtype=inv.dtype, device=inv.device) * 2 + 1) / w - 1
+    ys = (torch.arange(h, dtype=inv.dtype, device=inv.device) * 2 + 1) / h - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([xx, yy, torch.ones_like(xx)], -1).reshape(1, h * w, 3)
+    src = pts @ inv.transpose(-1, -2)
+    den = src[..., 2:3]
+    den = torch.where(den.abs() < 1e-8, torch.full_like(den, 1e-8), den)
+    return (src[..., :2] / den).reshape(-1, h, w, 2)
+
+
+def _sample(images, grid, mode, padding_mode):
+    return F.grid_sample(images, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+
+
+def warp_chunks(
+    images: torch.Tensor,
+    matrices: torch.Tensor,
+    *,
+    size: Sequence[int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    chunk_size: int | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(k_slice, warped)`` with ``warped`` of shape ``(B, k, C, H', W')`` chunk by chunk.
+
+    Memory stays bounded by ``chunk_size`` transformations at a time whatever ``K`` is. Shared
+    matrices ``(K, 3, 3)`` are applied to every image without copying the images (the batch
+    is folded into the channels); per-image matrices ``(B, K, 3, 3)`` warp image ``b`` by
+    ``matrices[b]``.
+
+    >>> x = torch.rand(2, 3, 8, 8)
+    >>> [w.shape for _, w in warp_chunks(x, torch.eye(3).repeat(5, 1, 1), chunk_size=2)]
+    [torch.Size([2, 2, 3, 8, 8]), torch.Size([2, 2, 3, 8, 8]), torch.Size([2, 1, 3, 8, 8])]
+    """
+    _check_images(images)
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown interpolation {mode!r}; valid choices: {', '.join(MODES)}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(
+            f"padding_mode: unknown padding {padding_mode!r}; valid choices: {', '.join(PADDING_MODES)}"
+        )
+    b, c, h, w = images.shape
+    mats, per_image = _normalise_matrices(matrices, b)
+    mats = mats.to(dtype=images.dtype, device=images.device)
+    out_size = (h, w) if size is None else G._check_size(size)
+    k_total = mats.shape[-3]
+    if chunk_size is None:
+        # about 64 M output elements per chunk
+        chunk_size = max(1, (64 << 20) // max(1, b * c * out_size[0] * out_size[1]))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size}")
+    for k0 in range(0, k_total, chunk_size):
+        sl = slice(k0, min(k_total, k0 + chunk_size))
+        if per_image:
+            m = mats[:, sl]
+            kk = m.shape[1]
+            grid = sampling_grid(m.reshape(-1, 3, 3), out_size)
+            src = images.unsqueeze(1).expand(b, kk, c, h, w).reshape(b * kk, c, h, w)
+            out = _sample(src, grid, mode, padding_mode).reshape(b, kk, c, *out_size)
+        else:
+            m = mats[sl]
+            kk = m.shape[0]
+            grid = sampling_grid(m, out_size)
+            src = images.reshape(1, b * c, h, w).expand(kk, b * c, h, w)
+            out = _sample(src, grid, mode, padding_mode).reshape(kk, b, c, *out_size).transpose(0, 1)
+        yield sl, out
+
+
+def warp(
+    images: torch.Tensor,
+    matrices: torch.Tensor,
+    *,
+    size: Sequence[int] | None = None,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Warp ``images (B, C, H, W)`` by normalised input->output ``matrices``.
+
+    Args:
+        images: floating-point tensor ``(B, C, H, W)``.
+        matrices: ``(3, 3)`` (one transformation), ``(K, 3, 3)`` (the same K for every image)
+            or ``(B, K, 3, 3)`` (K per image); normalised frame, input -> output.
+        size: output ``(H', W')`` (default: the input size, same field of view).
+        mode: ``"bilinear"`` (default), ``"nearest"`` or ``"bicubic"``.
+        padding_mode: ``"zeros"`` (default), ``"border"`` or ``"reflection"``.
+        chunk_size: transformations warped at a time (bounds the temporary memory).
+
+    Returns:
+        ``(B, C, H', W')`` for a single ``(3, 3)`` matrix, else ``(B, K, C, H', W')``.
+
+    >>> x = torch.zeros(1, 1, 4, 4); x[0, 0, 0, 3] = 1          # top-right pixel
+    >>> R = G.to_matrix("rotation", torch.tensor([90.0]))      # counter-clockwise
+    >>> warp(x, R)[0, 0].nonzero().tolist()                     # -> top-left
+    [[0, 0]]
+    """
+    parts = [w for _, w in warp_chunks(images, matrices, size=size, mode=mode,
+                                       padding_mode=padding_mode, chunk_size=chunk_size)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out[:, 0] if matrices.dim() == 2 else out
+
+
+def valid_mask(matrices: torch.Tensor, size: Sequence[int], *, threshold: float = 0.999) -> torch.Tensor:
+    """Boolean mask ``(K, H, W)`` of output pixels whose source lies inside the input field of view.
+
+    A pixel is valid when bilinear sampling of an all-ones image returns at least ``threshold``
+    (so pixels that blend with the zero padding are excluded).
+
+    >>> valid_mask(torch.eye(3)[None], (3, 3)).all()
+    tensor(True)
+    """
+    h, w = G._check_size(size)
+    mats = matrices.unsqueeze(0) if matrices.dim() == 2 else matrices
+    ones = torch.ones(1, 1, h, w, dtype=mats.dtype, device=mats.device)
+    return warp(ones, mats)[0, :, 0] >= threshold
+
+
+def disk_mask(size: Sequence[int], radius: float = 1.0, *, dtype=None, device=None) -> torch.Tensor:
+    """Boolean ``(H, W)`` mask of pixel centres within ``radius`` of the centre, in normalised units.
+
+    ``radius=1`` is the disk inscribed in the field of view (for ``H != W`` an ellipse in pixels,
+    a disk in normalised coordinates), which every rotation about the centre maps into itself.
+
+    >>> disk_mask((4, 4)).int()
+    tensor([[0, 1, 1, 0],
+            [1, 1, 1, 1],
+            [1, 1, 1, 1],
+            [0, 1, 1, 0]], dtype=torch.int32)
+    """
+    h, w = G._check_size(size)
+    if not radius > 0:
+        raise ValueError(f"radius: must be positive, got {radius}")
+    kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+    xs = (torch.arange(w, **kw) * 2 + 1) / w - 1
+    ys = (torch.arange(h, **kw) * 2 + 1) / h - 1
+    return (ys[:, None] ** 2 + xs[None, :] ** 2) <= radius**2
+
+
+def transform_images(
+    images: torch.Tensor,
+    family: str,
+    params,
+    *,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Transform images by family parameters given in their **centred** (pixel) frame.
+
+    ``params`` of shape ``(n,)`` applies one transformation to every image (returns
+    ``(B, C, H, W)``); ``(B, n)`` one per image (returns ``(B, C, H, W)``); ``(K, n)`` with
+    ``K != B`` every transformation to every image (returns ``(B, K, C, H, W)``).
+
+    >>> x = torch.rand(2, 1, 10, 14)
+    >>> transform_images(x, "translation", [3.0, 0.0]).shape
+    torch.Size([2, 1, 10, 14])
+    """
+    _check_images(images)
+    p = G._as_params(torch.as_tensor(params, dtype=images.dtype, device=images.device)
+                     if not isinstance(params, torch.Tensor) else params.to(images), G.get_family(family))
+    h, w = images.shape[-2:]
+    m = G.centred_to_normalized(G.to_matrix(family, p), (h, w))
+    if p.dim() == 1:
+        return warp(images, m, mode=mode, padding_mode=padding_mode)
+    if p.dim() == 2 and p.shape[0] == images.shape[0]:
+        return warp(images, m.unsqueeze(1), mode=mode, padding_mode=padding_mode)[:, 0]
+    if p.dim() == 2:
+        return warp(images, m, mode=mode, padding_mode=padding_mode)
+    raise ValueError(f"params: expected shape (n,), (B, n) or (K, n), got {tuple(p.shape)}")
