@@ -203,6 +203,11 @@ class _FrameTracer(TorchFunctionMode):
 # ----------------------------------------------------------------------------- extraction
 
 
+class _StopForward(Exception):
+    """Raised by a hook once every requested layer is captured (later layers may not even
+    accept the input size, e.g. a classifier head on larger images)."""
+
+
 def list_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the modules whose output is a 4-D tensor, in execution order (deepest name kept
     when a container returns its last child's tensor), preceded by ``"input"``.
@@ -297,6 +302,8 @@ class FeatureExtractor:
                 seen.add(id(out))
                 captured[name] = out.detach()
                 order.append(name)
+                if wanted is not None and wanted <= set(captured) | {INPUT}:
+                    raise _StopForward  # every requested layer is in: skip the rest of the model
             return fn
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
@@ -306,7 +313,10 @@ class FeatureExtractor:
             self.model.eval()
             with torch.no_grad(), tracer:
                 tracer.seed(x)
-                self.model(x)
+                try:
+                    self.model(x)
+                except _StopForward:
+                    pass
         finally:
             for h in handles:
                 h.remove()

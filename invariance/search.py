@@ -36,6 +36,7 @@ centred frame (pixels of the layer, degrees).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,45 +209,68 @@ def _translation(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- FFT shift search
 
 
-def _fft_shape(h: int, w: int) -> tuple[int, int]:
-    return 2 * h, 2 * w
+def _canvas_pad(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> tuple[int, int]:
+    """Padding (py, px) of a canvas that holds every warped candidate's whole support.
+
+    The moving map is warped by each linear candidate onto a canvas larger than the reference
+    (same pixel pitch and centre), so that an integer shift of the canvas followed by a crop is
+    *exactly* the warp by ``shift o candidate``: no content is lost at the reference's border.
+    The padding is capped at ``cap`` times the size (a zoom by more than that loses a border).
+    """
+    corners = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [-w / 2, h / 2], [w / 2, h / 2]],
+                           dtype=lin.dtype, device=lin.device)
+    pts = G.apply_to_points(lin, corners.expand(lin.shape[0], 4, 2))
+    ext_x = float(pts[..., 0].abs().max()) + 1.0
+    ext_y = float(pts[..., 1].abs().max()) + 1.0
+    px = min(int(math.ceil(max(0.0, ext_x - w / 2))), int(cap * w))
+    py = min(int(math.ceil(max(0.0, ext_y - h / 2))), int(cap * h))
+    return py, px
 
 
 class _ShiftScorer:
-    """Errors of all integer shifts of warped candidates against one reference batch (FFT)."""
+    """Errors of all integer shifts of canvas-warped candidates against one reference batch (FFT).
 
-    def __init__(self, reference: torch.Tensor, mask: torch.Tensor, max_shift: float | None):
+    With ``A = M * F`` (masked reference), ``Q = sum_c G_c^2`` and the canvas offset ``p``:
+    ``E(t) = sum_x M(x) Q(x + p - t) - 2 sum_x sum_c A_c(x) G_c(x + p - t) + sum M F^2``; both sums
+    are cross-correlations ``R(u) = sum_y A(y + u) G(y)`` at ``u = t - p``, computed by
+    zero-padded real FFTs (no wrap-around).
+    """
+
+    def __init__(self, reference: torch.Tensor, mask: torch.Tensor, pad: tuple[int, int],
+                 max_shift: float | None):
         b, c, h, w = reference.shape
-        self.h, self.w = h, w
-        self.s = _fft_shape(h, w)
-        a = reference * mask
-        self.fa = torch.fft.rfft2(a, s=self.s)  # (B, C, PH, PW')
-        self.fm = torch.fft.rfft2(mask, s=self.s)  # (PH, PW')
+        py, px = pad
+        hc, wc = h + 2 * py, w + 2 * px
+        self.s = (hc + h, wc + w)
+        self.canvas = (hc, wc)
+        self.fa = torch.fft.rfft2(reference * mask, s=self.s)  # (B, C, N, N')
+        self.fm = torch.fft.rfft2(mask, s=self.s)
         self.energy = _energy(reference, mask)  # (B,)
-        ph, pw = self.s
-        ty = torch.arange(ph, device=reference.device)
-        tx = torch.arange(pw, device=reference.device)
-        ty = torch.where(ty >= ph // 2, ty - ph, ty)
-        tx = torch.where(tx >= pw // 2, tx - pw, tx)
+        ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
+        tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
+        # index of u = t - p in the FFT output (negative u wrap around)
+        self.iy = torch.remainder(ty - py, self.s[0])
+        self.ix = torch.remainder(tx - px, self.s[1])
         self.ty, self.tx = ty, tx
-        bad = (ty.abs()[:, None] > h - 1) | (tx.abs()[None, :] > w - 1)
+        bad = torch.zeros(len(ty), len(tx), dtype=torch.bool, device=reference.device)
         if max_shift is not None:
             bad |= (ty[:, None] ** 2 + tx[None, :] ** 2).to(reference.dtype) > max_shift**2
         self.invalid = bad
 
     def __call__(self, warped: torch.Tensor):
-        """warped (B, k, C, H, W) -> (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
+        """warped (B, k, C, Hc, Wc) -> (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
         fg = torch.fft.rfft2(warped, s=self.s)
-        cross = torch.fft.irfft2((self.fa.unsqueeze(1) * fg.conj()).sum(2), s=self.s)
+        spec = torch.einsum("bcxy,bkcxy->bkxy", self.fa, fg.conj())
+        del fg
+        cross = torch.fft.irfft2(spec, s=self.s)
         fq = torch.fft.rfft2(warped.pow(2).sum(2), s=self.s)
         sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
-        e = (sq - 2 * cross + self.energy[:, None, None, None]) / self.energy.clamp_min(1e-30)[:, None, None, None]
+        num = (sq - 2 * cross)[..., self.iy, :][..., self.ix]
+        e = (num + self.energy[:, None, None, None]) / self.energy.clamp_min(1e-30)[:, None, None, None]
         e = e.masked_fill(self.invalid, torch.inf)
-        flat = e.flatten(-2)
-        best, idx = flat.min(-1)
-        pw = self.s[1]
-        tyi, txi = idx // pw, idx % pw
-        shift = torch.stack([self.tx[txi], self.ty[tyi]], -1).to(warped.dtype)
+        best, idx = e.flatten(-2).min(-1)
+        nx = len(self.tx)
+        shift = torch.stack([self.tx[idx % nx], self.ty[idx // nx]], -1).to(warped.dtype)
         return best, shift
 
 
@@ -255,8 +279,8 @@ def _auto_chunk(cfg: SearchConfig, b: int, c: int, h: int, w: int, itemsize: int
         if cfg.chunk_size < 1:
             raise ValueError(f"chunk_size: must be a positive integer, got {cfg.chunk_size}")
         return cfg.chunk_size
-    # warped maps + their padded spectra (complex, 4x the area / 2) + a few planes
-    per_candidate = b * c * h * w * itemsize * 6 + b * h * w * itemsize * 16
+    # warped canvas + its spectrum (complex, about the same size) + a few planes
+    per_candidate = b * c * h * w * itemsize * 4 + b * h * w * itemsize * 16
     return max(1, int(cfg.memory_budget // max(per_candidate, 1)))
 
 
@@ -264,12 +288,21 @@ def _coarse(reference, moving, mask, family, cfg, size):
     """Exhaustive coarse search. Returns (errors (B, K), centred matrices (B, K, 3, 3))."""
     b, c, h, w = reference.shape
     lin = _linear_candidates(family, cfg, reference.dtype, reference.device)  # (K,3,3) centred
-    norm = G.centred_to_normalized(lin, size)
     has_t = SEARCH_FAMILIES[family][1]
-    chunk = _auto_chunk(cfg, b, c, h, w, reference.element_size())
+    if has_t:
+        py, px = _canvas_pad(lin, h, w)
+        canvas = (h + 2 * py, w + 2 * px)
+        scorer = _ShiftScorer(reference, mask, (py, px), cfg.max_shift)
+        fft_area = scorer.s[0] * scorer.s[1]
+    else:
+        canvas, fft_area = (h, w), h * w
+    # candidate matrices from the moving map's normalised frame to the canvas' normalised frame
+    c_src = G.frame_matrix(size, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
+    c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
+    norm = c_out @ lin @ torch.linalg.inv(c_src)
+    chunk = _auto_chunk(cfg, b, c, int(math.sqrt(fft_area)), int(math.sqrt(fft_area)), reference.element_size())
     errs, shifts = [], []
-    scorer = _ShiftScorer(reference, mask, cfg.max_shift) if has_t else None
-    for _, warped in warp_chunks(moving, norm, chunk_size=chunk):
+    for _, warped in warp_chunks(moving, norm, size=canvas, chunk_size=chunk):
         if has_t:
             e, t = scorer(warped)
         else:

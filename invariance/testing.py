@@ -1,0 +1,558 @@
+"""Test kit: hypothesis strategies and assertions about spatial alignability, for your own CI.
+
+The metric and the assertion are separate (as in ``e3nn.util.test``): :func:`alignment_errors`
+measures, per image, how well the maps of a layer for transformed images can be aligned with
+those of the originals (DESIGN.md section 2), and the ``assert_*`` helpers compare those
+numbers with tolerances that follow the dtype and the *interpolation floor* (the same search
+run on the images themselves, the identity network).
+
+Tolerances
+----------
+A layer counts as *spatially alignable* under ``T_h`` when, for every image,
+``spatial <= floor * (1 + rtol) + atol``. The floor is what resampling alone costs: the
+image is resampled once by ``T_h`` and the maps once by the warp, and at the input both
+interpolation errors are measured exactly. A covariant layer sees the same two resamplings:
+the first one's error goes through the layer (filters that smooth attenuate it, a rectifier is
+1-Lipschitz), the second acts on maps that are no rougher than the image. ``rtol = 1`` allows
+each of the two contributions to be as large as the whole floor (twice the floor in all).
+``atol`` (:data:`ATOL`) covers rounding where the floor is 0 (lattice rotations, integer
+shifts): errors are ratios of squared norms, so a relative rounding error ``eps`` per value
+gives ``~eps^2``; the search also stops within a fraction of a pixel, which we allow to cost
+``100 * eps`` of the energy (float32: ``1e-5``; float64: ``1e-12``... see :data:`ATOL`).
+
+A layer is *not spatially alignable* when, for every image, ``spatial > margin * allowed``
+with ``allowed`` the bound above (default ``margin = 2``): a gap between the two verdicts, so
+no case passes both.
+
+Example (paste into a test file; runs in a few seconds on a laptop)
+--------------------------------------------------------------------
+>>> import torch
+>>> from hypothesis import given, settings
+>>> from invariance import testing as it
+>>> torch.manual_seed(0)                                                   # doctest: +ELLIPSIS
+<torch._C.Generator object at 0x...>
+>>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.ReLU())
+>>> @settings(max_examples=3, deadline=None)
+... @given(images=it.images(sizes=it.image_sizes(20, 32)), shift=it.translations(max_shift=3))
+... def test_translation_alignable(images, shift):
+...     it.assert_spatially_alignable(net, images, shift, layer="1")
+>>> test_translation_alignable()
+>>> it.assert_not_spatially_alignable(net, it.example_images(), "rotation:90", layer="1")
+>>> errs = it.alignment_errors(net, it.example_images(), "rotation:90", layer="1")
+>>> bool((errs.spatial > errs.floor).all())
+True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+from . import geometry as G
+from .features import FeatureExtractor, LayerFrame
+from .measure import DEFAULT_SEARCH, Transform, parse_transforms
+from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, masked_error
+from .toys import make_blob_images
+from .warp import disk_mask, warp
+
+__all__ = [
+    "ATOL",
+    "DEFAULT_RTOL",
+    "DEFAULT_CONFIG",
+    "AlignmentErrors",
+    "alignment_errors",
+    "as_transform",
+    "valid_radius",
+    "assert_spatially_alignable",
+    "assert_not_spatially_alignable",
+    "assert_invariant",
+    "example_images",
+    "rotations",
+    "scalings",
+    "translations",
+    "transformations",
+    "image_sizes",
+    "dtypes",
+    "images",
+]
+
+ATOL: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+"""Absolute tolerance on a normalised squared error, per dtype (see the module docstring)."""
+
+DEFAULT_RTOL = 1.0
+"""Allowed relative excess over the interpolation floor (see the module docstring)."""
+
+DEFAULT_CONFIG = SearchConfig(n_angles=36, refine_steps=20, top_k=2, shortlist=4)
+"""A quick search (every 10° plus the expected transformation, 20 refinement steps)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def as_transform(transform: Transform | str) -> Transform:
+    """A :class:`invariance.measure.Transform` from itself or from one SPEC string (``"rotation:90"``)."""
+    if isinstance(transform, Transform):
+        return transform
+    if isinstance(transform, str):
+        out = parse_transforms(transform)
+        if len(out) != 1:
+            raise ValueError(f"transform: expected one transformation, got {len(out)} from {transform!r}")
+        return out[0]
+    raise TypeError(f"transform: expected a Transform or a SPEC string, got {type(transform).__name__}")
+
+
+def valid_radius(transform: Transform | str, size: Sequence[int]) -> float:
+    """Radius (normalised) of the central disk where ``W_{h^-1} F_h`` only reads inside the map.
+
+    ``W_{h^-1} F_h (x) = F_h(h x)`` and ``|h x| <= sigma_max |x| + |t|`` (``sigma_max`` the largest
+    singular value of the linear part, ``t`` the translation, both normalised), so the disk of
+    radius ``(1 - |t|) / sigma_max`` (at most 1) is valid in both maps.
+
+    >>> valid_radius("rotation:30", (32, 32)), valid_radius("scale:2", (32, 32))
+    (1.0, 0.5)
+    """
+    tr = as_transform(transform)
+    m = tr.matrix(size, torch.float64)
+    smax = float(torch.linalg.matrix_norm(m[:2, :2], ord=2))
+    t = float(torch.linalg.vector_norm(m[:2, 2]))
+    r = (1.0 - t) / smax
+    if r <= 0:
+        raise ValueError(f"transform: {tr.label} moves the whole field of view out of itself")
+    return min(1.0, r)
+
+
+def _atol(dtype: torch.dtype) -> float:
+    return ATOL.get(dtype, 1e-5)
+
+
+@dataclass
+class AlignmentErrors:
+    """Per-image errors of one layer under one transformation (all ``(B,)`` float64 tensors).
+
+    Attributes:
+        layer, transform, search: what was measured and the search family.
+        spatial: best spatial warp. ``permutation``: best warp and channel permutation (None
+            unless asked). ``expected``: the warp ``W_{h^-1}`` an STN "should" apply.
+            ``invariance``: no alignment. ``floor``: the spatial error of the images themselves
+            under the same transformation, search and mask radius (the interpolation floor).
+        params, param_names: the best spatial warp per image, in the image's centred frame
+            (pixels, degrees), as applied to the maps of the transformed images.
+        permutations: ``(B, C)`` best channel permutations (``aligned[c] = warped[perm[c]]``).
+        orbits: channel orbits (cycles) of the most frequent permutation.
+        mask_radius, dtype, model: how it was measured.
+    """
+
+    layer: str
+    transform: Transform
+    search: str
+    spatial: torch.Tensor
+    expected: torch.Tensor
+    invariance: torch.Tensor
+    floor: torch.Tensor
+    params: torch.Tensor
+    param_names: tuple[str, ...]
+    mask_radius: float
+    dtype: torch.dtype
+    model: str = ""
+    permutation: torch.Tensor | None = None
+    permutations: torch.Tensor | None = None
+    orbits: list = field(default_factory=list)
+
+    def allowed(self, rtol: float = DEFAULT_RTOL, atol: float | None = None) -> torch.Tensor:
+        """``floor * (1 + rtol) + atol`` per image: the largest error of an alignable layer."""
+        return self.floor * (1 + rtol) + (_atol(self.dtype) if atol is None else atol)
+
+    def table(self, bound: torch.Tensor | None = None, bound_name: str = "bound", ok=None) -> str:
+        """One line per image: the errors, an optional bound, and the best transformation found."""
+        head = f"{'image':>5}  {'spatial':>10}  {'floor':>10}  {'expected':>10}  {'invariance':>10}"
+        if self.permutation is not None:
+            head += f"  {'permutation':>11}"
+        if bound is not None:
+            head += f"  {bound_name:>10}"
+        head += "  best warp (image frame: pixels, degrees)"
+        lines = [head]
+        for i in range(self.spatial.shape[0]):
+            row = (f"{i:>5}  {self.spatial[i]:>10.4g}  {self.floor[i]:>10.4g}  {self.expected[i]:>10.4g}"
+                   f"  {self.invariance[i]:>10.4g}")
+            if self.permutation is not None:
+                row += f"  {self.permutation[i]:>11.4g}"
+            if bound is not None:
+                row += f"  {bound[i]:>10.4g}"
+            row += "  " + ", ".join(f"{n}={v:.3g}" for n, v in zip(self.param_names, self.params[i].tolist()))
+            if ok is not None:
+                row += "" if bool(ok[i]) else "   <- FAILS"
+            lines.append(row)
+        if self.permutations is not None:
+            lines.append(f"channel orbits of the most frequent permutation: {self.orbits or 'none (identity)'}")
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        return (f"layer {self.layer!r}{' of ' + self.model if self.model else ''} under {self.transform.label} "
+                f"(search {self.search}, {str(self.dtype).replace('torch.', '')}, {self.spatial.shape[0]} image(s), "
+                f"mask radius {self.mask_radius:.3g})")
+
+
+def _check_model(model: nn.Module, images: torch.Tensor) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a floating-point (B, C, H, W) tensor, got {shape}")
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point() and p.dtype != images.dtype:
+        raise TypeError(f"images: dtype {images.dtype} differs from the model's parameters ({p.dtype}); "
+                        f"convert one of them, e.g. model.to({images.dtype})")
+
+
+def alignment_errors(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform | str,
+    layer: str,
+    *,
+    channels: str = "spatial",
+    search: str | None = None,
+    mask_radius: float | None = None,
+    config: SearchConfig | None = None,
+    transformed: torch.Tensor | None = None,
+) -> AlignmentErrors:
+    """The metric: per-image spatial (and permutation) alignment errors of ``layer``, with the floor.
+
+    Args:
+        model: any ``nn.Module`` taking ``(B, C, H, W)`` images (same dtype as ``images``).
+        images: ``(B, C, H, W)`` floating-point images.
+        transform: a :class:`invariance.measure.Transform` or a SPEC string such as ``"rotation:90"``.
+        layer: a module name (as in ``model.named_modules()``) or ``"input"``.
+        channels: ``"spatial"`` or ``"permutation"`` (also search a channel permutation).
+        search: the search family (default :data:`invariance.measure.DEFAULT_SEARCH` of the
+            transformation's family).
+        mask_radius: radius of the evaluation disk in normalised units of each grid (default
+            :func:`valid_radius` of the transformation).
+        config: the search settings (default :data:`DEFAULT_CONFIG`); the expected warp
+            ``W_{h^-1}`` and the identity are always scored as extra candidates.
+        transformed: the transformed images ``T_h f`` when they are made some other way (for
+            example ``torch.roll`` for circular shifts); default: :func:`invariance.warp.warp`
+            of ``images`` (bilinear, zero padding).
+
+    Returns:
+        :class:`AlignmentErrors`.
+    """
+    _check_model(model, images)
+    tr = as_transform(transform)
+    fam = search or DEFAULT_SEARCH[tr.family]
+    if fam not in SEARCH_FAMILIES:
+        raise ValueError(f"search: unknown search family {fam!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
+    if channels not in ("spatial", "permutation"):
+        raise ValueError(f"channels: expected 'spatial' or 'permutation', got {channels!r}")
+    cfg = config or DEFAULT_CONFIG
+    size = tuple(images.shape[-2:])
+    radius = valid_radius(tr, size) if mask_radius is None else float(mask_radius)
+    t_img = tr.matrix(size, torch.float64)
+    if transformed is None:
+        transformed = warp(images, t_img.to(images.dtype))
+    elif transformed.shape != images.shape:
+        raise ValueError(f"transformed: shape {tuple(transformed.shape)} differs from images {tuple(images.shape)}")
+    extractor = FeatureExtractor(model, [layer])
+    feats, frames = extractor(torch.cat([images, transformed]))
+    b = images.shape[0]
+    f, fh = feats[layer][:b], feats[layer][b:]
+    frame = frames[layer]
+
+    def run(ref, mov, frm, mode):
+        lsize = tuple(ref.shape[-2:])
+        m = disk_mask(lsize, radius, dtype=ref.dtype, device=ref.device).to(ref.dtype)
+        expected = frm.to_layer(G.inverse(t_img)).to(dtype=ref.dtype, device=ref.device)
+        extra = torch.stack([expected, torch.eye(3, dtype=ref.dtype, device=ref.device)])
+        res = align(ref, mov, fam, mask=m, channels=mode, config=cfg, extra_candidates=extra)
+        with torch.no_grad():
+            e_exp = masked_error(ref, warp(mov, expected), m).double()
+            e_inv = masked_error(ref, mov, m).double()
+        return res, e_exp, e_inv
+
+    floor_res, _, _ = run(images, transformed, LayerFrame.identity(size), "spatial")
+    res, e_exp, e_inv = run(f, fh, frame, channels)
+    sp = res.extra["spatial"] if channels == "permutation" else res
+    gfam = G.get_family(SEARCH_FAMILIES[fam][0])
+    params = G.from_matrix(gfam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
+    out = AlignmentErrors(
+        layer=layer, transform=tr, search=fam, spatial=sp.errors.double().cpu(), expected=e_exp.cpu(),
+        invariance=e_inv.cpu(), floor=floor_res.errors.double().cpu(), params=params.cpu(),
+        param_names=gfam.param_names, mask_radius=radius, dtype=images.dtype, model=type(model).__name__,
+    )
+    if channels == "permutation":
+        out.permutation = res.errors.double().cpu()
+        out.permutations = res.permutations.cpu()
+        perms = [tuple(p) for p in out.permutations.tolist()]
+        modal = max(set(perms), key=perms.count)
+        out.orbits = channel_orbits(modal)
+    return out
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
+def _fail(errs: AlignmentErrors, headline: str, bound, bound_name, ok, note: str) -> None:
+    raise AssertionError(f"{headline}: {errs.describe()}\n{errs.table(bound, bound_name, ok)}\n{note}")
+
+
+def assert_spatially_alignable(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform | str,
+    layer: str,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    **kwargs,
+) -> AlignmentErrors:
+    """Assert that for every image ``spatial <= floor * (1 + rtol) + atol`` (atol from :data:`ATOL`).
+
+    Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
+    """
+    errs = alignment_errors(model, images, transform, layer, **kwargs)
+    allowed = errs.allowed(rtol, atol)
+    ok = errs.spatial <= allowed
+    if not bool(ok.all()):
+        a = _atol(errs.dtype) if atol is None else atol
+        _fail(errs, "not spatially alignable", allowed, "allowed", ok,
+              f"allowed = floor * (1 + rtol) + atol with rtol={rtol:g}, atol={a:g}; the best warp found "
+              f"leaves more than resampling alone explains")
+    return errs
+
+
+def assert_not_spatially_alignable(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform | str,
+    layer: str,
+    *,
+    margin: float = 2.0,
+    min_error: float = 0.0,
+    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    **kwargs,
+) -> AlignmentErrors:
+    """Assert that for every image ``spatial > max(margin * (floor * (1 + rtol) + atol), min_error)``.
+
+    The default ``margin = 2`` leaves a gap above the bound of :func:`assert_spatially_alignable`.
+    Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
+    """
+    errs = alignment_errors(model, images, transform, layer, **kwargs)
+    need = torch.clamp(margin * errs.allowed(rtol, atol), min=min_error)
+    ok = errs.spatial > need
+    if not bool(ok.all()):
+        _fail(errs, "spatially alignable (expected not to be)", need, "required", ok,
+              f"required = max(margin * (floor * (1 + rtol) + atol), min_error) with margin={margin:g}, "
+              f"rtol={rtol:g}, min_error={min_error:g}; a spatial warp aligns these maps about as well as "
+              f"it aligns the images themselves")
+    return errs
+
+
+def assert_invariant(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform | str,
+    layer: str | None = None,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    atol: float | None = None,
+    mask_radius: float | None = None,
+    config: SearchConfig | None = None,
+    transformed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Assert that the output (or ``layer``) does not change: ``||G T_h f - G f||^2 / ||G f||^2 <= allowed``.
+
+    ``allowed = floor * (1 + rtol) + atol`` per image, with the interpolation floor of the images
+    (as in :func:`alignment_errors`): an invariant model may not change by more than resampling
+    the image explains. Outputs of any shape are compared as flat vectors per image; 4-D layer
+    maps on the central disk of radius ``mask_radius``. Returns the per-image invariance errors.
+    """
+    _check_model(model, images)
+    tr = as_transform(transform)
+    size = tuple(images.shape[-2:])
+    radius = valid_radius(tr, size) if mask_radius is None else float(mask_radius)
+    t_img = tr.matrix(size, torch.float64)
+    if transformed is None:
+        transformed = warp(images, t_img.to(images.dtype))
+    b = images.shape[0]
+    if layer is None:
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.cat([images, transformed]))
+        finally:
+            model.train(was)
+        out = out.reshape(2 * b, -1)
+        ref, mov = out[:b], out[b:]
+        err = ((mov - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-30)).double()
+    else:
+        feats, _ = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
+        ref, mov = feats[layer][:b], feats[layer][b:]
+        m = disk_mask(ref.shape[-2:], radius, dtype=ref.dtype, device=ref.device)
+        err = masked_error(ref, mov, m).double()
+    fam = DEFAULT_SEARCH[tr.family]
+    m_img = disk_mask(size, radius, dtype=images.dtype, device=images.device).to(images.dtype)
+    extra = torch.stack([G.inverse(t_img).to(images.dtype), torch.eye(3, dtype=images.dtype)])
+    floor = align(images, transformed, fam, mask=m_img, config=config or DEFAULT_CONFIG,
+                  extra_candidates=extra).errors.double()
+    a = _atol(images.dtype) if atol is None else atol
+    allowed = floor * (1 + rtol) + a
+    ok = err.cpu() <= allowed.cpu()
+    if not bool(ok.all()):
+        rows = "\n".join(f"{i:>5}  {err[i]:>10.4g}  {floor[i]:>10.4g}  {allowed[i]:>10.4g}"
+                         + ("" if bool(ok[i]) else "   <- FAILS") for i in range(b))
+        what = "output" if layer is None else f"layer {layer!r}"
+        raise AssertionError(
+            f"not invariant: the {what} of {type(model).__name__} changes under {tr.label} "
+            f"({str(images.dtype).replace('torch.', '')}, {b} image(s))\n"
+            f"{'image':>5}  {'invariance':>10}  {'floor':>10}  {'allowed':>10}\n{rows}\n"
+            f"invariance = ||G(T x) - G(x)||^2 / ||G(x)||^2; allowed = floor * (1 + rtol) + atol with "
+            f"rtol={rtol:g}, atol={a:g}")
+    return err.cpu()
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def example_images(n: int = 4, size: int | Sequence[int] = 32, seed: int = 0, *, dtype=torch.float32,
+                   content_radius: float = 0.5) -> torch.Tensor:
+    """Smooth generic test images ``(n, 1, H, W)`` with a zero margin (:func:`invariance.toys.make_blob_images`).
+
+    >>> example_images(2, 24).shape
+    torch.Size([2, 1, 24, 24])
+    """
+    return make_blob_images(n, size, seed, content_radius=content_radius, dtype=dtype,
+                            sigma_range=_sigma_range(size))
+
+
+def _sigma_range(size) -> tuple[float, float]:
+    s = min(size) if not isinstance(size, int) else size
+    return (max(1.2, 1.5 * s / 48), max(1.5, 3.5 * s / 48))
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+def rotations(min_angle: float = -180.0, max_angle: float = 180.0, *, lattice: bool = False,
+              min_abs: float = 0.0) -> st.SearchStrategy[Transform]:
+    """Rotations about the centre (degrees, counter-clockwise as displayed).
+
+    ``lattice=True`` draws from 90, 180 and 270 (exact on the pixel grid); ``min_abs`` keeps
+    ``|angle|`` (wrapped to (-180, 180]) at least that far from 0.
+    """
+    if lattice:
+        return st.sampled_from([90.0, 180.0, 270.0]).map(lambda a: Transform("rotation", (a,)))
+    ang = st.floats(min_angle, max_angle, allow_nan=False, allow_infinity=False)
+    if min_abs > 0:
+        ang = ang.filter(lambda a: abs(180.0 - (180.0 - a) % 360.0) >= min_abs)
+    return ang.map(lambda a: Transform("rotation", (a,)))
+
+
+def scalings(min_log2: float = -1.0, max_log2: float = 1.0, *, min_abs_log2: float = 0.0,
+             values: Sequence[float] | None = None) -> st.SearchStrategy[Transform]:
+    """Isotropic rescalings ``s = 2^u`` about the centre, ``u`` in ``[min_log2, max_log2]``, ``|u| >= min_abs_log2``.
+
+    ``values`` draws from given factors instead.
+    """
+    if values is not None:
+        return st.sampled_from([float(v) for v in values]).map(lambda s: Transform("scale", (s,)))
+    u = st.floats(min_log2, max_log2, allow_nan=False, allow_infinity=False)
+    if min_abs_log2 > 0:
+        u = u.filter(lambda v: abs(v) >= min_abs_log2)
+    return u.map(lambda v: Transform("scale", (float(2.0**v),)))
+
+
+def translations(max_shift: float = 4.0, *, integer: bool = True) -> st.SearchStrategy[Transform]:
+    """Translations ``(tx, ty)`` in pixels with ``|tx|, |ty| <= max_shift`` (integers by default)."""
+    if integer:
+        k = int(math.floor(max_shift))
+        comp = st.integers(-k, k).map(float)
+    else:
+        comp = st.floats(-max_shift, max_shift, allow_nan=False, allow_infinity=False)
+    return st.tuples(comp, comp).map(lambda t: Transform("translation", t))
+
+
+def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Transform]:
+    """Transformations of one family with sensible ranges.
+
+    ``rotation`` / ``scale`` / ``translation`` use :func:`rotations`, :func:`scalings`,
+    :func:`translations` (``kwargs`` go to them); ``rigid``: angle in [-180, 180] and shifts up
+    to ``max_shift`` (default 3) px; ``similarity``: that and ``log2 s`` in [-0.5, 0.5];
+    ``affine``: a linear part within ``0.2`` (``max_deform``) of a rotation, shifts up to 3 px.
+    """
+    if family == "rotation":
+        return rotations(**kwargs)
+    if family == "scale":
+        return scalings(**kwargs)
+    if family == "translation":
+        return translations(**kwargs)
+    ms = float(kwargs.get("max_shift", 3.0))
+    shift = st.floats(-ms, ms, allow_nan=False)
+    angle = st.floats(-180.0, 180.0, allow_nan=False)
+    if family == "rigid":
+        return st.tuples(angle, shift, shift).map(lambda p: Transform("rigid", p))
+    if family == "similarity":
+        ls = float(kwargs.get("max_log2", 0.5))
+        return st.tuples(angle, st.floats(-ls, ls), shift, shift).map(
+            lambda p: Transform("similarity", (p[0], float(2.0 ** p[1]), p[2], p[3])))
+    if family == "affine":
+        d = float(kwargs.get("max_deform", 0.2))
+        dev = st.floats(-d, d, allow_nan=False)
+
+        def build(p):
+            a, d00, d01, d10, d11, tx, ty = p
+            c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+            lin = torch.tensor([[c, s], [-s, c]], dtype=torch.float64) @ torch.tensor(
+                [[1 + d00, d01], [d10, 1 + d11]], dtype=torch.float64)
+            return Transform("affine", (lin[0, 0].item(), lin[0, 1].item(), tx, lin[1, 0].item(),
+                                        lin[1, 1].item(), ty))
+
+        return st.tuples(angle, dev, dev, dev, dev, shift, shift).map(build)
+    raise ValueError(f"family: expected rotation, scale, translation, rigid, similarity or affine, got {family!r}")
+
+
+def image_sizes(min_size: int = 16, max_size: int = 48, *, parity: str | None = None,
+                square: bool = True) -> st.SearchStrategy[tuple[int, int]]:
+    """Image sizes ``(H, W)``: ``parity`` ``"odd"``, ``"even"`` or None (both); square by default."""
+    side = st.integers(min_size, max_size)
+    if parity == "odd":
+        side = side.map(lambda v: v if v % 2 else (v + 1 if v < max_size else v - 1))
+    elif parity == "even":
+        side = side.map(lambda v: v if v % 2 == 0 else (v + 1 if v < max_size else v - 1))
+    elif parity is not None:
+        raise ValueError(f"parity: expected 'odd', 'even' or None, got {parity!r}")
+    if square:
+        return side.map(lambda v: (v, v))
+    return st.tuples(side, side)
+
+
+def dtypes(*choices: torch.dtype) -> st.SearchStrategy[torch.dtype]:
+    """Floating-point dtypes (default float32 and float64)."""
+    return st.sampled_from(list(choices) or [torch.float32, torch.float64])
+
+
+@st.composite
+def images(draw, batch: int | tuple[int, int] = (1, 3), *, channels: int = 1,
+           sizes: st.SearchStrategy[tuple[int, int]] | None = None,
+           dtype: torch.dtype | st.SearchStrategy[torch.dtype] = torch.float32,
+           content_radius: float = 0.5) -> torch.Tensor:
+    """Smooth generic images ``(B, C, H, W)`` with a zero margin (random blobs, exactly 0 outside
+    the disk of radius ``content_radius``), built from a drawn seed so that they shrink well."""
+    n = batch if isinstance(batch, int) else draw(st.integers(batch[0], batch[1]))
+    h, w = draw(sizes if sizes is not None else image_sizes())
+    dt = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
+    seed = draw(st.integers(0, 2**31 - 1))
+    x = make_blob_images(n * channels, (h, w), seed, content_radius=content_radius, dtype=dt,
+                         sigma_range=_sigma_range((h, w)))
+    return x.reshape(n, channels, h, w)
