@@ -6,8 +6,9 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 

@@ -27,8 +27,8 @@ field of view.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -59,12 +59,12 @@ class LayerFrame:
     exact: bool = True
 
     @classmethod
-    def identity(cls, size: Sequence[int]) -> "LayerFrame":
+    def identity(cls, size: Sequence[int]) -> LayerFrame:
         h, w = (int(s) for s in size)
         return cls((1.0, 1.0), (0.0, 0.0), (h, w), (h, w), True)
 
     @classmethod
-    def assumed(cls, size: Sequence[int], input_size: Sequence[int]) -> "LayerFrame":
+    def assumed(cls, size: Sequence[int], input_size: Sequence[int]) -> LayerFrame:
         """The frame of a map that covers exactly the image's field of view."""
         h, w = (int(s) for s in size)
         hh, ww = (int(s) for s in input_size)

@@ -61,8 +61,9 @@ tensor([[ 0., -1.]])
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -159,10 +160,13 @@ def _check_matrix(m: torch.Tensor, name: str = "matrix") -> None:
 
 
 def _check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected (H, W), got {size!r}") from None
+    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
+        raise ValueError(f"{name}: expected (H, W), got {size!r}")
+    vals = [int(s) if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point() else s
+            for s in size]
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in vals):
+        raise ValueError(f"{name}: expected two integers (H, W), got {size!r}")
+    h, w = (int(v) for v in vals)
     if h <= 0 or w <= 0:
         raise ValueError(f"{name}: H and W must be positive, got {(h, w)}")
     return h, w
@@ -243,7 +247,9 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
     if name == "scale_translation":
         return _with_translation(_linear(u[0], zero, zero, u[0]), u[1], u[2])
     if name == "similarity":
-        return _with_translation(_rotation(u[0]) * u[1][..., None, None], u[2], u[3])
+        r = _rotation(u[0])
+        lin = _linear(r[..., 0, 0] * u[1], r[..., 0, 1] * u[1], r[..., 1, 0] * u[1], r[..., 1, 1] * u[1])
+        return _with_translation(lin, u[2], u[3])
     if name == "affine":
         return torch.stack([*u, zero, zero, one], dim=-1).unflatten(-1, (3, 3))
     if name == "projective":
@@ -265,7 +271,7 @@ def from_matrix(family: str | Family, matrix: torch.Tensor) -> torch.Tensor:
     _check_matrix(matrix)
     m = matrix / matrix[..., 2:3, 2:3] if fam.name == "projective" else matrix
     tx, ty = m[..., 0, 2], m[..., 1, 2]
-    angle = torch.rad2deg(torch.atan2(m[..., 0, 1] - m[..., 1, 0], m[..., 0, 0] + m[..., 1, 1]))
+    angle = wrap_angle(torch.rad2deg(torch.atan2(m[..., 0, 1] - m[..., 1, 0], m[..., 0, 0] + m[..., 1, 1])))
     s = torch.sqrt(torch.clamp(torch.det(m[..., :2, :2]), min=0))
     name = fam.name
     cols: list[torch.Tensor]
@@ -338,9 +344,9 @@ def inverse(matrix: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(matrix)
     _check_finite(matrix, "matrix")
-    det = torch.det(matrix)
-    scale = matrix.abs().flatten(-2).amax(-1).clamp_min(torch.finfo(matrix.dtype).tiny) ** 3
-    if bool((det.abs() <= 1e3 * torch.finfo(matrix.dtype).eps * scale).any()):
+    # singular (or too ill-conditioned to invert in this dtype): condition number beyond 1 / (30 eps)
+    cond = torch.linalg.cond(matrix.detach())
+    if bool((~torch.isfinite(cond) | (cond > 1.0 / (30 * torch.finfo(matrix.dtype).eps))).any()):
         raise ValueError("matrix: transformation is singular and has no inverse")
     return torch.linalg.inv(matrix)
 

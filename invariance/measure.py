@@ -35,8 +35,8 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from . import geometry as G
 from .features import FeatureExtractor, LayerFrame
 from .report import Report
 from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, fit_linear, masked_error
-from .warp import disk_mask, transform_images, warp
+from .warp import disk_mask, warp
 
 __all__ = ["Transform", "parse_transforms", "measure", "CHANNEL_MODES", "DEFAULT_SEARCH",
            "bootstrap_ci", "as_image_batch"]
@@ -268,7 +268,8 @@ def measure(
         c.strip() for c in channels.split(",") if c.strip())
     bad = [c for c in channels if c not in CHANNEL_MODES]
     if bad:
-        raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; valid choices: {', '.join(CHANNEL_MODES)}")
+        raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
+                         f"valid choices: {', '.join(CHANNEL_MODES)}")
     if search is not None and search not in SEARCH_FAMILIES:
         raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     if not isinstance(model, nn.Module):

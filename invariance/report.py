@@ -96,7 +96,7 @@ class Report:
         return atomic_write_text(path, buf.getvalue())
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Report":
+    def from_json(cls, path: str | os.PathLike) -> Report:
         d = json.loads(Path(path).read_text())
         return cls(records=d["records"], calibration=d.get("calibration", {}), meta=d.get("meta", {}))
 

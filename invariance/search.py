@@ -348,7 +348,7 @@ def _exact(reference, moving, centred, mask, size, perm=None):
     b, n = centred.shape[:2]
     c = moving.shape[1]
     chunk = max(1, int((256 << 20) // max(1, b * c * size[0] * size[1] * moving.element_size() * 3)))
-    for sl, warped in warp_chunks(mv, norm, chunk_size=chunk):
+    for _, warped in warp_chunks(mv, norm, chunk_size=chunk):
         out.append(masked_error(reference, warped, mask))
     return torch.cat(out, 1)
 

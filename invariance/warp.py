@@ -16,7 +16,7 @@ differentiable with respect to both the images and the matrices.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,9 @@ def sampling_grid(matrices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """
     h, w = G._check_size(size)
     inv = G.inverse(matrices)
-    if G.is_affine(matrices):
+    # affine_grid ignores the last row; when gradients flow into the matrices, the homogeneous
+    # grid (which divides by the third coordinate) gives the correct derivatives for h31, h32
+    if G.is_affine(matrices) and not matrices.requires_grad:
         return F.affine_grid(inv[:, :2, :], [inv.shape[0], 1, h, w], align_corners=False)
     xs = (torch.arange(w, dtype=inv.dtype, device=inv.device) * 2 + 1) / w - 1
     ys = (torch.arange(h, dtype=inv.dtype, device=inv.device) * 2 + 1) / h - 1

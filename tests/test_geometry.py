@@ -44,18 +44,11 @@ def close(actual, expected, atol=1e-9, rtol=1e-9):
 
 EYE = torch.eye(3, dtype=DT)
 
-SIMILARITY_BUG = (
-    "BUG: to_matrix('similarity') multiplies the whole 3x3 rotation matrix (m[2, 2] included) by s, so the "
-    "last row is (0, 0, s) and the point map is R p + t / s: the scale is lost and the shift divided by s"
-)
 
 
-def families(*xfail: str) -> list:
-    """FAMILY_NAMES for parametrize; the names in ``xfail`` carry a strict xfail (a known bug)."""
-    return [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=SIMILARITY_BUG)) if f in xfail else f
-        for f in FAMILY_NAMES
-    ]
+def families() -> list:
+    """FAMILY_NAMES for parametrize."""
+    return list(FAMILY_NAMES)
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -233,7 +226,7 @@ def test_family_closed_under_compose_and_inverse(family, data):
 # ----------------------------------------------------------------------------- params <-> matrix
 
 
-@pytest.mark.parametrize("family", families("similarity"))
+@pytest.mark.parametrize("family", families())
 @given(data=st.data())
 def test_params_matrix_round_trip(family, data):
     p = data.draw(family_params(family))
@@ -272,11 +265,6 @@ def test_from_matrix_rotation_angle_range_at_plus_180():
     close(G.from_matrix("rigid", M("rigid", 540.0, 1.0, 2.0)), T(180.0, 1.0, 2.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: from_matrix documents angles in (-180, 180] but returns -180 for rotation(-180) in float64 "
-    "(atan2 of a tiny negative sine); it could wrap with wrap_angle",
-)
 def test_from_matrix_rotation_angle_range_at_minus_180():
     angle = G.from_matrix("rotation", M("rotation", -180.0))
     assert -180.0 < float(angle) <= 180.0
@@ -333,7 +321,6 @@ def test_composite_families_decompose(a, s, tx, ty):
     close(M("scale_translation", s, tx, ty), G.compose(Tm, S))
 
 
-@pytest.mark.xfail(strict=True, reason=SIMILARITY_BUG)
 @given(a=angles, s=scales.filter(lambda v: abs(v - 1.0) > 1e-3), tx=shifts, ty=shifts)
 def test_similarity_decomposes(a, s, tx, ty):
     """similarity = T R S (scale, rotate, then translate); isotropic scaling commutes with R."""
@@ -342,7 +329,6 @@ def test_similarity_decomposes(a, s, tx, ty):
     close(M("similarity", a, s, tx, ty), G.compose(Tm, S, R))
 
 
-@pytest.mark.xfail(strict=True, reason=SIMILARITY_BUG)
 def test_similarity_known_answer():
     """similarity(0, 2, 3, 0): (1, 0) -> 2 * (1, 0) + (3, 0) = (5, 0); the matrix is affine."""
     A = M("similarity", 0.0, 2.0, 3.0, 0.0)
@@ -620,11 +606,6 @@ def test_inverse_of_well_conditioned_matrices_in_float64():
         close(G.compose(A, G.inverse(A)), EYE, atol=1e-9, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: inverse() scales its singularity threshold by max|entry|^3, so in float32 a pure translation "
-    "by >= ~22 px (centred frame) or a scale by 0.01 is rejected as 'singular'",
-)
 @pytest.mark.parametrize("family,params", [("translation", (25.0, 0.0)), ("scale", (0.01,))])
 def test_inverse_of_well_conditioned_matrices_in_float32(family, params):
     A = G.to_matrix(family, torch.tensor(params, dtype=torch.float32))
@@ -656,10 +637,6 @@ def test_bad_size(size):
         G.centred_to_normalized(EYE, size)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): a non-integer size is silently truncated ((2.5, 4) -> (2, 4)) instead of rejected",
-)
 def test_non_integer_size_rejected():
     with pytest.raises(ValueError, match="size"):
         G.frame_matrix((2.5, 4), frm="pixel", to="normalized")
