@@ -99,11 +99,16 @@ class LayerFrame:
 
 # ----------------------------------------------------------------------------- frame tracing
 
-_GEOMETRIC = {"conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices", "_max_pool2d"}
+_GEOMETRIC = {"conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices", "_max_pool2d", "pad"}
+# operations that keep the spatial size but move content: the frame of their output is unknown
+_MOVING = {"flip", "fliplr", "flipud", "rot90", "roll", "transpose", "permute", "swapaxes", "swapdims",
+           "movedim", "moveaxis", "t", "grid_sample", "interpolate", "upsample", "pixel_shuffle",
+           "pixel_unshuffle", "affine_grid"}
 _ARGS = {
     "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    "pad": ("input", "pad", "mode", "value"),
 }
 
 
@@ -167,8 +172,14 @@ class _FrameTracer(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         src = inputs[0]
         (ax, bx), (ay, by), exact = self.frames[id(src)]
+        if name in _MOVING:
+            return  # content moved within the grid: leave the output untraced (assumed frame)
         if name in _GEOMETRIC and src.dim() == 4:
             p = _bind(name, args, kwargs)
+            if name == "pad":
+                pads = list(p["pad"]) + [0] * 4  # (left, right, top, bottom, ...)
+                self._record(out, ((ax, bx - ax * pads[0]), (ay, by - ay * pads[2]), exact))
+                return
             if name == "conv2d":
                 k = tuple(p["weight"].shape[-2:])
                 s = _pair(p.get("stride", 1))
@@ -289,26 +300,32 @@ class FeatureExtractor:
         bad: dict[str, str] = {}
         wanted = None if self.requested is None else set(self.requested)
 
-        def hook(name):
+        def hook(name, is_container):
             def fn(_module, _inp, out):
                 if wanted is not None and name not in wanted:
                     return
+                if name in captured:
+                    return  # a module called twice (e.g. a shared ReLU): its first call counts
                 if not isinstance(out, torch.Tensor) or out.dim() != 4:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     bad[name] = str(shape)
                     return
-                if wanted is None and id(out) in seen:
-                    return
+                if wanted is None and is_container and id(out) in seen:
+                    return  # a container returning its last child's tensor: keep the deeper name
                 seen.add(id(out))
-                captured[name] = out.detach()
+                frames_at_capture[name] = tracer.lookup(out)
+                # a copy: in-place operations later in the forward pass must not change it
+                captured[name] = out.detach().clone()
                 order.append(name)
                 if wanted is not None and wanted <= set(captured) | {INPUT}:
                     raise _StopForward  # every requested layer is in: skip the rest of the model
             return fn
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
-        was_training = self.model.training
         tracer = _FrameTracer()
+        frames_at_capture: dict[str, tuple | None] = {}
+        handles = [m.register_forward_hook(hook(n, next(m.children(), None) is not None))
+                   for n, m in self.modules.items()]
+        was_training = self.model.training
         try:
             self.model.eval()
             with torch.no_grad(), tracer:
@@ -340,7 +357,7 @@ class FeatureExtractor:
             frames[INPUT] = LayerFrame.identity(size)
         for n in self.layer_names:
             t = captured[n]
-            fr = tracer.lookup(t)
+            fr = frames_at_capture.get(n)
             if fr is None:
                 frames[n] = LayerFrame.assumed(t.shape[-2:], size)
             else:

@@ -119,11 +119,11 @@ class Report:
         paths = {}
         transforms = list(dict.fromkeys(r["transform"] for r in self.records))
         layers = list(dict.fromkeys(r["layer"] for r in self.records))
-        if len(layers) > 1:
-            fig = self.plot_layers()
-            paths["layers"] = _save_fig(fig, out / "errors_by_layer.png")
-            plt.close(fig)
-        if len(transforms) > 1:
+        fig = self.plot_layers()
+        paths["layers"] = _save_fig(fig, out / "errors_by_layer.png")
+        plt.close(fig)
+        sweepable = [r for r in self.records if not _isnan(r.get("magnitude"))]
+        if len({r["transform"] for r in sweepable}) > 1:
             fig = self.plot_sweep()
             paths["sweep"] = _save_fig(fig, out / "errors_by_magnitude.png")
             plt.close(fig)
@@ -169,18 +169,18 @@ class Report:
         import matplotlib.pyplot as plt
 
         layers = layers or list(dict.fromkeys(r["layer"] for r in self.records))
-        families = list(dict.fromkeys(r["family"] for r in self.records))
+        families = list(dict.fromkeys(r["family"] for r in self.records if not _isnan(r.get("magnitude"))))
         fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.6), squeeze=False)
         for ax, fam in zip(axes[0], families):
             for layer in layers:
-                recs = sorted((r for r in self.records if r["layer"] == layer and r["family"] == fam),
-                              key=lambda r: r["magnitude"])
+                recs = sorted((r for r in self.records if r["layer"] == layer and r["family"] == fam
+                               and not _isnan(r.get("magnitude"))), key=lambda r: r["magnitude"])
                 if not recs:
                     continue
                 ax.plot([r["magnitude"] for r in recs], [r.get(key) for r in recs], marker=".", label=layer)
             floor = self.calibration.get("interpolation_floor", {})
             pts = sorted((r["magnitude"], floor[r["transform"]]["mean"]) for r in self.records
-                         if r["family"] == fam and r["transform"] in floor)
+                         if r["family"] == fam and r["transform"] in floor and not _isnan(r.get("magnitude")))
             if pts:
                 ax.plot(*zip(*pts), color="black", ls="--", lw=1, label="interpolation floor")
             unit = {"rotation": "angle (degrees)", "scale": "log2 scale", "translation": "shift (pixels)"}

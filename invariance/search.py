@@ -155,11 +155,18 @@ def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Ten
 
 def _resolve_mask(mask, mask_radius, size, dtype, device) -> torch.Tensor:
     if mask is None:
-        return disk_mask(size, mask_radius, dtype=dtype, device=device).to(dtype)
+        m = disk_mask(size, mask_radius, dtype=dtype, device=device).to(dtype)
+        if not bool(m.any()):
+            raise ValueError(f"mask_radius: {mask_radius} leaves no pixel of the {size[0]}x{size[1]} map in the "
+                             "evaluation disk; use a larger radius (1.0 is the inscribed disk)")
+        return m
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(size):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask: expected a tensor of shape (H, W) = {tuple(size)}, got {shape}")
-    return mask.to(dtype=dtype, device=device)
+    m = mask.to(dtype=dtype, device=device)
+    if not bool((m > 0).any()):
+        raise ValueError("mask: the evaluation mask is empty (no positive entry)")
+    return m
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -215,7 +222,7 @@ def _canvas_pad(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> tuple[in
     The moving map is warped by each linear candidate onto a canvas larger than the reference
     (same pixel pitch and centre), so that an integer shift of the canvas followed by a crop is
     *exactly* the warp by ``shift o candidate``: no content is lost at the reference's border.
-    The padding is capped at ``cap`` times the size (a zoom by more than that loses a border).
+    The padding is capped at ``cap`` times the size (a zoom by more than ~5x loses a border).
     """
     corners = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [-w / 2, h / 2], [w / 2, h / 2]],
                            dtype=lin.dtype, device=lin.device)
@@ -285,33 +292,45 @@ def _auto_chunk(cfg: SearchConfig, b: int, c: int, h: int, w: int, itemsize: int
 
 
 def _coarse(reference, moving, mask, family, cfg, size):
-    """Exhaustive coarse search. Returns (errors (B, K), centred matrices (B, K, 3, 3))."""
+    """Exhaustive coarse search. Returns (errors (B, K), centred matrices (B, K, 3, 3)).
+
+    With a translation part, candidates are grouped by the canvas they need (rounded up to a
+    multiple of 4 pixels), so that every candidate is scored exactly and small ones stay cheap.
+    """
     b, c, h, w = reference.shape
     lin = _linear_candidates(family, cfg, reference.dtype, reference.device)  # (K,3,3) centred
     has_t = SEARCH_FAMILIES[family][1]
+    k = lin.shape[0]
     if has_t:
-        py, px = _canvas_pad(lin, h, w)
-        canvas = (h + 2 * py, w + 2 * px)
-        scorer = _ShiftScorer(reference, mask, (py, px), cfg.max_shift)
-        fft_area = scorer.s[0] * scorer.s[1]
+        pads = [_canvas_pad(lin[i : i + 1], h, w, cap=4.0) for i in range(k)]
+        pads = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in pads]
     else:
-        canvas, fft_area = (h, w), h * w
-    # candidate matrices from the moving map's normalised frame to the canvas' normalised frame
+        pads = [(0, 0)] * k
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(pads):
+        groups.setdefault(p, []).append(i)
     c_src = G.frame_matrix(size, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
-    c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
-    norm = c_out @ lin @ torch.linalg.inv(c_src)
-    chunk = _auto_chunk(cfg, b, c, int(math.sqrt(fft_area)), int(math.sqrt(fft_area)), reference.element_size())
-    errs, shifts = [], []
-    for _, warped in warp_chunks(moving, norm, size=canvas, chunk_size=chunk):
+    errs = torch.empty(b, k, dtype=reference.dtype, device=reference.device)
+    shifts = torch.zeros(b, k, 2, dtype=reference.dtype, device=reference.device)
+    for (py, px), idx in groups.items():
+        canvas = (h + 2 * py, w + 2 * px)
+        # candidates from the moving map's normalised frame to the canvas' normalised frame
+        c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
+        norm = c_out @ lin[idx] @ torch.linalg.inv(c_src)
         if has_t:
-            e, t = scorer(warped)
+            scorer = _ShiftScorer(reference, mask, (py, px), cfg.max_shift)
+            side = int(math.sqrt(scorer.s[0] * scorer.s[1]))
         else:
-            e = masked_error(reference, warped, mask)
-            t = torch.zeros(*e.shape, 2, dtype=e.dtype, device=e.device)
-        errs.append(e)
-        shifts.append(t)
-    errs = torch.cat(errs, 1)
-    shifts = torch.cat(shifts, 1)
+            side = int(math.sqrt(h * w))
+        chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
+        ids = torch.tensor(idx, device=reference.device)
+        for sl, warped in warp_chunks(moving, norm, size=canvas, chunk_size=chunk):
+            if has_t:
+                e, t = scorer(warped)
+                shifts[:, ids[sl]] = t
+            else:
+                e = masked_error(reference, warped, mask)
+            errs[:, ids[sl]] = e
     mats = _translation(shifts) @ lin.unsqueeze(0)  # (B, K, 3, 3) centred
     return errs, mats
 
@@ -365,7 +384,7 @@ def _refine(reference, moving, centred, mask, size, family, cfg, perm=None):
         jitter = (torch.rand(z0.shape, generator=gen, dtype=z0.dtype) - 0.5) * 0.4
         z = (z0 + jitter.to(z0.device)).clone()
     z.requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=0.5)
+    opt = torch.optim.Adam([z], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.refine_steps, eta_min=0.01)
     mv = moving if perm is None else torch.gather(
         moving, 1, perm[:, :, None, None].expand(-1, -1, *moving.shape[-2:]))

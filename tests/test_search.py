@@ -1,0 +1,521 @@
+"""Tests of :mod:`invariance.search`: the alignment search finds known optima, exactly where the
+lattice makes them exact.
+
+Conventions under test: ``align(reference, moving)`` returns, per image, the warp applied to
+``moving`` (normalised input -> output matrices of the map, and family parameters in the map's
+centred frame: pixels, degrees, counter-clockwise as displayed) that best matches
+``reference``; so for ``moving = T reference`` the answer is ``T^-1``. Shifts are ``(tx, ty)``
+= (columns, rows).
+
+Known answers:
+
+* ``translation``: integer shifts, negative and larger than half the map, are found exactly
+  (the FFT path), error ~0; and the FFT's coarse error equals the exact ``grid_sample`` error;
+* ``rotation``: 90 / 180 / 270 degrees are lattice maps (``torch.rot90``), found exactly;
+* ``rigid`` / ``scale_translation``: a smooth blob image rotated / rescaled and shifted is
+  recovered within interpolation accuracy;
+* permutations and linear channel maps planted in the data are recovered exactly;
+* orderings that hold by construction: ``spatial >= permutation >= linear fit`` and
+  ``spatial <= identity`` and ``spatial <= any extra candidate``.
+
+Float64 throughout except where a test is about float32. The search is run with a reduced
+:class:`SearchConfig` (36 angles, 15 refinement steps) to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from invariance import geometry as G
+from invariance.search import (
+    SEARCH_FAMILIES,
+    SearchConfig,
+    _coarse,
+    _ShiftScorer,
+    align,
+    channel_orbits,
+    fit_linear,
+    masked_error,
+)
+from invariance.warp import disk_mask, transform_images, warp
+
+DT = torch.float64
+CFG = SearchConfig(n_angles=36, refine_steps=15)
+# A lattice-exact alignment leaves only rounding: bilinear weights off by ~1e-16 on O(1) values
+# give squared errors ~1e-30 relative; 1e-20 (float64) is far below any real misalignment (a
+# 1-pixel error on these maps costs >= 1e-2).
+EXACT64 = 1e-20
+# float32: affine_grid coordinates carry ~6e-8 * size ~ 3e-6 px of rounding, an error of
+# (3e-6 * |grad F| / |F|)^2 ~ 1e-10 at most; 1e-8 keeps margin and is still 6 orders below 1e-2.
+EXACT32 = 1e-8
+
+
+
+def rand(*shape, seed=0) -> torch.Tensor:
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def nmat(family, params, size, dtype=DT) -> torch.Tensor:
+    """Centred-frame family parameters -> the normalised matrix that ``warp`` consumes."""
+    return G.centred_to_normalized(G.to_matrix(family, torch.tensor(params, dtype=dtype)), size)
+
+
+def blob_image(h: int, w: int, f: float = 1.0) -> torch.Tensor:
+    """(1, 1, H, W) smooth off-centre image: three anisotropic Gaussians with centres within
+    ``0.35 f r`` of the centre and standard deviations ``0.15-0.28 f r`` (``r`` = half the short
+    side: >= 2.4 px at f = 1 on 32 px), so bilinear resampling barely blurs it and it is ~0 at
+    the border. ``f`` shrinks the content (f = 0.7 keeps it inside the view under a sqrt(2) zoom).
+    No symmetry: a wrong angle or a sign error cannot fit."""
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=DT) - (h - 1) / 2, torch.arange(w, dtype=DT) - (w - 1) / 2,
+                            indexing="ij")
+    r = min(h, w) / 2 * f
+    out = torch.zeros(h, w, dtype=DT)
+    for cx, cy, sx, sy, amp in ((-0.3, -0.2, 0.28, 0.18, 1.0), (0.25, 0.05, 0.18, 0.26, 0.7),
+                                (0.0, 0.35, 0.2, 0.15, 0.85)):
+        out += amp * torch.exp(-((xx - cx * r) ** 2 / (2 * (sx * r) ** 2) + (yy - cy * r) ** 2 / (2 * (sy * r) ** 2)))
+    return out[None, None]
+
+
+def angle_diff(a, b) -> float:
+    return float(G.wrap_angle(torch.as_tensor(a - b, dtype=DT)).abs().max())
+
+
+# ----------------------------------------------------------------------------- translation (FFT)
+
+
+SHIFTS = [(3, -2), (-9, 13), (10, -14), (0, -14)]
+
+
+@pytest.mark.parametrize("dy, dx", SHIFTS)
+def test_translation_finds_integer_shifts_exactly(dy, dx):
+    """Content 9 x 13 in a zero margin of 10 (rows) / 14 (cols) px, so ``torch.roll`` by up to
+    that much is the zero-filled shift the warp applies, and the optimum is exact: shifts
+    negative and larger than half the map (14 of 41 columns) included. Answer ``(-dx, -dy)``."""
+    ref = F.pad(rand(2, 3, 9, 13), (14, 14, 10, 10))  # 29 x 41, non-square
+    mov = torch.roll(ref, (dy, dx), dims=(-2, -1))
+    a = align(ref, mov, "translation", config=CFG)
+    torch.testing.assert_close(a.params, torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=1e-9, rtol=0)
+    assert float(a.errors.max()) < EXACT64
+    assert a.matrices.dtype == DT and a.params.dtype == DT and a.errors.dtype == DT
+
+
+@pytest.mark.parametrize("dy, dx", [(-9, 13), (10, -14)])
+def test_fft_coarse_error_equals_the_exact_error_at_the_planted_shift(dy, dx):
+    """With noise added (relative energy ~3%), the optimum stays at the planted shift but its error
+    is not zero, so the FFT expression ``E(t) = corr(M, sum G^2) - 2 corr(M F, G) + sum M F^2`` is
+    compared with the exact ``grid_sample`` error of that shift on a real value, not on 0 = 0.
+    ``refine_steps=0`` keeps the returned transformation on the integer lattice; agreement to
+    1e-10 is float64 FFT rounding on ~2500-term sums."""
+    ref = F.pad(rand(2, 3, 9, 13), (14, 14, 10, 10))
+    noise = 0.1 * rand(2, 3, 29, 41, seed=9)
+    mov = torch.roll(ref, (dy, dx), dims=(-2, -1)) + noise
+    a = align(ref, mov, "translation", config=SearchConfig(refine_steps=0))
+    torch.testing.assert_close(a.params, torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=0, rtol=0)
+    m = disk_mask((29, 41), dtype=DT)
+    direct = masked_error(ref, warp(mov, nmat("translation", [-dx, -dy], (29, 41))), m)
+    assert float(direct.min()) > 1e-3
+    torch.testing.assert_close(a.coarse_errors, direct, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a.errors, direct, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("family, cfg", [
+    ("translation", SearchConfig(refine_steps=0)),
+    ("rigid", SearchConfig(n_angles=12, refine_steps=0)),
+    ("scale_translation", SearchConfig(refine_steps=0, log2_scales=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5))),
+    ("affine", SearchConfig(refine_steps=0, affine_n_angles=8)),
+    pytest.param("scale_translation", SearchConfig(refine_steps=0),
+                 id="default-scale-grid"),
+])
+def test_coarse_errors_equal_exact_grid_sample_errors(family, cfg):
+    """For every linear candidate of the coarse grid, the FFT's best-shift error equals the exact
+    ``grid_sample`` error of the returned matrix (candidate then shift): this validates the FFT
+    formula, the canvas offset bookkeeping and the sign of the shift for every candidate at once.
+    Random maps, non-square (9 x 14), disk mask of radius 0.8; 1e-9 is float64 FFT rounding."""
+    gen = torch.Generator().manual_seed(0)
+    ref, mov = torch.rand(2, 3, 9, 14, generator=gen, dtype=DT), torch.rand(2, 3, 9, 14, generator=gen, dtype=DT)
+    m = disk_mask((9, 14), 0.8, dtype=DT).to(DT)
+    e, mats = _coarse(ref, mov, m, family, cfg, (9, 14))
+    direct = masked_error(ref, warp(mov, G.centred_to_normalized(mats, (9, 14))), m)
+    assert e.shape == direct.shape and e.shape[1] >= 1
+    torch.testing.assert_close(e, direct, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("pad", [(0, 0), (2, 3)])
+def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad):
+    """``_ShiftScorer`` evaluates every integer shift of a (canvas of the) moving map at once by
+    FFT. Restricting it to one shift at a time (all others marked invalid) must give the exact
+    ``grid_sample`` error of that shift, for shifts of both signs, along both axes and up to the
+    largest overlap (|t| = size - 1); with a zero-padded canvas of padding (py, px) the canvas
+    is the moving map embedded at the offset, so the numbers are the same. 1e-10: float64 FFT
+    rounding."""
+    h, w = 9, 14
+    ref, mov = rand(2, 3, h, w, seed=10), rand(2, 3, h, w, seed=11)
+    m = disk_mask((h, w), 0.9, dtype=DT).to(DT)
+    py, px = pad
+    scorer = _ShiftScorer(ref, m, pad, None)
+    canvas = F.pad(mov, (px, px, py, py))
+    for tx, ty in [(0, 0), (3, -2), (-5, 4), (13, 0), (0, -8), (-13, 8)]:
+        only = torch.ones_like(scorer.invalid)
+        only[(scorer.ty == ty).nonzero().item(), (scorer.tx == tx).nonzero().item()] = False
+        scorer.invalid = only
+        e, shift = scorer(canvas[:, None])
+        assert shift[:, 0].tolist() == [[tx, ty]] * 2
+        direct = masked_error(ref, warp(mov, nmat("translation", [tx, ty], (h, w))), m)
+        torch.testing.assert_close(e[:, 0], direct, atol=1e-10, rtol=0)
+
+
+def test_max_shift_bounds_the_coarse_shift():
+    """A planted shift of (5, 5) px is out of reach with ``max_shift=2``: the coarse answer stays
+    within the radius (and is then not exact)."""
+    ref = F.pad(rand(2, 2, 7, 9), (6, 6, 6, 6))
+    mov = torch.roll(ref, (5, 5), dims=(-2, -1))
+    a = align(ref, mov, "translation", config=SearchConfig(max_shift=2.0, refine_steps=0))
+    assert float(a.params.norm(dim=-1).max()) <= 2.0
+    assert float(a.errors.min()) > 0.05
+    free = align(ref, mov, "translation", config=SearchConfig(refine_steps=0))
+    assert float(free.errors.max()) < EXACT64
+
+
+def test_float32_translation_is_exact_to_float32_precision():
+    ref = F.pad(rand(2, 3, 9, 11), (8, 8, 8, 8)).float()
+    mov = torch.roll(ref, (-5, 7), dims=(-2, -1))
+    a = align(ref, mov, "translation", config=CFG)
+    assert a.matrices.dtype == torch.float32 and a.params.dtype == torch.float32
+    assert a.errors.dtype == torch.float64
+    torch.testing.assert_close(a.params.double(), torch.tensor([[-7.0, 5.0]] * 2, dtype=DT), atol=1e-4, rtol=0)
+    assert float(a.errors.max()) < EXACT32
+
+
+def test_circular_network_and_roll_is_found_exactly_on_the_valid_interior():
+    """A stack of stride-1 convolutions with circular padding commutes with ``torch.roll``:
+    ``F_h = roll(F, t)`` exactly. The search's warp is a *zero-filled* shift, so ``W_{-t} F_h(x)
+    = F_h(x + t) = F(x)`` only where ``x + t`` lies inside the map; elsewhere the warp brings in
+    zeros while ``F`` does not vanish. The mask that makes the optimum exact is therefore the
+    interior crop ``|ty| <= i < H - |ty|``, ``|tx| <= j < W - |tx|`` (valid for either sign of t).
+    On it the search must return ``(-tx, -ty)`` with error ~0. With the default disk mask, which
+    reaches the border, the true shift is *not* exact (the check below that it is > 1e-3 shows
+    that the interior mask is what makes the known answer exact)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 3, 5, padding=2, padding_mode="circular"),
+    ).double()
+    x = rand(2, 1, 16, 21, seed=3)
+    ty, tx = 3, -4
+    with torch.no_grad():
+        f = net(x)
+        fh = net(torch.roll(x, (ty, tx), dims=(-2, -1)))
+    torch.testing.assert_close(fh, torch.roll(f, (ty, tx), dims=(-2, -1)), atol=1e-12, rtol=0)
+    mask = torch.zeros(16, 21, dtype=DT)
+    mask[abs(ty): 16 - abs(ty), abs(tx): 21 - abs(tx)] = 1
+    a = align(f, fh, "translation", mask=mask, config=CFG)
+    torch.testing.assert_close(a.params, torch.tensor([[-tx, -ty]] * 2, dtype=DT), atol=1e-9, rtol=0)
+    assert float(a.errors.max()) < EXACT64
+    at_truth_disk = masked_error(f, warp(fh, nmat("translation", [-tx, -ty], (16, 21))), disk_mask((16, 21)))
+    assert float(at_truth_disk.min()) > 1e-3
+
+
+# ----------------------------------------------------------------------------- rotations
+
+
+@pytest.mark.parametrize("k, angle", [(1, -90.0), (2, 180.0), (3, 90.0)])
+def test_rotation_family_finds_quarter_turns_exactly(k, angle):
+    """``moving = rot90(reference, k)`` (counter-clockwise by 90k); the warp back is ``-90k``
+    (wrapped to (-180, 180]). The 36-angle grid contains the multiples of 90, where bilinear
+    sampling is a lattice permutation on a square map: error ~0, angle exact."""
+    ref = rand(3, 2, 15, 15)
+    a = align(ref, torch.rot90(ref, k, (-2, -1)), "rotation", config=CFG)
+    assert angle_diff(a.params[:, 0], angle) < 1e-6
+    assert float(a.errors.max()) < EXACT64
+
+
+def test_rotation_180_on_a_non_square_map():
+    """180 degrees about the centre maps the pixel centres of any H x W grid onto themselves."""
+    ref = rand(2, 3, 15, 22)
+    a = align(ref, torch.rot90(ref, 2, (-2, -1)), "rotation", config=CFG)
+    assert angle_diff(a.params[:, 0], 180.0) < 1e-6
+    assert float(a.errors.max()) < EXACT64
+
+
+# The refinement moves each parameter by at most ~lr per Adam step (lr = 0.5 degree, cosine
+# decay): 15 steps reach sum(lr_t) ~ 3.8 degrees, which must cover half the angle spacing of the
+# coarse grid. 72 angles (2.5 degrees to the nearest grid point) satisfy that; 36 (5 degrees) do
+# not (a 4-degree rotation then comes back as ~2.8 degrees).
+CFG_RIGID = SearchConfig(n_angles=72, refine_steps=15)
+
+
+@settings(max_examples=4)
+@given(angle=st.floats(-175, 175), tx=st.floats(-3, 3), ty=st.floats(-3, 3),
+       size=st.sampled_from([(32, 32), (30, 38)]))
+def test_rigid_recovers_rotation_and_shift_of_a_blob(angle, tx, ty, size):
+    """``moving = T reference`` with T a rotation by ``angle`` then a shift; the answer is
+    ``T^-1`` = rotation by ``-angle``, shift ``-R^-1 t``. The error landscape of the smooth blob
+    has its minimum at ``T^-1`` (checked: +-0.2 degree costs 5 % more error); 15 refinement
+    steps land within ~0.5 degree / 0.05 px of it. The grid alone is up to 2.5 degrees off, a
+    sign error 2 * angle: 1 degree and 0.3 px fail for both."""
+    h, w = size
+    ref = blob_image(h, w)
+    T = G.to_matrix("rigid", torch.tensor([angle, tx, ty], dtype=DT))
+    mov = warp(ref, G.centred_to_normalized(T, size))
+    a = align(ref, mov, "rigid", config=CFG_RIGID)
+    want = G.from_matrix("rigid", G.inverse(T))
+    got = a.params[0]
+    assert angle_diff(got[0], want[0]) < 1.0, (got, want)
+    assert float((got[1:] - want[1:]).abs().max()) < 0.3, (got, want)
+    assert float(a.errors[0]) < 0.01
+
+
+@pytest.mark.parametrize("size", [(32, 32), (30, 38)])
+def test_scale_translation_recovers_a_sqrt2_zoom(size):
+    """``moving`` = the blob (f = 0.7) enlarged by ``sqrt(2)``, content still inside the view; the
+    warp back shrinks by ``2^-0.5``, shift 0. The log2 grid (step 1/8) contains -0.5 exactly and
+    shrinking an enlarged smooth image loses nothing: |log2 s + 0.5| < 0.02 (1.4 %) and
+    shift < 0.3 px fail for the neighbouring grid points (0.125 away) or a wrong direction."""
+    ref = blob_image(*size, f=0.7)
+    mov = transform_images(ref, "scale", [2**0.5])
+    a = align(ref, mov, "scale_translation", config=CFG)
+    s, t = a.params[0, 0], a.params[0, 1:]
+    assert abs(math.log2(float(s)) + 0.5) < 0.02
+    assert float(t.abs().max()) < 0.3
+    assert float(a.errors[0]) < 0.01
+
+
+@pytest.mark.parametrize("family", [
+    "scale_translation", "affine", "scale", "similarity",
+])
+def test_zoom_is_found_and_params_match_matrices(family):
+    """Every family that contains scalings finds the sqrt(2) zoom back (isotropic scale factor
+    ``sqrt(det)`` within 1.4 % of 2^-0.5, error < 0.01 as for ``scale_translation`` above), and
+    the reported parameters describe the returned matrix: ``to_matrix(params)`` equals the
+    centred-frame matrix (1e-9)."""
+    ref = blob_image(32, 32, f=0.7)
+    mov = transform_images(ref, "scale", [2**0.5])
+    cfg = SearchConfig(n_angles=36, refine_steps=15, affine_n_angles=4, similarity_n_angles=12,
+                       log2_scales=(-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5))
+    a = align(ref, mov, family, config=cfg)
+    centred = G.normalized_to_centred(a.matrices, (32, 32))
+    fam = SEARCH_FAMILIES[family][0]
+    torch.testing.assert_close(G.to_matrix(fam, a.params), centred, atol=1e-9, rtol=0)
+    s = float(torch.det(centred[0, :2, :2]).sqrt())
+    assert abs(math.log2(s) + 0.5) < 0.02
+    assert float(a.errors[0]) < 0.01
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("channels", ["spatial", "permutation"])
+def test_results_do_not_depend_on_chunk_size(channels):
+    """``chunk_size`` only bounds memory: errors, matrices and permutations are identical."""
+    ref, mov = rand(2, 3, 9, 12, seed=1), rand(2, 3, 9, 12, seed=2)
+    cfg = SearchConfig(n_angles=8, refine_steps=3)
+    base = align(ref, mov, "rigid", config=cfg, channels=channels)
+    for cs in (1, 3):
+        other = align(ref, mov, "rigid", channels=channels,
+                      config=SearchConfig(n_angles=8, refine_steps=3, chunk_size=cs))
+        torch.testing.assert_close(other.errors, base.errors, atol=1e-12, rtol=0)
+        torch.testing.assert_close(other.matrices, base.matrices, atol=1e-9, rtol=0)
+        if channels == "permutation":
+            assert torch.equal(other.permutations, base.permutations)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("family", sorted(SEARCH_FAMILIES))
+def test_dtype_follows_the_inputs(family, dtype):
+    ref, mov = rand(1, 2, 8, 10, seed=1).to(dtype), rand(1, 2, 8, 10, seed=2).to(dtype)
+    cfg = SearchConfig(n_angles=8, refine_steps=2, similarity_n_angles=4, affine_n_angles=4,
+                       log2_scales=(-0.5, 0.0, 0.5), similarity_log2_scales=(0.0,), affine_log2_scales=(0.0,))
+    a = align(ref, mov, family, config=cfg)
+    assert a.matrices.dtype == dtype and a.params.dtype == dtype
+    assert a.errors.dtype == torch.float64
+    assert a.params.shape == (1, G.get_family(SEARCH_FAMILIES[family][0]).n_params)
+    # the returned error is the exact error of the returned matrix
+    direct = masked_error(ref.double(), warp(mov.double(), a.matrices.double()[:, None])[:, 0], disk_mask((8, 10)))
+    tol = 1e-10 if dtype == DT else 1e-5
+    torch.testing.assert_close(a.errors, direct, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 2, 2), (1, 1, 1, 7), (2, 1, 3, 5), (1, 3, 2, 3)])
+@pytest.mark.parametrize("family", ["translation", "rigid", "scale_translation"])
+def test_tiny_maps_batch_one_single_channel(shape, family):
+    """B = 1, C = 1 and maps down to 1 x 1 work, and the identity bound holds:
+    the search can never be worse than not moving at all."""
+    ref, mov = rand(*shape, seed=1), rand(*shape, seed=2)
+    a = align(ref, mov, family, config=SearchConfig(n_angles=8, refine_steps=3), channels="permutation")
+    ident = masked_error(ref, mov, disk_mask(shape[-2:]))
+    assert a.errors.shape == (shape[0],)
+    assert torch.isfinite(a.errors).all()
+    assert bool((a.errors <= ident + 1e-12).all())
+    assert a.permutations.shape == shape[:2]
+
+
+# ----------------------------------------------------------------------------- permutations
+
+
+@settings(max_examples=6)
+@given(perm=st.permutations(range(5)), k=st.sampled_from([0, 2]))
+def test_planted_permutation_is_recovered(perm, k):
+    """``moving[:, c] = rot180^k(reference[:, sigma[c]])``. With the convention
+    ``aligned[:, c] = warped_moving[:, perm[c]]`` the answer is ``perm = sigma^-1`` (argsort), the
+    error ~0, and ``channel_orbits`` are the cycles of ``sigma^-1`` (the same sets as the cycles
+    of ``sigma``). Random channels: no other permutation comes close."""
+    sigma = torch.tensor(perm)
+    ref = rand(2, 5, 9, 11, seed=4)
+    mov = torch.rot90(ref[:, sigma], k, (-2, -1))
+    a = align(ref, mov, "rotation", config=SearchConfig(n_angles=36, refine_steps=3), channels="permutation")
+    want = torch.argsort(sigma)
+    assert torch.equal(a.permutations, want.expand(2, 5))
+    assert float(a.errors.max()) < EXACT64
+    assert angle_diff(a.params[:, 0], 180.0 if k else 0.0) < 1e-6
+    orbits = channel_orbits(a.permutations[0])
+    cycles = {frozenset(c) for c in channel_orbits(sigma)}
+    assert {frozenset(c) for c in orbits} == cycles
+    assert all(len(c) > 1 for c in orbits)
+    for cyc in orbits:  # each orbit follows perm
+        for i, c in enumerate(cyc):
+            assert int(a.permutations[0, c]) == cyc[(i + 1) % len(cyc)]
+
+
+def test_planted_permutation_with_a_shift_uses_the_fft_path():
+    sigma = torch.tensor([2, 0, 1, 4, 3])
+    ref = F.pad(rand(3, 5, 9, 11, seed=5), (4, 4, 4, 4))
+    mov = torch.roll(ref, (3, -2), (-2, -1))[:, sigma]
+    a = align(ref, mov, "translation", config=CFG, channels="permutation")
+    assert torch.equal(a.permutations, torch.argsort(sigma).expand(3, 5))
+    torch.testing.assert_close(a.params, torch.tensor([[2.0, -3.0]] * 3, dtype=DT), atol=1e-9, rtol=0)
+    assert float(a.errors.max()) < EXACT64
+    assert float(a.extra["spatial"].errors.min()) > 0.05  # without the permutation: no fit
+
+
+def test_channel_orbits_known_answers():
+    assert channel_orbits([1, 0, 3, 2]) == [[0, 1], [2, 3]]
+    assert channel_orbits(torch.tensor([0, 1, 2])) == []
+    assert channel_orbits([2, 0, 1]) == [[0, 2, 1]]
+
+
+# ----------------------------------------------------------------------------- linear maps
+
+
+def test_fit_linear_recovers_a_planted_channel_mixing():
+    """``moving = B rot180(reference)`` with an invertible random ``B`` and the known warp: the
+    held-out (cross-fitted) error and the in-sample fit are ~0 and the map is ``B^-1``.
+    With ``ridge=1e-12`` the only error is the solve's rounding (condition number of the 5x5
+    Gram matrix of random maps is O(10^2): errors ~1e-26, matrix ~1e-12)."""
+    ref = rand(6, 5, 11, 13, seed=6)
+    B = torch.randn(5, 5, generator=torch.Generator().manual_seed(7), dtype=DT) + 2 * torch.eye(5, dtype=DT)
+    mov = torch.einsum("cd,bdhw->bchw", B, torch.rot90(ref, 2, (-2, -1)))
+    R = nmat("rotation", [180.0], (11, 13)).expand(6, 3, 3)
+    out = fit_linear(ref, mov, R, ridge=1e-12)
+    assert float(out["held_out"].max()) < 1e-16
+    assert float(out["fit"].max()) < 1e-16
+    torch.testing.assert_close(out["matrix"], torch.linalg.inv(B), atol=1e-8, rtol=0)
+
+
+def test_fit_linear_default_ridge_bias_is_small():
+    """The default ridge ``1e-4 tr(Sxx)/C`` shrinks the map by a relative ~1e-4 * cond: the
+    held-out error of an exact linear relation is <= ~1e-6, far below the O(1) spatial error."""
+    ref = rand(4, 3, 10, 10, seed=8)
+    B = torch.tensor([[0.0, 1, 0], [0.6, 0, 0.8], [0.8, 0, -0.6]], dtype=DT)
+    mov = torch.einsum("cd,bdhw->bchw", B, ref)
+    out = fit_linear(ref, mov, torch.eye(3, dtype=DT).expand(4, 3, 3))
+    assert float(out["held_out"].max()) < 1e-6
+    assert float(masked_error(ref, mov, disk_mask((10, 10))).min()) > 0.1
+
+
+def test_fit_linear_single_image_has_no_held_out_error():
+    """Cross-fitting needs two images: with B = 1 ``held_out`` is NaN, the in-sample fit exists."""
+    ref = rand(1, 2, 6, 6, seed=1)
+    out = fit_linear(ref, ref.flip(1), torch.eye(3, dtype=DT)[None])
+    assert torch.isnan(out["held_out"]).all()
+    assert float(out["fit"][0]) < 1e-20
+
+
+@settings(max_examples=6)
+@given(seed=st.integers(0, 10_000), c=st.integers(1, 4), b=st.integers(1, 3),
+       family=st.sampled_from(["translation", "rotation", "rigid"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_ordering_spatial_permutation_linear(seed, c, b, family, dtype):
+    """For any maps: ``identity >= spatial >= permutation >= linear fit`` per image, on fitted
+    data. The identity is always a candidate; the spatial optimum with the identity permutation
+    is a candidate of the permutation search; the per-image least-squares map can reproduce any
+    permutation. Slack for the different summation orders: 1e-9 in float64; in float32 the
+    Hungarian costs are expanded sums (rounding ~1e-7 of O(1) errors), so 1e-6."""
+    ref = rand(b, c, 9, 10, seed=seed).to(dtype)
+    mov = 0.5 * ref.flip(1) + rand(b, c, 9, 10, seed=seed + 1).to(dtype)  # partly related, partly not
+    cfg = SearchConfig(n_angles=12, refine_steps=5)
+    p = align(ref, mov, family, config=cfg, channels="permutation")
+    sp = p.extra["spatial"]
+    ident = masked_error(ref.double(), mov.double(), disk_mask((9, 10)))
+    lin = fit_linear(ref, mov, p.matrices, permutations=p.permutations)
+    tol = 1e-9 if dtype == DT else 1e-6
+    assert bool((sp.errors <= ident + tol).all())
+    assert bool((p.errors <= sp.errors + tol).all())
+    assert bool((lin["fit"] <= p.errors + tol).all())
+
+
+def test_extra_candidates_bound_the_error():
+    """A user-supplied candidate (here the true inverse of a 37-degree rotation, off the 10-degree
+    grid and, with refinement disabled, unreachable otherwise) is scored exactly, so the result is
+    at least as good as it."""
+    ref = blob_image(24, 24, f=0.8)
+    T = nmat("rotation", [37.0], (24, 24))
+    mov = warp(ref, T)
+    inv = G.inverse(T)
+    a = align(ref, mov, "rotation", config=SearchConfig(n_angles=36, refine_steps=0), extra_candidates=inv)
+    direct = masked_error(ref, warp(mov, inv), disk_mask((24, 24)))
+    assert float(a.errors[0]) <= float(direct[0]) + 1e-15
+    assert angle_diff(a.params[0, 0], -37.0) < 1e-6
+
+
+# ----------------------------------------------------------------------------- masks and errors
+
+
+def test_custom_mask_is_used():
+    """Only the masked pixels count: a mask selecting the left half makes a map that differs only
+    on the right half perfectly aligned at the identity."""
+    ref = rand(1, 1, 8, 10, seed=2)
+    mov = ref.clone()
+    mov[..., 5:] += 1.0
+    mask = torch.zeros(8, 10)
+    mask[:, :4] = 1
+    a = align(ref, mov, "rotation", mask=mask, config=CFG)
+    assert float(a.errors[0]) < EXACT64
+
+
+def test_empty_mask_is_not_a_perfect_alignment():
+    ref, mov = rand(2, 1, 5, 5, seed=1), rand(2, 1, 5, 5, seed=2)
+    try:
+        a = align(ref, mov, "translation", mask=torch.zeros(5, 5), config=CFG)
+    except ValueError:
+        return
+    assert not bool((a.errors == 0).any()), a.errors
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(family="rotate"), r"unknown search family 'rotate'; valid choices: translation, rotation"),
+    (dict(channels="linear"), r"unknown channel matching 'linear'; valid choices: spatial, permutation"),
+    (dict(mask=torch.ones(4, 4)), r"mask: expected a tensor of shape \(H, W\) = \(6, 7\)"),
+])
+def test_bad_arguments(kwargs, match):
+    ref = rand(1, 1, 6, 7)
+    kw = dict(family="translation", config=CFG) | kwargs
+    with pytest.raises(ValueError, match=match):
+        align(ref, ref, **kw)
+
+
+def test_bad_inputs():
+    ref = rand(1, 1, 6, 7)
+    with pytest.raises(ValueError, match="differs from reference"):
+        align(ref, rand(1, 1, 7, 6), "translation")
+    bad = ref.clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="moving: contains NaN"):
+        align(ref, bad, "translation")
+    with pytest.raises(ValueError, match="empty batch"):
+        align(ref[:0], ref[:0], "translation")
