@@ -117,8 +117,6 @@ class Report:
 
         out = Path(out_dir)
         paths = {}
-        transforms = list(dict.fromkeys(r["transform"] for r in self.records))
-        layers = list(dict.fromkeys(r["layer"] for r in self.records))
         fig = self.plot_layers()
         paths["layers"] = _save_fig(fig, out / "errors_by_layer.png")
         plt.close(fig)

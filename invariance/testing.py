@@ -96,6 +96,7 @@ __all__ = [
     "alignment_errors",
     "as_transform",
     "valid_radius",
+    "border_band",
     "assert_spatially_alignable",
     "assert_not_spatially_alignable",
     "assert_invariant",
@@ -139,24 +140,55 @@ def as_transform(transform: Transform | str) -> Transform:
     raise TypeError(f"transform: expected a Transform or a SPEC string, got {type(transform).__name__}")
 
 
-def valid_radius(transform: Transform | str, size: Sequence[int]) -> float:
-    """Radius (normalised) of the central disk where ``W_{h^-1} F_h`` only reads inside the map.
+def valid_radius(transform: Transform | str, size: Sequence[int], border: float = 0.0) -> float:
+    """Radius (normalised) of the central disk where ``W_{h^-1} F_h`` and ``F`` are both valid.
 
     ``W_{h^-1} F_h (x) = F_h(h x)`` and ``|h x| <= sigma_max |x| + |t|`` (``sigma_max`` the largest
-    singular value of the linear part, ``t`` the translation, both normalised), so the disk of
-    radius ``(1 - |t|) / sigma_max`` (at most 1) is valid in both maps.
+    singular value of the linear part, ``t`` the translation, both normalised). With a band of
+    width ``border`` (normalised) along the edges of every map excluded (padding effects), the
+    disk of radius ``min(1 - border, (1 - border - |t|) / sigma_max)`` is valid in both maps.
 
     >>> valid_radius("rotation:30", (32, 32)), valid_radius("scale:2", (32, 32))
     (1.0, 0.5)
+    >>> valid_radius("translation:4,0", (32, 32), border=0.25)
+    0.5
     """
     tr = as_transform(transform)
     m = tr.matrix(size, torch.float64)
     smax = float(torch.linalg.matrix_norm(m[:2, :2], ord=2))
     t = float(torch.linalg.vector_norm(m[:2, 2]))
-    r = (1.0 - t) / smax
+    r = min(1.0 - border, (1.0 - border - t) / smax)
     if r <= 0:
-        raise ValueError(f"transform: {tr.label} moves the whole field of view out of itself")
+        raise ValueError(f"transform: {tr.label} leaves no region valid in both maps "
+                         f"(translation {t:.3g}, scale {smax:.3g}, border {border:.3g}, normalised units)")
     return min(1.0, r)
+
+
+def border_band(model: nn.Module, layer: str, images: torch.Tensor) -> float:
+    """Width (normalised, at most 1) of the band along the map's edges that padding affects.
+
+    Images with a zero margin look, to the network, like content on an infinite empty plane,
+    except where a layer pads: there the map differs from the network's response to the empty
+    plane. That response is the layer's output for an all-zero image, which is constant in the
+    interior (a translation-covariant network with biases) and deviates within the band.
+    Returns 0 when the output for an empty image is constant (no biases, circular padding).
+    """
+    if layer == "input":
+        return 0.0
+    z = torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=images.device)
+    f0 = FeatureExtractor(model, [layer])(z)[0][layer][0]
+    h, w = f0.shape[-2:]
+    centre = f0[:, h // 2, w // 2][:, None, None]
+    scale = float(f0.abs().max())
+    dev = ((f0 - centre).abs() > 1e-6 * scale).any(0) if scale > 0 else torch.zeros(h, w, dtype=torch.bool)
+    if not bool(dev.any()):
+        return 0.0
+    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
+    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    depth = 1 - torch.maximum(yy.abs(), xx.abs())  # normalised distance of a pixel centre from the edge
+    # one more pixel: bilinear warps read the neighbours of a point
+    return min(1.0, float(depth[dev.cpu()].max()) + 2.0 / min(h, w) + 1.0 / min(h, w))
 
 
 def _atol(dtype: torch.dtype) -> float:
@@ -265,7 +297,8 @@ def alignment_errors(
         search: the search family (default :data:`invariance.measure.DEFAULT_SEARCH` of the
             transformation's family).
         mask_radius: radius of the evaluation disk in normalised units of each grid (default
-            :func:`valid_radius` of the transformation).
+            :func:`valid_radius` of the transformation, less the band along the edges where
+            padding changes the maps, :func:`border_band`).
         config: the search settings (default :data:`DEFAULT_CONFIG`); the expected warp
             ``W_{h^-1}`` and the identity are always scored as extra candidates.
         transformed: the transformed images ``T_h f`` when they are made some other way (for
@@ -284,7 +317,14 @@ def alignment_errors(
         raise ValueError(f"channels: expected 'spatial' or 'permutation', got {channels!r}")
     cfg = config or DEFAULT_CONFIG
     size = tuple(images.shape[-2:])
-    radius = valid_radius(tr, size) if mask_radius is None else float(mask_radius)
+    if mask_radius is None:
+        try:
+            radius = valid_radius(tr, size, border_band(model, layer, images))
+        except ValueError as exc:
+            raise ValueError(f"{exc}; the layer's response to an empty image varies over most of the map "
+                             f"(large receptive field, or position-dependent); pass mask_radius") from None
+    else:
+        radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
     if transformed is None:
         transformed = warp(images, t_img.to(images.dtype))
@@ -408,7 +448,10 @@ def assert_invariant(
     _check_model(model, images)
     tr = as_transform(transform)
     size = tuple(images.shape[-2:])
-    radius = valid_radius(tr, size) if mask_radius is None else float(mask_radius)
+    if mask_radius is None:
+        radius = valid_radius(tr, size, 0.0 if layer is None else border_band(model, layer, images))
+    else:
+        radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
     if transformed is None:
         transformed = warp(images, t_img.to(images.dtype))
