@@ -36,7 +36,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -431,7 +431,8 @@ def _measure_layer(f, fh, frame: LayerFrame, t_img, family, channels, mask_radiu
         # random pair: image b against the transformed maps of image b+1
         fh_other = torch.roll(fh, 1, dims=0)
         if f.shape[0] > 1:
-            rn = align(f, fh_other, family, mask=m, channels="spatial", config=cfg)
+            # the null needs the same search, but not its last decimals: refine the best candidate only
+            rn = align(f, fh_other, family, mask=m, channels="spatial", config=replace(cfg, top_k=1))
             mean, ci, _ = _stat(rn.errors, n_boot, seed)
         else:
             mean, ci = float("nan"), [float("nan")] * 2

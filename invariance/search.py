@@ -95,7 +95,7 @@ class SearchConfig:
     affine_log2_aspects: tuple[float, ...] = (-0.5, 0.5)
     affine_aspect_angles: tuple[float, ...] = (0.0, 45.0, 90.0, 135.0)
     max_shift: float | None = None
-    top_k: int = 3
+    top_k: int = 2
     refine_steps: int = 40
     shortlist: int = 6
     chunk_size: int | None = None
@@ -393,7 +393,7 @@ def _refine(reference, moving, centred, mask, size, family, cfg, perm=None):
     for _ in range(cfg.refine_steps):
         opt.zero_grad()
         m = G.centred_to_normalized(G.to_matrix(fam, _from_free(fam, z)), size)
-        e = masked_error(reference, warp(mv, m), mask)
+        e = masked_error(reference, warp(mv, m, affine=True), mask)  # no projective family here
         with torch.no_grad():
             better = e < best_e
             best_e = torch.where(better, e, best_e)
@@ -631,8 +631,12 @@ def fit_linear(
                 held[test] = score(solve(train), test)
         a_all = solve(torch.arange(b, device=reference.device))
         # in-sample per-image least squares (lower bound)
-        sol = torch.linalg.lstsq(x.transpose(1, 2).cpu(), y.transpose(1, 2).cpu(), driver="gelsd").solution
-        r = torch.einsum("bdc,bdn->bcn", sol.to(x.device), x) - y
+        # normal equations per image (a vanishing ridge keeps rank-deficient images solvable)
+        gram = torch.einsum("bcn,bdn->bcd", x, x)
+        lam = 1e-12 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
+        eye = torch.eye(c, dtype=gram.dtype, device=gram.device)
+        sol = torch.linalg.solve(gram + lam * eye, torch.einsum("bcn,bdn->bcd", x, y))  # (B, C_in, C_out)
+        r = torch.einsum("bdc,bdn->bcn", sol, x) - y
         fit = r.pow(2).sum((1, 2)) * w
         # the per-image permutation / identity is feasible for the least squares: never worse
         ident = (x - y).pow(2).sum((1, 2)) * w

@@ -11,8 +11,12 @@ Tolerances
 A layer counts as *spatially alignable* under ``T_h`` when, for every image,
 ``spatial <= floor * (1 + rtol) + atol``:
 
-* ``floor`` is what resampling alone costs: the image is resampled once by ``T_h`` and the maps
-  once by the warp, and at the input both interpolation errors are measured exactly. A
+* ``floor`` is what resampling alone costs (:func:`interpolation_floor`): the image is
+  resampled once by ``T_h`` and the maps once by the warp, and at the input (the identity
+  network) both interpolation errors are measured exactly; the kit takes the larger of the
+  round trips with the transformation's centre on a pixel and between pixels (odd and even
+  sizes), because a round trip can be exact by a lattice coincidence while its first
+  resampling is not. A
   covariant layer sees the same two resamplings: the first one's error passes through the
   layer (smoothing filters attenuate it, a rectifier is 1-Lipschitz), the second acts on maps
   no rougher than the image. ``rtol = 1`` (:data:`DEFAULT_RTOL`) lets each of the two
@@ -74,15 +78,16 @@ The metric alone:
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from hypothesis import strategies as st
 from torch import nn
 
 from . import geometry as G
-from .features import FeatureExtractor, LayerFrame
+from .features import FeatureExtractor
 from .measure import DEFAULT_SEARCH, Transform, parse_transforms
 from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, masked_error
 from .toys import make_blob_images
@@ -96,6 +101,7 @@ __all__ = [
     "alignment_errors",
     "as_transform",
     "valid_radius",
+    "interpolation_floor",
     "border_band",
     "assert_spatially_alignable",
     "assert_not_spatially_alignable",
@@ -203,8 +209,9 @@ class AlignmentErrors:
         layer, transform, search: what was measured and the search family.
         spatial: best spatial warp. ``permutation``: best warp and channel permutation (None
             unless asked). ``expected``: the warp ``W_{h^-1}`` an STN "should" apply.
-            ``invariance``: no alignment. ``floor``: the spatial error of the images themselves
-            under the same transformation, search and mask radius (the interpolation floor).
+            ``invariance``: no alignment. ``floor``: the interpolation floor, the spatial error
+            of the images themselves under the same transformation, search and mask radius
+            (the larger over both grid parities, :func:`interpolation_floor`).
         params, param_names: the best spatial warp per image, in the image's centred frame
             (pixels, degrees), as applied to the maps of the transformed images.
         permutations: ``(B, C)`` best channel permutations (``aligned[c] = warped[perm[c]]``).
@@ -260,6 +267,54 @@ class AlignmentErrors:
         return (f"layer {self.layer!r}{' of ' + self.model if self.model else ''} under {self.transform.label} "
                 f"(search {self.search}, {str(self.dtype).replace('torch.', '')}, {self.spatial.shape[0]} image(s), "
                 f"mask radius {self.mask_radius:.3g})")
+
+
+def interpolation_floor(
+    images: torch.Tensor,
+    transform: Transform | str,
+    *,
+    search: str | None = None,
+    mask_radius: float | None = None,
+    config: SearchConfig | None = None,
+    transformed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The interpolation floor per image ``(B,)`` float64: what resampling alone costs.
+
+    DESIGN.md's floor is the spatial error of the images themselves (the identity network)
+    under the transformation and the search: ``min_g ||W_g T_h f - f||^2 / ||f||^2``. A round
+    trip can be exact by a lattice coincidence although its first resampling is not: zooming
+    an odd-sized image by 2 about its centre pixel interpolates between pixels, and warping
+    back samples the zoomed image exactly at the pixels that were not interpolated; a layer of
+    a covariant network still sees the interpolated image. Whether the coincidence happens
+    depends only on where the centre of the transformation falls on the pixel grid (on a pixel
+    for odd sizes, between pixels for even ones), so the floor returned is the larger of the
+    round trips on the images and on the images padded by one zero row and column (the other
+    parity). Lattice-exact transformations (rotations of square images by multiples of 90°,
+    integer shifts) stay exact in both. With ``transformed`` given (images transformed some
+    other way, e.g. ``torch.roll``) only that round trip is measured.
+
+    >>> x = example_images(2, 31)
+    >>> bool((interpolation_floor(x, "scale:2") > 1e-4).all()), bool(interpolation_floor(x, "rotation:90").max() < 1e-9)
+    (True, True)
+    """
+    tr = as_transform(transform)
+    fam = search or DEFAULT_SEARCH[tr.family]
+    cfg = config or DEFAULT_CONFIG
+    radius = valid_radius(tr, images.shape[-2:]) if mask_radius is None else float(mask_radius)
+
+    def round_trip(imgs, moved):
+        size = tuple(imgs.shape[-2:])
+        m = disk_mask(size, radius, dtype=imgs.dtype, device=imgs.device).to(imgs.dtype)
+        t_img = tr.matrix(size, torch.float64).to(device=imgs.device)
+        if moved is None:
+            moved = warp(imgs, t_img.to(imgs.dtype))
+        extra = torch.stack([G.inverse(t_img).to(imgs.dtype), torch.eye(3, dtype=imgs.dtype, device=imgs.device)])
+        return align(imgs, moved, fam, mask=m, config=cfg, extra_candidates=extra).errors.double().cpu()
+
+    if transformed is not None:
+        return round_trip(images, transformed)
+    padded = torch.nn.functional.pad(images, (0, 1, 0, 1))
+    return torch.maximum(round_trip(images, None), round_trip(padded, None))
 
 
 def _check_model(model: nn.Module, images: torch.Tensor) -> None:
@@ -326,7 +381,8 @@ def alignment_errors(
     else:
         radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
-    if transformed is None:
+    generated = transformed is None
+    if generated:
         transformed = warp(images, t_img.to(images.dtype))
     elif transformed.shape != images.shape:
         raise ValueError(f"transformed: shape {tuple(transformed.shape)} differs from images {tuple(images.shape)}")
@@ -336,32 +392,27 @@ def alignment_errors(
     f, fh = feats[layer][:b], feats[layer][b:]
     frame = frames[layer]
 
-    def run(ref, mov, frm, mode):
-        lsize = tuple(ref.shape[-2:])
-        m = disk_mask(lsize, radius, dtype=ref.dtype, device=ref.device).to(ref.dtype)
-        expected = frm.to_layer(G.inverse(t_img)).to(dtype=ref.dtype, device=ref.device)
-        extra = torch.stack([expected, torch.eye(3, dtype=ref.dtype, device=ref.device)])
-        res = align(ref, mov, fam, mask=m, channels=mode, config=cfg, extra_candidates=extra)
-        with torch.no_grad():
-            e_exp = masked_error(ref, warp(mov, expected), m).double()
-            e_inv = masked_error(ref, mov, m).double()
-        return res, e_exp, e_inv
-
-    floor_res, _, _ = run(images, transformed, LayerFrame.identity(size), "spatial")
-    res, e_exp, e_inv = run(f, fh, frame, channels)
+    floor = interpolation_floor(images, tr, search=fam, mask_radius=radius, config=cfg,
+                                transformed=None if generated else transformed)
+    m = disk_mask(f.shape[-2:], radius, dtype=f.dtype, device=f.device).to(f.dtype)
+    expected = frame.to_layer(G.inverse(t_img)).to(dtype=f.dtype, device=f.device)
+    extra = torch.stack([expected, torch.eye(3, dtype=f.dtype, device=f.device)])
+    res = align(f, fh, fam, mask=m, channels=channels, config=cfg, extra_candidates=extra)
+    with torch.no_grad():
+        e_exp = masked_error(f, warp(fh, expected), m).double()
+        e_inv = masked_error(f, fh, m).double()
     sp = res.extra["spatial"] if channels == "permutation" else res
     gfam = G.get_family(SEARCH_FAMILIES[fam][0])
     params = G.from_matrix(gfam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
     out = AlignmentErrors(
         layer=layer, transform=tr, search=fam, spatial=sp.errors.double().cpu(), expected=e_exp.cpu(),
-        invariance=e_inv.cpu(), floor=floor_res.errors.double().cpu(), params=params.cpu(),
+        invariance=e_inv.cpu(), floor=floor, params=params.cpu(),
         param_names=gfam.param_names, mask_radius=radius, dtype=images.dtype, model=type(model).__name__,
     )
     if channels == "permutation":
         out.permutation = res.errors.double().cpu()
         out.permutations = res.permutations.cpu()
-        perms = [tuple(p) for p in out.permutations.tolist()]
-        modal = max(set(perms), key=perms.count)
+        modal = Counter(tuple(p) for p in out.permutations.tolist()).most_common(1)[0][0]
         out.orbits = channel_orbits(modal)
     return out
 
@@ -453,6 +504,7 @@ def assert_invariant(
     else:
         radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
+    user_transformed = transformed
     if transformed is None:
         transformed = warp(images, t_img.to(images.dtype))
     b = images.shape[0]
@@ -472,11 +524,7 @@ def assert_invariant(
         ref, mov = feats[layer][:b], feats[layer][b:]
         m = disk_mask(ref.shape[-2:], radius, dtype=ref.dtype, device=ref.device)
         err = masked_error(ref, mov, m).double()
-    fam = DEFAULT_SEARCH[tr.family]
-    m_img = disk_mask(size, radius, dtype=images.dtype, device=images.device).to(images.dtype)
-    extra = torch.stack([G.inverse(t_img).to(images.dtype), torch.eye(3, dtype=images.dtype)])
-    floor = align(images, transformed, fam, mask=m_img, config=config or DEFAULT_CONFIG,
-                  extra_candidates=extra).errors.double()
+    floor = interpolation_floor(images, tr, mask_radius=radius, config=config, transformed=user_transformed)
     a = _atol(images.dtype) if atol is None else atol
     allowed = floor * (1 + rtol) + a
     ok = err.cpu() <= allowed.cpu()

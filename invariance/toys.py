@@ -1,45 +1,49 @@
 """Analytic toy networks with hand-set weights, and the images they are meant to be measured on.
 
-The theory, made executable
----------------------------
+The theory, made executable (summary of ``docs/proof.md``)
+-----------------------------------------------------------
 *Statement.* Let ``Γ`` be a CNN layer and ``T_h`` a spatial transformation of the image. A purely
 spatial warp ``W_g`` of the feature maps can undo ``T_h`` (``W_g Γ T_h f ≈ Γ f``, DESIGN.md
-section 1) for translations always, for rotations only when the features are rotation invariant,
-and for rescalings in general never. Two intuitions carry the argument:
+section 1) for translations always, for rotations only when the features are rotation
+invariant, and for rescalings in general never. Two intuitions carry the argument:
 
-1. *"W" becomes "M".* A 180° rotation turns a W into an M, so a *different channel* responds.
-   A spatial warp moves values within each channel and can never move the response back into
-   the W channel: the spatial error stays at least 1 (:class:`WMNet`), while a channel
-   permutation (W <-> M) plus the rotation aligns the maps exactly. With the four 90° rotations
-   of one filter (:class:`P4Net`) a 90° rotation permutes the channels cyclically.
+1. *"W" becomes "M".* A 180° rotation turns a W into an M, so a *different channel* responds. A
+   warp moves values within each channel and cannot move the response back into the W
+   channel: with exclusive (thresholded) detectors the spatial error is at least 1, exactly,
+   while the W <-> M swap plus the rotation aligns the maps (:class:`WMNet`;
+   ``test_wm_rotation_180_moves_the_response_to_the_other_channel``). With the four 90°
+   rotations of one filter (:class:`P4Net`) a 90° rotation is a cyclic channel shift
+   (``test_p4_lattice_rotation_is_a_cyclic_channel_shift``), and generic random filters behave
+   the same way without the exact bookkeeping
+   (``test_random_cnns_with_generic_filters_are_not_alignable``).
 2. *A fixed-size filter never covers the rescaled object.* Gaussian-derivative filters at one
-   scale (:class:`GaussianJetNet`) see a rescaled image at another scale of its scale space, so
-   the *set of values* in the maps changes and no warp recovers it; the spatial error grows
-   with ``|log s|``. The same filters at several scales (:class:`ScaleChannelNet`) turn the
-   rescaling into a shift along the channel axis, which a channel shift undoes.
+   scale (:class:`GaussianJetNet`) see a rescaled image at another level of its scale space:
+   the *values* of the maps change and no warp recovers them. For a Gaussian blob the smallest
+   error over all warps is known in closed form (:func:`gaussian_blob_scale_error`), positive
+   and growing with ``|log s|`` (``test_scale_error_of_a_gaussian_blob_follows_the_continuum_answer``,
+   ``test_fixed_scale_filters_are_not_alignable_under_rescaling``). The same filters at several
+   scales (:class:`ScaleChannelNet`) turn the rescaling into a shift along the channel axis,
+   which a channel shift undoes (``test_scale_channels_turn_a_rescaling_into_a_channel_shift``).
 
-Controls: rotationally symmetric filters (:class:`IsotropicNet`) are rotation covariant, so
-any rotation is spatially alignable down to the interpolation floor; a stride-1 stack with
-circular padding (:class:`CircularNet`) commutes exactly with integer (circular) translations;
-and the input itself (the identity network) is always alignable, which is why a spatial
+Controls: rotationally symmetric filters (:class:`IsotropicNet`) are alignable under any
+rotation down to the interpolation floor (``test_isotropic_filters_are_alignable_under_any_rotation``);
+stride-1 stacks with circular padding (:class:`CircularNet`) align integer circular shifts
+exactly (``test_circular_stacks_align_integer_translations_exactly``); and the input itself
+(the identity network) is alignable under every transformation
+(``test_the_input_layer_is_alignable_under_any_transformation``), which is why a spatial
 transformer that warps the *input* can support invariance and one that warps deeper feature
-maps in general cannot.
-
-``docs/proof.md`` writes the argument out step by step and names, for each step, the test that
-checks it (``tests/test_theory.py``, ``tests/test_toys.py``).
+maps in general cannot. The tests are in ``tests/test_theory.py``; ``tests/test_toys.py`` pins
+the construction of each toy with exact identities.
 
 Built-in models (registered with :func:`invariance.models.register_model` on import)
 -------------------------------------------------------------------------------------
-======================  ====================  ================================================
-name                    class                 default images / layers
-======================  ====================  ================================================
-``toy-wm``              :class:`WMNet`        ``glyphs`` (48x48 W or M scenes); detect, rectify, pool
-``toy-scale``           :class:`GaussianJetNet`  ``blobs``; jet
-``toy-scale-channels``  :class:`ScaleChannelNet`  ``blobs``; jet
-``toy-isotropic``       :class:`IsotropicNet`  ``blobs``; conv1, relu1, conv2, relu2
-``toy-p4``              :class:`P4Net`        ``blobs``; lift, relu
-``toy-circular``        :class:`CircularNet`  ``blobs``; conv1, relu1, conv2, relu2
-======================  ====================  ================================================
+* ``toy-wm``: :class:`WMNet`, images ``glyphs`` (48x48 scenes of W or M), layers ``detect``,
+  ``rectify``, ``pool``.
+* ``toy-scale``: :class:`GaussianJetNet`, images ``blobs``, layer ``jet``.
+* ``toy-scale-channels``: :class:`ScaleChannelNet`, images ``blobs``, layer ``jet``.
+* ``toy-isotropic``: :class:`IsotropicNet`, images ``blobs``, layers ``conv1, relu1, conv2, relu2``.
+* ``toy-p4``: :class:`P4Net`, images ``blobs``, layers ``lift, relu``.
+* ``toy-circular``: :class:`CircularNet`, images ``blobs``, layers ``conv1, relu1, conv2, relu2``.
 
 Image sources (:func:`make_images`): ``glyphs`` (one letter per scene, W or M, at a random
 position and size inside the central disk, anti-aliased strokes) and ``blobs`` (smooth random
@@ -64,7 +68,7 @@ kernel flipped (done by :func:`gaussian_derivative_kernel`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -311,8 +315,9 @@ def make_blob_images(n: int, size: int | Sequence[int] = 48, seed: int = 0, *, n
     Each image is a sum of ``n_blobs`` (inclusive range) anisotropic Gaussians: amplitude
     ``U(0.5, 1)``, standard deviations ``U(sigma_range)`` pixels along a random direction and up
     to ``anisotropy`` times that across it, centres uniform in the disk of radius
-    ``0.7 content_radius`` (normalised units), multiplied by a smooth window that falls from 1
-    to exactly 0 between 0.8 and 1.0 times ``content_radius``. Generic
+    ``0.7 content_radius`` (normalised units), multiplied by a smooth (``cos^2``) window that
+    falls from 1 to exactly 0 over the outer ``max(0.2 content_radius, 3 px)`` of the disk of
+    radius ``content_radius``. Generic
     (no symmetry); with ``content_radius <= 1 / s`` the content stays inside the field of view
     under rescaling by ``s`` and any rotation about the centre.
 
@@ -330,8 +335,11 @@ def make_blob_images(n: int, size: int | Sequence[int] = 48, seed: int = 0, *, n
     xs = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
     py, px = torch.meshgrid(ys, xs, indexing="ij")
     # the window lives in normalised coordinates (a disk of the field of view)
-    r = torch.sqrt((px * 2 / w) ** 2 + (py * 2 / h) ** 2) / content_radius
-    window = torch.where(r < 0.8, 1.0, torch.where(r < 1.0, torch.cos((r - 0.8) / 0.2 * math.pi / 2) ** 2, 0.0))
+    r = torch.sqrt((px * 2 / w) ** 2 + (py * 2 / h) ** 2)
+    taper = max(0.2 * content_radius, 6.0 / min(h, w))  # at least 3 pixels wide: smooth on the grid
+    inner = max(content_radius - taper, 0.0)
+    ramp = ((r - inner) / (content_radius - inner)).clamp(0, 1)
+    window = torch.where(ramp < 1, torch.cos(ramp * math.pi / 2) ** 2, 0.0)  # exactly 0 outside
     out = []
     for _ in range(n):
         img = torch.zeros(h, w, dtype=torch.float64)
@@ -558,9 +566,9 @@ class CircularNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        k1 = gaussian_derivative_kernel(1.0, (1, 0), radius=2, dtype=torch.float64)
-        ks = [gaussian_derivative_kernel(1.0, o, radius=2, dtype=torch.float64) for o in ((1, 0), (0, 1), (2, 0), (0, 2))]
-        self.conv1 = nn.Conv2d(1, 4, k1.shape[-1], padding=2, padding_mode="circular")
+        orders = ((1, 0), (0, 1), (2, 0), (0, 2))
+        ks = [gaussian_derivative_kernel(1.0, o, radius=2, dtype=torch.float64) for o in orders]
+        self.conv1 = nn.Conv2d(1, 4, 5, padding=2, padding_mode="circular")
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")
         self.relu2 = nn.ReLU()

@@ -72,10 +72,13 @@ def _normalise_matrices(matrices: torch.Tensor, batch: int) -> tuple[torch.Tenso
     raise ValueError(f"matrices: expected (3, 3), (K, 3, 3) or (B, K, 3, 3), got {tuple(matrices.shape)}")
 
 
-def sampling_grid(matrices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def sampling_grid(matrices: torch.Tensor, size: Sequence[int], *, affine: bool | None = None) -> torch.Tensor:
     """Sampling grids ``(N, H, W, 2)`` for ``grid_sample`` from input->output matrices ``(N, 3, 3)``.
 
     The grid holds, for each output pixel ``q`` (normalised), the source point ``A^{-1} q``.
+    ``affine=None`` picks the fast ``affine_grid`` path when the last rows are ``(0, 0, 1)`` and no
+    gradient flows into the matrices (``affine_grid`` ignores the last row, so its derivatives
+    would be wrong for projective parameters); ``affine=True`` promises the last row is constant.
 
     >>> g = sampling_grid(torch.eye(3)[None], (2, 3))
     >>> g[0, 0, 0]            # top-left pixel centre in normalised coordinates
@@ -85,7 +88,9 @@ def sampling_grid(matrices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     inv = G.inverse(matrices)
     # affine_grid ignores the last row; when gradients flow into the matrices, the homogeneous
     # grid (which divides by the third coordinate) gives the correct derivatives for h31, h32
-    if G.is_affine(matrices) and not matrices.requires_grad:
+    if affine is None:
+        affine = G.is_affine(matrices) and not matrices.requires_grad
+    if affine:
         return F.affine_grid(inv[:, :2, :], [inv.shape[0], 1, h, w], align_corners=False)
     xs = (torch.arange(w, dtype=inv.dtype, device=inv.device) * 2 + 1) / w - 1
     ys = (torch.arange(h, dtype=inv.dtype, device=inv.device) * 2 + 1) / h - 1
@@ -109,6 +114,7 @@ def warp_chunks(
     mode: str = "bilinear",
     padding_mode: str = "zeros",
     chunk_size: int | None = None,
+    affine: bool | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Yield ``(k_slice, warped)`` with ``warped`` of shape ``(B, k, C, H', W')`` chunk by chunk.
 
@@ -143,13 +149,13 @@ def warp_chunks(
         if per_image:
             m = mats[:, sl]
             kk = m.shape[1]
-            grid = sampling_grid(m.reshape(-1, 3, 3), out_size)
+            grid = sampling_grid(m.reshape(-1, 3, 3), out_size, affine=affine)
             src = images.unsqueeze(1).expand(b, kk, c, h, w).reshape(b * kk, c, h, w)
             out = _sample(src, grid, mode, padding_mode).reshape(b, kk, c, *out_size)
         else:
             m = mats[sl]
             kk = m.shape[0]
-            grid = sampling_grid(m, out_size)
+            grid = sampling_grid(m, out_size, affine=affine)
             src = images.reshape(1, b * c, h, w).expand(kk, b * c, h, w)
             out = _sample(src, grid, mode, padding_mode).reshape(kk, b, c, *out_size).transpose(0, 1)
         yield sl, out
@@ -163,6 +169,7 @@ def warp(
     mode: str = "bilinear",
     padding_mode: str = "zeros",
     chunk_size: int | None = None,
+    affine: bool | None = None,
 ) -> torch.Tensor:
     """Warp ``images (B, C, H, W)`` by normalised input->output ``matrices``.
 
@@ -174,6 +181,7 @@ def warp(
         mode: ``"bilinear"`` (default), ``"nearest"`` or ``"bicubic"``.
         padding_mode: ``"zeros"`` (default), ``"border"`` or ``"reflection"``.
         chunk_size: transformations warped at a time (bounds the temporary memory).
+        affine: see :func:`sampling_grid` (``None``: decide from the matrices).
 
     Returns:
         ``(B, C, H', W')`` for a single ``(3, 3)`` matrix, else ``(B, K, C, H', W')``.
@@ -183,8 +191,8 @@ def warp(
     >>> warp(x, R)[0, 0].nonzero().tolist()                     # -> top-left
     [[0, 0]]
     """
-    parts = [w for _, w in warp_chunks(images, matrices, size=size, mode=mode,
-                                       padding_mode=padding_mode, chunk_size=chunk_size)]
+    parts = [w for _, w in warp_chunks(images, matrices, size=size, mode=mode, padding_mode=padding_mode,
+                                       chunk_size=chunk_size, affine=affine)]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     return out[:, 0] if matrices.dim() == 2 else out
 
