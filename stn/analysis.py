@@ -1,0 +1,194 @@
+"""What a trained STN does: the canonical-pose statistic and the feature-map alignment of STN-C1.
+
+Canonical pose
+--------------
+An STN need not undo the data's transformation exactly: it is enough to bring every image of a
+class to *one* pose. With ``A`` the applied transformation of a test image (its data parameters)
+and ``P`` the composed transformation the network predicted (both in the image's centred frame),
+the image reaches the classifier in the pose ``T = P A``. Per class we measure the spread of the
+relevant part of ``T``:
+
+* rotation: the angle of ``T``; spread = circular standard deviation ``sqrt(-2 ln R)`` (degrees),
+  ``R`` the mean resultant length;
+* scale: ``log2`` of the scale of ``T`` (``sqrt |det|`` of its linear part); spread = standard
+  deviation (octaves);
+* translation: the shift of ``T``; spread = ``sqrt(var tx + var ty)`` (pixels of the image).
+
+The same with ``P = I`` (``applied_only``) is the spread of the data itself: the CNN's value.
+Smaller is a more canonical pose.
+
+Feature-map alignment of STN-C1
+-------------------------------
+For pairs ``(f, T_h f)`` of test digits (without clutter, so ``T_h`` acts on the whole image),
+with ``F = Gamma_1 f`` and ``F_h = Gamma_1 T_h f`` the feature maps at the transformer's depth
+and ``S(.)`` the trained transformer's output on them, we report (DESIGN.md section 2, central
+disk mask):
+
+* ``stn_error``: ``||S(F_h) - S(F)||^2 / ||S(F)||^2``: how far from invariant the trained STN's
+  transformed maps are;
+* ``spatial_error``: ``min_g ||W_g F_h - F||^2 / ||F||^2`` (:func:`invariance.search.align`):
+  the best *any* spatial transformer of these maps could do;
+* ``expected_error``: the same for ``g = h^-1``, the warp an STN "should" apply;
+* ``input_floor``: the spatial error at the input layer (interpolation only).
+
+For rotations and scalings ``spatial_error`` stays well above the floor (the maps cannot be
+aligned by a spatial warp); for translations it does not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from invariance import geometry as G
+from invariance.search import SearchConfig, align, masked_error
+from invariance.warp import disk_mask
+
+from .data import Protocol, TransformedDataset
+from .models import STNClassifier
+from .transformer import resample
+
+__all__ = ["canonical_pose", "pose_quantity", "circular_std", "feature_map_alignment", "SEARCH_FAMILY",
+           "bootstrap_ci"]
+
+#: Search family of the alignment engine for each data protocol.
+SEARCH_FAMILY = {"rotation": "rigid", "scale": "scale_translation", "translation": "translation"}
+
+
+def circular_std(angles_deg: torch.Tensor) -> float:
+    """Circular standard deviation (degrees) of angles in degrees: ``sqrt(-2 ln R)``.
+
+    >>> round(circular_std(torch.tensor([10.0, 10.0, 10.0])), 6)
+    0.0
+    >>> round(circular_std(torch.tensor([179.0, -179.0])), 3)   # wraps around
+    1.0
+    """
+    t = torch.deg2rad(angles_deg.double())
+    r = torch.sqrt(torch.cos(t).mean() ** 2 + torch.sin(t).mean() ** 2).clamp(1e-300, 1.0)
+    return float(torch.rad2deg(torch.sqrt((-2 * torch.log(r)).clamp_min(0.0)))) + 0.0
+
+
+def pose_quantity(protocol: Protocol, total: torch.Tensor) -> torch.Tensor:
+    """The part of centred-frame matrices ``(N, 3, 3)`` that the protocol varies: ``(N,)`` or ``(N, 2)``."""
+    if protocol.name == "rotation":
+        return G.from_matrix("similarity", total)[..., 0]
+    if protocol.name == "scale":
+        return torch.log2(torch.sqrt(torch.det(total[..., :2, :2]).abs()).clamp_min(1e-30))
+    return total[..., :2, 2]
+
+
+def _spread(protocol: Protocol, v: torch.Tensor) -> tuple[float, object]:
+    if protocol.name == "rotation":
+        t = torch.deg2rad(v)
+        mean = float(torch.rad2deg(torch.atan2(torch.sin(t).mean(), torch.cos(t).mean())))
+        return circular_std(v), mean
+    if protocol.name == "scale":
+        return float(v.std(unbiased=False)), float(v.mean())
+    return float(torch.sqrt(v.var(0, unbiased=False).sum())), v.mean(0).tolist()
+
+
+def canonical_pose(protocol: Protocol, labels: torch.Tensor, applied: torch.Tensor,
+                   composed: torch.Tensor) -> dict:
+    """Per-class spread of the pose ``T = P A`` reached by each test image (see the module docstring).
+
+    Args:
+        protocol: the data protocol (its family and image size).
+        labels: ``(N,)``.
+        applied: ``(N, n)`` the data's parameters (centred frame of the image).
+        composed: ``(N, 3, 3)`` the predicted composed transformations, normalised frame.
+
+    Returns a dict with ``quantity``, ``unit``, ``mean_spread`` (mean over classes),
+    ``applied_only_mean_spread`` and ``per_class`` (spread and mean pose per class).
+    """
+    size = (protocol.size, protocol.size)
+    a = G.to_matrix(protocol.family, applied.double())
+    p = G.normalized_to_centred(composed.double(), size)
+    total = p @ a
+    q_total, q_applied = pose_quantity(protocol, total), pose_quantity(protocol, a)
+    per_class, spreads, base = {}, [], []
+    for c in sorted(set(labels.tolist())):
+        sel = labels == c
+        s, mean = _spread(protocol, q_total[sel])
+        s0, _ = _spread(protocol, q_applied[sel])
+        per_class[str(c)] = {"spread": s, "mean": mean, "applied_only_spread": s0, "n": int(sel.sum())}
+        spreads.append(s)
+        base.append(s0)
+    quantity, unit = {"rotation": ("angle", "degrees (circular std)"),
+                      "scale": ("log2 scale", "octaves (std)"),
+                      "translation": ("shift", "pixels (sqrt of the summed variances)")}[protocol.name]
+    return {"quantity": quantity, "unit": unit, "mean_spread": float(np.mean(spreads)),
+            "applied_only_mean_spread": float(np.mean(base)), "per_class": per_class}
+
+
+def bootstrap_ci(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    v = values.double().cpu().numpy()
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    lo = (1 - level) / 2
+    return [float(np.quantile(means, lo)), float(np.quantile(means, 1 - lo))]
+
+
+def _identity_params(protocol: Protocol, n: int) -> torch.Tensor:
+    val = {"rotation": [0.0], "translation": [0.0, 0.0], "scale": [1.0]}[protocol.name]
+    return torch.tensor(val).expand(n, -1).clone()
+
+
+@torch.no_grad()
+def _maps(model: STNClassifier, x: torch.Tensor, depth: int):
+    """(map entering the transformer(s) at ``depth``, the transformed map) of an STN-C model."""
+    captured: dict = {}
+    model._forward_feature_maps(x, capture=captured)
+    return captured[depth]
+
+
+def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, n_images: int = 64,
+                          depth: int | None = None, config: SearchConfig | None = None, batch: int = 32) -> dict:
+    """Feature-map alignment errors of an STN-C model's transformer at ``depth`` (default: the first > 0).
+
+    See the module docstring. Returns means, bootstrap 95% intervals and the search family.
+    """
+    spec = model.spec
+    if spec.kind != "C" or not [d for d in spec.depths if d > 0]:
+        raise ValueError(f"feature_map_alignment: needs an STN-C architecture with a transformer at a depth > 0, "
+                         f"got {spec.name}")
+    depth = depth if depth is not None else next(d for d in spec.depths if d > 0)
+    if depth not in spec.depths:
+        raise ValueError(f"depth: {spec.name} has no transformer at depth {depth}")
+    proto = dataset.protocol
+    family = SEARCH_FAMILY[proto.name]
+    cfg = config or SearchConfig(refine_steps=20)
+    dev = next(model.parameters()).device
+    model.eval()
+    n = min(n_images, len(dataset))
+    draws = dataset.draws(0)
+    rows: dict[str, list] = {k: [] for k in ("stn_error", "spatial_error", "expected_error", "invariance_error",
+                                             "input_floor")}
+    for start in range(0, n, batch):
+        index = torch.arange(start, min(n, start + batch))
+        f, _ = dataset.render(index, draws, params=_identity_params(proto, len(index)), clutter=False)
+        fh, prm = dataset.render(index, draws, clutter=False)
+        f, fh = f.to(dev), fh.to(dev)
+        (fmap, smap), (fhmap, shmap) = _maps(model, f, depth), _maps(model, fh, depth)
+        size = tuple(fmap.shape[-2:])
+        mask = disk_mask(size, dtype=fmap.dtype, device=dev)
+        rows["stn_error"].append(masked_error(smap, shmap, mask).cpu())
+        rows["invariance_error"].append(masked_error(fmap, fhmap, mask).cpu())
+        # the expected warp: h^-1, normalised (the same matrix in every frame covering the image)
+        a = G.centred_to_normalized(G.to_matrix(proto.family, prm.double()), dataset.image_size)
+        inv = torch.linalg.inv(a).to(fmap)
+        rows["expected_error"].append(masked_error(fmap, resample(fhmap, inv), mask).cpu())
+        with torch.enable_grad():
+            sp = align(fmap, fhmap, family, config=cfg, extra_candidates=inv[:, None])
+            floor = align(f, fh, family, config=cfg, extra_candidates=inv[:, None])
+        rows["spatial_error"].append(sp.errors.cpu())
+        rows["input_floor"].append(floor.errors.cpu())
+    out: dict = {"arch": spec.name, "depth": depth, "search_family": family, "n_images": n,
+                 "mask": "central disk (radius 1, normalised)", "protocol": proto.describe()}
+    for k, v in rows.items():
+        t = torch.cat(v).double()
+        t = t[torch.isfinite(t)]
+        out[k] = {"mean": float(t.mean()) if len(t) else math.nan, "ci95": bootstrap_ci(t) if len(t) else None}
+    return out

@@ -1,0 +1,177 @@
+"""The ``stn`` command: ``stn train``, ``stn evaluate``, ``stn reproduce``.
+
+Run ``stn COMMAND --help`` for the options. Exit status: 0 on success, 2 for a usage error
+(unknown architecture, data set, family, ...: the message lists the valid choices), 1 for any
+other error (missing data, corrupt checkpoint, ...), with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _arch(value: str) -> str:
+    from .models import parse_arch
+
+    try:
+        return parse_arch(value).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("arch: ")) from None
+
+
+def _family(value: str) -> str:
+    from .transformer import STN_FAMILIES
+
+    if value not in STN_FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown family {value!r}; valid choices: {', '.join(STN_FAMILIES)}")
+    return value
+
+
+def _milestones(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 10,15, got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from invariance.datasets import DATASETS
+
+    from .data import PROTOCOLS
+    from .models import CLASSIFIERS, valid_arch_names
+
+    p = argparse.ArgumentParser(prog="stn", description="Spatial transformer networks (Jaderberg et al. 2015): "
+                                "train the paper's architectures on transformed MNIST / Fashion-MNIST, evaluate "
+                                "them, and reproduce the MNIST table of Finnveden et al. 2020.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one architecture", description="Train one architecture; "
+                       "a checkpoint is written atomically after every epoch.")
+    t.add_argument("--arch", required=True, type=_arch, help=f"architecture: {valid_arch_names()}")
+    t.add_argument("--dataset", required=True, choices=DATASETS)
+    t.add_argument("--transform", required=True, choices=tuple(PROTOCOLS))
+    t.add_argument("--epochs", required=True, type=int)
+    t.add_argument("--out", required=True, help="run folder (checkpoint.pt, metrics.json)")
+    t.add_argument("--family", type=_family, default=None,
+                   help="family the transformers predict (default: rotation / scale_translation / translation "
+                        "for the rotation / scale / translation data)")
+    t.add_argument("--classifier", choices=tuple(CLASSIFIERS), default="mnist")
+    t.add_argument("--size", type=int, default=None,
+                   help="image side: smaller than the protocol's canvas renders a reduced protocol")
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--loc-lr-mult", type=float, default=0.1, help="learning-rate multiplier of the localisation nets")
+    t.add_argument("--milestones", type=_milestones, default=[], help="epochs after which lr *= gamma, e.g. 10,15")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    t.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    t.add_argument("--eval-every", type=int, default=1, help="test every N epochs (0: only at the end)")
+    t.add_argument("--data-root", default=None, help="data folder (default: $INVARIANCE_DATA, ...)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="evaluate a run folder", description="Test error, canonical-pose "
+                       "statistic and (for STN-C1) feature-map alignment errors of a trained run.")
+    e.add_argument("run", help="run folder written by stn train")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=None,
+                   help="feature-map alignment analysis (default: for STN-C architectures with depth > 0)")
+    e.add_argument("--alignment-images", type=int, default=64)
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--json", action="store_true", help="print the full result as JSON")
+    e.add_argument("--threads", type=int, default=None)
+
+    r = sub.add_parser("reproduce", help="reproduce the paper's MNIST table",
+                       description="Train CNN, STN-C0, STN-C1, STN-DL1, STN-SL1 under rotation, scale and "
+                       "translation; write reproduction.md / .json. Finished runs are skipped and unfinished "
+                       "ones resumed.")
+    r.add_argument("--quick", action="store_true", help="the CPU quick mode (reduced protocols, see the report)")
+    r.add_argument("--out", default="runs/reproduce", help="folder of the runs")
+    r.add_argument("--results", default="benchmarks/results", help="folder for reproduction.md / .json")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--data-root", default=None)
+    r.add_argument("--no-fashion", action="store_true", help="skip the Fashion-MNIST runs")
+    return p
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        if n < 1:
+            raise ValueError(f"threads: must be positive, got {n}")
+        torch.set_num_threads(n)
+
+
+def _fmt_eval(res: dict) -> str:
+    lines = [f"{res['arch']} on {res['dataset']}/{res['transform']} ({res['epochs']} epochs"
+             f"{'' if res['finished'] else ', unfinished'}): test error {100 * res['test_error']:.2f}% "
+             f"+- {100 * res['test_error_se']:.2f} ({res['n_test']} test images: {res['test_data']})"]
+    cp = res["canonical_pose"]
+    lines.append(f"canonical pose: mean per-class spread of the {cp['quantity']} {cp['mean_spread']:.3g} "
+                 f"{cp['unit']} (data alone: {cp['applied_only_mean_spread']:.3g})")
+    fa = res.get("feature_alignment")
+    if fa:
+        lines.append(f"feature maps at depth {fa['depth']} ({fa['n_images']} pairs, search {fa['search_family']}): "
+                     + ", ".join(f"{k} {fa[k]['mean']:.3f}" for k in
+                                 ("stn_error", "spatial_error", "expected_error", "invariance_error", "input_floor")))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from invariance.datasets import DatasetNotFoundError
+        from invariance.models import CheckpointError
+
+        from .train import RunError, TrainConfig, evaluate, train
+
+        _set_threads(args.threads)
+        if args.command == "train":
+            try:
+                cfg = TrainConfig(arch=args.arch, dataset=args.dataset, transform=args.transform, epochs=args.epochs,
+                                  family=args.family, classifier=args.classifier, size=args.size,
+                                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                                  weight_decay=args.weight_decay, loc_lr_mult=args.loc_lr_mult,
+                                  milestones=args.milestones, gamma=args.gamma, seed=args.seed, limit=args.limit,
+                                  test_limit=args.test_limit, eval_every=args.eval_every, data_root=args.data_root)
+            except ValueError as exc:
+                parser.error(str(exc))
+            m = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
+            if m.get("test_error") is not None:
+                print(f"{args.out}: test error {100 * m['test_error']:.2f}% after {m['epochs_done']} epochs")
+            return 0
+        if args.command == "evaluate":
+            res = evaluate(args.run, device=args.device, alignment=args.alignment,
+                           alignment_images=args.alignment_images, data_root=args.data_root)
+            print(json.dumps(res, indent=2) if args.json else _fmt_eval(res))
+            return 0
+        if args.command == "reproduce":
+            from .reproduce import reproduce
+
+            reproduce(quick=args.quick, out=args.out, results=args.results, device=args.device,
+                      data_root=args.data_root, fashion=not args.no_fashion)
+            return 0
+    except (CheckpointError, RunError, DatasetNotFoundError, ValueError, FileNotFoundError) as exc:
+        print(f"stn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"stn {args.command}: interrupted (the last completed epoch is saved; rerun with --resume)",
+              file=sys.stderr)
+        return 130
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

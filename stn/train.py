@@ -1,0 +1,415 @@
+"""Training and evaluation of the architectures on the transformed data sets, with exact resumption.
+
+A run lives in one folder::
+
+    DIR/checkpoint.pt    the latest completed epoch (written atomically every epoch): the model
+                         in the invariance checkpoint format (builder ``stn.models:build_model`` +
+                         its JSON configuration, so ``invariance measure --model DIR/checkpoint.pt``
+                         rebuilds it), the training configuration, optimiser, scheduler and RNG
+                         states, the per-epoch data seeds and the history
+    DIR/metrics.json     the configuration, the history (one entry per epoch) and the final result
+    DIR/evaluation.json  written by :func:`evaluate`
+
+Resumption (``resume=True``) restores the model, optimiser, learning-rate scheduler, the torch
+RNG states (dropout) and checks the data seeds; the data of epoch ``e`` are a pure function of
+``(seed, e)``. On the CPU a resumed run therefore ends with bit-identical weights to an
+uninterrupted one; an interruption loses at most the epoch in progress.
+
+Example (needs the data)::
+
+    cfg = TrainConfig(arch="STN-SL1", transform="rotation", epochs=1)
+    train(cfg, "runs/sl1")
+    evaluate("runs/sl1")["test_error"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from invariance import geometry as G
+from invariance._io import atomic_write_json
+from invariance.datasets import DATASETS
+from invariance.models import CheckpointError, load_checkpoint, save_checkpoint
+
+from .data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
+from .models import CLASSIFIERS, STNClassifier, build_model, parse_arch
+from .transformer import STN_FAMILIES
+
+__all__ = ["TrainConfig", "DEFAULT_FAMILY", "train", "evaluate", "evaluate_model", "load_run", "resolve_device",
+           "RunError", "CHECKPOINT", "METRICS"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+EVALUATION = "evaluation.json"
+BUILDER = "stn.models:build_model"
+
+#: Transformation family predicted by default for each data protocol.
+DEFAULT_FAMILY: dict[str, str] = {"rotation": "rotation", "scale": "scale_translation", "translation": "translation"}
+
+
+class RunError(RuntimeError):
+    """A run folder cannot be used as asked (existing run without --resume, mismatched configuration)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in the checkpoint and metrics.json).
+
+    Attributes:
+        arch: architecture name (``CNN``, ``STN-C1``, ``STN-SL0123``, ...; see :mod:`stn.models`).
+        dataset: ``mnist`` or ``fashion-mnist``.
+        transform: data protocol ``rotation``, ``translation`` or ``scale`` (:mod:`stn.data`).
+        epochs: number of epochs.
+        family: transformation family the transformers predict (default :data:`DEFAULT_FAMILY`).
+        classifier: ``mnist`` or ``svhn``.
+        size: side of the images (``None``: the protocol's canvas; smaller = reduced protocol).
+        batch_size, lr, momentum, weight_decay: SGD settings.
+        loc_lr_mult: learning-rate multiplier of the localisation networks.
+        milestones, gamma: the learning rate is multiplied by ``gamma`` after each milestone epoch.
+        seed: model initialisation and data seed.
+        limit, test_limit: use only the first images of the training / test split.
+        eval_every: test every that many epochs (0: only after the last one).
+        data_root: data folder (default: ``$INVARIANCE_DATA`` etc., see :mod:`invariance.datasets`).
+    """
+
+    arch: str = "CNN"
+    dataset: str = "mnist"
+    transform: str = "rotation"
+    epochs: int = 10
+    family: str | None = None
+    classifier: str = "mnist"
+    size: int | None = None
+    batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    loc_lr_mult: float = 0.1
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    seed: int = 0
+    limit: int | None = None
+    test_limit: int | None = None
+    eval_every: int = 1
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every name and number; errors name the valid choices."""
+        parse_arch(self.arch, CLASSIFIERS.get(self.classifier), self.classifier)
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown data set {self.dataset!r}; valid choices: {', '.join(DATASETS)}")
+        if self.transform not in PROTOCOLS:
+            raise ValueError(f"transform: unknown transformation {self.transform!r}; "
+                             f"valid choices: {', '.join(PROTOCOLS)}")
+        if self.family is not None and self.family not in STN_FAMILIES:
+            raise ValueError(f"family: unknown family {self.family!r}; valid choices: {', '.join(STN_FAMILIES)}")
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier: unknown classifier {self.classifier!r}; "
+                             f"valid choices: {', '.join(CLASSIFIERS)}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.loc_lr_mult >= 0 or not self.weight_decay >= 0 or not self.momentum >= 0:
+            raise ValueError("lr must be > 0; loc_lr_mult, weight_decay and momentum must be >= 0")
+        self.milestones = sorted(int(m) for m in self.milestones)
+        get_protocol(self.transform, self.size)
+
+    @property
+    def resolved_family(self) -> str:
+        return self.family or DEFAULT_FAMILY[self.transform]
+
+    @property
+    def protocol(self):
+        return get_protocol(self.transform, self.size)
+
+    def model_config(self, n_classes: int = 10) -> dict:
+        s = self.protocol.size
+        return {"arch": parse_arch(self.arch).name, "classifier": self.classifier, "in_channels": 1,
+                "image_size": [s, s], "n_classes": n_classes, "family": self.resolved_family}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: unknown device {device!r}; valid choices: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA was asked for but is not available (use --device auto or cpu)")
+    return dev
+
+
+def _datasets(cfg: TrainConfig, device: torch.device) -> tuple[TransformedDataset, TransformedDataset]:
+    p = cfg.protocol
+    train_ds = load_transformed(cfg.dataset, "train", p, root=cfg.data_root, seed=cfg.seed, limit=cfg.limit,
+                                device=device)
+    test_ds = load_transformed(cfg.dataset, "test", p, root=cfg.data_root, seed=cfg.seed, limit=cfg.test_limit,
+                               device=device)
+    return train_ds, test_ds
+
+
+def _optimizer(model: STNClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": model.classifier_parameters(), "lr": cfg.lr, "name": "classifier"}]
+    loc = model.localisation_parameters()
+    if loc:
+        groups.append({"params": loc, "lr": cfg.lr * cfg.loc_lr_mult, "name": "localisation"})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _rng_state(device: torch.device) -> dict:
+    st = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+@torch.no_grad()
+def evaluate_model(model: STNClassifier, dataset: TransformedDataset, batch_size: int = 500) -> dict:
+    """Test error and everything needed for the canonical-pose statistic, in one pass.
+
+    Returns a dict of tensors (CPU): ``correct (N,) bool``, ``labels``, ``applied`` (the data's
+    parameters), ``composed (N, 3, 3)`` (normalised composed predicted transformation; identity
+    for the CNN) and the float ``error``.
+    """
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    correct, labels, applied, composed = [], [], [], []
+    for x, y, prm in dataset.batches(0, batch_size):
+        logits, tr = model.forward_with_transforms(x.to(dev))
+        correct.append((logits.argmax(1) == y.to(dev)).cpu())
+        labels.append(y.cpu())
+        applied.append(prm.cpu())
+        m = tr.composed if tr.composed is not None else G.identity_matrix(x.shape[0], device=dev)
+        composed.append(m.detach().double().cpu())
+    model.train(was_training)
+    c = torch.cat(correct)
+    return {"correct": c, "labels": torch.cat(labels), "applied": torch.cat(applied).double(),
+            "composed": torch.cat(composed), "error": 1.0 - c.double().mean().item()}
+
+
+def _log_default(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _write_metrics(out: Path, cfg: TrainConfig, history: list, extra: dict) -> None:
+    atomic_write_json(out / METRICS, {"config": cfg.to_dict(), "history": history, **extra})
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, device: str = "auto",
+          progress: bool = True, log: Callable[[str], None] = _log_default,
+          stop_after: int | None = None) -> dict:
+    """Train ``cfg`` into the folder ``out``; returns the metrics dict (also in ``out/metrics.json``).
+
+    Args:
+        resume: continue from ``out/checkpoint.pt`` (which must exist and hold the same
+            configuration, except that ``epochs`` may grow); without it an existing checkpoint
+            is an error.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
+        progress: show a tqdm bar per epoch (only on a terminal).
+        stop_after: stop (as if interrupted) after this many epochs in total; for tests.
+    """
+    cfg.validate()
+    out = Path(out)
+    dev = resolve_device(device)
+    ck_path = out / CHECKPOINT
+    if ck_path.exists() and not resume:
+        raise RunError(f"{out}: holds a run already ({CHECKPOINT}); pass --resume to continue it "
+                       f"or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    train_ds, test_ds = _datasets(cfg, dev)
+    n_classes = int(max(train_ds.labels.max().item(), test_ds.labels.max().item())) + 1
+    n_classes = max(n_classes, 10)
+    model_cfg = cfg.model_config(n_classes)
+    model = build_model(**model_cfg).to(dev)
+    opt = _optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
+    history: list[dict] = []
+    start_epoch = 0
+    data_seeds: list[int] = []
+    elapsed = 0.0
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path, map_location="cpu")  # RNG states must stay CPU tensors
+        old = ck.get("train_config")
+        if old is None:
+            raise CheckpointError(f"{ck_path}: not an stn training checkpoint (no train_config)")
+        diff = sorted(k for k in set(old) | set(cfg.to_dict())
+                      if k != "epochs" and old.get(k) != cfg.to_dict().get(k))
+        if diff:
+            raise RunError(f"{out}: the checkpoint was trained with other settings ({', '.join(diff)}); "
+                           f"use the same settings to resume, or another --out")
+        try:
+            model.load_state_dict(ck["state_dict"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ck_path}: does not fit this run ({str(exc).splitlines()[0]})") from None
+        _set_rng_state(ck["rng"], dev)
+        start_epoch = int(ck["epoch"])
+        history = list(ck.get("history", []))
+        data_seeds = list(ck.get("data_seeds", []))
+        elapsed = float(ck.get("seconds", 0.0))
+        for e, s in enumerate(data_seeds):
+            if s != train_ds.epoch_seed(e):
+                raise RunError(f"{ck_path}: data seed of epoch {e} differs from this configuration's")
+        if start_epoch >= cfg.epochs:
+            log(f"{out}: already trained for {start_epoch} epochs")
+        else:
+            log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and epoch >= stop_after:
+            break
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, wrong, seen = 0.0, 0, 0
+        bar = tqdm(total=steps_per_epoch, desc=f"{model.spec.name} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=None if progress else True, leave=False, file=sys.stderr)
+        for x, y, _ in train_ds.batches(epoch, cfg.batch_size):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                loss_sum += loss.item() * len(y)
+                wrong += int((logits.argmax(1) != y).sum())
+                seen += len(y)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.close()
+        lr_now = opt.param_groups[0]["lr"]
+        sched.step()
+        data_seeds.append(train_ds.epoch_seed(epoch))
+        secs = time.perf_counter() - t0
+        entry = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_error": wrong / seen, "lr": lr_now,
+                 "seconds": secs, "images_per_s": seen / secs}
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            t1 = time.perf_counter()
+            ev = evaluate_model(model, test_ds)
+            entry["test_error"] = ev["error"]
+            entry["eval_seconds"] = time.perf_counter() - t1
+        elapsed += time.perf_counter() - t0
+        history.append(entry)
+        save_checkpoint(ck_path, model, builder=BUILDER, config=model_cfg, train_config=cfg.to_dict(),
+                        epoch=epoch + 1, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                        rng=_rng_state(dev), data_seeds=data_seeds, history=history, seconds=elapsed,
+                        protocol=cfg.protocol.as_dict(), finished=last)
+        msg = (f"{model.spec.name} {cfg.dataset}/{cfg.transform} epoch {epoch + 1}/{cfg.epochs}: "
+               f"loss {entry['train_loss']:.4f}, train error {100 * entry['train_error']:.2f}%")
+        if "test_error" in entry:
+            msg += f", test error {100 * entry['test_error']:.2f}%"
+        log(msg + f", {entry['images_per_s']:.0f} img/s, {secs:.1f} s")
+        _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, last))
+    if history and not (out / METRICS).exists():  # e.g. interrupted between the checkpoint and metrics.json
+        done = len(history) >= cfg.epochs
+        _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, done))
+    return json.loads((out / METRICS).read_text()) if (out / METRICS).exists() else {}
+
+
+def _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, finished) -> dict:
+    last_test = next((h["test_error"] for h in reversed(history) if "test_error" in h), None)
+    return {"arch": model.spec.name, "model_config": model.config, "protocol": cfg.protocol.describe(),
+            "train_data": train_ds.description, "test_data": test_ds.description, "n_train": len(train_ds),
+            "n_test": len(test_ds), "device": str(dev), "machine": _machine(), "epochs_done": len(history),
+            "seconds": elapsed, "finished": finished, "test_error": last_test}
+
+
+def load_run(out: str | os.PathLike, device: str = "auto") -> tuple[STNClassifier, TrainConfig, dict]:
+    """Rebuild the model of a run folder from its checkpoint: ``(model in eval mode, config, checkpoint)``."""
+    out = Path(out)
+    path = out / CHECKPOINT if out.is_dir() else out
+    if out.is_dir() and not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found (is {out} an stn run folder?)")
+    dev = resolve_device(device)
+    ck = load_checkpoint(path, map_location=dev)
+    if "train_config" not in ck:
+        raise CheckpointError(f"{path}: not an stn training checkpoint (no train_config)")
+    cfg = TrainConfig.from_dict(ck["train_config"])
+    model = build_model(**ck["config"]).to(dev)
+    try:
+        model.load_state_dict(ck["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+    return model.eval(), cfg, ck
+
+
+def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | None = None,
+             alignment_images: int = 64, data_root: str | None = None, write: bool = True) -> dict:
+    """Evaluate a run folder: test error, canonical-pose statistic and (for STN-C1) feature-map alignment.
+
+    ``alignment=None`` runs the feature-map alignment analysis when the architecture transforms
+    feature maps at depth 1 (``STN-C1``). Writes ``out/evaluation.json`` when ``write``.
+    """
+    from .analysis import canonical_pose, feature_map_alignment
+
+    out = Path(out)
+    model, cfg, ck = load_run(out, device)
+    dev = next(model.parameters()).device
+    if data_root is not None:
+        cfg.data_root = data_root
+    test_ds = load_transformed(cfg.dataset, "test", cfg.protocol, root=cfg.data_root, seed=cfg.seed,
+                               limit=cfg.test_limit, device=dev)
+    t0 = time.perf_counter()
+    ev = evaluate_model(model, test_ds)
+    n = len(test_ds)
+    err = ev["error"]
+    result = {
+        "run": str(out), "arch": model.spec.name, "dataset": cfg.dataset, "transform": cfg.transform,
+        "family": cfg.resolved_family, "epochs": int(ck["epoch"]), "finished": bool(ck.get("finished", False)),
+        "protocol": cfg.protocol.describe(), "test_data": test_ds.description, "n_test": n,
+        "test_error": err, "test_error_se": math.sqrt(max(err * (1 - err), 0.0) / n),
+        "correct": "".join("1" if c else "0" for c in ev["correct"].tolist()),
+        "canonical_pose": canonical_pose(cfg.protocol, ev["labels"], ev["applied"], ev["composed"]),
+    }
+    if alignment is None:
+        alignment = model.spec.kind == "C" and 1 in model.spec.depths
+    if alignment:
+        result["feature_alignment"] = feature_map_alignment(model, test_ds, n_images=alignment_images)
+    result["seconds"] = time.perf_counter() - t0
+    if write:
+        atomic_write_json(out / EVALUATION, result)
+    return result

@@ -1,0 +1,286 @@
+"""Tests of :mod:`invariance.testing`, the kit users import in their own CI.
+
+Each assertion helper is shown to pass when it should (a covariant or invariant model) and to
+fail when it should (a *planted* model that breaks the property on purpose), with a failure
+message that shows the measured errors, the bound and the best transformation found. The
+strategies are checked to produce what their docstrings promise. The module docstring's
+example is executed as a user would paste it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from invariance import align
+from invariance import testing as it
+from invariance import toys as T
+from invariance.measure import Transform
+from invariance.warp import disk_mask
+
+FAST = it.DEFAULT_CONFIG
+
+
+def conv_stack(seed: int = 0, channels: int = 4, bias: bool = False, dtype=torch.float32) -> nn.Module:
+    """A generic CNN: zero-mean random filters (see ``test_theory._random_cnn``), zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    c1 = nn.Conv2d(1, channels, 5, padding=2, bias=bias)
+    c2 = nn.Conv2d(channels, channels, 3, padding=1, bias=bias)
+    with torch.no_grad():
+        for c in (c1, c2):
+            w = torch.randn(c.weight.shape, generator=g)
+            c.weight.copy_(w - w.mean((-2, -1), keepdim=True))
+    return nn.Sequential(c1, nn.ReLU(), c2, nn.ReLU()).to(dtype)
+
+
+class Positional(nn.Module):
+    """Planted: a covariant stack whose maps are multiplied by a fixed ramp ``1 + strength * x``.
+
+    The ramp is tied to the image grid, not to the content, so shifting the content changes
+    the maps' values: translation covariance is broken by an amount set by ``strength``.
+    """
+
+    def __init__(self, strength: float = 1.0, dtype=torch.float32):
+        super().__init__()
+        self.body = conv_stack(dtype=dtype)
+        self.strength = strength
+        self.ramp = nn.Identity()
+
+    def forward(self, x):
+        f = self.body(x)
+        w = f.shape[-1]
+        xs = torch.linspace(-1, 1, w, dtype=f.dtype, device=f.device)
+        return self.ramp(f * (1 + self.strength * xs))
+
+
+class Pooled(nn.Module):
+    """Global average pooling on top of a body: the output is a vector per image."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x).mean((-2, -1))
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@settings(max_examples=30)
+@given(t=it.rotations(-90, 90, min_abs=5.0))
+def test_rotations_respect_their_range(t):
+    assert t.family == "rotation" and -90 <= t.params[0] <= 90 and abs(t.params[0]) >= 5
+
+
+@settings(max_examples=10)
+@given(t=it.rotations(lattice=True))
+def test_lattice_rotations_are_multiples_of_90(t):
+    assert t.params[0] in (90.0, 180.0, 270.0)
+
+
+@settings(max_examples=30)
+@given(t=it.scalings(-1.0, 0.5, min_abs_log2=0.25))
+def test_scalings_respect_their_range(t):
+    u = math.log2(t.params[0])
+    assert -1.0 - 1e-9 <= u <= 0.5 + 1e-9 and abs(u) >= 0.25 - 1e-9
+
+
+@settings(max_examples=30)
+@given(t=it.translations(3), f=it.translations(2.5, integer=False))
+def test_translations_respect_their_range(t, f):
+    assert all(float(v).is_integer() and abs(v) <= 3 for v in t.params)
+    assert all(abs(v) <= 2.5 for v in f.params)
+
+
+@settings(max_examples=20)
+@given(data=st.data(), family=st.sampled_from(["rotation", "scale", "translation", "rigid", "similarity", "affine"]))
+def test_every_family_strategy_gives_invertible_transformations(data, family):
+    t = data.draw(it.transformations(family))
+    m = t.matrix((32, 32))
+    assert t.family == family and abs(float(torch.det(m))) > 0.1
+    assert 0 < it.valid_radius(t, (32, 32)) <= 1
+
+
+@settings(max_examples=20)
+@given(odd=it.image_sizes(10, 40, parity="odd"), even=it.image_sizes(10, 40, parity="even"),
+       rect=it.image_sizes(10, 40, square=False))
+def test_image_sizes_have_the_requested_parity(odd, even, rect):
+    assert odd[0] == odd[1] and odd[0] % 2 == 1 and 10 <= odd[0] <= 40
+    assert even[0] == even[1] and even[0] % 2 == 0 and 10 <= even[0] <= 40
+    assert all(10 <= v <= 40 for v in rect)
+
+
+@settings(max_examples=15)
+@given(x=it.images(batch=(1, 3), channels=2, sizes=it.image_sizes(16, 33), dtype=it.dtypes(), content_radius=0.6))
+def test_images_are_finite_with_a_zero_margin(x):
+    assert x.dim() == 4 and 1 <= x.shape[0] <= 3 and x.shape[1] == 2 and x.dtype in (torch.float32, torch.float64)
+    assert bool(torch.isfinite(x).all())
+    assert float(x[..., ~disk_mask(x.shape[-2:], 0.6)].abs().max()) == 0.0
+
+
+def test_transform_arguments_are_checked():
+    assert it.as_transform("rotation:30") == Transform("rotation", (30.0,))
+    with pytest.raises(ValueError, match="one transformation"):
+        it.as_transform("rotation:0..90:45")
+    with pytest.raises(TypeError, match="Transform or a SPEC"):
+        it.as_transform(30)
+    with pytest.raises(ValueError, match="no region valid in both maps"):
+        it.valid_radius("translation:40,0", (32, 32))
+    assert it.valid_radius("translation:4,0", (32, 32)) == pytest.approx(0.75)
+
+
+def test_border_band_excludes_what_padding_changes():
+    """With biases, zero padding makes the maps near the edges differ from the empty plane's
+    response; a shift moves the content but not that frame, so it must stay out of the mask."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.Conv2d(8, 8, 5, padding=2), nn.ReLU())
+    x = it.example_images(2, 24)
+    band = it.border_band(net, "3", x)
+    assert 2 * 2 / 24 <= band < 0.5  # at least the second convolution's 2 px of padding
+    assert it.border_band(conv_stack(), "3", x) == 0.0  # no biases: the empty plane maps to 0
+    assert it.border_band(net, "input", x) == 0.0
+    it.assert_spatially_alignable(net, x, "translation:0,1", "3")
+    with pytest.raises(AssertionError, match="not spatially alignable"):
+        it.assert_spatially_alignable(net, x, "translation:0,1", "3",
+                                      mask_radius=it.valid_radius("translation:0,1", (24, 24)))
+
+
+# ----------------------------------------------------------------------------- the metric
+
+
+def test_alignment_errors_reports_the_floor_and_the_inverse_shift():
+    """The metric is separate from the assertion: errors, floor and best warp per image."""
+    x = it.example_images(3, 32, seed=1)
+    errs = it.alignment_errors(conv_stack(), x, "translation:3,-2", "3")
+    assert errs.spatial.shape == errs.floor.shape == errs.expected.shape == (3,)
+    assert errs.spatial.dtype == torch.float64 and errs.param_names == ("tx", "ty")
+    assert errs.params.round().tolist() == [[-3.0, 2.0]] * 3  # the warp that undoes the shift
+    assert bool((errs.spatial <= errs.expected + 1e-12).all())
+    # the floor is the same search on the images themselves
+    m = disk_mask((32, 32), errs.mask_radius).float()
+    xh = torch.roll(x, (-2, 3), (-2, -1))
+    floor = align(x, xh, "translation", mask=m, config=FAST).errors
+    assert torch.allclose(errs.floor, floor, atol=1e-9)
+    assert "best warp" in errs.table() and "tx=" in errs.table()
+
+
+def test_alignment_errors_finds_the_p4_channel_orbit():
+    errs = it.alignment_errors(T.P4Net(), it.example_images(2, 28), "rotation:90", "relu", channels="permutation")
+    assert errs.orbits == [[0, 1, 2, 3]] and bool((errs.permutation <= errs.allowed()).all())
+
+
+def test_mismatched_dtypes_get_a_clear_error():
+    with pytest.raises(TypeError, match="model.to"):
+        it.alignment_errors(conv_stack(), it.example_images(1, 16, dtype=torch.float64), "rotation:90", "1")
+    with pytest.raises(ValueError, match="search family"):
+        it.alignment_errors(conv_stack(), it.example_images(1, 16), "rotation:90", "1", search="spiral")
+
+
+# ----------------------------------------------------------------------------- assert_spatially_alignable
+
+
+def test_alignable_passes_for_a_covariant_stack_under_translation():
+    it.assert_spatially_alignable(conv_stack(), it.example_images(3, 32), "translation:2,3", "3")
+
+
+def test_alignable_fails_for_a_planted_position_dependent_model():
+    with pytest.raises(AssertionError) as exc:
+        it.assert_spatially_alignable(Positional(), it.example_images(3, 32), "translation:3,0", "ramp")
+    msg = str(exc.value)
+    assert msg.startswith("not spatially alignable: layer 'ramp' of Positional under translation:3,0")
+    for word in ("spatial", "floor", "allowed", "best warp", "tx=", "<- FAILS", "rtol=1", "atol=1e-06"):
+        assert word in msg, word
+    # the numbers shown are the measured ones
+    errs = it.alignment_errors(Positional(), it.example_images(3, 32), "translation:3,0", "ramp")
+    assert f"{float(errs.spatial[0]):.4g}" in msg
+
+
+def test_alignable_fails_for_generic_filters_under_rotation_and_passes_for_isotropic_ones():
+    x = it.example_images(2, 32)
+    with pytest.raises(AssertionError, match="not spatially alignable.*rotation:90"):
+        it.assert_spatially_alignable(conv_stack(), x, "rotation:90", "3")
+    it.assert_spatially_alignable(T.IsotropicNet(), x, "rotation:90", "relu2")
+
+
+def test_alignable_tolerance_follows_the_dtype():
+    """A planted non-covariance of relative size ~1e-4 (squared error ~1e-9): within float32's
+    atol (1e-6), far outside float64's (1e-12). Integer shifts make the floor exactly 0."""
+    x32 = it.example_images(2, 32)
+    x64 = x32.double()
+    e32 = it.assert_spatially_alignable(Positional(1e-4), x32, "translation:3,0", "ramp")
+    assert 0 < float(e32.spatial.max()) < it.ATOL[torch.float32]
+    with pytest.raises(AssertionError, match="float64"):
+        it.assert_spatially_alignable(Positional(1e-4, dtype=torch.float64), x64, "translation:3,0", "ramp")
+    it.assert_spatially_alignable(Positional(0.0, dtype=torch.float64), x64, "translation:3,0", "ramp")
+
+
+# ----------------------------------------------------------------------------- assert_not_spatially_alignable
+
+
+def test_not_alignable_passes_for_generic_filters_and_fails_for_isotropic_ones():
+    x = it.example_images(2, 32)
+    errs = it.assert_not_spatially_alignable(conv_stack(), x, "rotation:45", "3")
+    assert bool((errs.spatial > 2 * errs.allowed()).all())
+    with pytest.raises(AssertionError) as exc:
+        it.assert_not_spatially_alignable(T.IsotropicNet(), x, "rotation:45", "relu2")
+    msg = str(exc.value)
+    assert msg.startswith("spatially alignable (expected not to be): layer 'relu2' of IsotropicNet under rotation:45")
+    for word in ("required", "margin=2", "angle=", "<- FAILS"):
+        assert word in msg, word
+    # the best warp found is shown: the inverse rotation (about -45 degrees, or an equivalent one)
+    angles = [float(a) for a in re.findall(r"angle=(-?[\d.]+)", msg)]
+    assert angles and all(min(abs(a + 45), abs(a - 135), abs(a - 45), abs(a + 135)) < 5 for a in angles), angles
+
+
+def test_not_alignable_min_error_is_enforced():
+    x = it.example_images(2, 32)
+    with pytest.raises(AssertionError, match="min_error=10"):
+        it.assert_not_spatially_alignable(conv_stack(), x, "rotation:90", "3", min_error=10.0)
+
+
+# ----------------------------------------------------------------------------- assert_invariant
+
+
+def test_invariant_passes_for_pooled_isotropic_features_and_fails_for_generic_ones():
+    x = it.example_images(2, 32)
+    err = it.assert_invariant(Pooled(T.IsotropicNet()), x, "rotation:90")
+    assert float(err.max()) <= it.ATOL[torch.float32]
+    it.assert_invariant(Pooled(T.IsotropicNet()), x, "rotation:30")  # within the resampling floor
+    with pytest.raises(AssertionError) as exc:
+        it.assert_invariant(Pooled(conv_stack()), x, "rotation:90")
+    msg = str(exc.value)
+    assert msg.startswith("not invariant: the output of Pooled changes under rotation:90")
+    assert "invariance" in msg and "allowed" in msg and "<- FAILS" in msg
+
+
+def test_invariant_on_a_layer_compares_maps_without_alignment():
+    x = it.example_images(2, 32)
+    with pytest.raises(AssertionError, match="layer 'relu2'"):
+        it.assert_invariant(T.IsotropicNet(), x, "rotation:90", layer="relu2")  # covariant, not invariant
+    it.assert_invariant(T.IsotropicNet(), x, "translation:0,0", layer="relu2")
+
+
+# ----------------------------------------------------------------------------- the documented example
+
+
+def test_the_module_docstring_example_runs_as_pasted():
+    doc = it.__doc__
+    block = doc.split("Paste into a test file of your project (``pytest`` with ``hypothesis`` installed)::")[1]
+    block = block.split("A failing assertion prints")[0]
+    code = textwrap.dedent(block)
+    # fewer examples than a user would run: this is a smoke test of the snippet itself
+    code = code.replace("max_examples=10", "max_examples=2").replace("max_examples=5", "max_examples=2")
+    ns: dict = {}
+    exec(compile(code, "<invariance.testing example>", "exec"), ns)
+    tests = [v for k, v in ns.items() if k.startswith("test_")]
+    assert len(tests) == 3
+    for test in tests:
+        test()
