@@ -264,8 +264,8 @@ def from_matrix(family: str | Family, matrix: torch.Tensor) -> torch.Tensor:
     matrices are normalised so that ``m[2, 2] == 1``. Rotation angles come back in
     ``(-180, 180]``.
 
-    >>> from_matrix("rotation", to_matrix("rotation", torch.tensor([30.0])))
-    tensor([30.0000])
+    >>> from_matrix("rotation", to_matrix("rotation", torch.tensor([30.0]))).round(decimals=4)
+    tensor([30.])
     """
     fam = get_family(family)
     _check_matrix(matrix)

@@ -83,7 +83,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import strategies as st
 from torch import nn
 
 from . import geometry as G
@@ -92,6 +91,11 @@ from .measure import DEFAULT_SEARCH, Transform, parse_transforms
 from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, masked_error
 from .toys import make_blob_images
 from .warp import disk_mask, warp
+
+try:  # the metric and the assertions work without hypothesis; the strategies need it
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is installed with the dev extra
+    st = None
 
 __all__ = [
     "ATOL",
@@ -563,6 +567,12 @@ def _sigma_range(size) -> tuple[float, float]:
 # ----------------------------------------------------------------------------- strategies
 
 
+def _hypothesis():
+    if st is None:  # pragma: no cover
+        raise ImportError("invariance.testing: the strategies need hypothesis (pip install hypothesis)")
+    return st
+
+
 def rotations(min_angle: float = -180.0, max_angle: float = 180.0, *, lattice: bool = False,
               min_abs: float = 0.0) -> st.SearchStrategy[Transform]:
     """Rotations about the centre (degrees, counter-clockwise as displayed).
@@ -570,6 +580,7 @@ def rotations(min_angle: float = -180.0, max_angle: float = 180.0, *, lattice: b
     ``lattice=True`` draws from 90, 180 and 270 (exact on the pixel grid); ``min_abs`` keeps
     ``|angle|`` (wrapped to (-180, 180]) at least that far from 0.
     """
+    st = _hypothesis()
     if lattice:
         return st.sampled_from([90.0, 180.0, 270.0]).map(lambda a: Transform("rotation", (a,)))
     ang = st.floats(min_angle, max_angle, allow_nan=False, allow_infinity=False)
@@ -584,6 +595,7 @@ def scalings(min_log2: float = -1.0, max_log2: float = 1.0, *, min_abs_log2: flo
 
     ``values`` draws from given factors instead.
     """
+    st = _hypothesis()
     if values is not None:
         return st.sampled_from([float(v) for v in values]).map(lambda s: Transform("scale", (s,)))
     u = st.floats(min_log2, max_log2, allow_nan=False, allow_infinity=False)
@@ -594,6 +606,7 @@ def scalings(min_log2: float = -1.0, max_log2: float = 1.0, *, min_abs_log2: flo
 
 def translations(max_shift: float = 4.0, *, integer: bool = True) -> st.SearchStrategy[Transform]:
     """Translations ``(tx, ty)`` in pixels with ``|tx|, |ty| <= max_shift`` (integers by default)."""
+    st = _hypothesis()
     if integer:
         k = int(math.floor(max_shift))
         comp = st.integers(-k, k).map(float)
@@ -610,6 +623,7 @@ def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Tra
     to ``max_shift`` (default 3) px; ``similarity``: that and ``log2 s`` in [-0.5, 0.5];
     ``affine``: a linear part within ``0.2`` (``max_deform``) of a rotation, shifts up to 3 px.
     """
+    st = _hypothesis()
     if family == "rotation":
         return rotations(**kwargs)
     if family == "scale":
@@ -644,6 +658,7 @@ def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Tra
 def image_sizes(min_size: int = 16, max_size: int = 48, *, parity: str | None = None,
                 square: bool = True) -> st.SearchStrategy[tuple[int, int]]:
     """Image sizes ``(H, W)``: ``parity`` ``"odd"``, ``"even"`` or None (both); square by default."""
+    st = _hypothesis()
     side = st.integers(min_size, max_size)
     if parity == "odd":
         side = side.map(lambda v: v if v % 2 else (v + 1 if v < max_size else v - 1))
@@ -658,24 +673,30 @@ def image_sizes(min_size: int = 16, max_size: int = 48, *, parity: str | None = 
 
 def dtypes(*choices: torch.dtype) -> st.SearchStrategy[torch.dtype]:
     """Floating-point dtypes (default float32 and float64)."""
+    st = _hypothesis()
     return st.sampled_from(list(choices) or [torch.float32, torch.float64])
 
 
-@st.composite
-def images(draw, batch: int | tuple[int, int] = (1, 3), *, channels: int = 1,
+def images(batch: int | tuple[int, int] = (1, 3), *, channels: int = 1,
            sizes: st.SearchStrategy[tuple[int, int]] | None = None,
            dtype: torch.dtype | st.SearchStrategy[torch.dtype] = torch.float32,
-           content_radius: float = 0.5, sigma_range: tuple[float, float] | None = None) -> torch.Tensor:
+           content_radius: float = 0.5, sigma_range: tuple[float, float] | None = None):
     """Smooth generic images ``(B, C, H, W)`` with a zero margin (random blobs, exactly 0 outside
     the disk of radius ``content_radius``), built from a drawn seed so that they shrink well.
 
     ``sigma_range`` (pixels) sets the blob widths (default: 1.5 to 3.5 px on 48 px images,
     proportionally smaller on smaller ones, at least 1.2 px). Rescalings by ``s < 1`` need blobs
     wider than ``1 / s`` px to stay resolved after the resampling."""
-    n = batch if isinstance(batch, int) else draw(st.integers(batch[0], batch[1]))
-    h, w = draw(sizes if sizes is not None else image_sizes())
-    dt = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
-    seed = draw(st.integers(0, 2**31 - 1))
-    x = make_blob_images(n * channels, (h, w), seed, content_radius=content_radius, dtype=dt,
-                         sigma_range=sigma_range or _sigma_range((h, w)))
-    return x.reshape(n, channels, h, w)
+    st = _hypothesis()
+
+    @st.composite
+    def draw_images(draw):
+        n = batch if isinstance(batch, int) else draw(st.integers(batch[0], batch[1]))
+        h, w = draw(sizes if sizes is not None else image_sizes())
+        dt = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
+        seed = draw(st.integers(0, 2**31 - 1))
+        x = make_blob_images(n * channels, (h, w), seed, content_radius=content_radius, dtype=dt,
+                             sigma_range=sigma_range or _sigma_range((h, w)))
+        return x.reshape(n, channels, h, w)
+
+    return draw_images()

@@ -11,6 +11,15 @@ from invariance.warp import transform_images
 from stn.data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _digits(n=40, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, 28, 28, dtype=torch.uint8)

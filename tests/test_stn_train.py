@@ -19,6 +19,15 @@ from stn.testing import write_fake_dataset
 from stn.train import RunError, TrainConfig, evaluate, load_run, train
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory):
     return str(write_fake_dataset(tmp_path_factory.mktemp("data"), n=80))

@@ -25,7 +25,7 @@ from invariance import toys as T
 from invariance.measure import Transform
 from invariance.warp import disk_mask
 
-FAST = it.DEFAULT_CONFIG
+CFG = it.DEFAULT_CONFIG  # the kit default, as a user would run it
 
 
 def conv_stack(seed: int = 0, channels: int = 4, bias: bool = False, dtype=torch.float32) -> nn.Module:
@@ -167,7 +167,7 @@ def test_alignment_errors_reports_the_floor_and_the_inverse_shift():
     # the floor is the same search on the images themselves
     m = disk_mask((32, 32), errs.mask_radius).float()
     xh = torch.roll(x, (-2, 3), (-2, -1))
-    floor = align(x, xh, "translation", mask=m, config=FAST).errors
+    floor = align(x, xh, "translation", mask=m, config=CFG).errors
     assert torch.allclose(errs.floor, floor, atol=1e-9)
     assert "best warp" in errs.table() and "tx=" in errs.table()
 

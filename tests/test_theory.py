@@ -22,9 +22,9 @@ For rescalings by ``s > 1`` the content radius is at most ``(1 - r_f / R) / s`` 
 receptive-field radius, ``R`` half the image size) and the evaluation disk is the valid one,
 radius ``1 / s`` (:func:`invariance.testing.valid_radius`).
 
-Cost: every property runs 4-10 examples of 1-3 small images (24-48 px) with a reduced search
-(every 10° plus the expected transformation, 10-20 refinement steps); under the ``ci`` profile
-the file takes about a minute on two cores.
+Cost: every property runs 4-8 examples of 1-2 small images (24-52 px) with a reduced search
+(every 10° or 1/8 octave plus the expected transformation, 8-15 refinement steps); under the
+``ci`` profile the file takes about 60 s of CPU time.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def test_wm_rotation_180_moves_the_response_to_the_other_channel(seed, letter, s
     never reaches the 0.7 threshold on a W: ``test_toys.test_wm_rectified_channels_are_exclusive``).
     The rotated scene is a scene of M glyphs, so its W channel is exactly 0. For any warp g,
     ``W_g 0 = 0``, hence ``||W_g F_h - F||^2 = ||F_W||^2 + ||W_g F_h,M||^2 >= ||F||^2``: the
-    spatial error is at least 1, exactly, whatever the search does. The issue's threshold 0.9
-    leaves 10% for leakage; any leakage would have to come from a detector crossing the
-    threshold, which the exclusivity test rules out.
+    spatial error is at least 1, exactly, whatever the search does (and a warp that moves
+    everything out of the disk reaches 1, so it is 1). The issue's threshold 0.9 leaves 10% for
+    leakage through the threshold; since exclusivity holds here we also assert the theorem,
+    ``>= 1 - 1e-5`` (two sums of squares rounded to ~1e-7 relative in float32).
 
     Permutation: conv2d of a 180°-rotated image with the 180°-rotated filter is the original
     response rotated by 180° (``(R w * R f)(x) = (w * f)(R^-1 x)``, exact on the pixel grid for
@@ -86,6 +87,7 @@ def test_wm_rotation_180_moves_the_response_to_the_other_channel(seed, letter, s
     x = T.make_glyph_images(2, size, seed, letters=letter, dtype=dtype)
     errs = it.alignment_errors(net, x, "rotation:180", "rectify", channels="permutation", config=QUICK)
     assert bool((errs.spatial >= 0.9).all()), errs.table()
+    assert bool((errs.spatial >= 1 - 1e-5).all()), errs.table()
     assert bool((errs.permutation <= 0.05).all()), errs.table()
     assert errs.permutations.tolist() == [[1, 0]] * 2, errs.table()
 
@@ -163,9 +165,9 @@ def test_scale_error_of_a_gaussian_blob_follows_the_continuum_answer(t, u, sign,
     ``sqrt(e) >= sqrt(e_c) - sqrt(band + 1e-4)``, which is the lower bound asserted. It is
     bounded away from 0: ``e_c >= 0.03`` for these ranges.
 
-    Growth: the same bound at ``u`` against the upper bound ``(sqrt(e_c) + sqrt(band + 1e-4))^2``
-    at ``u / 2`` would separate the two; we assert the observable consequence directly,
-    ``e(2^(+-u)) > e(2^(+-u/2))`` on the same image.
+    Growth: in the continuum ``e_c(2^(+-u)) >= 3.2 e_c(2^(+-u/2))`` over these ranges (the
+    ratio is 3.2-4.2, about quadratic in ``u``), a gap far wider than the resampling slack, so
+    on the same image ``e(2^(+-u)) > e(2^(+-u/2))``, which is asserted.
     """
     size = 48
     x = _blob(size, t, cx, cy, torch.float64)
