@@ -491,6 +491,8 @@ def align(
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
     cfg = config or SearchConfig()
+    # the search differentiates with respect to the warp only, never into the caller's graph
+    reference, moving = reference.detach(), moving.detach()
     size = tuple(reference.shape[-2:])
     dtype, device = reference.dtype, reference.device
     m = _resolve_mask(mask, mask_radius, size, dtype, device)

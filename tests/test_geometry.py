@@ -38,7 +38,7 @@ def M(family: str, *params) -> torch.Tensor:
     return G.to_matrix(family, T(*params))
 
 
-def close(actual, expected, atol=1e-9, rtol=1e-9):
+def check(actual, expected, atol=1e-9, rtol=1e-9):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
 
 
@@ -135,7 +135,7 @@ def test_family_table_matches_documentation():
             i, j = fam.translation_params
             p = G.identity_params(name, dtype=DT).clone()
             p[i], p[j] = 3.0, -2.0
-            close(G.to_matrix(name, p)[:2, 2], T(3.0, -2.0))
+            check(G.to_matrix(name, p)[:2, 2], T(3.0, -2.0))
 
 
 def test_get_family():
@@ -154,14 +154,14 @@ def test_identity_params_give_identity_matrix(family):
     assert p.dtype == DT and p.shape == (G.FAMILIES[family].n_params,)
     assert torch.equal(G.to_matrix(family, p), EYE)
     # and back again
-    close(G.from_matrix(family, EYE), p)
+    check(G.from_matrix(family, EYE), p)
 
 
 def test_identity_params_dtype_device_default():
     assert G.identity_params("rotation").dtype == torch.get_default_dtype()
     assert G.identity_params("rotation", dtype=torch.float32).dtype == torch.float32
     assert G.identity_params("rotation", device="cpu").device.type == "cpu"
-    close(G.identity_params("similarity", dtype=DT), T(0.0, 1.0, 0.0, 0.0))
+    check(G.identity_params("similarity", dtype=DT), T(0.0, 1.0, 0.0, 0.0))
 
 
 def test_identity_matrix_shapes():
@@ -181,9 +181,9 @@ def test_identity_matrix_shapes():
 def test_inverse_law(family, data):
     A = G.to_matrix(family, data.draw(family_params(family)))
     Ai = G.inverse(A)
-    close(G.compose(A, Ai), EYE, atol=1e-9, rtol=0)
-    close(G.compose(Ai, A), EYE, atol=1e-9, rtol=0)
-    close(G.inverse(Ai), A, atol=1e-9, rtol=1e-9)
+    check(G.compose(A, Ai), EYE, atol=1e-9, rtol=0)
+    check(G.compose(Ai, A), EYE, atol=1e-9, rtol=0)
+    check(G.inverse(Ai), A, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -201,15 +201,15 @@ def test_compose_associative(family, data):
     A, B, C = (G.to_matrix(family, data.draw(family_params(family))) for _ in range(3))
     left = G.compose(G.compose(A, B), C)
     right = G.compose(A, G.compose(B, C))
-    close(left, right, atol=1e-9, rtol=1e-9)
-    close(G.compose(A, B, C), left, atol=1e-9, rtol=1e-9)
+    check(left, right, atol=1e-9, rtol=1e-9)
+    check(G.compose(A, B, C), left, atol=1e-9, rtol=1e-9)
 
 
 @given(A=any_matrix(), B=any_matrix(), C=any_matrix())
 def test_compose_associative_across_families(A, B, C):
-    close(G.compose(G.compose(A, B), C), G.compose(A, G.compose(B, C)), atol=1e-9, rtol=1e-9)
+    check(G.compose(G.compose(A, B), C), G.compose(A, G.compose(B, C)), atol=1e-9, rtol=1e-9)
     # inverse of a product reverses the order
-    close(G.inverse(G.compose(A, B)), G.compose(G.inverse(B), G.inverse(A)), atol=1e-8, rtol=1e-8)
+    check(G.inverse(G.compose(A, B)), G.compose(G.inverse(B), G.inverse(A)), atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -220,7 +220,7 @@ def test_family_closed_under_compose_and_inverse(family, data):
     B = G.to_matrix(family, data.draw(family_params(family)))
     for m in (G.compose(A, B), G.inverse(A)):
         m = m / m[2, 2]
-        close(G.to_matrix(family, G.from_matrix(family, m)), m, atol=1e-8, rtol=1e-8)
+        check(G.to_matrix(family, G.from_matrix(family, m)), m, atol=1e-8, rtol=1e-8)
 
 
 # ----------------------------------------------------------------------------- params <-> matrix
@@ -235,8 +235,8 @@ def test_params_matrix_round_trip(family, data):
     if family != "projective":
         assert torch.equal(A[2], T(0.0, 0.0, 1.0))  # the affine families give affine matrices
         assert G.is_affine(A)
-    close(G.from_matrix(family, A), p, atol=1e-9, rtol=1e-9)
-    close(G.to_matrix(family, G.from_matrix(family, A)), A, atol=1e-9, rtol=1e-9)
+    check(G.from_matrix(family, A), p, atol=1e-9, rtol=1e-9)
+    check(G.to_matrix(family, G.from_matrix(family, A)), A, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -249,20 +249,20 @@ def test_params_matrix_batched(family, data):
     for i in range(2):
         for j in range(3):
             assert torch.equal(A[i, j], G.to_matrix(family, ps[i, j]))
-    close(G.from_matrix(family, A), ps)
+    check(G.from_matrix(family, A), ps)
 
 
 @given(p=family_params("projective"), lam=st.floats(0.1, 10.0) | st.floats(-10.0, -0.1))
 def test_projective_from_matrix_normalises_scale(p, lam):
     A = G.to_matrix("projective", p)
-    close(G.from_matrix("projective", lam * A), p, atol=1e-9, rtol=1e-9)
+    check(G.from_matrix("projective", lam * A), p, atol=1e-9, rtol=1e-9)
 
 
 def test_from_matrix_rotation_angle_range_at_plus_180():
-    close(G.from_matrix("rotation", M("rotation", 180.0)), T(180.0))
-    close(G.from_matrix("rotation", M("rotation", 270.0)), T(-90.0))
-    close(G.from_matrix("rotation", M("rotation", -270.0)), T(90.0))
-    close(G.from_matrix("rigid", M("rigid", 540.0, 1.0, 2.0)), T(180.0, 1.0, 2.0))
+    check(G.from_matrix("rotation", M("rotation", 180.0)), T(180.0))
+    check(G.from_matrix("rotation", M("rotation", 270.0)), T(-90.0))
+    check(G.from_matrix("rotation", M("rotation", -270.0)), T(90.0))
+    check(G.from_matrix("rigid", M("rigid", 540.0, 1.0, 2.0)), T(180.0, 1.0, 2.0))
 
 
 def test_from_matrix_rotation_angle_range_at_minus_180():
@@ -283,9 +283,9 @@ def test_from_matrix_angle_is_wrapped(a):
 
 def test_rotation_matrix_known_answer():
     # [[cos, sin], [-sin, cos]] in the centred frame (y down): counter-clockwise as displayed
-    close(M("rotation", 90.0), T([0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]), atol=1e-15, rtol=0)
+    check(M("rotation", 90.0), T([0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]), atol=1e-15, rtol=0)
     c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
-    close(M("rotation", 30.0), T([c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]))
+    check(M("rotation", 30.0), T([c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]))
 
 
 def test_rotation_direction_on_points():
@@ -296,7 +296,7 @@ def test_rotation_direction_on_points():
     """
     R = M("rotation", 90.0)
     pts = T([1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [2.0, 3.0])
-    close(G.apply_to_points(R, pts), T([0.0, -1.0], [1.0, 0.0], [-1.0, 0.0], [3.0, -2.0]), atol=1e-12, rtol=0)
+    check(G.apply_to_points(R, pts), T([0.0, -1.0], [1.0, 0.0], [-1.0, 0.0], [3.0, -2.0]), atol=1e-12, rtol=0)
     # a small positive angle moves the right-hand point slightly up (negative y), still to the right
     q = G.apply_to_points(M("rotation", 10.0), T([1.0, 0.0]))[0]
     assert q[0] > 0.9 and q[1] < -0.1
@@ -304,59 +304,59 @@ def test_rotation_direction_on_points():
 
 def test_translation_and_scale_known_answers():
     # tx acts on x (first coordinate), ty on y; fails if swapped
-    close(G.apply_to_points(M("translation", 2.0, -1.0), T([0.0, 0.0], [1.0, 5.0])), T([2.0, -1.0], [3.0, 4.0]))
-    close(M("translation", 2.0, -1.0), T([1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]))
+    check(G.apply_to_points(M("translation", 2.0, -1.0), T([0.0, 0.0], [1.0, 5.0])), T([2.0, -1.0], [3.0, 4.0]))
+    check(M("translation", 2.0, -1.0), T([1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]))
     # sx acts on x, sy on y
-    close(G.apply_to_points(M("anisotropic_scale", 2.0, 3.0), T([1.0, 1.0])), T([2.0, 3.0]))
-    close(G.apply_to_points(M("scale", 2.5), T([1.0, -2.0])), T([2.5, -5.0]))
-    close(M("affine", 1, 2, 3, 4, 5, 6), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 1.0]))
-    close(M("projective", 1, 2, 3, 4, 5, 6, 7, 8), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 1.0]))
+    check(G.apply_to_points(M("anisotropic_scale", 2.0, 3.0), T([1.0, 1.0])), T([2.0, 3.0]))
+    check(G.apply_to_points(M("scale", 2.5), T([1.0, -2.0])), T([2.5, -5.0]))
+    check(M("affine", 1, 2, 3, 4, 5, 6), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 1.0]))
+    check(M("projective", 1, 2, 3, 4, 5, 6, 7, 8), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 1.0]))
 
 
 @given(a=angles, s=scales, tx=shifts, ty=shifts)
 def test_composite_families_decompose(a, s, tx, ty):
     """rigid = T R, scale_translation = T S (rotate or scale, then translate)."""
     Tm, R, S = M("translation", tx, ty), M("rotation", a), M("scale", s)
-    close(M("rigid", a, tx, ty), G.compose(Tm, R))
-    close(M("scale_translation", s, tx, ty), G.compose(Tm, S))
+    check(M("rigid", a, tx, ty), G.compose(Tm, R))
+    check(M("scale_translation", s, tx, ty), G.compose(Tm, S))
 
 
 @given(a=angles, s=scales.filter(lambda v: abs(v - 1.0) > 1e-3), tx=shifts, ty=shifts)
 def test_similarity_decomposes(a, s, tx, ty):
     """similarity = T R S (scale, rotate, then translate); isotropic scaling commutes with R."""
     Tm, R, S = M("translation", tx, ty), M("rotation", a), M("scale", s)
-    close(M("similarity", a, s, tx, ty), G.compose(Tm, R, S))
-    close(M("similarity", a, s, tx, ty), G.compose(Tm, S, R))
+    check(M("similarity", a, s, tx, ty), G.compose(Tm, R, S))
+    check(M("similarity", a, s, tx, ty), G.compose(Tm, S, R))
 
 
 def test_similarity_known_answer():
     """similarity(0, 2, 3, 0): (1, 0) -> 2 * (1, 0) + (3, 0) = (5, 0); the matrix is affine."""
     A = M("similarity", 0.0, 2.0, 3.0, 0.0)
-    close(A, T([2.0, 0.0, 3.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]))
-    close(G.apply_to_points(A, T([1.0, 0.0])), T([5.0, 0.0]))
+    check(A, T([2.0, 0.0, 3.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]))
+    check(G.apply_to_points(A, T([1.0, 0.0])), T([5.0, 0.0]))
 
 
 def test_similarity_with_unit_scale_is_rigid():
     """With s = 1 the similarity family does agree with rigid (the part that is not affected by the bug)."""
-    close(M("similarity", 33.0, 1.0, 2.0, -5.0), M("rigid", 33.0, 2.0, -5.0))
+    check(M("similarity", 33.0, 1.0, 2.0, -5.0), M("rigid", 33.0, 2.0, -5.0))
 
 
 @given(a=angles, b=angles, t1=st.tuples(shifts, shifts), t2=st.tuples(shifts, shifts), s1=scales, s2=scales)
 def test_one_parameter_groups(a, b, t1, t2, s1, s2):
-    close(G.compose(M("rotation", a), M("rotation", b)), M("rotation", a + b))
-    close(G.inverse(M("rotation", a)), M("rotation", -a))
-    close(G.compose(M("translation", *t1), M("translation", *t2)), M("translation", t1[0] + t2[0], t1[1] + t2[1]))
-    close(G.inverse(M("translation", *t1)), M("translation", -t1[0], -t1[1]))
-    close(G.compose(M("scale", s1), M("scale", s2)), M("scale", s1 * s2))
-    close(G.inverse(M("scale", s1)), M("scale", 1.0 / s1))
+    check(G.compose(M("rotation", a), M("rotation", b)), M("rotation", a + b))
+    check(G.inverse(M("rotation", a)), M("rotation", -a))
+    check(G.compose(M("translation", *t1), M("translation", *t2)), M("translation", t1[0] + t2[0], t1[1] + t2[1]))
+    check(G.inverse(M("translation", *t1)), M("translation", -t1[0], -t1[1]))
+    check(G.compose(M("scale", s1), M("scale", s2)), M("scale", s1 * s2))
+    check(G.inverse(M("scale", s1)), M("scale", 1.0 / s1))
 
 
 def test_compose_order():
     """compose(A, B) applies B first."""
     Tm, R = M("translation", 5.0, 0.0), M("rotation", 90.0)
     p = T([1.0, 0.0])
-    close(G.apply_to_points(G.compose(Tm, R), p), T([5.0, -1.0]), atol=1e-12, rtol=0)  # rotate, then shift
-    close(G.apply_to_points(G.compose(R, Tm), p), T([0.0, -6.0]), atol=1e-12, rtol=0)  # shift, then rotate
+    check(G.apply_to_points(G.compose(Tm, R), p), T([5.0, -1.0]), atol=1e-12, rtol=0)  # rotate, then shift
+    check(G.apply_to_points(G.compose(R, Tm), p), T([0.0, -6.0]), atol=1e-12, rtol=0)  # shift, then rotate
 
 
 def test_compose_broadcasts():
@@ -365,28 +365,28 @@ def test_compose_broadcasts():
     out = G.compose(A, Tm)
     assert out.shape == (3, 3, 3)
     for k in range(3):
-        close(out[k], A[k] @ Tm)
+        check(out[k], A[k] @ Tm)
     assert G.compose(A[None], A[:, None]).shape == (3, 3, 3, 3)
 
 
 def test_apply_to_points_perspective_divide_and_batching():
     P = M("projective", 1, 0, 0, 0, 1, 0, 0.5, 0)
     # (2, 4, 1) -> (2, 4, 0.5 * 2 + 1 = 2) -> (1, 2)
-    close(G.apply_to_points(P, T([2.0, 4.0])), T([1.0, 2.0]))
+    check(G.apply_to_points(P, T([2.0, 4.0])), T([1.0, 2.0]))
     pts = torch.randn(4, 7, 2, dtype=DT)
     A = G.to_matrix("rotation", T(10.0, 20.0, 30.0, 40.0)[:, None])
     out = G.apply_to_points(A, pts)
     assert out.shape == (4, 7, 2)
-    close(out[2], pts[2] @ A[2, :2, :2].T)
+    check(out[2], pts[2] @ A[2, :2, :2].T)
 
 
 @given(A=any_matrix())
 def test_apply_to_points_is_a_group_action(A):
     pts = torch.linspace(-10, 10, 12, dtype=DT).reshape(6, 2)
     B = M("similarity", 33.0, 1.3, 2.0, -1.0)
-    close(G.apply_to_points(G.compose(A, B), pts), G.apply_to_points(A, G.apply_to_points(B, pts)),
+    check(G.apply_to_points(G.compose(A, B), pts), G.apply_to_points(A, G.apply_to_points(B, pts)),
           atol=1e-8, rtol=1e-8)
-    close(G.apply_to_points(G.inverse(A), G.apply_to_points(A, pts)), pts, atol=1e-8, rtol=1e-8)
+    check(G.apply_to_points(G.inverse(A), G.apply_to_points(A, pts)), pts, atol=1e-8, rtol=1e-8)
 
 
 def test_is_affine():
@@ -400,9 +400,9 @@ def test_is_affine():
 
 
 def test_wrap_angle_and_angle_grid():
-    close(G.wrap_angle(T(0.0, 180.0, -180.0, 190.0, -190.0, 540.0, 359.0)),
+    check(G.wrap_angle(T(0.0, 180.0, -180.0, 190.0, -190.0, 540.0, 359.0)),
           T(0.0, 180.0, 180.0, -170.0, 170.0, 180.0, -1.0))
-    close(G.angle_grid(4, dtype=DT), T(0.0, 90.0, 180.0, 270.0))
+    check(G.angle_grid(4, dtype=DT), T(0.0, 90.0, 180.0, 270.0))
     assert G.angle_grid(7, dtype=torch.float32).dtype == torch.float32
 
 
@@ -417,10 +417,10 @@ def test_pixel_to_normalized_documented_numbers():
     size = (2, 4)
     px = T([0.0, 0.0], [3.0, 1.0], [1.5, 0.5], [-0.5, -0.5], [3.5, 1.5], [1.0, 0.0])
     nrm = T([-0.75, -0.5], [0.75, 0.5], [0.0, 0.0], [-1.0, -1.0], [1.0, 1.0], [-0.25, -0.5])
-    close(G.pixel_to_normalized(px, size), nrm, atol=1e-15, rtol=0)
-    close(G.normalized_to_pixel(nrm, size), px, atol=1e-15, rtol=0)
-    close(G.normalized_to_pixel(T([-1.0, 1.0]), size), T([-0.5, 1.5]))
-    close(G.frame_matrix(size, frm="pixel", to="normalized", dtype=DT),
+    check(G.pixel_to_normalized(px, size), nrm, atol=1e-15, rtol=0)
+    check(G.normalized_to_pixel(nrm, size), px, atol=1e-15, rtol=0)
+    check(G.normalized_to_pixel(T([-1.0, 1.0]), size), T([-0.5, 1.5]))
+    check(G.frame_matrix(size, frm="pixel", to="normalized", dtype=DT),
           T([0.5, 0.0, -0.75], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]))
 
 
@@ -429,27 +429,27 @@ def test_frames_known_points(size):
     h, w = size
     # the image centre is the origin of the centred and normalised frames
     centre = T([(w - 1) / 2, (h - 1) / 2])
-    close(G.apply_to_points(G.frame_matrix(size, frm="pixel", to="centred", dtype=DT), centre), T([0.0, 0.0]))
-    close(G.pixel_to_normalized(centre, size), T([0.0, 0.0]))
+    check(G.apply_to_points(G.frame_matrix(size, frm="pixel", to="centred", dtype=DT), centre), T([0.0, 0.0]))
+    check(G.pixel_to_normalized(centre, size), T([0.0, 0.0]))
     # the corners of the field of view (pixel edges) are +-1
-    close(G.pixel_to_normalized(T([-0.5, -0.5], [w - 0.5, h - 0.5]), size), T([-1.0, -1.0], [1.0, 1.0]))
+    check(G.pixel_to_normalized(T([-0.5, -0.5], [w - 0.5, h - 0.5]), size), T([-1.0, -1.0], [1.0, 1.0]))
     # one pixel is 2/W in normalised x and 2/H in normalised y; the centred frame has pixel units
     C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT)
-    close(C, T([2.0 / w, 0.0, 0.0], [0.0, 2.0 / h, 0.0], [0.0, 0.0, 1.0]))
+    check(C, T([2.0 / w, 0.0, 0.0], [0.0, 2.0 / h, 0.0], [0.0, 0.0, 1.0]))
 
 
 @given(size=sizes, pts=st.lists(st.tuples(st.floats(-50, 50), st.floats(-50, 50)), min_size=1, max_size=5))
 def test_frame_round_trips_and_chain(size, pts):
     p = torch.tensor(pts, dtype=DT)
-    close(G.normalized_to_pixel(G.pixel_to_normalized(p, size), size), p)
+    check(G.normalized_to_pixel(G.pixel_to_normalized(p, size), size), p)
     frames = ("pixel", "centred", "normalized")
     for a in frames:
         for b in frames:
             fab = G.frame_matrix(size, frm=a, to=b, dtype=DT)
-            close(fab @ G.frame_matrix(size, frm=b, to=a, dtype=DT), EYE)
+            check(fab @ G.frame_matrix(size, frm=b, to=a, dtype=DT), EYE)
             for c in frames:
-                close(G.frame_matrix(size, frm=b, to=c, dtype=DT) @ fab, G.frame_matrix(size, frm=a, to=c, dtype=DT))
-    close(G.frame_matrix(size, frm="pixel", to="pixel", dtype=DT), EYE)
+                check(G.frame_matrix(size, frm=b, to=c, dtype=DT) @ fab, G.frame_matrix(size, frm=a, to=c, dtype=DT))
+    check(G.frame_matrix(size, frm="pixel", to="pixel", dtype=DT), EYE)
 
 
 def test_frame_matrix_dtype():
@@ -465,11 +465,11 @@ def test_centred_to_normalized_translation_by_half_width_is_one():
     """
     size = (6, 10)
     N = G.centred_to_normalized(M("translation", 5.0, 0.0), size)
-    close(N, T([1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]))
+    check(N, T([1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]))
     N = G.centred_to_normalized(M("translation", 0.0, 3.0), size)
-    close(N, T([1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
+    check(N, T([1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
     # the doctest: 7 px of a 28-pixel-wide image is 0.5
-    close(G.centred_to_normalized(M("translation", 7.0, 0.0), (28, 28))[0, 2], torch.tensor(0.5, dtype=DT))
+    check(G.centred_to_normalized(M("translation", 7.0, 0.0), (28, 28))[0, 2], torch.tensor(0.5, dtype=DT))
 
 
 def test_centred_to_normalized_rotation_non_square():
@@ -477,18 +477,18 @@ def test_centred_to_normalized_rotation_non_square():
     a = 30.0
     c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
     R = M("rotation", a)
-    close(G.centred_to_normalized(R, (16, 16)), R)
+    check(G.centred_to_normalized(R, (16, 16)), R)
     h, w = 10, 20
-    close(G.centred_to_normalized(R, (h, w)), T([c, s * h / w, 0.0], [-s * w / h, c, 0.0], [0.0, 0.0, 1.0]))
-    close(G.centred_to_normalized(M("scale", 1.7), (h, w)), M("scale", 1.7))
+    check(G.centred_to_normalized(R, (h, w)), T([c, s * h / w, 0.0], [-s * w / h, c, 0.0], [0.0, 0.0, 1.0]))
+    check(G.centred_to_normalized(M("scale", 1.7), (h, w)), M("scale", 1.7))
 
 
 def test_normalised_frame_is_shared_across_resolutions():
     """A 2-pixel shift of a 8x12 image is the same normalised map as a 1-pixel shift of its 4x6 half."""
-    close(G.centred_to_normalized(M("translation", 2.0, -4.0), (8, 12)),
+    check(G.centred_to_normalized(M("translation", 2.0, -4.0), (8, 12)),
           G.centred_to_normalized(M("translation", 1.0, -2.0), (4, 6)))
     A = M("affine", 1.1, 0.2, 0.0, -0.3, 0.9, 0.0)
-    close(G.centred_to_normalized(A, (8, 12)), G.centred_to_normalized(A, (4, 6)))
+    check(G.centred_to_normalized(A, (8, 12)), G.centred_to_normalized(A, (4, 6)))
 
 
 @given(A=any_matrix(), size=sizes)
@@ -496,11 +496,11 @@ def test_centred_normalized_round_trip_and_point_consistency(A, size):
     N = G.centred_to_normalized(A, size)
     assert N.dtype == DT
     back = G.normalized_to_centred(N, size)
-    close(back, A / A[2, 2], atol=1e-8, rtol=1e-8)
+    check(back, A / A[2, 2], atol=1e-8, rtol=1e-8)
     # the same point map seen in two frames: C (A p) == N (C p)
     C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT)
     p = T([1.5, -2.0], [-3.0, 4.0], [0.0, 0.0])
-    close(G.apply_to_points(C, G.apply_to_points(A, p)), G.apply_to_points(N, G.apply_to_points(C, p)),
+    check(G.apply_to_points(C, G.apply_to_points(A, p)), G.apply_to_points(N, G.apply_to_points(C, p)),
           atol=1e-9, rtol=1e-9)
 
 
@@ -508,7 +508,7 @@ def test_centred_to_normalized_batched():
     A = G.to_matrix("rigid", torch.tensor([[10.0, 1.0, 2.0], [20.0, -3.0, 0.5]], dtype=DT))
     N = G.centred_to_normalized(A, (7, 9))
     assert N.shape == (2, 3, 3)
-    close(N[1], G.centred_to_normalized(A[1], (7, 9)))
+    check(N[1], G.centred_to_normalized(A[1], (7, 9)))
 
 
 # ----------------------------------------------------------------------------- dtype / device
@@ -603,7 +603,7 @@ def test_singular_matrix_inverse():
 def test_inverse_of_well_conditioned_matrices_in_float64():
     # a 30 px shift, a 0.01 scale and a 200 px shift are all well-conditioned
     for A in (M("translation", 30.0, 0.0), M("scale", 0.01), M("rigid", 45.0, 200.0, -150.0)):
-        close(G.compose(A, G.inverse(A)), EYE, atol=1e-9, rtol=0)
+        check(G.compose(A, G.inverse(A)), EYE, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("family,params", [("translation", (25.0, 0.0)), ("scale", (0.01,))])

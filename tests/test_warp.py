@@ -42,7 +42,7 @@ def T(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=DT)
 
 
-def close(actual, expected, **kw):
+def check(actual, expected, **kw):
     torch.testing.assert_close(actual, expected, **(kw or TOL))
 
 
@@ -159,8 +159,8 @@ def test_rotation_90k_equals_rot90(n, k, mode):
     """Square images, even and odd size: rotation(90 k) is torch.rot90(x, k, dims=(-2, -1))."""
     x = rand(2, 3, n, n)
     expected = torch.rot90(x, k, dims=(-2, -1))
-    close(W.transform_images(x, "rotation", [90.0 * k], mode=mode), expected, atol=1e-9, rtol=0)
-    close(W.warp(x, centred("rotation", 90.0 * k, size=(n, n)), mode=mode), expected, atol=1e-9, rtol=0)
+    check(W.transform_images(x, "rotation", [90.0 * k], mode=mode), expected, atol=1e-9, rtol=0)
+    check(W.warp(x, centred("rotation", 90.0 * k, size=(n, n)), mode=mode), expected, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(7, 11), (6, 10), (11, 5)])
@@ -179,15 +179,15 @@ def test_rotation_90_non_square_is_a_lattice_permutation(size):
             row, col = cy + (c - cx), cx - (r - cy)
             if 0 <= row < h and 0 <= col < w and row == int(row) and col == int(col):
                 expected[..., r, c] = x[..., int(row), int(col)]
-    close(W.transform_images(x, "rotation", [90.0]), expected, atol=1e-9, rtol=0)
+    check(W.transform_images(x, "rotation", [90.0]), expected, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(5, 8), (6, 9), (7, 4), (1, 6)])
 @pytest.mark.parametrize("mode", W.MODES)
 def test_rotation_180_non_square_flips_both_axes(size, mode):
     x = rand(2, 3, *size)
-    close(W.transform_images(x, "rotation", [180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
-    close(W.transform_images(x, "rotation", [-180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    check(W.transform_images(x, "rotation", [180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    check(W.transform_images(x, "rotation", [-180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
 
 
 def shifted_like_roll(x: torch.Tensor, tx: int, ty: int) -> torch.Tensor:
@@ -211,7 +211,7 @@ def test_integer_translation_equals_roll(tx, ty, size, mode):
     """translation(tx, ty) with integers: torch.roll(x, (ty, tx)) where not wrapped, zeros elsewhere."""
     x = rand(2, 2, *size, seed=tx * 31 + ty)
     out = W.transform_images(x, "translation", [float(tx), float(ty)], mode=mode)
-    close(out, shifted_like_roll(x, tx, ty), atol=1e-9, rtol=0)
+    check(out, shifted_like_roll(x, tx, ty), atol=1e-9, rtol=0)
 
 
 def test_sequential_lattice_warps_compose():
@@ -219,10 +219,10 @@ def test_sequential_lattice_warps_compose():
     size = (9, 9)
     x = rand(1, 2, *size)
     R = centred("rotation", 90.0, size=size)
-    close(W.warp(W.warp(x, R), R), W.warp(x, G.compose(R, R)), atol=1e-9, rtol=0)
-    close(W.warp(x, G.compose(R, R)), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    check(W.warp(W.warp(x, R), R), W.warp(x, G.compose(R, R)), atol=1e-9, rtol=0)
+    check(W.warp(x, G.compose(R, R)), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
     A, B = centred("translation", 2.0, 0.0, size=size), centred("translation", 0.0, -3.0, size=size)
-    close(W.warp(W.warp(x, B), A), W.warp(x, G.compose(A, B)), atol=1e-9, rtol=0)
+    check(W.warp(W.warp(x, B), A), W.warp(x, G.compose(A, B)), atol=1e-9, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the scipy oracle
@@ -294,7 +294,7 @@ def test_rotation_plus_90_moves_right_of_centre_to_above():
     x = blob(H9, W13, CY, CX + 3)
     out = W.transform_images(x, "rotation", [90.0])
     assert argmax2d(out) == (CY - 3, CX)
-    close(out, blob(H9, W13, CY - 3, CX), atol=1e-9, rtol=0)
+    check(out, blob(H9, W13, CY - 3, CX), atol=1e-9, rtol=0)
 
 
 def test_rotation_plus_90_top_right_quadrant_goes_to_top_left():
@@ -322,7 +322,7 @@ def test_translation_x_moves_to_larger_column():
     x = blob(H9, W13, 1, 9)
     out = W.transform_images(x, "translation", [2.0, 0.0])
     assert argmax2d(out) == (1, 11)
-    close(out, blob(H9, W13, 1, 11), atol=1e-9, rtol=0)
+    check(out, blob(H9, W13, 1, 11), atol=1e-9, rtol=0)
 
 
 def test_translation_y_moves_to_larger_row():
@@ -330,7 +330,7 @@ def test_translation_y_moves_to_larger_row():
     x = blob(H9, W13, 1, 9)
     out = W.transform_images(x, "translation", [0.0, 3.0])
     assert argmax2d(out) == (4, 9)
-    close(out, blob(H9, W13, 4, 9), atol=1e-9, rtol=0)
+    check(out, blob(H9, W13, 4, 9), atol=1e-9, rtol=0)
 
 
 def test_scale_2_doubles_the_offset_from_the_centre():
@@ -358,13 +358,13 @@ def test_anisotropic_scale_acts_on_columns_then_rows():
 
 def test_similarity_scale_2_matches_scale_family():
     x = blob(H9, W13, CY - 1, CX + 2)
-    close(W.transform_images(x, "similarity", [0.0, 2.0, 0.0, 0.0]), W.transform_images(x, "scale", [2.0]),
+    check(W.transform_images(x, "similarity", [0.0, 2.0, 0.0, 0.0]), W.transform_images(x, "scale", [2.0]),
           atol=1e-9, rtol=0)
 
 
 def test_similarity_with_unit_scale_matches_rigid():
     x = rand(1, 2, H9, W13)
-    close(W.transform_images(x, "similarity", [90.0, 1.0, 2.0, -1.0]),
+    check(W.transform_images(x, "similarity", [90.0, 1.0, 2.0, -1.0]),
           W.transform_images(x, "rigid", [90.0, 2.0, -1.0]), atol=1e-9, rtol=0)
 
 
@@ -385,7 +385,7 @@ def test_warp_docstring_example():
     x = torch.zeros(1, 1, 4, 4, dtype=DT)
     x[0, 0, 0, 3] = 1  # top-right pixel
     out = W.warp(x, G.to_matrix("rotation", T(90.0)))  # square: centred == normalised
-    close(out, blob(4, 4, 0, 0), atol=1e-9, rtol=0)
+    check(out, blob(4, 4, 0, 0), atol=1e-9, rtol=0)
 
 
 @st.composite
@@ -419,7 +419,7 @@ def test_normalised_frame_commutes_with_pooling():
     """One normalised matrix moves a map and its 2x2-pooled version alike (same field of view)."""
     x = rand(1, 3, 8, 12)
     for N in (centred("rotation", 180.0, size=(8, 12)), centred("translation", 2.0, -4.0, size=(8, 12))):
-        close(W.warp(F.avg_pool2d(x, 2), N), F.avg_pool2d(W.warp(x, N), 2), atol=1e-9, rtol=0)
+        check(W.warp(F.avg_pool2d(x, 2), N), F.avg_pool2d(W.warp(x, N), 2), atol=1e-9, rtol=0)
 
 
 def test_output_size_keeps_the_field_of_view():
@@ -427,7 +427,7 @@ def test_output_size_keeps_the_field_of_view():
     x = rand(2, 3, 5, 7)
     out = W.warp(x, torch.eye(3, dtype=DT), size=(10, 14), padding_mode="border")
     ref = F.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)
-    close(out, ref, atol=1e-12, rtol=0)
+    check(out, ref, atol=1e-12, rtol=0)
 
 
 # ----------------------------------------------------------------------------- projective
@@ -437,7 +437,7 @@ def test_projective_with_zero_perspective_equals_affine():
     x = rand(2, 2, 11, 14)
     p = [1.1, 0.2, 1.5, -0.3, 0.9, -2.0]
     affine = W.transform_images(x, "affine", p)
-    close(W.transform_images(x, "projective", p + [0.0, 0.0]), affine, atol=0, rtol=0)
+    check(W.transform_images(x, "projective", p + [0.0, 0.0]), affine, atol=0, rtol=0)
 
 
 def test_homogeneous_path_equals_affine_path():
@@ -448,10 +448,10 @@ def test_homogeneous_path_equals_affine_path():
     A = centred("affine", 1.1, 0.2, 1.5, -0.3, 0.9, -2.0, size=size)
     P = centred("projective", 1.0, 0.1, 0.5, 0.0, 1.0, 0.0, 0.02, -0.01, size=size)
     affine = W.warp(x, A)
-    close(W.warp(x, torch.stack([A, P]))[:, 0], affine, atol=1e-12, rtol=0)
-    close(W.warp(x, 3.0 * A), affine, atol=1e-12, rtol=0)
+    check(W.warp(x, torch.stack([A, P]))[:, 0], affine, atol=1e-12, rtol=0)
+    check(W.warp(x, 3.0 * A), affine, atol=1e-12, rtol=0)
     grids = W.sampling_grid(torch.stack([A, P]), size)
-    close(grids[0], W.sampling_grid(A[None], size)[0], atol=1e-12, rtol=0)
+    check(grids[0], W.sampling_grid(A[None], size)[0], atol=1e-12, rtol=0)
 
 
 PROJ = [1.05, 0.1, 0.8, -0.05, 0.95, -0.6, 0.012, -0.009]
@@ -474,7 +474,7 @@ def test_projective_sampling_points_and_values_by_direct_computation():
         q = T(c - (w - 1) / 2, r - (h - 1) / 2, 1.0)
         p = A_inv @ q
         px, py = float(p[0] / p[2]) + (w - 1) / 2, float(p[1] / p[2]) + (h - 1) / 2
-        close(grid[r, c], T((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), atol=1e-12, rtol=0)
+        check(grid[r, c], T((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), atol=1e-12, rtol=0)
         assert abs(float(out[r, c]) - bilinear_zero_pad(img, px, py)) < 1e-12
 
 
@@ -512,9 +512,9 @@ def test_shared_matrices_equal_a_loop():
     out = W.warp(x, mats)
     assert out.shape == (3, 5, 2, 9, 12)
     for k in range(5):
-        close(out[:, k], W.warp(x, mats[k]), atol=1e-12, rtol=0)
+        check(out[:, k], W.warp(x, mats[k]), atol=1e-12, rtol=0)
         for b in range(3):
-            close(out[b, k], W.warp(x[b: b + 1], mats[k])[0], atol=1e-12, rtol=0)
+            check(out[b, k], W.warp(x[b: b + 1], mats[k])[0], atol=1e-12, rtol=0)
 
 
 def test_per_image_matrices_equal_a_loop():
@@ -524,7 +524,7 @@ def test_per_image_matrices_equal_a_loop():
     assert out.shape == (3, 4, 2, 9, 12)
     for b in range(3):
         for k in range(4):
-            close(out[b, k], W.warp(x[b: b + 1], mats[b, k])[0], atol=1e-12, rtol=0)
+            check(out[b, k], W.warp(x[b: b + 1], mats[b, k])[0], atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("per_image", [False, True])
@@ -557,8 +557,8 @@ def test_warp_output_shapes():
     assert W.warp(x, eye, size=(4, 5)).shape == (2, 3, 4, 5)
     assert W.warp(x, eye.expand(4, 3, 3), size=(12, 18)).shape == (2, 4, 3, 12, 18)
     # identity is exact
-    close(W.warp(x, eye), x, atol=1e-12, rtol=0)
-    close(W.warp(x, eye[None])[:, 0], x, atol=1e-12, rtol=0)
+    check(W.warp(x, eye), x, atol=1e-12, rtol=0)
+    check(W.warp(x, eye[None])[:, 0], x, atol=1e-12, rtol=0)
 
 
 def test_transform_images_shape_rules():
@@ -569,12 +569,12 @@ def test_transform_images_shape_rules():
     out = W.transform_images(x, "rotation", per)
     assert out.shape == (3, 2, 7, 10)
     for b in range(3):
-        close(out[b], W.transform_images(x[b: b + 1], "rotation", per[b])[0], atol=1e-12, rtol=0)
+        check(out[b], W.transform_images(x[b: b + 1], "rotation", per[b])[0], atol=1e-12, rtol=0)
     many = T([10.0], [20.0], [30.0], [40.0], [50.0])  # (K, n), K != B: every one to every image
     out = W.transform_images(x, "rotation", many)
     assert out.shape == (3, 5, 2, 7, 10)
     for k in range(5):
-        close(out[:, k], W.transform_images(x, "rotation", many[k]), atol=1e-12, rtol=0)
+        check(out[:, k], W.transform_images(x, "rotation", many[k]), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="params"):
         W.transform_images(x, "rotation", torch.zeros(2, 2, 1, dtype=DT))
 
@@ -583,8 +583,8 @@ def test_sampling_grid_identity():
     g = W.sampling_grid(torch.eye(3, dtype=DT)[None], (2, 3))
     assert g.shape == (1, 2, 3, 2)
     # (x, y) order: x varies along columns (W = 3), y along rows (H = 2)
-    close(g[0, 0, :, 0], T(-2 / 3, 0.0, 2 / 3), atol=1e-12, rtol=0)
-    close(g[0, :, 0, 1], T(-0.5, 0.5), atol=1e-12, rtol=0)
+    check(g[0, 0, :, 0], T(-2 / 3, 0.0, 2 / 3), atol=1e-12, rtol=0)
+    check(g[0, :, 0, 1], T(-0.5, 0.5), atol=1e-12, rtol=0)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -731,7 +731,7 @@ def test_float32_agrees_with_float64():
     p = [23.0, 1.5, -0.7]
     out64 = W.transform_images(x, "rigid", p)
     out32 = W.transform_images(x.float(), "rigid", p)
-    close(out32.double(), out64, atol=1e-5, rtol=0)
+    check(out32.double(), out64, atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
@@ -740,10 +740,10 @@ def test_cuda_matches_cpu():
     mats = random_normalised(3)
     out = W.warp(x.cuda(), mats.cuda())
     assert out.device.type == "cuda"
-    close(out.cpu(), W.warp(x, mats), atol=1e-9, rtol=0)
+    check(out.cpu(), W.warp(x, mats), atol=1e-9, rtol=0)
     out = W.transform_images(x.cuda(), "rotation", [33.0])
     assert out.device.type == "cuda"
-    close(out.cpu(), W.transform_images(x, "rotation", [33.0]), atol=1e-9, rtol=0)
+    check(out.cpu(), W.transform_images(x, "rotation", [33.0]), atol=1e-9, rtol=0)
 
 
 def test_no_hard_coded_cuda_in_source():
