@@ -166,16 +166,21 @@ def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> None:
     fig = plt.figure(figsize=(13, 6.6))
     gs = fig.add_gridspec(2, 6, height_ratios=[1, 1.25])
     # top row: a W scene, its W / M channels; the rotated scene, its W / M channels
-    x = scenes[:1].cpu()
+    wm_model = wm_model.cpu()
+    with torch.no_grad():
+        fired = wm_model(scenes.cpu())[:, 0].flatten(1).amax(1) > 0
+    i = int(fired.nonzero()[0, 0]) if bool(fired.any()) else 0  # a W scene
+    x = scenes[i : i + 1].cpu()
     xr = torch.rot90(x, 2, dims=(-2, -1))
     with torch.no_grad():
-        f = wm_model.cpu()(x)[0]
-        fr = wm_model(xr)[0]
-    panels = [(x[0, 0], "scene (W)"), (f[0], "W channel"), (f[1], "M channel"),
-              (xr[0, 0], "rotated 180°"), (fr[0], "W channel"), (fr[1], "M channel")]
+        # rectified detections are single peaks: dilate them (display only) so they are visible
+        f = F.max_pool2d(wm_model(x), 5, 1, 2)[0]
+        fr = F.max_pool2d(wm_model(xr), 5, 1, 2)[0]
+    panels = [(x[0, 0], "a W scene"), (f[0], "W detector"), (f[1], "M detector"),
+              (xr[0, 0], "rotated 180° (an M)"), (fr[0], "W detector"), (fr[1], "M detector")]
     for i, (img, title) in enumerate(panels):
         ax = fig.add_subplot(gs[0, i])
-        ax.imshow(img.numpy(), cmap="gray" if i in (0, 3) else "magma")
+        ax.imshow(img.numpy(), cmap="gray" if i in (0, 3) else "magma", vmin=0)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     # bottom left: W/M errors per layer
