@@ -192,11 +192,11 @@ def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> None:
         ci = np.array([r[key + "_ci"] for r in wm.records]).T
         ax.bar(xs + (j - 0.5) * 0.38, vals, 0.38, label=lab,
                yerr=[np.array(vals) - ci[0], ci[1] - np.array(vals)], capsize=3)
-    ax.axhline(WM_SPATIAL_MIN, color="k", ls=":", lw=1)
+    ax.axhline(WM_SPATIAL_MIN, color="k", ls=":", lw=1, label=f"verdict: spatial >= {WM_SPATIAL_MIN:g}")
     ax.set_xticks(xs, layers)
     ax.set_ylabel("alignment error")
     ax.set_title("toy-wm, rotation 180°: no warp aligns W with M")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     # bottom right: CNN spatial error by layer for R, S, T
     ax = fig.add_subplot(gs[1, 2:])
     transforms = list(dict.fromkeys(r["transform"] for r in rep.records))

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import PROTOCOLS
     from .models import CLASSIFIERS, valid_arch_names
+    from .reproduce import TRANSFORMS
 
     p = argparse.ArgumentParser(prog="stn", description="Spatial transformer networks (Jaderberg et al. 2015): "
                                 "train the paper's architectures on transformed MNIST / Fashion-MNIST, evaluate "
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--data-root", default=None)
     r.add_argument("--no-fashion", action="store_true", help="skip the Fashion-MNIST runs")
+    r.add_argument("--transforms", default=",".join(TRANSFORMS),
+                   help="comma-separated protocols to run (default: all of %(default)s)")
     return p
 
 
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             from .reproduce import reproduce
 
             reproduce(quick=args.quick, out=args.out, results=args.results, device=args.device,
-                      data_root=args.data_root, fashion=not args.no_fashion)
+                      data_root=args.data_root, fashion=not args.no_fashion,
+                      transforms=[t.strip() for t in args.transforms.split(",") if t.strip()])
             return 0
     except (CheckpointError, RunError, DatasetNotFoundError, ValueError, FileNotFoundError) as exc:
         print(f"stn {args.command}: error: {exc}", file=sys.stderr)

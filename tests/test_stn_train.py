@@ -259,3 +259,28 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path, fake_root, monkeypatch
                   log=logs.append)
     assert sum("skipped" in line for line in logs) == 14
     assert any("mnist-scale-CNN: already trained" in line or "mnist-scale-CNN: training" in line for line in logs)
+
+
+def test_reproduce_one_protocol_runs_only_its_column(tmp_path, fake_root, monkeypatch):
+    """``transforms=["rotation"]`` trains the five rotation runs only; the report keeps the claims that need
+    only rotation (input STNs beat STN-C1; every STN beats the CNN) and drops the translation-gap claim."""
+    from stn import reproduce as rep
+
+    tiny = rep.Mode(name="quick", sizes={"rotation": None, "scale": 28, "translation": 28},
+                    epochs={"rotation": 1, "scale": 1, "translation": 1},
+                    milestones={"rotation": [], "scale": [], "translation": []}, limit=32, test_limit=8,
+                    batch_size=16, alignment_images=2, note="tiny test mode")
+    monkeypatch.setitem(rep.MODES, "quick", tiny)
+    report = rep.reproduce(quick=True, out=tmp_path / "runs", results=tmp_path / "res", device="cpu",
+                           data_root=fake_root, transforms=["rotation"], log=lambda _: None)
+    assert sorted(report["runs"]) == sorted(f"mnist-rotation-{a}" for a in rep.ARCHS)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(report["runs"])
+    ds = report["datasets"][0]
+    assert ds["transforms"] == ["rotation"]
+    claims = [c["claim"] for c in ds["claims"]]
+    assert len(claims) == 2, claims
+    assert claims[0] == "input-transforming STNs (STN-C0, STN-DL1, STN-SL1) beat STN-C1 under rotation"
+    assert claims[1] == "every STN beats the CNN (rotation)"
+    assert "| STN-SL1 |" in (tmp_path / "res" / "reproduction.md").read_text()
+    with pytest.raises(ValueError, match="transforms: unknown protocol.*valid choices: rotation, scale, translation"):
+        rep.plan(tiny, transforms=["shear"])
