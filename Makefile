@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/cpu.txt
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check invariance stn tests benchmarks
+	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q invariance stn tests notebooks/*.ipynb --nbmake
 
 test-fast: $(STAMP)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/invariance demo --out $${DEMO_OUT:-demo-report} $${DEMO_ARGS:-}
 
 lint: $(STAMP)
-	$(PY) -m ruff check invariance stn tests benchmarks
+	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_search.py
