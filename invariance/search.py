@@ -24,8 +24,8 @@ How the optimum is found (and why it is not a local one)
    than those.
 
 Channel permutations are searched jointly: candidates are short-listed by aligning
-permutation-invariant summaries (the channel mean and the mean square), the spatial optimum is
-always added to the list, and at each candidate the optimal permutation is the Hungarian
+permutation-invariant summaries (the channel mean and the mean square), the spatial optimum and
+any extra candidates are always added to the list, and at each candidate the optimal permutation is the Hungarian
 assignment (:func:`scipy.optimize.linear_sum_assignment`) on the ``C x C`` cost matrix.
 Because the spatial optimum with the identity permutation is a candidate, ``e_perm <= e_sp``.
 
@@ -507,11 +507,13 @@ def align(
     # 2. refinement through the sampler
     refined = _refine(reference, moving, starts, m, size, family, cfg)
     cands = [starts, refined, torch.eye(3, dtype=dtype, device=device).expand(starts.shape[0], 1, 3, 3)]
+    extras = None
     if extra_candidates is not None:
         ex = extra_candidates.to(dtype=dtype, device=device)
         ex = ex.reshape(1, 1, 3, 3) if ex.dim() == 2 else ex
         ex = ex.unsqueeze(0) if ex.dim() == 3 else ex
-        cands.append(G.normalized_to_centred(ex, size).expand(starts.shape[0], -1, 3, 3))
+        extras = G.normalized_to_centred(ex, size).expand(starts.shape[0], -1, 3, 3)
+        cands.append(extras)
     cands = torch.cat(cands, 1)
     # 3. exact scoring; keep the best
     with torch.no_grad():
@@ -526,11 +528,14 @@ def align(
         coarse_errors=coarse_best.double(),
     )
     if channels == "permutation":
-        result = _align_permutation(reference, moving, m, family, cfg, size, result)
+        result = _align_permutation(reference, moving, m, family, cfg, size, result, extras)
     return result
 
 
-def _align_permutation(reference, moving, m, family, cfg, size, spatial: Alignment) -> Alignment:
+def _align_permutation(reference, moving, m, family, cfg, size, spatial: Alignment,
+                       extras: torch.Tensor | None = None) -> Alignment:
+    """Shortlist warps by channel summaries, add the best spatial warp and any extra candidates (centred
+    frame, ``(B, n, 3, 3)``), assign channels by the Hungarian method at each, refine the best."""
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     b = reference.shape[0]
     with torch.no_grad():
@@ -540,7 +545,8 @@ def _align_permutation(reference, moving, m, family, cfg, size, spatial: Alignme
         e, mats = _coarse(sr / scale, sm / scale, m, family, cfg, size)
         idx = _topk_distinct(e, cfg.shortlist)
         short = torch.gather(mats, 1, idx[..., None, None].expand(-1, -1, 3, 3))
-        short = torch.cat([short, G.normalized_to_centred(spatial.matrices, size)[:, None]], 1)
+        short = torch.cat([short, G.normalized_to_centred(spatial.matrices, size)[:, None]]
+                          + ([extras] if extras is not None else []), 1)
         warped = warp(moving, G.centred_to_normalized(short, size))
         perr, perms = _hungarian(_cost_matrices(reference, warped, m))
         j = perr.min(1).indices

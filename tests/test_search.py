@@ -519,3 +519,25 @@ def test_bad_inputs():
         align(ref, bad, "translation")
     with pytest.raises(ValueError, match="empty batch"):
         align(ref[:0], ref[:0], "translation")
+
+
+def test_permutation_search_examines_the_extra_candidates():
+    """An extra candidate is examined with the channel assignment too, not only as a spatial candidate.
+
+    Known answer: ``reference = (A, rot90 A)`` for a random map ``A``, ``moving = rot90(reference)`` with its
+    two channels swapped ``= (rot180 A, rot90 A)``. The inverse rotation (-90 degrees) plus the swap aligns
+    them exactly (lattice rotations, error ~0). Without a permutation, that warp is the worst candidate (both
+    channels mismatch), while 0 and 180 degrees each match one channel exactly, so the best spatial warp is
+    not the extra candidate. The rotation grid holds only 0 and 180 degrees and there is no refinement, so
+    only the extra candidate can lead to the exact answer."""
+    a = rand(2, 1, 12, 12, seed=8)
+    ref = torch.cat([a, torch.rot90(a, 1, (-2, -1))], 1)
+    mov = torch.rot90(ref, 1, (-2, -1))[:, [1, 0]]
+    cfg = SearchConfig(n_angles=2, refine_steps=0)
+    back = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([-90.0], dtype=DT)), (12, 12))
+    found = align(ref, mov, "rotation", config=cfg, channels="permutation", extra_candidates=back)
+    assert float(found.extra["spatial"].errors.min()) > 0.1          # the extra is not the spatial optimum
+    assert angle_diff(found.extra["spatial"].params[:, 0], -90.0) > 1.0
+    assert float(found.errors.max()) < EXACT64
+    assert torch.equal(found.permutations, torch.tensor([[1, 0]] * 2))
+    assert angle_diff(found.params[:, 0], -90.0) < 1e-6
