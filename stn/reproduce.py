@@ -308,7 +308,7 @@ def _report(mode: Mode, runs, cells: dict, seconds: float, device: str) -> dict:
         datasets.append({"dataset": ds, "table": table, "transforms": transforms,
                          "claims": check_claims(table, correct, transforms)})
     cfg0 = {t: cfg for _, cfg in runs for t in [cfg.transform]}
-    protocols = {t: get_protocol(t, mode.sizes[t]).describe() for t in TRANSFORMS}
+    protocols = {t: get_protocol(t, mode.sizes[t]).describe() for t in TRANSFORMS if t in cfg0}
     return {
         "mode": mode.name, "note": mode.note, "seconds": seconds, "machine": _machine(),
         "device": device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
@@ -346,8 +346,14 @@ def _comp_line(c: dict) -> str:
     return s
 
 
+def _per_transform_dict(v) -> dict:
+    return v if isinstance(v, dict) else {t: v for t in TRANSFORMS}
+
+
 def _markdown(r: dict) -> str:
     st = r["settings"]
+    ran = r["protocols"]  # the protocols this report has runs of
+    loc_mult = {t: v for t, v in _per_transform_dict(st["loc_lr_mult"]).items() if t in ran}
     lines = [
         "# Reproduction: STN architectures on transformed MNIST (Finnveden et al. 2020, MNIST table)",
         "",
@@ -378,10 +384,10 @@ def _markdown(r: dict) -> str:
             lines.append(f"* Fashion-MNIST data: {fm[0]['train_data']} / {fm[0]['test_data']}; "
                          f"transforms: {', '.join(st['fashion'])}.")
     lines += [
-        f"* Epochs: {', '.join(f'{t} {e}' for t, e in st['epochs'].items())}; SGD, batch {st['batch_size']}, lr "
-        f"{st['lr']}, momentum {st['momentum']}, weight decay {st['weight_decay']}, lr x0.1 after epochs "
-        f"{', '.join(f'{t} {m}' for t, m in st['milestones'].items())}; localisation lr multiplier "
-        f"{_fmt_per_transform(st['loc_lr_mult'])}; seed 0.",
+        f"* Epochs: {', '.join(f'{t} {e}' for t, e in st['epochs'].items() if t in ran)}; SGD, batch "
+        f"{st['batch_size']}, lr {st['lr']}, momentum {st['momentum']}, weight decay {st['weight_decay']}, lr x0.1 "
+        f"after epochs {', '.join(f'{t} {m}' for t, m in st['milestones'].items() if t in ran)}; localisation lr "
+        f"multiplier {_fmt_per_transform(loc_mult)}; seed 0.",
         f"* Transformation family predicted: {', '.join(f'{t} -> {f}' for t, f in st['families'].items())}.",
         "* Localisation networks: STN-C0: conv 5x5 32 -> pool -> ReLU -> conv 5x5 32 -> pool -> ReLU -> FC 32 -> "
         "FC (zero-initialised); STN-C1 / STN-SL1: the same head on the 64 feature maps after the classifier's "
