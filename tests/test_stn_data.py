@@ -10,14 +10,7 @@ from hypothesis import strategies as st
 from invariance.warp import transform_images
 from stn.data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 def _digits(n=40, seed=0):

@@ -14,14 +14,7 @@ from invariance.models import load_model, save_checkpoint
 from stn.models import ArchSpec, build_model, classifier_layers, parse_arch
 from stn.transformer import resample
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 ARCHS = ["CNN", "STN-C0", "STN-C1", "STN-C2", "STN-DL1", "STN-SL1", "STN-DL2", "STN-SL2",
          "STN-C012", "STN-SL012", "STN-DL012", "STN-SL11", "STN-C11"]

@@ -18,14 +18,7 @@ from stn.reproduce import PAPER_TABLE, check_claims
 from stn.testing import write_fake_dataset
 from stn.train import RunError, TrainConfig, evaluate, load_run, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from stn.transformer import (
     resample,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids the thread pool's synchronisation, which is slow on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
