@@ -37,6 +37,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
+
 from invariance import geometry as G  # noqa: E402
 from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
 from invariance.search import SearchConfig, align, masked_error  # noqa: E402
@@ -44,14 +46,7 @@ from invariance.warp import disk_mask  # noqa: E402
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model("unknown")
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -36,6 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
+
 from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
 from stn import build_model  # noqa: E402
 
@@ -146,14 +148,7 @@ def bench_device(device: torch.device, repeats: int, steps: int, batch: int) -> 
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model(platform.processor() or "")
     return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),

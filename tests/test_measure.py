@@ -447,7 +447,10 @@ def test_loaded_report_with_rigid_transforms_renders(tmp_path):
     must still render."""
     rep = hand_made_report(["rigid:10,1,0", "rigid:20,0,1"])
     rep.save(tmp_path)  # in memory (NaN) this works
-    Report.from_json(tmp_path / "report.json").save_figures(tmp_path / "again")
+    paths = Report.from_json(tmp_path / "report.json").save_figures(tmp_path / "again")
+    # rigid transformations have no scalar magnitude: the by-layer figure only, written as a real PNG
+    assert set(paths) == {"layers"}
+    assert paths["layers"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_hand_made_rotation_sweep_report_renders(tmp_path):
