@@ -1,10 +1,15 @@
 # One command each: `make demo` (set up + run the demo), `make test` (set up + run all tests).
+# Both need nothing from the environment: `make test` runs the property tests derandomised
+# (hypothesis profile `ci`) and the notebooks in their quick mode (INVARIANCE_QUICK=1, each in
+# under a minute); `make notebooks-full` runs the notebooks in their full mode (about 25 minutes
+# on 2 CPU cores). Tests that need MNIST / Fashion-MNIST files read them from INVARIANCE_DATA
+# when it is set and are skipped, with the reason, when it is not.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo lint notebooks bench clean
+.PHONY: setup test test-fast demo lint notebooks notebooks-full bench clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +22,21 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q invariance stn tests notebooks/*.ipynb --nbmake
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} INVARIANCE_QUICK=1 \
+	    $(PY) -m pytest -q invariance stn tests notebooks/*.ipynb --nbmake
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x invariance stn tests
 
 demo: $(STAMP)
 	$(VENV)/bin/invariance demo --out $${DEMO_OUT:-demo-report} $${DEMO_ARGS:-}
+
+notebooks: $(STAMP)
+	INVARIANCE_QUICK=1 $(PY) -m pytest -q notebooks/*.ipynb --nbmake
+
+# the notebooks' full mode: more images, finer search grids, networks trained as in `stn reproduce --quick`
+notebooks-full: $(STAMP)
+	INVARIANCE_QUICK=0 $(PY) -m pytest -q notebooks/*.ipynb --nbmake --nbmake-timeout=3600
 
 lint: $(STAMP)
 	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
