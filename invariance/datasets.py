@@ -18,7 +18,8 @@ Where the data is looked for
 :func:`find_dataset_dir` tries these bases in order and uses the first ``<base>/<name>``
 folder that holds the files needed:
 
-1. the ``root=`` argument, when given;
+1. the ``root=`` argument, when given: then **only** there (an explicit folder that lacks the
+   files is an error, never a silent fall-back to another copy);
 2. the environment variable ``INVARIANCE_DATA``;
 3. the user cache: ``$XDG_CACHE_HOME/invariance``, or ``~/.cache/invariance``;
 4. the system folder ``/usr/share/datasets`` (where Debian's ``dataset-fashion-mnist``
@@ -282,8 +283,8 @@ def _cache_dir() -> Path:
 def _candidate_bases(root: str | os.PathLike[str] | None) -> list[tuple[Path | None, str]]:
     """(base folder or None when unset, description) in search order."""
     bases: list[tuple[Path | None, str]] = []
-    if root is not None:
-        bases.append((Path(root).expanduser(), "root argument"))
+    if root is not None:  # an explicit folder is the only place looked at
+        return [(Path(root).expanduser(), "root argument")]
     env = os.environ.get(ENV_VAR, "")
     bases.append((Path(env).expanduser() if env else None, f"${ENV_VAR}"))
     bases.append((_cache_dir(), "user cache"))
@@ -323,11 +324,12 @@ def _search(name: str, root: str | os.PathLike[str] | None, splits: tuple[str, .
         wanted = " or ".join(f"{SPLIT_FILES[s][0]}[.gz] + {SPLIT_FILES[s][1]}[.gz]" for s in splits)
         report.append(f"{folder} ({what}: lacks {wanted})")
     what_missing = f"{name} {splits[0]} files" if len(splits) == 1 else f"{name} data"
-    message = (
-        f"{what_missing} not found; looked in: {'; '.join(report)}. "
-        f"To fix: set {ENV_VAR} to a folder containing '{name}/' with the IDX files, "
-        f"pass root=<that folder>, or pass download=True to fetch them."
-    )
+    if root is not None:
+        fix = f"pass a root folder that contains '{name}/' with the IDX files, or pass download=True to fetch them"
+    else:
+        fix = (f"set {ENV_VAR} to a folder containing '{name}/' with the IDX files, "
+               f"pass root=<that folder>, or pass download=True to fetch them")
+    message = f"{what_missing} not found; looked in: {'; '.join(report)}. To fix: {fix}."
     raise DatasetNotFoundError(message, searched)
 
 
@@ -336,7 +338,7 @@ def find_dataset_dir(
 ) -> Path:
     """Return the folder ``<base>/<name>`` holding the IDX files of data set ``name``.
 
-    Bases are searched in this order: ``root`` (when given), ``$INVARIANCE_DATA``,
+    With ``root`` only ``root`` is searched; without it, in this order: ``$INVARIANCE_DATA``,
     ``$XDG_CACHE_HOME/invariance`` (or ``~/.cache/invariance``), ``/usr/share/datasets``.
     A folder qualifies when it holds both the images and the labels file (``.gz`` or
     raw) of ``split``, or of either split when ``split`` is None.

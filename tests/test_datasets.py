@@ -211,31 +211,46 @@ def test_find_home_cache_when_xdg_unset(isolated: dict[str, Path], monkeypatch: 
 
 def test_find_skips_incomplete_folders(isolated: dict[str, Path]) -> None:
     write_test_split(isolated["env"] / "mnist")
-    (isolated["root"] / "mnist").mkdir()  # exists but empty: keep searching
-    (isolated["root"] / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")  # no labels
-    assert find_dataset_dir("mnist", root=isolated["root"]) == isolated["env"] / "mnist"
-    # The root only has test files: asking for train looks further, and fails.
+    (isolated["xdg"] / "invariance" / "mnist").mkdir(parents=True)  # exists but empty: keep searching
+    write_test_split(isolated["system"] / "mnist")
+    (isolated["env"] / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")  # no labels
+    assert find_dataset_dir("mnist") == isolated["env"] / "mnist"
+    # The env folder only has test files: asking for train looks further, and fails.
     with pytest.raises(DatasetNotFoundError, match="mnist train files not found"):
-        find_dataset_dir("mnist", root=isolated["root"], split="train")
+        find_dataset_dir("mnist", split="train")
     write_train_split(isolated["xdg"] / "invariance" / "mnist")
     assert find_dataset_dir("mnist", split="train") == isolated["xdg"] / "invariance" / "mnist"
 
 
+def test_an_explicit_root_is_the_only_place_looked_at(isolated: dict[str, Path]) -> None:
+    """``root=`` (``--data-root``) that lacks the files is an error naming it, never a silent
+    fall-back to the copy under INVARIANCE_DATA (results would record the wrong data path)."""
+    write_test_split(isolated["env"] / "mnist")
+    write_train_split(isolated["env"] / "mnist")
+    (isolated["root"] / "mnist").mkdir()
+    (isolated["root"] / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"")  # no labels
+    for split in ("test", "train"):
+        with pytest.raises(DatasetNotFoundError) as info:
+            load_dataset("mnist", split, root=isolated["root"])
+        assert info.value.searched == [isolated["root"] / "mnist"]
+        assert str(isolated["env"]) not in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DatasetNotFoundError, match="no such folder"):
+        find_dataset_dir("mnist", root=isolated["root"] / "nowhere")
+
+
 def test_not_found_message_lists_every_place(isolated: dict[str, Path]) -> None:
     with pytest.raises(DatasetNotFoundError) as info:
-        load_dataset("mnist", "test", root=isolated["root"])
+        load_dataset("mnist", "test")
     err = info.value
     message = str(err)
     assert isinstance(err, FileNotFoundError)
     for place in (
-        isolated["root"] / "mnist",
         isolated["env"] / "mnist",
         isolated["xdg"] / "invariance" / "mnist",
         isolated["system"] / "mnist",
     ):
         assert str(place) in message
     assert err.searched == [
-        isolated["root"] / "mnist",
         isolated["env"] / "mnist",
         isolated["xdg"] / "invariance" / "mnist",
         isolated["system"] / "mnist",
