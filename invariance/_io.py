@@ -1,26 +1,82 @@
-"""Atomic file writing: nothing is ever half-written (write to a temporary file, then rename)."""
+"""Safe file writing: nothing is ever half-written, and nothing temporary stays behind.
+
+* :func:`atomic_write` writes a file through a temporary file beside it (``.NAME.PID.XXXX.tmp``),
+  fsyncs it and renames it into place; the temporary file is removed on every exit path Python
+  sees (an exception, Ctrl-C, SIGTERM once :func:`exit_on_sigterm` is installed). A process killed
+  with SIGKILL cannot clean up: the temporary files of dead processes are removed by the next
+  write into the same folder, and by :func:`remove_stale_temporaries`.
+* A folder of files is written as a whole by writing its manifest last: a file listing the
+  size and sha256 of every file written before it (:func:`describe_files`; ``report.json`` is
+  the manifest of a report folder). :func:`check_files` then refuses a folder that mixes an old
+  manifest with newer files (a save killed half-way) or whose files changed since.
+* :func:`check_output_dir` checks, before any computation, that an output folder can be created
+  and written.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
+import re
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "check_output_dir",
+           "remove_stale_temporaries", "describe_files", "check_files", "FolderError", "exit_on_sigterm"]
+
+MANIFEST = "manifest"
+_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+class FolderError(ValueError):
+    """An output folder was written only in part (an interrupted save) or changed since."""
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files left in ``folder`` by :func:`atomic_write` calls of processes
+    that no longer run (killed with SIGKILL, power loss); returns the files removed."""
+    removed = []
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP.match(p.name)
+        if m and not _alive(int(m["pid"])):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call ``write(fileobj)`` on a temporary file next to ``path``, fsync, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -28,10 +84,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return path
 
@@ -48,3 +102,78 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def check_output_dir(path: str | os.PathLike, argument: str = "out") -> Path:
+    """Check that ``path`` is, or can be created as, a folder this process can write to.
+
+    Raises ``ValueError("ARGUMENT: ...")`` when ``path`` is a file, lies under a file, or the
+    folder (or the nearest existing folder above it) is not writable. Creates nothing.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{argument}: {str(path)!r} is a file, not a folder; give a folder (created if missing)")
+    q = p.absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise ValueError(f"{argument}: cannot create the folder {str(path)!r}: {str(q)!r} is a file")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{os.getpid()}.", suffix=".tmp", dir=q)
+    except OSError as exc:
+        what = "the folder" if q == p.absolute() else f"the folder {str(path)!r}: {str(q)!r}"
+        raise ValueError(f"{argument}: cannot write into {what} ({exc.strerror or type(exc).__name__})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(paths, root: str | os.PathLike) -> dict[str, dict]:
+    """``{relative path: {"bytes": size, "sha256": digest}}`` of ``paths`` (files under ``root``):
+    the list a file written last (a manifest) keeps of the files written before it."""
+    root = Path(root).resolve()
+    out = {}
+    for f in paths:
+        f = Path(f)
+        out[f.resolve().relative_to(root).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    return out
+
+
+def check_files(root: str | os.PathLike, listed: dict, manifest: str = MANIFEST) -> None:
+    """Raise :class:`FolderError` if a file listed by :func:`describe_files` differs from the one
+    on disk: the folder then mixes two saves (one interrupted) or was changed since. Missing files
+    are allowed (a user may delete a figure)."""
+    root = Path(root)
+    try:
+        items = list(listed.items())
+    except AttributeError:
+        raise FolderError(f"{root}: {manifest}: unreadable list of files") from None
+    for rel, entry in items:
+        f = root / rel
+        if not f.is_file():
+            continue
+        try:
+            same = f.stat().st_size == entry["bytes"] and _sha256(f) == entry["sha256"]
+        except (KeyError, TypeError):
+            raise FolderError(f"{root}: {manifest}: unreadable entry for {rel}") from None
+        if not same:
+            raise FolderError(f"{root}: {rel} is not the file saved with {manifest} (size or sha256 differ): the "
+                              f"folder mixes two saves (one interrupted) or was changed since; save it again")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit(143)`` so that ``finally`` blocks and temporary-file cleanup
+    run (the default action kills the process on the spot). No-op outside the main thread."""
+    def _handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGTERM, _handler)

@@ -3,42 +3,114 @@
     invariance measure --model MODEL --transform SPEC [--layers L1,L2|all]
         [--images SOURCE] [--n-images N] [--search FAMILY]
         [--channels spatial,permutation,linear] [--out DIR] [--device cpu|cuda] [--seed S]
+        [--n-boot B] [--max-transforms M] [--quick]
     invariance demo [--out DIR] [--quick]
     invariance layers --model MODEL [--images SOURCE]
     invariance models
 
-Errors in the arguments are reported on one line (``invariance: error: ...``) with exit code 2.
+Every argument is checked before any computation: ``--out`` must be (or be creatable as) a
+writable folder; a sweep SPEC may give at most ``--max-transforms`` transformations (default
+:data:`MAX_TRANSFORMS`, 1000), counted before anything is allocated; ``--n-images`` may not exceed
+the images the SOURCE holds; ``--n-boot`` is a positive integer. Images from a ``.npy`` / ``.pt``
+file may be floats (any precision: converted to the model's dtype), ``uint8`` or another integer
+type holding 0..255 (scaled like ``uint8`` to [0, 1]) or booleans; complex images, integers outside
+0..255 and files holding anything but one array are refused.
+
+Errors are reported on one line (``invariance: error: --ARGUMENT: ...``): exit code 2 for a bad
+argument or input, 1 for any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["main", "load_images", "IMAGE_SOURCES"]
+__all__ = ["main", "load_images", "IMAGE_SOURCES", "MAX_TRANSFORMS", "DEFAULT_N_IMAGES"]
 
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "glyphs", "blobs", "FILE.npy", "FILE.pt")
+#: Most transformations one ``measure`` may sweep (override: ``--max-transforms``).
+MAX_TRANSFORMS = 1000
+#: Images measured when ``--n-images`` is not given (or all the SOURCE holds, if fewer).
+DEFAULT_N_IMAGES = 64
 
 
-class _Fail(Exception):
-    pass
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (``invariance: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
 
 
-def load_images(source: str, n: int, seed: int = 0, size: int | None = None) -> torch.Tensor:
+def _read_file(path: Path, source: str):
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__}{': ' + first if first else ''})") \
+            from None
+
+
+def _as_float_images(arr, source: str) -> torch.Tensor:
+    """One array of images as floats: integers 0..255 scaled like uint8, booleans as 0 / 1; complex
+    numbers, integers outside 0..255 and anything that is not one array are refused."""
+    if isinstance(arr, dict):
+        keys = ", ".join(map(repr, list(arr)[:5])) + (", ..." if len(arr) > 5 else "")
+        raise ValueError(f"images: {source!r} holds a dict (keys {keys}), not an array of images; save the "
+                         f"images themselves, (N, H, W) or (N, C, H, W)")
+    if not isinstance(arr, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"images: {source!r} holds a {type(arr).__name__}, not an array of images "
+                         f"(N, H, W) or (N, C, H, W)")
+    if isinstance(arr, np.ndarray) and arr.dtype.kind not in "biufc":
+        raise ValueError(f"images: {source!r} holds an array of {arr.dtype}; valid: floats, integers 0..255, bool")
+    if isinstance(arr, torch.Tensor):
+        if arr.is_complex():
+            arr = arr.resolve_conj()
+        arr = arr.detach().cpu().numpy() if arr.dtype != torch.bfloat16 else arr.detach().float().numpy()
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise ValueError(f"images: {source!r} holds complex numbers ({arr.dtype}); pass real images, e.g. the "
+                         f"magnitude (np.abs) or the real part")
+    if kind == "b":
+        return torch.from_numpy(arr.astype(np.float32))
+    if kind in "iu":
+        if arr.size:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 255:
+                raise ValueError(f"images: {source!r} holds {arr.dtype} values in {lo}..{hi}; integer images must "
+                                 f"lie in 0..255 (they are scaled like uint8 to [0, 1]); convert other ranges to "
+                                 f"floats in [0, 1]")
+        return torch.from_numpy(arr.astype(np.float32) / np.float32(255.0))
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _n_available(source: str, imgs) -> int:
+    return int(imgs.shape[0]) if getattr(imgs, "ndim", 0) >= 1 else 0
+
+
+def load_images(source: str, n: int | None = None, seed: int = 0, size: int | None = None) -> torch.Tensor:
     """Images ``(n, C, H, W)`` float in [0, 1] from a SOURCE (see :data:`IMAGE_SOURCES`).
 
     ``digits`` is the stratified MNIST subset shipped with the package; ``mnist`` and
     ``fashion-mnist`` are the held-out test images of :func:`invariance.datasets.load_split`
     (needs the data, see ``INVARIANCE_DATA``); ``glyphs`` and ``blobs`` are generated scenes of
-    the toy networks; a ``.npy`` / ``.pt`` file holds ``(N, H, W)`` or ``(N, C, H, W)`` images.
+    the toy networks; a ``.npy`` / ``.pt`` file holds ``(N, H, W)`` or ``(N, C, H, W)`` images:
+    floats (kept in their precision), integers in 0..255 (scaled like ``uint8``) or booleans.
+
+    ``n``: how many (a seeded random subset, in the SOURCE's order); ``None`` takes
+    :data:`DEFAULT_N_IMAGES`, or all the SOURCE holds if fewer. More than the SOURCE holds is an
+    error (``ValueError``) naming how many there are.
     """
     from .measure import as_image_batch
 
-    if n < 1:
+    if n is not None and n < 1:
         raise ValueError(f"n_images: must be at least 1, got {n}")
     rng = np.random.default_rng(seed)
     path = Path(source)
@@ -46,7 +118,7 @@ def load_images(source: str, n: int, seed: int = 0, size: int | None = None) -> 
         from .toys import make_images
 
         kw = {} if size is None else {"size": size}
-        return make_images(source, n, seed=seed, **kw)
+        return make_images(source, DEFAULT_N_IMAGES if n is None else n, seed=seed, **kw)
     if source == "digits":
         from .zoo import load_digits
 
@@ -58,22 +130,75 @@ def load_images(source: str, n: int, seed: int = 0, size: int | None = None) -> 
     elif path.suffix in (".npy", ".pt"):
         if not path.is_file():
             raise ValueError(f"images: file {source!r} not found")
-        try:
-            arr = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu")
-        except Exception as exc:
-            raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__})") from None
-        imgs = torch.as_tensor(arr)
+        imgs = _as_float_images(_read_file(path, source), source)
     else:
         raise ValueError(f"images: unknown SOURCE {source!r}; valid choices: {', '.join(IMAGE_SOURCES)}")
+    available = _n_available(source, imgs)
+    if n is not None and available and n > available:
+        raise ValueError(f"n_images: {n} asked for, but {source!r} holds only {available} image(s); "
+                         f"valid: 1..{available}")
     imgs = as_image_batch(imgs)
-    if imgs.shape[0] > n:
-        idx = np.sort(rng.choice(imgs.shape[0], size=n, replace=False))
+    want = min(DEFAULT_N_IMAGES, imgs.shape[0]) if n is None else n
+    if imgs.shape[0] > want:
+        idx = np.sort(rng.choice(imgs.shape[0], size=want, replace=False))
         imgs = imgs[torch.as_tensor(idx)]
     return imgs
 
 
+_SWEEP = re.compile(r"\s*([A-Za-z_]+)\s*:\s*([-+0-9.eEinfINFaA]+)\s*\.\.\s*([-+0-9.eEinfINFaA]+)\s*:\s*"
+                    r"([-+0-9.eEinfINFaA]+)\s*")
+
+
+def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
+    """Count the transformations of SPEC strings without building them; sweeps with a fractional
+    COUNT, an empty range, non-finite numbers, or more than ``cap`` transformations in all are
+    refused (``ValueError("transform: ...")``) before anything is allocated.
+
+    >>> check_transform_count(["rotation:-180..180:15; scale:0.5..2:5"])
+    30
+    """
+    total = 0
+    for chunk in specs:
+        for s in (p.strip() for p in chunk.split(";")):
+            if not s:
+                continue
+            m = _SWEEP.fullmatch(s)
+            if not m:
+                total += 1
+                continue
+            name = m[1].lower()
+            try:
+                a, b, c = (float(v) for v in m.groups()[1:])
+            except ValueError:
+                total += 1  # the SPEC parser reports it
+                continue
+            if not all(math.isfinite(v) for v in (a, b, c)):
+                raise ValueError(f"transform: the sweep {s!r} needs finite START, STOP and STEP / COUNT")
+            if name == "scale":
+                if c != int(c) or c < 1:
+                    raise ValueError(f"transform: the COUNT of the sweep {s!r} must be a whole number >= 1, got "
+                                     f"{c:g} (scale:START..STOP:COUNT gives COUNT log-spaced factors)")
+                n = int(c)
+            elif name in ("rotation", "translation"):
+                if c <= 0:
+                    total += 1  # the SPEC parser reports it
+                    continue
+                if b < a:
+                    raise ValueError(f"transform: the sweep {s!r} is empty: STOP {b:g} is below START {a:g}")
+                n = math.floor((b - a) / c + 1e-9) + 1
+            else:
+                n = 1
+            total += n
+            if total > cap:
+                raise ValueError(f"transform: {s!r} gives {n:.4g} transformations"
+                                 f"{' (with the others, ' + format(total, '.4g') + ')' if total != n else ''}, "
+                                 f"above the cap of {cap}; use a coarser STEP, or raise the cap with "
+                                 f"--max-transforms")
+    return total
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="invariance", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="invariance", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("measure", help="measure alignment errors of a model's feature maps")
@@ -82,15 +207,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="SPEC: rotation:ANGLE, scale:FACTOR, translation:DX,DY, affine:a,b,c,d,e,f, "
                         "or a sweep rotation:-180..180:15 (repeatable; ';' joins several)")
     m.add_argument("--layers", default=None, help="comma-separated layer names, or 'all' (default: the model's)")
-    m.add_argument("--images", default=None, help="SOURCE: " + ", ".join(IMAGE_SOURCES))
-    m.add_argument("--n-images", type=int, default=64)
+    m.add_argument("--images", default=None,
+                   help="SOURCE: " + ", ".join(IMAGE_SOURCES) + " (file images: floats, integers 0..255 "
+                        "scaled like uint8, or bool; converted to the model's dtype)")
+    m.add_argument("--n-images", type=int, default=None,
+                   help=f"images to measure (default: {DEFAULT_N_IMAGES}, or all the SOURCE holds if fewer)")
     m.add_argument("--search", default=None, help="search family (default: from the transformation)")
     m.add_argument("--channels", default="spatial,permutation,linear")
     m.add_argument("--mask-radius", type=float, default=1.0)
     m.add_argument("--out", default=None, help="folder for report.json, report.csv and figures")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--n-boot", type=int, default=1000)
+    m.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals (positive)")
+    m.add_argument("--max-transforms", type=int, default=MAX_TRANSFORMS,
+                   help="most transformations a SPEC may give (default: %(default)s)")
     m.add_argument("--quick", action="store_true", help="coarser search grid (faster)")
 
     d = sub.add_parser("demo", help="the paper's central result on an embedded default (offline)")
@@ -110,10 +240,10 @@ def _parser() -> argparse.ArgumentParser:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"device: unknown device {name!r}; valid choices: cpu, cuda, auto")
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"device: unknown device {name!r}; valid choices: cpu, cuda, cuda:N, auto")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: CUDA requested but torch.cuda.is_available() is False")
+        raise ValueError("device: CUDA requested but torch.cuda.is_available() is False; valid choices: cpu, auto")
     return torch.device(name)
 
 
@@ -124,16 +254,38 @@ def _model_defaults(spec: str):
     return (info.default_images, info.default_layers) if info else ("digits", "all")
 
 
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), torch.float32)
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed: must lie in 0..{2**32 - 1}, got {seed}")
+
+
 def cmd_measure(a) -> int:
+    from ._io import check_output_dir
     from .measure import measure, parse_transforms
     from .models import load_model
     from .search import SearchConfig
 
+    # every argument is checked before the model is run
+    if a.out is not None:
+        check_output_dir(a.out, "out")
+    if a.n_boot < 1:
+        raise ValueError(f"n_boot: must be a positive number of bootstrap resamples, got {a.n_boot}")
+    if a.max_transforms < 1:
+        raise ValueError(f"max_transforms: must be at least 1, got {a.max_transforms}")
+    if not (math.isfinite(a.mask_radius) and a.mask_radius > 0):
+        raise ValueError(f"mask_radius: must be a positive number, got {a.mask_radius}")
+    _check_seed(a.seed)
     device = _device(a.device)
+    check_transform_count(a.transform, a.max_transforms)
     transforms = parse_transforms(a.transform)
     model = load_model(a.model)
     default_images, default_layers = _model_defaults(a.model)
     images = load_images(a.images or default_images, a.n_images, seed=a.seed)
+    images = images.to(_model_dtype(model))  # e.g. float64 images through a float32 model
     cfg = SearchConfig(seed=a.seed)
     if a.quick:
         cfg = SearchConfig(seed=a.seed, n_angles=36, refine_steps=20, log2_scales=tuple(np.arange(-2, 2.01, 0.25)))
@@ -149,12 +301,20 @@ def cmd_measure(a) -> int:
 
 def cmd_layers(a) -> int:
     from .features import extract_features
+    from .measure import _check_channels
     from .models import load_model
 
     model = load_model(a.model)
     default_images, _ = _model_defaults(a.model)
-    images = load_images(a.images or default_images, 1)
-    feats, frames = extract_features(model, images, "all")
+    images = load_images(a.images or default_images, 1).to(_model_dtype(model))
+    _check_channels(model, images)
+    try:
+        with torch.no_grad():
+            feats, frames = extract_features(model, images, "all")
+    except (RuntimeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"images: the model's forward pass failed on images of shape {tuple(images.shape)} "
+                         f"({first}); pass images of the size the model takes") from None
     print(f"{'layer':24s} {'shape':18s} {'stride':12s} {'offset':14s} frame")
     for name, f in feats.items():
         fr = frames[name]
@@ -172,21 +332,43 @@ def cmd_models(a) -> int:
 
 
 def cmd_demo(a) -> int:
+    from ._io import check_output_dir
     from .demo import run_demo
 
+    check_output_dir(a.out, "out")
+    _check_seed(a.seed)
     run_demo(a.out, quick=a.quick, device=_device(a.device), seed=a.seed)
     return 0
 
 
+_OPTION = re.compile(r"^([a-z][a-z_]*): ")
+_OPTIONS = {"model", "transform", "layers", "images", "n_images", "search", "channels", "mask_radius", "out",
+            "device", "seed", "n_boot", "max_transforms"}
+
+
+def _message(exc: BaseException) -> str:
+    """One line; a leading ``name: `` that is an option becomes ``--name: `` (as typed)."""
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = _OPTION.match(msg)
+    name = {"transforms": "transform", "params": "transform"}.get(m[1], m[1]) if m else None
+    if name in _OPTIONS:
+        msg = "--" + name.replace("_", "-") + msg[m.end(1):]
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ._io import exit_on_sigterm
+
+    exit_on_sigterm()  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
     parser = _parser()
     a = parser.parse_args(argv)
     handlers = {"measure": cmd_measure, "layers": cmd_layers, "models": cmd_models, "demo": cmd_demo}
     try:
         return handlers[a.command](a)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        parser.exit(2, f"invariance: error: {msg}\n")
+        parser.exit(2, f"invariance: error: {_message(exc)}\n")
+    except (OSError, RuntimeError, MemoryError) as exc:
+        parser.exit(1, f"invariance: error: {type(exc).__name__}: {_message(exc)}\n")
     except KeyboardInterrupt:
         parser.exit(130, "invariance: interrupted\n")
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, check_output_dir, describe_files
 from .measure import measure, parse_transforms
 from .models import load_model
 from .report import Report
@@ -59,8 +59,7 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
              seed: int = 0, progress: bool | None = None) -> dict:
     """Run both parts, print the tables and write the report folder; returns the verdicts."""
     t0 = time.time()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "out")  # before any computation
     # sized to finish in under 2 minutes on 2 CPU cores (the quick mode, for CI, in about half that)
     n_wm, n_cnn = (10, 20) if quick else (16, 40)
     cfg = SearchConfig(seed=seed, n_angles=24 if quick else 36, refine_steps=10 if quick else 20,
@@ -87,8 +86,9 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
     print(rep.table(), flush=True)
 
     verdicts = _verdicts(wm, rep)
-    wm.save(out / "toy-wm")
-    rep.save(out / "cnn")
+    # report.json is written last and lists every other file with its sha256: a run killed half-way
+    # leaves a folder that Report.from_json refuses instead of a silent mix of two runs
+    written = [*wm.save(out / "toy-wm").values(), *rep.save(out / "cnn").values()]
     merged = {
         "records": [dict(r, model="toy-wm") for r in wm.to_dict()["records"]]
         + [dict(r, model=cnn_name) for r in rep.to_dict()["records"]],
@@ -98,10 +98,13 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
     }
     from .report import _clean
 
-    atomic_write_json(out / "report.json", _clean(merged))
-    Report(records=merged["records"]).to_csv(out / "report.csv")
-    _figure(wm, rep, wm_model, scenes, out / "demo.png")
-    atomic_write_text(out / "summary.md", _summary(wm, rep, verdicts, cnn_name, quick, time.time() - t0))
+    written.append(Report(records=merged["records"]).to_csv(out / "report.csv"))
+    written.append(_figure(wm, rep, wm_model, scenes, out / "demo.png"))
+    written.append(atomic_write_text(out / "summary.md",
+                                     _summary(wm, rep, verdicts, cnn_name, quick, time.time() - t0)))
+    merged = _clean(merged)
+    merged["files"] = describe_files(written, out)
+    atomic_write_json(out / "report.json", merged)
     print("\n" + "\n".join(f"[{'PASS' if v['holds'] else 'FAIL'}] {v['claim']}" for v in verdicts.values()))
     print(f"\nwrote {out}/report.json, report.csv, summary.md, demo.png ({time.time() - t0:.0f} s)")
     return verdicts
@@ -157,7 +160,7 @@ def _summary(wm: Report, rep: Report, verdicts: dict, cnn_name: str, quick: bool
     return "\n".join(lines)
 
 
-def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> None:
+def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -216,3 +219,4 @@ def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
+    return path

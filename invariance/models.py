@@ -8,7 +8,13 @@ A checkpoint is a ``torch.save`` dict, written atomically, with the keys::
      "builder": "package.module:function",   # function(**config) -> nn.Module
      "config": {...},                          # JSON-like keyword arguments of the builder
      "state_dict": {...},                      # the model's weights
-     ...}                                      # anything else (optimiser, epoch, metrics)
+     ...,                                      # anything else (optimiser, epoch, metrics)
+     "checksum": "sha256:..."}                 # of every tensor above (names, dtypes, shapes, bytes)
+
+:func:`load_checkpoint` verifies the checksum (a checkpoint whose bytes were corrupted after it
+was written is refused; checkpoints written before checksums existed load without the check)
+and refuses weights that are not finite (NaN or inf: a diverged run); :func:`save_checkpoint`
+refuses to write such weights in the first place.
 
 so that this package can rebuild a model trained by another package (for example ``stn``)
 without importing it statically: the dependency stays one way.
@@ -18,6 +24,7 @@ Built-in models register themselves with :func:`register_model`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -32,7 +39,7 @@ from torch import nn
 from ._io import atomic_torch_save
 
 __all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model",
-           "save_checkpoint", "load_checkpoint", "CheckpointError"]
+           "save_checkpoint", "load_checkpoint", "tensor_checksum", "CheckpointError"]
 
 CHECKPOINT_FORMAT = "invariance-checkpoint/1"
 
@@ -66,10 +73,51 @@ def builtin_models() -> dict[str, ModelInfo]:
     return dict(_REGISTRY)
 
 
+def tensor_checksum(obj: Any) -> str:
+    """``"sha256:..."`` of every tensor in ``obj`` (nested dicts / lists / tuples, in order): its
+    path, dtype, shape and bytes. Other values are not covered.
+
+    >>> a = {"w": torch.zeros(2, 3)}
+    >>> tensor_checksum(a) == tensor_checksum({"w": torch.zeros(2, 3)}) != tensor_checksum({"w": torch.ones(2, 3)})
+    True
+    """
+    h = hashlib.sha256()
+
+    def walk(o, where: str) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{where}|{t.dtype}|{tuple(o.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{where}/{k}")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{where}/{i}")
+
+    walk(obj, "")
+    return "sha256:" + h.hexdigest()
+
+
+def _non_finite(state_dict: dict) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, else None."""
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(
+                torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, builder: str, config: dict, **extra: Any) -> Path:
-    """Write a self-describing checkpoint atomically (see the module docstring)."""
-    obj = {"format": CHECKPOINT_FORMAT, "builder": builder, "config": dict(config),
-           "state_dict": model.state_dict(), **extra}
+    """Write a self-describing checkpoint atomically, with the checksum of its tensors (see the
+    module docstring). Raises :class:`CheckpointError` (and writes nothing) if a weight is NaN or inf."""
+    state = model.state_dict()
+    bad = _non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not written: the weight {bad!r} holds NaN or inf values (training diverged)")
+    obj = {"format": CHECKPOINT_FORMAT, "builder": builder, "config": dict(config), "state_dict": state, **extra}
+    obj.pop("checksum", None)
+    obj["checksum"] = tensor_checksum(obj)
     return atomic_torch_save(path, obj)
 
 
@@ -88,6 +136,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     for key in ("builder", "config", "state_dict"):
         if key not in obj:
             raise CheckpointError(f"{path}: checkpoint lacks the key {key!r}")
+    if "checksum" in obj:
+        stored = obj.pop("checksum")
+        if tensor_checksum(obj) != stored:
+            raise CheckpointError(f"{path}: corrupt checkpoint: its tensors do not match the checksum written "
+                                  f"with them (the file changed after it was saved)")
+        obj["checksum"] = stored
+    if not isinstance(obj["state_dict"], dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint: state_dict is a {type(obj['state_dict']).__name__}")
+    bad = _non_finite(obj["state_dict"])
+    if bad is not None:
+        raise CheckpointError(f"{path}: the weight {bad!r} holds NaN or inf values (the run diverged); "
+                              f"retrain it, e.g. with a smaller learning rate")
     return obj
 
 
@@ -99,22 +159,42 @@ def _import_object(spec: str):
             raise ValueError(f"model: file {target!r} not found")
         modname = f"_invariance_user_{abs(hash(str(file.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(modname, file)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"model: cannot import {target!r} as a Python file")
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # SyntaxError, an ImportError inside, any error at import time
+            raise ValueError(f"model: importing {target!r} failed: {_one_line(exc)}") from None
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise ValueError(f"model: cannot import module {target!r} ({exc})") from None
+            raise ValueError(f"model: cannot import module {target!r} ({_one_line(exc)})") from None
+        except Exception as exc:
+            raise ValueError(f"model: importing module {target!r} failed: {_one_line(exc)}") from None
     if not hasattr(module, name):
         raise ValueError(f"model: {target!r} has no attribute {name!r}")
     return getattr(module, name)
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (with the line of a SyntaxError)."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno})"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _build_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     ck = load_checkpoint(path, map_location)
     builder = _import_object(ck["builder"])
-    model = builder(**ck["config"])
+    if not isinstance(ck["config"], dict):
+        raise CheckpointError(f"{path}: config is not a dict")
+    try:
+        model = builder(**ck["config"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: rebuilding the model with {ck['builder']} failed: {_one_line(exc)}") from None
     try:
         model.load_state_dict(ck["state_dict"])
     except RuntimeError as exc:
@@ -137,10 +217,21 @@ def load_model(spec: str | nn.Module) -> nn.Module:
     if spec in models:
         return models[spec].factory().eval()
     if Path(spec).is_file():
-        return _build_from_checkpoint(spec).eval()
+        try:
+            return _build_from_checkpoint(spec).eval()
+        except CheckpointError as exc:
+            raise CheckpointError(f"model: {exc}") from None
     if ":" in spec:
         obj = _import_object(spec)
-        model = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
+        if isinstance(obj, nn.Module):
+            model = obj
+        elif callable(obj):
+            try:
+                model = obj()
+            except Exception as exc:
+                raise ValueError(f"model: calling {spec!r} failed: {_one_line(exc)}") from None
+        else:
+            model = None
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: {spec!r} is neither an nn.Module nor a callable returning one")
         return model.eval()

@@ -4,6 +4,12 @@
 errors, their ``*_ci`` bootstrap intervals, ``best_params`` and the channel orbits),
 ``calibration`` (``interpolation_floor`` per transformation and ``random_pair_null`` per layer
 and transformation) and ``meta`` (how it was measured).
+
+A saved report folder is written as a whole: :meth:`Report.save` writes ``report.json`` last,
+with ``files``, the size and sha256 of every file written before it (CSV, figures), and
+:meth:`Report.from_json` refuses a folder whose files differ from that list (a save killed
+half-way leaves the old ``report.json`` beside newer files) with a one-line
+:class:`invariance._io.FolderError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, check_files, describe_files
 
 __all__ = ["Report", "ERROR_KEYS"]
 
@@ -97,17 +103,30 @@ class Report:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
-        d = json.loads(Path(path).read_text())
-        return cls(records=d["records"], calibration=d.get("calibration", {}), meta=d.get("meta", {}))
+        """Read ``report.json``; refuses a report folder that mixes two saves (see the module docstring)."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+            records = d["records"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a report.json ({type(exc).__name__}: {exc})") from None
+        if "files" in d:
+            check_files(path.parent, d["files"], manifest=path.name)
+        return cls(records=records, calibration=d.get("calibration", {}), meta=d.get("meta", {}))
 
     def save(self, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, Path]:
-        """Write ``report.json``, ``report.csv`` and the figures into ``out_dir``."""
+        """Write ``report.csv``, the figures and, last, ``report.json`` (listing the others with
+        their sha256) into ``out_dir``: a save killed half-way is detected by :meth:`from_json`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": self.to_json(out / "report.json"), "csv": self.to_csv(out / "report.csv")}
+        paths = {"csv": self.to_csv(out / "report.csv")}
         if figures:
             paths.update(self.save_figures(out))
-        return paths
+        for stale in set(_FIGURES) - {p.name for p in paths.values()}:  # figures of an earlier save
+            (out / stale).unlink(missing_ok=True)
+        d = _clean(self.to_dict())
+        d["files"] = describe_files(paths.values(), out)
+        return {"json": atomic_write_json(out / "report.json", d), **paths}
 
     def save_figures(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         import matplotlib
@@ -189,6 +208,9 @@ class Report:
             ax.legend(fontsize=7)
         fig.tight_layout()
         return fig
+
+
+_FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png")
 
 
 def _isnan(v) -> bool:

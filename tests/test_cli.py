@@ -133,7 +133,7 @@ def test_layers_command_lists_frames(files, capsys):
     ("linear-layer", r"layers: layer 'fc' has a non-4-D output"),
     ("rgb-images", r"images: the model's first convolution 'conv' expects 1 channel\(s\), got images with 3"),
     ("nan-images", r"images: contain NaN or infinite values"),
-    ("n-images-0", r"n_images: must be at least 1, got 0"),
+    ("n-images-0", r"--n-images: must be at least 1, got 0"),
     ("empty-npy", r"images: empty batch"),
     ("unknown-spec", r"transform: unknown SPEC 'twist:3'; valid: rotation:ANGLE"),
     ("bad-sweep", r"transform: cannot parse SPEC 'rotation:0..90:0'"),
@@ -144,7 +144,7 @@ def test_layers_command_lists_frames(files, capsys):
     ("missing-attribute", r"model: '.*net\.py' has no attribute 'NOPE'"),
     ("missing-images", r"images: file '.*missing\.npy' not found"),
     ("unknown-source", r"images: unknown SOURCE 'pictures'; valid choices: digits, mnist"),
-    ("unknown-device", r"device: unknown device 'gpu'; valid choices: cpu, cuda, auto"),
+    ("unknown-device", r"device: unknown device 'gpu'; valid choices: cpu, cuda, cuda:N, auto"),
 ])
 def test_bad_input_exits_2_with_one_line(files, capsys, case, match):
     d = files["dir"]
