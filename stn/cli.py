@@ -1,8 +1,10 @@
 """The ``stn`` command: ``stn train``, ``stn evaluate``, ``stn reproduce``.
 
 Run ``stn COMMAND --help`` for the options. Exit status: 0 on success, 2 for a usage error
-(unknown architecture, data set, family, ...: the message lists the valid choices), 1 for any
-other error (missing data, corrupt checkpoint, ...), with a one-line message.
+(unknown architecture, data set, family, ..., the message lists the valid choices; an ``--out``
+that is a file or not writable, a ``--data-root`` that is not a folder: checked before anything
+is read or trained), 1 for any other error (missing data, a corrupt checkpoint, a diverged
+training run, ...), always with a one-line message.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ import json
 import sys
 
 __all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (``stn COMMAND: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _arch(value: str) -> str:
@@ -45,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .models import CLASSIFIERS, valid_arch_names
     from .reproduce import TRANSFORMS
 
-    p = argparse.ArgumentParser(prog="stn", description="Spatial transformer networks (Jaderberg et al. 2015): "
+    p = _Parser(prog="stn", description="Spatial transformer networks (Jaderberg et al. 2015): "
                                 "train the paper's architectures on transformed MNIST / Fashion-MNIST, evaluate "
                                 "them, and reproduce the MNIST table of Finnveden et al. 2020.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,13 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a run folder", description="Test error, canonical-pose "
                        "statistic and (for STN-C1) feature-map alignment errors of a trained run.")
-    e.add_argument("run", help="run folder written by stn train")
+    e.add_argument("run", help="run folder written by stn train (or a checkpoint file)")
     e.add_argument("--device", default="auto")
     e.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=None,
                    help="feature-map alignment analysis (default: for STN-C architectures with depth > 0)")
     e.add_argument("--alignment-images", type=int, default=64)
     e.add_argument("--data-root", default=None)
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
+    e.add_argument("--no-write", action="store_true",
+                   help="do not write evaluation.json (e.g. for a read-only run folder)")
     e.add_argument("--threads", type=int, default=None)
 
     r = sub.add_parser("reproduce", help="reproduce the paper's MNIST table",
@@ -131,9 +142,36 @@ def _fmt_eval(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Output and data folders, before anything is read or trained (usage errors, exit code 2)."""
+    from pathlib import Path
+
+    from invariance._io import check_output_dir
+
+    try:
+        for option in ("out", "results"):
+            if getattr(args, option, None) is not None:
+                check_output_dir(getattr(args, option), "--" + option)
+    except ValueError as exc:
+        parser.exit(2, f"stn {args.command}: error: {exc}\n")
+    root = getattr(args, "data_root", None)
+    if root is not None and not Path(root).expanduser().is_dir():
+        parser.exit(2, f"stn {args.command}: error: --data-root: {root!r} is not a folder; give the folder that "
+                       f"holds mnist/ and fashion-mnist/\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from invariance._io import exit_on_sigterm
+
+    exit_on_sigterm()  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_paths(parser, args)
     try:
         from invariance.datasets import DatasetNotFoundError
         from invariance.models import CheckpointError
@@ -150,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                                   milestones=args.milestones, gamma=args.gamma, seed=args.seed, limit=args.limit,
                                   test_limit=args.test_limit, eval_every=args.eval_every, data_root=args.data_root)
             except ValueError as exc:
-                parser.error(str(exc))
+                parser.exit(2, f"stn train: error: {_one_line(exc)}\n")
             m = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
             if m.get("test_error") is not None:
                 print(f"{args.out}: test error {100 * m['test_error']:.2f}% after {m['epochs_done']} epochs")
             return 0
         if args.command == "evaluate":
             res = evaluate(args.run, device=args.device, alignment=args.alignment,
-                           alignment_images=args.alignment_images, data_root=args.data_root)
+                           alignment_images=args.alignment_images, data_root=args.data_root,
+                           write=not args.no_write)
             print(json.dumps(res, indent=2) if args.json else _fmt_eval(res))
             return 0
         if args.command == "reproduce":
@@ -167,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
                       data_root=args.data_root, fashion=not args.no_fashion,
                       transforms=[t.strip() for t in args.transforms.split(",") if t.strip()])
             return 0
-    except (CheckpointError, RunError, DatasetNotFoundError, ValueError, FileNotFoundError) as exc:
-        print(f"stn {args.command}: error: {exc}", file=sys.stderr)
+    except DatasetNotFoundError as exc:
+        where = "--data-root: " if getattr(args, "data_root", None) is not None else ""
+        print(f"stn {args.command}: error: {where}{_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (CheckpointError, RunError, ValueError, OSError) as exc:
+        msg = _one_line(exc)
+        if msg.startswith("run: "):
+            msg = msg.removeprefix("run: ") + " (pass --no-write to evaluate without writing evaluation.json)"
+        print(f"stn {args.command}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"stn {args.command}: interrupted (the last completed epoch is saved; rerun with --resume)",

@@ -39,16 +39,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from invariance import geometry as G
-from invariance._io import atomic_write_json
+from invariance._io import atomic_write_json, check_output_dir
 from invariance.datasets import DATASETS
-from invariance.models import CheckpointError, load_checkpoint, save_checkpoint
+from invariance.models import CheckpointError, _non_finite, load_checkpoint, save_checkpoint
 
 from .data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
 from .models import CLASSIFIERS, STNClassifier, build_model, parse_arch
 from .transformer import STN_FAMILIES
 
 __all__ = ["TrainConfig", "DEFAULT_FAMILY", "train", "evaluate", "evaluate_model", "load_run", "resolve_device",
-           "RunError", "CHECKPOINT", "METRICS"]
+           "RunError", "DivergedError", "CHECKPOINT", "METRICS", "EVALUATION"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -61,6 +61,11 @@ DEFAULT_FAMILY: dict[str, str] = {"rotation": "rotation", "scale": "scale_transl
 
 class RunError(RuntimeError):
     """A run folder cannot be used as asked (existing run without --resume, mismatched configuration)."""
+
+
+class DivergedError(RunError):
+    """The training loss (or a weight) became NaN or infinite: training stops, the epoch in progress
+    is not saved (the run folder keeps the last finite checkpoint, if any)."""
 
 
 @dataclass
@@ -249,17 +254,34 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
         progress: show a tqdm bar per epoch (only on a terminal).
         stop_after: stop (as if interrupted) after this many epochs in total; for tests.
+
+    Raises:
+        ValueError: ``out`` is a file or not writable (checked before the data are read).
+        DivergedError: the loss or a weight became NaN / inf; the epoch in progress is not saved,
+            and a run folder this call created is removed again if it holds nothing.
     """
     cfg.validate()
-    out = Path(out)
+    out = check_output_dir(out, "out")
     dev = resolve_device(device)
     ck_path = out / CHECKPOINT
     if ck_path.exists() and not resume:
         raise RunError(f"{out}: holds a run already ({CHECKPOINT}); pass --resume to continue it "
                        f"or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     train_ds, test_ds = _datasets(cfg, dev)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, out, train_ds, test_ds, dev, resume=resume, progress=progress, log=log,
+                      stop_after=stop_after)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # nothing was saved: leave no empty run folder behind
+        raise
+
+
+def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progress, log, stop_after) -> dict:
+    ck_path = out / CHECKPOINT
     n_classes = int(max(train_ds.labels.max().item(), test_ds.labels.max().item())) + 1
     n_classes = max(n_classes, 10)
     model_cfg = cfg.model_config(n_classes)
@@ -307,14 +329,20 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         loss_sum, wrong, seen = 0.0, 0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"{model.spec.name} epoch {epoch + 1}/{cfg.epochs}",
                    disable=None if progress else True, leave=False, file=sys.stderr)
-        for x, y, _ in train_ds.batches(epoch, cfg.batch_size):
+        for step, (x, y, _) in enumerate(train_ds.batches(epoch, cfg.batch_size)):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise DivergedError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {opt.param_groups[0]['lr']:g}); epoch {epoch + 1} was not saved"
+                                    f"{_kept(epoch)}; lower --lr and train again")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
-                loss_sum += loss.item() * len(y)
+                loss_sum += value * len(y)
                 wrong += int((logits.argmax(1) != y).sum())
                 seen += len(y)
             bar.update(1)
@@ -334,6 +362,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
             entry["eval_seconds"] = time.perf_counter() - t1
         elapsed += time.perf_counter() - t0
         history.append(entry)
+        bad = _non_finite(model.state_dict())
+        if bad is not None:
+            raise DivergedError(f"training diverged: the weight {bad!r} holds NaN or inf after epoch {epoch + 1} "
+                                f"(lr {lr_now:g}); epoch {epoch + 1} was not saved{_kept(epoch)}; "
+                                f"lower --lr and train again")
         save_checkpoint(ck_path, model, builder=BUILDER, config=model_cfg, train_config=cfg.to_dict(),
                         epoch=epoch + 1, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                         rng=_rng_state(dev), data_seeds=data_seeds, history=history, seconds=elapsed,
@@ -348,6 +381,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
         done = len(history) >= cfg.epochs
         _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, done))
     return json.loads((out / METRICS).read_text()) if (out / METRICS).exists() else {}
+
+
+def _kept(epoch: int) -> str:
+    return f" (the checkpoint of epoch {epoch} is kept)" if epoch > 0 else " (no checkpoint was written)"
 
 
 def _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, finished) -> dict:
@@ -377,16 +414,34 @@ def load_run(out: str | os.PathLike, device: str = "auto") -> tuple[STNClassifie
     return model.eval(), cfg, ck
 
 
+def evaluation_path(out: str | os.PathLike) -> Path:
+    """Where :func:`evaluate` writes: ``DIR/evaluation.json`` for a run folder (or its
+    ``checkpoint.pt``), ``NAME.evaluation.json`` beside any other checkpoint file ``NAME.pt``."""
+    out = Path(out)
+    if out.is_dir():
+        return out / EVALUATION
+    if out.name == CHECKPOINT:
+        return out.parent / EVALUATION
+    return out.with_name(out.stem + "." + EVALUATION)
+
+
 def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | None = None,
              alignment_images: int = 64, data_root: str | None = None, write: bool = True) -> dict:
-    """Evaluate a run folder: test error, canonical-pose statistic and (for STN-C1) feature-map alignment.
+    """Evaluate a run folder (or a checkpoint file): test error, canonical-pose statistic and (for
+    STN-C1) feature-map alignment.
 
     ``alignment=None`` runs the feature-map alignment analysis when the architecture transforms
-    feature maps at depth 1 (``STN-C1``). Writes ``out/evaluation.json`` when ``write``.
+    feature maps at depth 1 (``STN-C1``). Writes :func:`evaluation_path` when ``write``; that it
+    can be written is checked before anything is evaluated.
     """
     from .analysis import canonical_pose, feature_map_alignment
 
     out = Path(out)
+    if not out.exists():
+        raise CheckpointError(f"{out}: no such run folder or checkpoint file")
+    target = evaluation_path(out)
+    if write:
+        check_output_dir(target.parent, "run")
     model, cfg, ck = load_run(out, device)
     dev = next(model.parameters()).device
     if data_root is not None:
@@ -411,5 +466,5 @@ def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | 
         result["feature_alignment"] = feature_map_alignment(model, test_ds, n_images=alignment_images)
     result["seconds"] = time.perf_counter() - t0
     if write:
-        atomic_write_json(out / EVALUATION, result)
+        atomic_write_json(target, result)
     return result
