@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,11 +169,20 @@ def check_files(root: str | os.PathLike, listed: dict, manifest: str = MANIFEST)
                               f"folder mixes two saves (one interrupted) or was changed since; save it again")
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into ``SystemExit(143)`` so that ``finally`` blocks and temporary-file cleanup
-    run (the default action kills the process on the spot). No-op outside the main thread."""
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` so that ``finally`` blocks and the
+    removal of temporary files run (the default action kills the process on the spot). The
+    previous handler is restored afterwards; a no-op outside the main thread."""
     def _handler(signum, frame):
         raise SystemExit(128 + signum)
 
-    with contextlib.suppress(ValueError):
-        signal.signal(signal.SIGTERM, _handler)
+    try:
+        previous = signal.signal(signal.SIGTERM, _handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -359,12 +359,12 @@ def _message(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from ._io import exit_on_sigterm
 
-    exit_on_sigterm()  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
     parser = _parser()
     a = parser.parse_args(argv)
     handlers = {"measure": cmd_measure, "layers": cmd_layers, "models": cmd_models, "demo": cmd_demo}
     try:
-        return handlers[a.command](a)
+        with exit_on_sigterm():  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
+            return handlers[a.command](a)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.exit(2, f"invariance: error: {_message(exc)}\n")
     except (OSError, RuntimeError, MemoryError) as exc:

@@ -168,10 +168,14 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from invariance._io import exit_on_sigterm
 
-    exit_on_sigterm()  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_paths(parser, args)
+    with exit_on_sigterm():  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
+        return _run(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args) -> int:
     try:
         from invariance.datasets import DatasetNotFoundError
         from invariance.models import CheckpointError

@@ -260,14 +260,16 @@ KILLED_WRITE = """
 import os, sys, time
 from pathlib import Path
 from invariance._io import atomic_write, exit_on_sigterm
-if sys.argv[2] == "term":
-    exit_on_sigterm()
 def slow(f):
     f.write(b"partial")
     f.flush()
     print("writing", flush=True)
     time.sleep(60)
-atomic_write(Path(sys.argv[1]) / sys.argv[3], slow)
+if sys.argv[2] == "term":
+    with exit_on_sigterm():
+        atomic_write(Path(sys.argv[1]) / sys.argv[3], slow)
+else:
+    atomic_write(Path(sys.argv[1]) / sys.argv[3], slow)
 """
 
 
