@@ -124,9 +124,12 @@ def load_images(source: str, n: int | None = None, seed: int = 0, size: int | No
 
         imgs, _ = load_digits()
     elif source in ("mnist", "fashion-mnist"):
-        from .datasets import load_split
+        from .datasets import DatasetNotFoundError, load_split
 
-        imgs = load_split(source, "test").images
+        try:
+            imgs = load_split(source, "test").images
+        except DatasetNotFoundError as exc:
+            raise ValueError(f"images: {exc}") from None
     elif path.suffix in (".npy", ".pt"):
         if not path.is_file():
             raise ValueError(f"images: file {source!r} not found")

@@ -188,6 +188,18 @@ def test_out_is_checked_before_any_computation(d, tmp_path, capsys, command, whe
     assert not out.exists() or where == "a file"
 
 
+def test_images_from_a_data_set_that_is_not_there(d, tmp_path, capsys, monkeypatch):
+    from invariance import datasets
+
+    monkeypatch.setenv("INVARIANCE_DATA", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(datasets, "SYSTEM_DATA_DIR", tmp_path)
+    code, out, err = call(inv_cli.main, measure(d, images="x") + ["--images", "mnist"], capsys)
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith("invariance: error: --images: mnist test files not found") and "INVARIANCE_DATA" in line
+
+
 # ----------------------------------------------------------------------------- invariance: documented behaviour
 
 @pytest.mark.parametrize("name", ["int16.npy", "int32.npy", "int64.npy", "uint16.npy", "int64.pt"])
