@@ -9,7 +9,10 @@ Public API (everything else is private):
 * geometry: :mod:`invariance.geometry` (the one home of the conventions), :mod:`invariance.warp`
 * features: :func:`extract_features`, :class:`LayerFrame`, :func:`list_layers`
 * search: :func:`align`, :class:`SearchConfig`, :func:`fit_linear`, :func:`channel_orbits`
-* metrics: :func:`measure`, :func:`parse_transforms`, :class:`Transform`, :class:`Report`
+* metrics: :func:`measure`, :func:`parse_transforms`, :class:`Transform`, :class:`Report`;
+  the one measurement core :func:`measure_layer` (:class:`LayerResult`), with
+  :func:`comparison_region`, :func:`transformed_valid` and :func:`interpolation_floor`
+  (definitions: docs/definitions.md)
 * models: :func:`load_model`, :func:`builtin_models`
 * test kit: :mod:`invariance.testing`
 
@@ -26,6 +29,7 @@ from . import geometry, warp
 from .features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
 from .geometry import FAMILIES
 from .measure import CHANNEL_MODES, DEFAULT_SEARCH, Transform, measure, parse_transforms
+from .metric import LayerResult, comparison_region, interpolation_floor, measure_layer, transformed_valid
 from .models import builtin_models, load_model
 from .report import Report
 from .search import SEARCH_FAMILIES, Alignment, SearchConfig, align, channel_orbits, fit_linear, masked_error
@@ -38,5 +42,6 @@ __all__ = [
     "INPUT", "FeatureExtractor", "LayerFrame", "extract_features", "list_layers",
     "SEARCH_FAMILIES", "Alignment", "SearchConfig", "align", "channel_orbits", "fit_linear", "masked_error",
     "CHANNEL_MODES", "DEFAULT_SEARCH", "Transform", "measure", "parse_transforms", "Report",
+    "LayerResult", "measure_layer", "interpolation_floor", "comparison_region", "transformed_valid",
     "builtin_models", "load_model",
 ]

@@ -2,8 +2,8 @@
 
     invariance measure --model MODEL --transform SPEC [--layers L1,L2|all]
         [--images SOURCE] [--n-images N] [--search FAMILY]
-        [--channels spatial,permutation,linear] [--out DIR] [--device cpu|cuda] [--seed S]
-        [--n-boot B] [--max-transforms M] [--quick]
+        [--channels spatial,permutation,linear] [--mask-radius R] [--interior auto|on|off]
+        [--out DIR] [--device cpu|cuda] [--seed S] [--n-boot B] [--max-transforms M] [--quick]
     invariance demo [--out DIR] [--quick]
     invariance layers --model MODEL [--images SOURCE]
     invariance models
@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["main", "load_images", "IMAGE_SOURCES", "MAX_TRANSFORMS", "DEFAULT_N_IMAGES"]
+from .measure import MAX_IMAGE_PIXELS, MAX_TRANSFORMS
+
+__all__ = ["main", "load_images", "IMAGE_SOURCES", "DEFAULT_N_IMAGES"]
 
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "glyphs", "blobs", "FILE.npy", "FILE.pt")
 #: Most transformations one ``measure`` may sweep (override: ``--max-transforms``).
-MAX_TRANSFORMS = 1000
 #: Images measured when ``--n-images`` is not given (or all the SOURCE holds, if fewer).
 DEFAULT_N_IMAGES = 64
 
@@ -148,58 +149,6 @@ def load_images(source: str, n: int | None = None, seed: int = 0, size: int | No
     return imgs
 
 
-_SWEEP = re.compile(r"\s*([A-Za-z_]+)\s*:\s*([-+0-9.eEinfINFaA]+)\s*\.\.\s*([-+0-9.eEinfINFaA]+)\s*:\s*"
-                    r"([-+0-9.eEinfINFaA]+)\s*")
-
-
-def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
-    """Count the transformations of SPEC strings without building them; sweeps with a fractional
-    COUNT, an empty range, non-finite numbers, or more than ``cap`` transformations in all are
-    refused (``ValueError("transform: ...")``) before anything is allocated.
-
-    >>> check_transform_count(["rotation:-180..180:15; scale:0.5..2:5"])
-    30
-    """
-    total = 0
-    for chunk in specs:
-        for s in (p.strip() for p in chunk.split(";")):
-            if not s:
-                continue
-            m = _SWEEP.fullmatch(s)
-            if not m:
-                total += 1
-                continue
-            name = m[1].lower()
-            try:
-                a, b, c = (float(v) for v in m.groups()[1:])
-            except ValueError:
-                total += 1  # the SPEC parser reports it
-                continue
-            if not all(math.isfinite(v) for v in (a, b, c)):
-                raise ValueError(f"transform: the sweep {s!r} needs finite START, STOP and STEP / COUNT")
-            if name == "scale":
-                if c != int(c) or c < 1:
-                    raise ValueError(f"transform: the COUNT of the sweep {s!r} must be a whole number >= 1, got "
-                                     f"{c:g} (scale:START..STOP:COUNT gives COUNT log-spaced factors)")
-                n = int(c)
-            elif name in ("rotation", "translation"):
-                if c <= 0:
-                    total += 1  # the SPEC parser reports it
-                    continue
-                if b < a:
-                    raise ValueError(f"transform: the sweep {s!r} is empty: STOP {b:g} is below START {a:g}")
-                n = math.floor((b - a) / c + 1e-9) + 1
-            else:
-                n = 1
-            total += n
-            if total > cap:
-                raise ValueError(f"transform: {s!r} gives {n:.4g} transformations"
-                                 f"{' (with the others, ' + format(total, '.4g') + ')' if total != n else ''}, "
-                                 f"above the cap of {cap}; use a coarser STEP, or raise the cap with "
-                                 f"--max-transforms")
-    return total
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="invariance", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -217,7 +166,12 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"images to measure (default: {DEFAULT_N_IMAGES}, or all the SOURCE holds if fewer)")
     m.add_argument("--search", default=None, help="search family (default: from the transformation)")
     m.add_argument("--channels", default="spatial,permutation,linear")
-    m.add_argument("--mask-radius", type=float, default=1.0)
+    m.add_argument("--mask-radius", type=float, default=None,
+                   help="evaluation disk radius, normalised units (default: the whole map)")
+    m.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"largest image size in pixels (default {MAX_IMAGE_PIXELS})")
+    m.add_argument("--interior", default="auto", choices=("auto", "on", "off"),
+                   help="compare only where the receptive field lies inside the image (default: auto)")
     m.add_argument("--out", default=None, help="folder for report.json, report.csv and figures")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--seed", type=int, default=0)
@@ -268,7 +222,7 @@ def _check_seed(seed: int) -> None:
 
 def cmd_measure(a) -> int:
     from ._io import check_output_dir
-    from .measure import measure, parse_transforms
+    from .measure import check_transform_count, measure, parse_transforms
     from .models import load_model
     from .search import SearchConfig
 
@@ -279,12 +233,12 @@ def cmd_measure(a) -> int:
         raise ValueError(f"n_boot: must be a positive number of bootstrap resamples, got {a.n_boot}")
     if a.max_transforms < 1:
         raise ValueError(f"max_transforms: must be at least 1, got {a.max_transforms}")
-    if not (math.isfinite(a.mask_radius) and a.mask_radius > 0):
+    if a.mask_radius is not None and not (math.isfinite(a.mask_radius) and a.mask_radius > 0):
         raise ValueError(f"mask_radius: must be a positive number, got {a.mask_radius}")
     _check_seed(a.seed)
     device = _device(a.device)
     check_transform_count(a.transform, a.max_transforms)
-    transforms = parse_transforms(a.transform)
+    transforms = parse_transforms(a.transform, max_transforms=a.max_transforms)
     model = load_model(a.model)
     default_images, default_layers = _model_defaults(a.model)
     images = load_images(a.images or default_images, a.n_images, seed=a.seed)
@@ -294,6 +248,7 @@ def cmd_measure(a) -> int:
         cfg = SearchConfig(seed=a.seed, n_angles=36, refine_steps=20, log2_scales=tuple(np.arange(-2, 2.01, 0.25)))
     report = measure(model, images.to(device), transforms, layers=a.layers or default_layers, search=a.search,
                      channels=a.channels, mask_radius=a.mask_radius, config=cfg, n_boot=a.n_boot, seed=a.seed,
+                     interior={"auto": None, "on": True, "off": False}[a.interior], max_image_pixels=a.max_pixels,
                      device=device, progress=True, model_name=a.model)
     print(report.table())
     if a.out:
@@ -345,8 +300,8 @@ def cmd_demo(a) -> int:
 
 
 _OPTION = re.compile(r"^([a-z][a-z_]*): ")
-_OPTIONS = {"model", "transform", "layers", "images", "n_images", "search", "channels", "mask_radius", "out",
-            "device", "seed", "n_boot", "max_transforms"}
+_OPTIONS = {"model", "transform", "layers", "images", "n_images", "search", "channels", "mask_radius", "interior",
+            "out", "device", "seed", "n_boot", "max_transforms", "max_pixels"}
 
 
 def _message(exc: BaseException) -> str:

@@ -16,6 +16,12 @@ nested modules and residual branches are all covered. A layer reached through an
 tracer does not know (``interpolate``, adaptive pooling, transposed convolutions) gets the
 *assumed* frame "covers the image's field of view" and ``LayerFrame.exact`` is ``False``.
 
+The tracer also accumulates the half-width ``r`` of each axis's receptive field (input pixels:
+pixel ``j`` depends on input pixels ``[a j + b - r, a j + b + r]``), ``r' = r + a * d * (k - 1) / 2``
+per convolution or pooling. It defines the layer's *interior*, the positions whose receptive
+field lies inside the image (:meth:`LayerFrame.valid_positions`, used for the comparison region
+of docs/definitions.md).
+
 From ``(a, b)`` and the sizes follows the affine map from the layer's normalised coordinates
 ``u`` to the image's normalised coordinates ``X = alpha * u + beta`` with
 ``alpha = a w / W`` and ``beta = (a (w - 1) + 2 b + 1) / W - 1``. A transformation ``T`` of the
@@ -50,6 +56,8 @@ class LayerFrame:
         size: feature map ``(h, w)``.
         input_size: image ``(H, W)``.
         exact: ``True`` if traced through known layers, ``False`` if assumed.
+        rf_radius: ``(r_x, r_y)`` half-width of the receptive field in input pixels (``None``
+            when unknown, e.g. for an assumed frame).
     """
 
     stride: tuple[float, float]
@@ -57,11 +65,12 @@ class LayerFrame:
     size: tuple[int, int]
     input_size: tuple[int, int]
     exact: bool = True
+    rf_radius: tuple[float, float] | None = (0.0, 0.0)
 
     @classmethod
     def identity(cls, size: Sequence[int]) -> LayerFrame:
         h, w = (int(s) for s in size)
-        return cls((1.0, 1.0), (0.0, 0.0), (h, w), (h, w), True)
+        return cls((1.0, 1.0), (0.0, 0.0), (h, w), (h, w), True, (0.0, 0.0))
 
     @classmethod
     def assumed(cls, size: Sequence[int], input_size: Sequence[int]) -> LayerFrame:
@@ -69,7 +78,7 @@ class LayerFrame:
         h, w = (int(s) for s in size)
         hh, ww = (int(s) for s in input_size)
         ax, ay = ww / w, hh / h
-        return cls((ax, ay), ((ax - 1) / 2, (ay - 1) / 2), (h, w), (hh, ww), False)
+        return cls((ax, ay), ((ax - 1) / 2, (ay - 1) / 2), (h, w), (hh, ww), False, None)
 
     def matrix(self, dtype=None, device=None) -> torch.Tensor:
         """``Phi``: layer-normalised -> image-normalised point coordinates (3x3)."""
@@ -91,6 +100,56 @@ class LayerFrame:
         """A layer transformation (layer-normalised) expressed on the image (inverse of :meth:`to_layer`)."""
         phi = self.matrix(layer_matrix.dtype, layer_matrix.device)
         return phi @ layer_matrix @ torch.linalg.inv(phi)
+
+    def centres(self, dtype=torch.float64, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input-pixel positions ``(x (w,), y (h,))`` of the centres of the map's pixels."""
+        (ax, ay), (bx, by) = self.stride, self.offset
+        h, w = self.size
+        return (torch.arange(w, dtype=dtype, device=device) * ax + bx,
+                torch.arange(h, dtype=dtype, device=device) * ay + by)
+
+    def valid_positions(self, image_valid: torch.Tensor | None = None, *, interior: bool = False) -> torch.Tensor:
+        """Boolean ``(h, w)`` mask of the map's positions computed from valid image pixels only.
+
+        ``image_valid`` ``(H, W)`` marks the image pixels that carry real content (default: all;
+        for a transformed image, the pixels that came from inside the original frame). With
+        ``interior=False`` a position is valid when the image pixel under its centre is (outside
+        the image, the nearest border pixel counts); with ``interior=True`` when every pixel of
+        its receptive field lies inside the image and is valid (the receptive-field interior of
+        docs/definitions.md). An unknown receptive field (``rf_radius is None``) raises.
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1))
+        >>> _, frames = extract_features(net, torch.rand(1, 1, 8, 8), "1")
+        >>> frames["1"].rf_radius, frames["1"].valid_positions(interior=True).sum(1).tolist()
+        ((2.0, 2.0), [0, 0, 4, 4, 4, 4, 0, 0])
+        """
+        hh, ww = self.input_size
+        dev = image_valid.device if isinstance(image_valid, torch.Tensor) else None
+        v = (torch.ones(hh, ww, dtype=torch.bool, device=dev) if image_valid is None
+             else image_valid.to(torch.bool))
+        if tuple(v.shape) != (hh, ww):
+            raise ValueError(f"image_valid: expected shape (H, W) = {(hh, ww)}, got {tuple(v.shape)}")
+        cx, cy = self.centres(device=v.device)
+        if not interior:
+            ix = cx.round().clamp(0, ww - 1).long()
+            iy = cy.round().clamp(0, hh - 1).long()
+            return v[iy][:, ix]
+        if self.rf_radius is None:
+            raise ValueError("interior: the receptive field of this layer is unknown (its frame is assumed, "
+                             "not traced); use interior=False")
+        rx, ry = self.rf_radius
+        # integral image of the invalid pixels: a box is valid iff it holds none
+        bad = (~v).to(torch.float64)
+        sat = torch.nn.functional.pad(bad.cumsum(0).cumsum(1), (1, 0, 1, 0))
+        x0 = torch.ceil(cx - rx - 1e-9).long()
+        x1 = torch.floor(cx + rx + 1e-9).long()
+        y0 = torch.ceil(cy - ry - 1e-9).long()
+        y1 = torch.floor(cy + ry + 1e-9).long()
+        inside = ((y0 >= 0) & (y1 <= hh - 1))[:, None] & ((x0 >= 0) & (x1 <= ww - 1))[None, :]
+        x0c, x1c = x0.clamp(0, ww - 1), x1.clamp(0, ww - 1) + 1
+        y0c, y1c = y0.clamp(0, hh - 1), y1.clamp(0, hh - 1) + 1
+        count = (sat[y1c][:, x1c] - sat[y0c][:, x1c] - sat[y1c][:, x0c] + sat[y0c][:, x0c])
+        return inside & (count < 0.5)
 
     @property
     def is_identity(self) -> bool:
@@ -126,7 +185,7 @@ def _bind(name: str, args, kwargs) -> dict:
 
 
 class _FrameTracer(TorchFunctionMode):
-    """Propagates per-axis frames ``((a_x, b_x), (a_y, b_y))`` from the input through the ops."""
+    """Propagates per-axis frames ``((a_x, b_x, r_x), (a_y, b_y, r_y))`` from the input through the ops."""
 
     def __init__(self):
         super().__init__()
@@ -134,7 +193,7 @@ class _FrameTracer(TorchFunctionMode):
         self._alive: list[torch.Tensor] = []  # keep ids unique during the pass
 
     def seed(self, x: torch.Tensor) -> None:
-        self.frames[id(x)] = ((1.0, 0.0), (1.0, 0.0), True)
+        self.frames[id(x)] = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0), True)
         self._alive.append(x)
 
     def lookup(self, t: torch.Tensor):
@@ -171,14 +230,14 @@ class _FrameTracer(TorchFunctionMode):
             return
         name = getattr(func, "__name__", "")
         src = inputs[0]
-        (ax, bx), (ay, by), exact = self.frames[id(src)]
+        (ax, bx, rx), (ay, by, ry), exact = self.frames[id(src)]
         if name in _MOVING:
             return  # content moved within the grid: leave the output untraced (assumed frame)
         if name in _GEOMETRIC and src.dim() == 4:
             p = _bind(name, args, kwargs)
             if name == "pad":
                 pads = list(p["pad"]) + [0] * 4  # (left, right, top, bottom, ...)
-                self._record(out, ((ax, bx - ax * pads[0]), (ay, by - ay * pads[2]), exact))
+                self._record(out, ((ax, bx - ax * pads[0], rx), (ay, by - ay * pads[2], ry), exact))
                 return
             if name == "conv2d":
                 k = tuple(p["weight"].shape[-2:])
@@ -194,8 +253,8 @@ class _FrameTracer(TorchFunctionMode):
                 d = _pair(p.get("dilation", 1)) if "max_pool" in name else (1, 1)
                 pad = _pair(p.get("padding", 0))
             # index 0 is the H axis (y), index 1 the W axis (x)
-            nx = (ax * s[1], bx + ax * (d[1] * (k[1] - 1) / 2 - pad[1]))
-            ny = (ay * s[0], by + ay * (d[0] * (k[0] - 1) / 2 - pad[0]))
+            nx = (ax * s[1], bx + ax * (d[1] * (k[1] - 1) / 2 - pad[1]), rx + ax * d[1] * (k[1] - 1) / 2)
+            ny = (ay * s[0], by + ay * (d[0] * (k[0] - 1) / 2 - pad[0]), ry + ay * d[0] * (k[0] - 1) / 2)
             self._record(out, (nx, ny, exact))
             return
         # same spatial size as a framed input: elementwise-like, keeps the frame
@@ -206,9 +265,13 @@ class _FrameTracer(TorchFunctionMode):
             same = [t for t in inputs if t.dim() >= 3 and t.shape[-2:] == o.shape[-2:]]
             if not same:
                 continue
-            frames = {self.frames[id(t)][:2] for t in same}
-            if len(frames) == 1:
-                self._record(o, (*frames.pop(), all(self.frames[id(t)][2] for t in same)))
+            # the same grid (stride, offset) in every input: keep it, with the widest receptive field
+            grids = {tuple(ax_[:2] for ax_ in self.frames[id(t)][:2]) for t in same}
+            if len(grids) == 1:
+                (gx, gy) = grids.pop()
+                rx_ = max(self.frames[id(t)][0][2] for t in same)
+                ry_ = max(self.frames[id(t)][1][2] for t in same)
+                self._record(o, ((*gx, rx_), (*gy, ry_), all(self.frames[id(t)][2] for t in same)))
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -361,8 +424,8 @@ class FeatureExtractor:
             if fr is None:
                 frames[n] = LayerFrame.assumed(t.shape[-2:], size)
             else:
-                (ax, bx), (ay, by), exact = fr
-                frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact)
+                (ax, bx, rx), (ay, by, ry), exact = fr
+                frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact, (rx, ry))
             feats[n] = t
         if wanted is not None:
             order_all = [n for n in self.requested]

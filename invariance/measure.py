@@ -1,7 +1,7 @@
 """One call that measures how well a CNN's feature maps can be aligned under a transformation.
 
 For every (layer, transformation) it computes, per image and then as means with bootstrap
-confidence intervals over images, the five errors of DESIGN.md section 2:
+confidence intervals over images, the five errors of docs/definitions.md:
 
 ===================  ========================================================================
 ``invariance``       ``||F_h - F||^2 / ||F||^2``, no alignment at all
@@ -14,8 +14,11 @@ confidence intervals over images, the five errors of DESIGN.md section 2:
 with two calibrations: the *interpolation floor* (the spatial error of the input itself, the
 identity network, under the same transformation and search) and the *random-pair null* (the
 spatial error between an image's maps and the transformed maps of a different image). All norms
-are over channels and the positions of the evaluation mask: the disk of radius ``mask_radius``
-(normalised units) of each layer's own grid.
+are over channels and the positions of the comparison region (docs/definitions.md): where both
+maps are defined, within the receptive-field interior where it applies, and within the disk of
+radius ``mask_radius`` (normalised units of each layer's own grid) when one is given. Each
+(layer, transformation) is measured by :func:`invariance.metric.measure_layer`; images without
+a verdict (no signal on the region) are left out of the means and counted (``n_excluded``).
 
 Example
 -------
@@ -36,19 +39,22 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import geometry as G
-from .features import FeatureExtractor, LayerFrame
+from .features import FeatureExtractor
+from .metric import LayerResult, interpolation_floor, measure_layer
 from .report import Report
-from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, fit_linear, masked_error
-from .warp import disk_mask, warp
+from .search import SEARCH_FAMILIES, SearchConfig
+from .warp import warp
 
-__all__ = ["Transform", "parse_transforms", "measure", "CHANNEL_MODES", "DEFAULT_SEARCH",
+__all__ = ["Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
+           "CHANNEL_MODES",
+           "DEFAULT_SEARCH",
            "bootstrap_ci", "as_image_batch"]
 
 CHANNEL_MODES = ("spatial", "permutation", "linear")
@@ -111,8 +117,70 @@ _SPEC_FAMILIES = {"rotation": "rotation", "scale": "scale", "translation": "tran
                   "anisotropic_scale": "anisotropic_scale"}
 
 
-def parse_transforms(spec: str | Iterable[str]) -> list[Transform]:
+MAX_IMAGE_PIXELS = 512 * 512
+"""Default cap on the image size (pixels) :func:`measure` accepts (``max_image_pixels`` overrides)."""
+
+MAX_TRANSFORMS = 1000
+"""Default cap on the number of transformations one SPEC may give (``max_transforms`` overrides)."""
+
+_SWEEP = re.compile(r"\s*([A-Za-z_]+)\s*:\s*([-+0-9.eEinfINFaA]+)\s*\.\.\s*([-+0-9.eEinfINFaA]+)\s*:\s*"
+                    r"([-+0-9.eEinfINFaA]+)\s*")
+
+
+def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
+    """Count the transformations of SPEC strings without building them; sweeps with a fractional
+    COUNT, an empty range, non-finite numbers, or more than ``cap`` transformations in all are
+    refused (``ValueError("transform: ...")``) before anything is allocated.
+
+    >>> check_transform_count(["rotation:-180..180:15; scale:0.5..2:5"])
+    30
+    """
+    total = 0
+    for chunk in specs:
+        for s in (p.strip() for p in chunk.split(";")):
+            if not s:
+                continue
+            m = _SWEEP.fullmatch(s)
+            if not m:
+                total += 1
+                continue
+            name = m[1].lower()
+            try:
+                a, b, c = (float(v) for v in m.groups()[1:])
+            except ValueError:
+                total += 1  # the SPEC parser reports it
+                continue
+            if not all(math.isfinite(v) for v in (a, b, c)):
+                raise ValueError(f"transform: the sweep {s!r} needs finite START, STOP and STEP / COUNT")
+            if name == "scale":
+                if c != int(c) or c < 1:
+                    raise ValueError(f"transform: the COUNT of the sweep {s!r} must be a whole number >= 1, got "
+                                     f"{c:g} (scale:START..STOP:COUNT gives COUNT log-spaced factors)")
+                n = int(c)
+            elif name in ("rotation", "translation"):
+                if c <= 0:
+                    total += 1  # the SPEC parser reports it
+                    continue
+                if b < a:
+                    raise ValueError(f"transform: the sweep {s!r} is empty: STOP {b:g} is below START {a:g}")
+                n = math.floor((b - a) / c + 1e-9) + 1
+            else:
+                n = 1
+            total += n
+            if total > cap:
+                raise ValueError(f"transform: {s!r} gives {n:.4g} transformations"
+                                 f"{' (with the others, ' + format(total, '.4g') + ')' if total != n else ''}, "
+                                 f"above the cap of {cap}; use a coarser STEP, or raise the cap "
+                                 f"(max_transforms, or --max-transforms on the command line)")
+    return total
+
+
+def parse_transforms(spec: str | Iterable[str], max_transforms: int = MAX_TRANSFORMS) -> list[Transform]:
     """Parse SPEC strings (several may be joined with ``;``) into :class:`Transform` objects.
+
+    Sweeps are counted first (:func:`check_transform_count`): more than ``max_transforms`` in
+    all, a fractional scale COUNT, an empty or non-finite range are refused before anything is
+    built.
 
     >>> [t.label for t in parse_transforms("rotation:0..90:45; scale:0.5..2:3")]
     ['rotation:0', 'rotation:45', 'rotation:90', 'scale:0.5', 'scale:1', 'scale:2']
@@ -120,6 +188,9 @@ def parse_transforms(spec: str | Iterable[str]) -> list[Transform]:
     (3.0, -2.0)
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
+    if not all(isinstance(s, str) for s in specs):
+        raise TypeError("transform: expected SPEC strings")
+    check_transform_count(specs, max_transforms)
     out: list[Transform] = []
     for chunk in specs:
         for s in (p.strip() for p in chunk.split(";")):
@@ -166,6 +237,8 @@ def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0)
     >>> lo < 49.5 < hi
     True
     """
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -180,22 +253,36 @@ def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0)
 
 
 def as_image_batch(images, dtype=torch.float32) -> torch.Tensor:
-    """Accept ``(B, C, H, W)`` floats, or ``(B, H, W)`` / uint8 images (scaled to [0, 1])."""
+    """Accept ``(B, C, H, W)`` or ``(B, H, W)`` images: floats are kept, integers of any type holding
+    0..255 are scaled like ``uint8`` to [0, 1] (in ``dtype``), booleans become 0 / 1; complex
+    images and integers outside 0..255 are refused.
+
+    >>> as_image_batch(torch.tensor([[[0, 255]]], dtype=torch.int64)).tolist()
+    [[[[0.0, 1.0]]]]
+    """
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+        if images.dtype.kind not in "biufc":
+            raise TypeError(f"images: an array of {images.dtype}; valid: floats, integers 0..255, bool")
+        images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images: expected a tensor or array, got {type(images).__name__}")
+    if images.is_complex():
+        raise TypeError(f"images: complex numbers ({images.dtype}); pass real images, e.g. the magnitude or the "
+                        "real part")
     if images.dim() == 3:
         images = images.unsqueeze(1)
     if images.dim() != 4:
         raise ValueError(f"images: expected (B, C, H, W) or (B, H, W), got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("images: empty batch (B = 0)")
-    if not images.is_floating_point():
-        if images.dtype == torch.uint8:
-            images = images.to(dtype) / 255.0
-        else:
-            images = images.to(dtype)
+    if images.dtype == torch.bool:
+        images = images.to(dtype)
+    elif not images.is_floating_point():
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"images: {images.dtype} values in {lo}..{hi}; integer images must lie in 0..255 "
+                             "(scaled like uint8 to [0, 1]); convert other ranges to floats")
+        images = images.to(dtype) / 255.0
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images: contain NaN or infinite values")
     return images
@@ -225,7 +312,8 @@ def measure(
     layers: str | Iterable[str] = "all",
     search: str | None = None,
     channels: Iterable[str] = CHANNEL_MODES,
-    mask_radius: float = 1.0,
+    mask_radius: float | None = None,
+    interior: bool | None = None,
     config: SearchConfig | None = None,
     n_boot: int = 1000,
     seed: int = 0,
@@ -234,6 +322,7 @@ def measure(
     calibrate: bool = True,
     progress: bool | None = None,
     model_name: str | None = None,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Report:
     """Measure invariance, expected-transform, spatial, permutation and linear alignment errors.
 
@@ -246,7 +335,10 @@ def measure(
         search: search family (:data:`invariance.search.SEARCH_FAMILIES`); default per
             transformation family, :data:`DEFAULT_SEARCH`.
         channels: which of ``spatial``, ``permutation``, ``linear`` to compute (spatial always is).
-        mask_radius: radius of the evaluation disk in each layer's normalised coordinates.
+        mask_radius: radius of an evaluation disk in each layer's normalised coordinates
+            (default: none, the whole map).
+        interior: apply the receptive-field interior (default: where it keeps at least a quarter
+            of the map, :data:`invariance.metric.INTERIOR_MIN_FRACTION`).
         config: :class:`invariance.search.SearchConfig` (grid resolution, refinement).
         n_boot: bootstrap resamples for the confidence intervals.
         seed: seeds the bootstrap, the linear-map folds and the refinement jitter.
@@ -254,6 +346,8 @@ def measure(
         device: where to compute (default: the device of ``images``).
         calibrate: compute the interpolation floor and the random-pair null.
         progress: show a tqdm progress bar (default: when attached to a terminal).
+        max_image_pixels: refuse larger images before any work (:data:`MAX_IMAGE_PIXELS`; the
+            search's memory grows with the map size; raise it knowingly).
 
     Returns:
         a :class:`invariance.report.Report` with one record per (layer, transformation).
@@ -274,7 +368,20 @@ def measure(
         raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
     x = as_image_batch(images)
+    if x.shape[-2] * x.shape[-1] > max_image_pixels:
+        raise ValueError(f"images: {x.shape[-2]}x{x.shape[-1]} pixels is above the cap of {max_image_pixels} "
+                         f"(max_image_pixels; --max-pixels on the command line): the search's memory grows with "
+                         f"the map size; downsample the images or raise the cap")
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point() and p.dtype != x.dtype:
+        raise TypeError(f"images: dtype {x.dtype} differs from the model's parameters ({p.dtype}); convert one of "
+                        f"them, e.g. model.to({x.dtype}) or images.to({p.dtype})")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"images: the search runs in float32 or float64, got {x.dtype}; convert the images and "
+                        "the model, e.g. images.float() and model.float()")
     if device is not None:
         x = x.to(device)
         model = model.to(device)
@@ -310,16 +417,17 @@ def measure(
         feats_h, _ = run(xh)
         if calibrate:
             bar.set_postfix_str(f"{tr.label} floor")
-            rec = _measure_layer(x, xh, LayerFrame.identity(size), t_img, fam, ("spatial",), mask_radius, cfg,
-                                 n_boot, seed, null=False)
-            floor[tr.label] = {"mean": rec["spatial_error"], "ci": rec["spatial_error_ci"]}
+            fl = interpolation_floor(x, t_img, fam, mask_radius=mask_radius, config=cfg)
+            mean, ci, _ = _stat(fl, n_boot, seed)
+            floor[tr.label] = {"mean": mean, "ci": ci}
             bar.update()
         for name in layer_names:
             bar.set_postfix_str(f"{tr.label} {name}")
-            rec = _measure_layer(feats[name], feats_h[name], frames[name], t_img, fam, channels, mask_radius, cfg,
-                                 n_boot, seed, null=calibrate)
+            res = measure_layer(feats[name], feats_h[name], frames[name], t_img, family=fam, channels=channels,
+                                mask_radius=mask_radius, interior=interior, config=cfg, null=calibrate, seed=seed,
+                                layer=name, transform=tr.label)
             rec = {"layer": name, "depth": layer_names.index(name), "transform": tr.label,
-                   "family": tr.family, "magnitude": tr.magnitude, "search": fam, **rec}
+                   "family": tr.family, "magnitude": tr.magnitude, "search": fam, **_record(res, n_boot, seed)}
             if calibrate:
                 rec["interpolation_floor"] = floor[tr.label]["mean"]
             records.append(rec)
@@ -340,6 +448,7 @@ def measure(
         "search": search or "default per transformation family",
         "channels": list(channels),
         "mask_radius": mask_radius,
+        "interior": "auto" if interior is None else bool(interior),
         "seed": seed,
         "n_boot": n_boot,
         "device": str(x.device),
@@ -347,7 +456,8 @@ def measure(
         "torch": torch.__version__,
         "seconds": round(time.time() - t_start, 2),
         "frames": {k: {"stride": list(f.stride), "offset": list(f.offset), "size": list(f.size),
-                       "exact": f.exact} for k, f in frames.items()},
+                       "exact": f.exact, "rf_radius": None if f.rf_radius is None else list(f.rf_radius)}
+                   for k, f in frames.items()},
     }
     calibration = {"interpolation_floor": floor, "random_pair_null": null}
     return Report(records=records, calibration=calibration, meta=meta)
@@ -365,77 +475,40 @@ def _median_params(params: np.ndarray, names) -> np.ndarray:
     return out
 
 
-def _measure_layer(f, fh, frame: LayerFrame, t_img, family, channels, mask_radius, cfg, n_boot, seed, null):
-    size = tuple(f.shape[-2:])
-    dtype = f.dtype
-    m = disk_mask(size, mask_radius, dtype=dtype, device=f.device).to(dtype)
-    if not bool(m.any()):
-        raise ValueError(f"mask_radius: {mask_radius} leaves no pixel of the {size[0]}x{size[1]} map in the "
-                         "evaluation disk; use a larger radius (1.0 is the inscribed disk)")
-    expected = frame.to_layer(G.inverse(t_img)).to(dtype=dtype, device=f.device)
-    with torch.no_grad():
-        e_inv = masked_error(f, fh, m)
-        e_exp = masked_error(f, warp(fh, expected), m)
-    extra = torch.stack([expected, torch.eye(3, dtype=dtype, device=f.device)])
-    want_perm = "permutation" in channels
-    res = align(f, fh, family, mask=m, channels="permutation" if want_perm else "spatial", config=cfg,
-                extra_candidates=extra)
-    sp = res.extra["spatial"] if want_perm else res
-    out: dict = {}
-    for key, vals in (("invariance_error", e_inv), ("expected_error", e_exp), ("spatial_error", sp.errors)):
+def _record(res: LayerResult, n_boot: int, seed: int) -> dict:
+    """The report record of one :class:`invariance.metric.LayerResult` (means over the images with
+    a verdict, bootstrap intervals, per-image values, the best warps and channel orbits)."""
+    out: dict = {"per_image": {}}
+    keys = [("invariance_error", res.invariance), ("expected_error", res.expected), ("spatial_error", res.spatial),
+            ("permutation_error", res.permutation), ("linear_error", res.linear),
+            ("linear_fit_error", res.linear_fit)]
+    for key, vals in keys:
+        if vals is None:
+            out[key], out[key + "_ci"] = float("nan"), [float("nan")] * 2
+            continue
         mean, ci, per = _stat(vals, n_boot, seed)
         out[key], out[key + "_ci"] = mean, ci
-        out.setdefault("per_image", {})[key] = per
-    fam = G.get_family(SEARCH_FAMILIES[family][0])
-    img_params = G.from_matrix(fam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
+        out["per_image"][key] = per
+    out["n_excluded"] = res.n_excluded
+    out["excluded_reasons"] = sorted({r for r in res.reasons if r is not None})
+    ov = res.overlap[torch.isfinite(res.spatial)]
+    out["overlap"] = float(ov.mean()) if ov.numel() else float("nan")
+    out["interior"] = res.interior
+    out["region_size"] = res.region_size
     out["best_params"] = {
-        "family": fam.name,
+        "family": res.param_family,
         "frame": "image centred frame (pixels, degrees); the warp applied to the transformed maps",
-        "param_names": list(fam.param_names),
-        "median": _median_params(img_params.cpu().numpy(), fam.param_names).round(4).tolist(),
-        "per_image": img_params.cpu().numpy().round(4).tolist(),
+        "param_names": list(res.param_names),
+        "median": _median_params(res.params.numpy(), res.param_names).round(4).tolist(),
+        "per_image": res.params.numpy().round(4).tolist(),
     }
-    perm_res = None
-    if want_perm:
-        perm_res = res
-        mean, ci, per = _stat(res.errors, n_boot, seed)
-        out["permutation_error"], out["permutation_error_ci"] = mean, ci
-        out["per_image"]["permutation_error"] = per
-        perms = [tuple(p) for p in res.permutations.cpu().tolist()]
+    if res.permutations is not None:
+        perms = [tuple(p) for p in res.permutations.tolist()]
         modal, count = Counter(perms).most_common(1)[0]
         out["permutation"] = list(modal)
         out["permutation_agreement"] = count / len(perms)
-        out["channel_orbits"] = channel_orbits(modal)
-    else:
-        out["permutation_error"], out["permutation_error_ci"] = float("nan"), [float("nan")] * 2
-        out["channel_orbits"] = []
-    if "linear" in channels:
-        # A is shared by all images, g per image: the warp is taken from the best of a few per-image
-        # choices (the spatial and permutation optima, the expected transformation), the one whose
-        # cross-fitted (held-out) error is lowest; the in-sample bound is the per-image minimum.
-        b = f.shape[0]
-        choices = [(sp.matrices, None), (expected.expand(b, 3, 3), None)]
-        if perm_res is not None:
-            choices.append((perm_res.matrices, perm_res.permutations))
-        fits = [fit_linear(f, fh, mats, mask=m, permutations=perms, seed=seed) for mats, perms in choices]
-        best = min(fits, key=lambda d: float(torch.nan_to_num(d["held_out"], nan=float("inf")).mean()))
-        lin = {"held_out": best["held_out"], "fit": torch.stack([d["fit"] for d in fits]).min(0).values}
-        for key, vals in (("linear_error", lin["held_out"]), ("linear_fit_error", lin["fit"])):
-            mean, ci, per = _stat(vals, n_boot, seed)
-            out[key], out[key + "_ci"] = mean, ci
-            out["per_image"][key] = per
-    else:
-        for key in ("linear_error", "linear_fit_error"):
-            out[key], out[key + "_ci"] = float("nan"), [float("nan")] * 2
-    if null:
-        # random pair: image b against the transformed maps of image b+1
-        fh_other = torch.roll(fh, 1, dims=0)
-        if f.shape[0] > 1:
-            # the null needs the same search, but not its last decimals: refine the best candidate only
-            rn = align(f, fh_other, family, mask=m, channels="spatial", config=replace(cfg, top_k=1))
-            mean, ci, _ = _stat(rn.errors, n_boot, seed)
-        else:
-            mean, ci = float("nan"), [float("nan")] * 2
+    out["channel_orbits"] = res.orbits
+    if res.null is not None:
+        mean, ci, _ = _stat(res.null, n_boot, seed)
         out["random_pair_null"], out["random_pair_null_ci"] = mean, ci
     return out
-

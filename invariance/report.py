@@ -56,7 +56,9 @@ class Report:
     def table(self) -> str:
         """A plain-text table: one row per (transformation, layer), errors as mean [95% CI]."""
         keys = [k for k in ERROR_KEYS if any(not _isnan(r.get(k)) for r in self.records)]
+        excluded = any(r.get("n_excluded") for r in self.records)
         head = ["transform", "layer"] + [_SHORT[k] for k in keys] + ["null", "floor", "orbits"]
+        head += ["excluded"] if excluded else []
         rows = []
         for r in self.records:
             row = [r["transform"], r["layer"]]
@@ -65,10 +67,14 @@ class Report:
                 row.append(f"{_fmt(r.get(k))} [{_fmt(lo)},{_fmt(hi)}]")
             row += [_fmt(r.get("random_pair_null")), _fmt(r.get("interpolation_floor")),
                     " ".join("(" + " ".join(map(str, c)) + ")" for c in r.get("channel_orbits", [])) or "-"]
+            row += [str(r.get("n_excluded", 0))] if excluded else []
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        reasons = sorted({x for r in self.records for x in r.get("excluded_reasons", [])})
+        if reasons:
+            out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
         return "\n".join(out)
 
     def __str__(self) -> str:

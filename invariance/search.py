@@ -3,31 +3,53 @@
 Given reference maps ``F`` (of the original images) and moving maps ``F_h`` (of the transformed
 images), both ``(B, C, H, W)`` in the same layer frame, find per image
 
-    e_sp   = min_g     ||M (W_g F_h - F)||^2 / ||M F||^2
-    e_perm = min_{g,pi} ||M (P_pi W_g F_h - F)||^2 / ||M F||^2
+    e_sp   = min_g      sum R_g ||W_g F_h - F||^2 / sum R_g ||F||^2
+    e_perm = min_{g,pi} sum R_g ||P_pi W_g F_h - F||^2 / sum R_g ||F||^2
 
-over a family of warps ``g`` (DESIGN.md section 2), and fit the linear channel map ``A``.
+over a family of warps ``g``, and fit the linear channel map ``A`` (docs/definitions.md).
+
+The comparison region
+---------------------
+Both maps are compared only where both are defined: ``R_g = M * V_g`` with ``M`` the
+reference's region (``mask``: the user's evaluation mask times the optional receptive-field
+interior; default the whole map) and ``V_g`` the positions whose source under ``g`` lies inside
+the moving map's valid region (``moving_mask``, default the whole map): a position is in
+``V_g`` when bilinear sampling of the valid region there returns 1, so no value that the warp
+fills in (zeros from outside the frame, or content that came from outside the original image)
+is ever scored. A warp must keep a minimum overlap, ``sum R_g >= min_overlap * O_exp *
+min(1, det g / det g_exp)`` (``O_exp`` the overlap of the expected warp, or ``sum M`` without
+one; ``det`` the area change), so that no warp wins by leaving almost nothing to compare while a
+correct zoom-out is never ruled out.
 
 How the optimum is found (and why it is not a local one)
 --------------------------------------------------------
 1. *Coarse, exhaustive*: every candidate of a grid over the non-translation part (angles,
-   log-scales, affine shapes) is applied with ``grid_sample``; for families with a translation,
-   the error of **every integer shift** is then computed at once by FFT cross-correlation
-   (zero-padded, so a shift brings in zeros exactly like the warp's zero padding):
-   ``E(t) = corr(M, sum_c G_c^2)(t) - 2 sum_c corr(M F_c, G_c)(t) + sum M F^2``.
-2. *Refinement*: the best few candidates per image are refined by Adam on the family
-   parameters through the sampler, started a little off the lattice point (bilinear sampling
-   has kinks there).
+   log-scales, affine shapes) is applied with ``grid_sample`` onto a canvas that holds its whole
+   support; for families with a translation, the error of **every integer shift** is then
+   computed at once by FFT cross-correlations, region terms included (masked registration,
+   Padfield 2012): with ``V`` the warped valid region and ``G = V * warped``,
+   ``num(t) = corr(M, sum_c G_c^2) - 2 sum_c corr(M F_c, G_c) + corr(M sum_c F_c^2, V)``,
+   ``den(t) = corr(M sum_c F_c^2, V)``, ``overlap(t) = corr(M, V)``.
+2. *Refinement*: starts from **distinct basins** (greedy: the best coarse candidate, then the
+   best one at least ``basin_separation`` away in its linear part or ``basin_shift`` pixels in
+   its translation from every start taken, ...) are refined by Adam on the family parameters
+   through the sampler, started a little off the lattice point (bilinear sampling has kinks);
+   the best one is then polished by a derivative-free compass search on the exact error (the
+   region changes in steps as the warp moves, where a gradient method can stall).
 3. *Exact scoring*: every reported error is re-computed exactly with ``grid_sample`` for the
-   returned transformation, and the best of coarse, refined and any extra candidates (for
-   example the expected transformation and the identity) is kept, so the search is never worse
-   than those.
+   returned transformation, and the best of coarse, refined and any extra candidates (the
+   expected transformation, the identity) is kept, so the search is never worse than those.
 
 Channel permutations are searched jointly: candidates are short-listed by aligning
 permutation-invariant summaries (the channel mean and the mean square), the spatial optimum and
-any extra candidates are always added to the list, and at each candidate the optimal permutation is the Hungarian
-assignment (:func:`scipy.optimize.linear_sum_assignment`) on the ``C x C`` cost matrix.
-Because the spatial optimum with the identity permutation is a candidate, ``e_perm <= e_sp``.
+any extra candidates are always added to the list, and at each candidate the optimal permutation
+is the Hungarian assignment (:func:`scipy.optimize.linear_sum_assignment`) on the ``C x C`` cost
+matrix over the same region. Because the spatial optimum with the identity permutation is a
+candidate, ``e_perm <= e_sp``.
+
+No signal, no verdict: an image whose reference has no energy on the region, or is constant
+there, and a region of fewer than :data:`MIN_REGION` positions give NaN with a reason
+(``Alignment.reasons``), never 0.
 
 Transformations are returned as normalised input -> output matrices of the layer frame (what
 :func:`invariance.warp.warp` applies to ``moving``) and as family parameters in the layer's
@@ -48,10 +70,12 @@ from .warp import _check_images, disk_mask, warp, warp_chunks
 
 __all__ = [
     "SEARCH_FAMILIES",
+    "MIN_REGION",
     "SearchConfig",
     "Alignment",
     "align",
     "masked_error",
+    "warp_valid",
     "fit_linear",
     "channel_orbits",
 ]
@@ -67,6 +91,12 @@ SEARCH_FAMILIES: dict[str, tuple[str, bool]] = {
     "affine": ("affine", True),
 }
 
+MIN_REGION = 4
+"""Fewest positions a comparison region may have; smaller regions give NaN (no verdict)."""
+
+_VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside"
+_CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
+
 
 @dataclass
 class SearchConfig:
@@ -79,11 +109,18 @@ class SearchConfig:
         affine_n_angles, affine_log2_scales, affine_log2_aspects, affine_aspect_angles: the grid
             of ``affine`` (rotation x scale x anisotropy along a direction).
         max_shift: largest integer shift tried, in layer pixels (None: any shift).
-        top_k: candidates per image refined by gradient.
-        refine_steps: Adam steps of the refinement (0 disables it).
+        top_k: refinement starts per image, taken from distinct basins of the coarse grid.
+        basin_separation, basin_shift: two coarse candidates are in distinct basins when their
+            linear parts differ by at least ``basin_separation`` (Frobenius norm; 0.2 is about
+            8 degrees or a scale ratio of 1.15) or their translations by ``basin_shift`` pixels.
+        refine_steps: Adam steps of the refinement (0 disables it, and the polish).
+        polish_levels: step halvings of the derivative-free polish of the best warp (0: none).
         shortlist: candidates per image examined with the Hungarian assignment.
+        min_overlap: a warp must keep at least this fraction of the overlap of the expected
+            warp, scaled by its area change (see the module docstring).
         chunk_size: candidates warped at a time (bounds memory; None picks one from the sizes).
         memory_budget: bytes of temporary memory a chunk may use when ``chunk_size`` is None.
+        seed: seeds the refinement's start jitter.
     """
 
     n_angles: int = 72
@@ -95,12 +132,32 @@ class SearchConfig:
     affine_log2_aspects: tuple[float, ...] = (-0.5, 0.5)
     affine_aspect_angles: tuple[float, ...] = (0.0, 45.0, 90.0, 135.0)
     max_shift: float | None = None
-    top_k: int = 2
+    top_k: int = 4
+    basin_separation: float = 0.2
+    basin_shift: float = 2.0
     refine_steps: int = 40
+    polish_levels: int = 6
     shortlist: int = 6
+    min_overlap: float = 0.5
     chunk_size: int | None = None
     memory_budget: int = 512 << 20
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_angles", "similarity_n_angles", "affine_n_angles", "top_k", "shortlist"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if not isinstance(self.polish_levels, (int, np.integer)) or self.polish_levels < 0:
+            raise ValueError(f"polish_levels: must be a non-negative integer, got {self.polish_levels!r}")
+        if not isinstance(self.refine_steps, (int, np.integer)) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps: must be a non-negative integer, got {self.refine_steps!r}")
+        if not 0.0 <= float(self.min_overlap) <= 1.0:
+            raise ValueError(f"min_overlap: must be in [0, 1], got {self.min_overlap!r}")
+        if self.max_shift is not None and not self.max_shift >= 0:
+            raise ValueError(f"max_shift: must be >= 0 or None, got {self.max_shift!r}")
+        if len(self.log2_scales) == 0 or len(self.similarity_log2_scales) == 0:
+            raise ValueError("log2_scales: needs at least one scale")
 
 
 @dataclass
@@ -109,37 +166,73 @@ class Alignment:
 
     Attributes:
         family: the search family.
-        errors: ``(B,)`` float64, the normalised error at the returned transformation.
+        errors: ``(B,)`` float64, the normalised error at the returned transformation (NaN
+            where there is no verdict; ``reasons`` says why).
         matrices: ``(B, 3, 3)`` normalised input -> output matrices (layer frame) applied to
             ``moving``.
         params: ``(B, P)`` family parameters in the layer's centred frame.
+        overlap: ``(B,)`` the comparison region kept at the returned warp, as a fraction of the
+            reference's region ``sum M``.
+        reasons: per image, ``None`` or why the error is NaN.
         permutations: ``(B, C)`` long or None; ``aligned[:, c] = warped_moving[:, perm[c]]``.
         coarse_errors: ``(B,)`` the best error of the coarse grid before refinement.
+        spatial: for a permutation search, the spatial-only :class:`Alignment`.
     """
 
     family: str
     errors: torch.Tensor
     matrices: torch.Tensor
     params: torch.Tensor
+    overlap: torch.Tensor
+    reasons: list = field(default_factory=list)
     permutations: torch.Tensor | None = None
     coarse_errors: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    spatial: Alignment | None = None
+
+    @property
+    def n_excluded(self) -> int:
+        """Images without a verdict (NaN error)."""
+        return sum(r is not None for r in self.reasons)
 
 
-# ----------------------------------------------------------------------------- basic measures
+# ----------------------------------------------------------------------------- regions and errors
 
 
 def _energy(reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (reference.pow(2) * mask).flatten(-3).sum(-1)
 
 
+def warp_valid(valid: torch.Tensor, matrices: torch.Tensor, *, size=None) -> torch.Tensor:
+    """Where a warp of a map reads only its valid positions: ``V_g`` of docs/definitions.md.
+
+    ``valid`` ``(H, W)`` (one region) or ``(B, H, W)``; ``matrices`` as in
+    :func:`invariance.warp.warp` (normalised, input -> output). A warped position is valid when
+    bilinear sampling of the valid region there returns 1 (every sample it blends is valid).
+    Returns a float 0/1 tensor: ``(H', W')`` for one region and one matrix, ``(K, H', W')`` for
+    ``K`` shared matrices, ``(B, K, H', W')`` per image (``warp``'s output without channels).
+
+    >>> v = torch.ones(4, 6)
+    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([2.0, 0.0])), (4, 6))
+    >>> warp_valid(v, T)[0].tolist()       # the two columns the shift pulls in are not valid
+    [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    v = valid.to(matrices.dtype if matrices.is_floating_point() else torch.float32)
+    v = v[None, None] if v.dim() == 2 else v[:, None]
+    if matrices.dim() == 4 and v.shape[0] == 1:
+        v = v.expand(matrices.shape[0], 1, *v.shape[-2:])
+    out = (warp(v, matrices.detach(), size=size) >= _VALID).to(v.dtype)
+    out = out[:, :, 0] if out.dim() == 5 else out[:, 0]  # drop the channel
+    return out[0] if valid.dim() == 2 and matrices.dim() < 4 else out
+
+
 def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor | None = None,
-                 eps: float = 1e-12) -> torch.Tensor:
-    """``||M (aligned - reference)||^2 / ||M reference||^2`` over channels and positions.
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum R ||aligned - reference||^2 / sum R ||reference||^2`` with ``R = mask * valid``.
 
     ``reference (B, C, H, W)``; ``aligned`` of the same shape or ``(B, K, C, H, W)``;
-    ``mask (H, W)`` (default: all ones). Returns ``(B,)`` or ``(B, K)``. An all-zero reference
-    (nothing to align) gives an error of 0 when ``aligned`` is zero too and ``inf`` otherwise.
+    ``mask (H, W)`` (default: all ones); ``valid`` the positions where ``aligned`` is defined,
+    ``(H, W)``, ``(B, H, W)`` or ``(B, K, H, W)`` (default: all). Returns ``(B,)`` or
+    ``(B, K)``; NaN where the reference has no energy on the region (no verdict).
 
     >>> x = torch.ones(2, 3, 4, 4)
     >>> masked_error(x, 0 * x)
@@ -148,25 +241,100 @@ def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Ten
     m = torch.ones(reference.shape[-2:], dtype=reference.dtype, device=reference.device) \
         if mask is None else mask.to(reference.dtype)
     ref = reference if aligned.dim() == reference.dim() else reference.unsqueeze(1)
-    num = ((aligned - ref).pow(2) * m).flatten(-3).sum(-1)
-    den = _energy(ref, m)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.where(num > eps, torch.inf, 0.0))
+    r = m if valid is None else m * valid.to(reference.dtype)
+    r = r.unsqueeze(-3)
+    num = ((aligned - ref).pow(2) * r).flatten(-3).sum(-1)
+    den = (ref.pow(2) * r).flatten(-3).sum(-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
 
 
-def _resolve_mask(mask, mask_radius, size, dtype, device) -> torch.Tensor:
+def _region_terms(reference, warped, region, valid):
+    """(num, den, count) of ``R = region * valid`` for warped ``(B, k, C, H, W)``, valid ``(B|1, k, H, W)``."""
+    r = region * valid
+    ref = reference.unsqueeze(1)
+    num = ((warped - ref).pow(2).sum(2) * r).flatten(-2).sum(-1)
+    den = (ref.pow(2).sum(2) * r).flatten(-2).sum(-1)
+    cnt = r.flatten(-2).sum(-1).expand_as(den)
+    return num, den, cnt
+
+
+def _resolve_mask(mask, mask_radius, size, dtype, device, name="mask") -> torch.Tensor:
+    """The reference's region M (float 0/1, ``(H, W)``): the given mask, a disk, or the whole map."""
     if mask is None:
-        m = disk_mask(size, mask_radius, dtype=dtype, device=device).to(dtype)
-        if not bool(m.any()):
-            raise ValueError(f"mask_radius: {mask_radius} leaves no pixel of the {size[0]}x{size[1]} map in the "
-                             "evaluation disk; use a larger radius (1.0 is the inscribed disk)")
-        return m
+        if mask_radius is None:
+            return torch.ones(size, dtype=dtype, device=device)
+        if not (isinstance(mask_radius, (int, float)) and mask_radius > 0):
+            raise ValueError(f"mask_radius: must be a positive number (normalised units), got {mask_radius!r}")
+        return disk_mask(size, mask_radius, dtype=dtype, device=device).to(dtype)
+    if mask_radius is not None:
+        raise ValueError("mask_radius: give either mask or mask_radius, not both")
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(size):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask: expected a tensor of shape (H, W) = {tuple(size)}, got {shape}")
-    m = mask.to(dtype=dtype, device=device)
-    if not bool((m > 0).any()):
-        raise ValueError("mask: the evaluation mask is empty (no positive entry)")
-    return m
+        raise ValueError(f"{name}: expected a tensor of shape (H, W) = {tuple(size)}, got {shape}")
+    return (mask.to(device=device) > 0).to(dtype)
+
+
+def _resolve_moving(moving_mask, b, size, dtype, device) -> torch.Tensor:
+    """The moving map's valid region (float 0/1): ``(H, W)`` shared, or ``(B, H, W)`` per image."""
+    if moving_mask is None:
+        return torch.ones(size, dtype=dtype, device=device)
+    if isinstance(moving_mask, torch.Tensor) and moving_mask.dim() == 3 and tuple(moving_mask.shape) == (b, *size):
+        return (moving_mask.to(device=device) > 0).to(dtype)
+    if not isinstance(moving_mask, torch.Tensor) or tuple(moving_mask.shape) != tuple(size):
+        shape = tuple(moving_mask.shape) if isinstance(moving_mask, torch.Tensor) else type(moving_mask).__name__
+        raise ValueError(f"moving_mask: expected a tensor of shape (H, W) = {tuple(size)} or (B, H, W) = "
+                         f"{(b, *size)}, got {shape}")
+    return (moving_mask.to(device=device) > 0).to(dtype)
+
+
+def _no_verdict(reference: torch.Tensor, region: torch.Tensor) -> list:
+    """Per image: None, or why there is nothing to align (see :data:`MIN_REGION`)."""
+    b = reference.shape[0]
+    n = int(region.sum().round())
+    if n < MIN_REGION:
+        return [f"comparison region has {n} position(s), fewer than MIN_REGION = {MIN_REGION}"] * b
+    energy = _energy(reference, region)
+    mean = (reference * region).flatten(-2).sum(-1) / n  # (B, C)
+    spread = ((reference - mean[..., None, None]).pow(2) * region).flatten(-3).sum(-1)
+    out = []
+    for e, s in zip(energy.tolist(), spread.tolist()):
+        if not e > 0:
+            out.append("reference maps are zero on the region (no signal)")
+        elif s <= _CONSTANT_RTOL * e:
+            out.append("reference maps are constant on the region (nothing to align)")
+        else:
+            out.append(None)
+    return out
+
+
+def _det(centred: torch.Tensor) -> torch.Tensor:
+    """|det| of the linear part (area change) of centred matrices ``(..., 3, 3)``."""
+    return torch.linalg.det(centred[..., :2, :2].detach()).abs()
+
+
+class _Overlap:
+    """The minimum overlap a warp must keep: ``min_overlap * O_exp * min(1, det g / det g_exp)`` per image."""
+
+    def __init__(self, kappa: float, base: torch.Tensor, det_exp: torch.Tensor):
+        self.kappa, self.base, self.det_exp = kappa, base, det_exp  # (B,), (B,)
+
+    def __call__(self, det: torch.Tensor) -> torch.Tensor:
+        """``det`` ``(K,)`` shared or ``(B, K)`` per image -> required counts ``(B, K)``."""
+        d = det if det.dim() == 2 else det.unsqueeze(0)
+        ratio = (d / self.det_exp[:, None].clamp_min(1e-12)).clamp(max=1.0)
+        return self.kappa * self.base[:, None] * ratio
+
+
+def _feasible(num, den, cnt, required, energy):
+    """Errors with infeasible candidates (too little overlap, no reference energy) set to inf.
+
+    A candidate whose region holds less than ``1000 eps`` of the reference's energy (1.2e-4 in
+    float32) is infeasible too: its error would be rounding noise (the FFT terms carry absolute
+    errors of ``~eps`` times the energy)."""
+    floor = 1e3 * torch.finfo(den.dtype).eps
+    ok = (cnt >= required - 1e-3) & (den > floor * energy.reshape(-1, *[1] * (den.dim() - 1)))
+    # a safe denominator off the feasible set keeps gradients finite (torch.where differentiates both sides)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -237,22 +405,24 @@ def _canvas_pad(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> tuple[in
 class _ShiftScorer:
     """Errors of all integer shifts of canvas-warped candidates against one reference batch (FFT).
 
-    With ``A = M * F`` (masked reference), ``Q = sum_c G_c^2`` and the canvas offset ``p``:
-    ``E(t) = sum_x M(x) Q(x + p - t) - 2 sum_x sum_c A_c(x) G_c(x + p - t) + sum M F^2``; both sums
-    are cross-correlations ``R(u) = sum_y A(y + u) G(y)`` at ``u = t - p``, computed by
-    zero-padded real FFTs (no wrap-around).
+    With ``M`` the reference region, ``P = sum_c F_c^2``, ``V`` the candidate's valid region on
+    the canvas, ``G = V * warped``, ``Q = sum_c G_c^2`` and the canvas offset ``p``, for a shift
+    ``t`` every term is a cross-correlation ``R(u) = sum_y X(y + u) Y(y)`` at ``u = t - p``:
+    ``num = corr(M, Q) - 2 sum_c corr(M F_c, G_c) + corr(M P, V)``, ``den = corr(M P, V)``,
+    ``overlap = corr(M, V)``; all by zero-padded real FFTs (no wrap-around).
     """
 
-    def __init__(self, reference: torch.Tensor, mask: torch.Tensor, pad: tuple[int, int],
+    def __init__(self, reference: torch.Tensor, region: torch.Tensor, pad: tuple[int, int],
                  max_shift: float | None):
         b, c, h, w = reference.shape
         py, px = pad
         hc, wc = h + 2 * py, w + 2 * px
         self.s = (hc + h, wc + w)
         self.canvas = (hc, wc)
-        self.fa = torch.fft.rfft2(reference * mask, s=self.s)  # (B, C, N, N')
-        self.fm = torch.fft.rfft2(mask, s=self.s)
-        self.energy = _energy(reference, mask)  # (B,)
+        self.energy = _energy(reference, region)  # (B,)
+        self.fa = torch.fft.rfft2(reference * region, s=self.s)  # (B, C, N, N')
+        self.fm = torch.fft.rfft2(region, s=self.s)
+        self.fp = torch.fft.rfft2(reference.pow(2).sum(1) * region, s=self.s)  # (B, N, N')
         ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
         tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
         # index of u = t - p in the FFT output (negative u wrap around)
@@ -264,16 +434,25 @@ class _ShiftScorer:
             bad |= (ty[:, None] ** 2 + tx[None, :] ** 2).to(reference.dtype) > max_shift**2
         self.invalid = bad
 
-    def __call__(self, warped: torch.Tensor):
-        """warped (B, k, C, Hc, Wc) -> (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
-        fg = torch.fft.rfft2(warped, s=self.s)
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., self.iy, :][..., self.ix]
+
+    def __call__(self, warped: torch.Tensor, valid: torch.Tensor, required: torch.Tensor):
+        """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc), required (B, k) ->
+        (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
+        g = warped * valid[:, :, None]
+        fg = torch.fft.rfft2(g, s=self.s)
         spec = torch.einsum("bcxy,bkcxy->bkxy", self.fa, fg.conj())
         del fg
         cross = torch.fft.irfft2(spec, s=self.s)
-        fq = torch.fft.rfft2(warped.pow(2).sum(2), s=self.s)
+        fq = torch.fft.rfft2(g.pow(2).sum(2), s=self.s)
+        del g
         sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
-        num = (sq - 2 * cross)[..., self.iy, :][..., self.ix]
-        e = (num + self.energy[:, None, None, None]) / self.energy.clamp_min(1e-30)[:, None, None, None]
+        fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
+        den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
+        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s)).round()
+        num = self._crop(sq - 2 * cross) + den
+        e = _feasible(num, den, cnt, required[..., None, None], self.energy)
         e = e.masked_fill(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
         nx = len(self.tx)
@@ -287,11 +466,11 @@ def _auto_chunk(cfg: SearchConfig, b: int, c: int, h: int, w: int, itemsize: int
             raise ValueError(f"chunk_size: must be a positive integer, got {cfg.chunk_size}")
         return cfg.chunk_size
     # warped canvas + its spectrum (complex, about the same size) + a few planes
-    per_candidate = b * c * h * w * itemsize * 4 + b * h * w * itemsize * 16
+    per_candidate = b * c * h * w * itemsize * 4 + b * h * w * itemsize * 20
     return max(1, int(cfg.memory_budget // max(per_candidate, 1)))
 
 
-def _coarse(reference, moving, mask, family, cfg, size):
+def _coarse(reference, moving, region, mvalid, family, cfg, size, required):
     """Exhaustive coarse search. Returns (errors (B, K), centred matrices (B, K, 3, 3)).
 
     With a translation part, candidates are grouped by the canvas they need (rounded up to a
@@ -301,6 +480,7 @@ def _coarse(reference, moving, mask, family, cfg, size):
     lin = _linear_candidates(family, cfg, reference.dtype, reference.device)  # (K,3,3) centred
     has_t = SEARCH_FAMILIES[family][1]
     k = lin.shape[0]
+    req = required(_det(lin))  # (B, K)
     if has_t:
         pads = [_canvas_pad(lin[i : i + 1], h, w, cap=4.0) for i in range(k)]
         pads = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in pads]
@@ -312,27 +492,61 @@ def _coarse(reference, moving, mask, family, cfg, size):
     c_src = G.frame_matrix(size, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
     errs = torch.empty(b, k, dtype=reference.dtype, device=reference.device)
     shifts = torch.zeros(b, k, 2, dtype=reference.dtype, device=reference.device)
+    energy = _energy(reference, region)
     for (py, px), idx in groups.items():
         canvas = (h + 2 * py, w + 2 * px)
         # candidates from the moving map's normalised frame to the canvas' normalised frame
         c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
         norm = c_out @ lin[idx] @ torch.linalg.inv(c_src)
         if has_t:
-            scorer = _ShiftScorer(reference, mask, (py, px), cfg.max_shift)
+            scorer = _ShiftScorer(reference, region, (py, px), cfg.max_shift)
             side = int(math.sqrt(scorer.s[0] * scorer.s[1]))
         else:
             side = int(math.sqrt(h * w))
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
         ids = torch.tensor(idx, device=reference.device)
         for sl, warped in warp_chunks(moving, norm, size=canvas, chunk_size=chunk):
+            valid = warp_valid(mvalid, norm[sl], size=canvas)  # (k, Hc, Wc) or per image (B, k, Hc, Wc)
+            valid = valid if valid.dim() == 4 else valid[None]
             if has_t:
-                e, t = scorer(warped)
+                e, t = scorer(warped, valid, req[:, ids[sl]])
                 shifts[:, ids[sl]] = t
             else:
-                e = masked_error(reference, warped, mask)
+                num, den, cnt = _region_terms(reference, warped, region, valid)
+                e = _feasible(num, den, cnt, req[:, ids[sl]], energy)
             errs[:, ids[sl]] = e
     mats = _translation(shifts) @ lin.unsqueeze(0)  # (B, K, 3, 3) centred
     return errs, mats
+
+
+def _distinct_starts(errors: torch.Tensor, centred: torch.Tensor, k: int, cfg: SearchConfig) -> torch.Tensor:
+    """Indices (B, k) of the best candidate of up to ``k`` distinct basins per image (greedy).
+
+    A candidate starts a new basin when its linear part differs from every start taken by at
+    least ``cfg.basin_separation`` (Frobenius) or its translation by ``cfg.basin_shift`` pixels;
+    images with fewer distinct basins repeat their best start.
+    """
+    b, n = errors.shape
+    k = min(k, n)
+    e = errors.detach().double().cpu().numpy()
+    lin = centred[..., :2, :2].detach().double().cpu().numpy().reshape(b, n, 4)
+    t = centred[..., :2, 2].detach().double().cpu().numpy()
+    out = np.zeros((b, k), dtype=np.int64)
+    for i in range(b):
+        order = np.argsort(e[i], kind="stable")
+        taken: list[int] = []
+        for j in order:
+            if len(taken) == k:
+                break
+            if taken:
+                dl = np.linalg.norm(lin[i, taken] - lin[i, j], axis=-1)
+                dt = np.linalg.norm(t[i, taken] - t[i, j], axis=-1)
+                if not np.all((dl >= cfg.basin_separation) | (dt >= cfg.basin_shift)):
+                    continue
+            taken.append(int(j))
+        taken += [taken[0]] * (k - len(taken))
+        out[i] = taken
+    return torch.as_tensor(out, device=errors.device)
 
 
 # ----------------------------------------------------------------------------- refinement
@@ -358,22 +572,37 @@ def _from_free(fam: G.Family, z: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, -1)
 
 
-def _exact(reference, moving, centred, mask, size, perm=None):
-    """Exact errors of per-image centred matrices (B, n, 3, 3) -> (B, n)."""
+
+def _permuted(moving, perm):
+    if perm is None:
+        return moving
+    return torch.gather(moving, 1, perm[:, :, None, None].expand(-1, -1, *moving.shape[-2:]))
+
+
+def _exact(reference, moving, centred, region, mvalid, size, required, perm=None):
+    """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)."""
     norm = G.centred_to_normalized(centred, size)
-    mv = moving if perm is None else torch.gather(
-        moving, 1, perm[:, :, None, None].expand(-1, -1, *moving.shape[-2:]))
-    out = []
+    mv = _permuted(moving, perm)
+    energy = _energy(reference, region)
+    req = required(_det(centred))
+    errs, cnts = [], []
     b, n = centred.shape[:2]
     c = moving.shape[1]
     chunk = max(1, int((256 << 20) // max(1, b * c * size[0] * size[1] * moving.element_size() * 3)))
-    for _, warped in warp_chunks(mv, norm, chunk_size=chunk):
-        out.append(masked_error(reference, warped, mask))
-    return torch.cat(out, 1)
+    for sl, warped in warp_chunks(mv, norm, chunk_size=chunk):
+        valid = warp_valid(mvalid, norm[:, sl])  # (B, k, H, W)
+        num, den, cnt = _region_terms(reference, warped, region, valid)
+        errs.append(_feasible(num, den, cnt, req[:, sl], energy))
+        cnts.append(cnt)
+    return torch.cat(errs, 1), torch.cat(cnts, 1)
 
 
-def _refine(reference, moving, centred, mask, size, family, cfg, perm=None):
-    """Adam on the family parameters, per (image, candidate). Returns refined centred matrices."""
+def _refine(reference, moving, centred, region, mvalid, size, family, cfg, required, perm=None):
+    """Adam on the family parameters, per (image, start). Returns refined centred matrices.
+
+    The loss is the region error of docs/definitions.md (``V_g`` follows the warp; no gradient
+    flows through the region itself); the best *feasible* iterate is kept.
+    """
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     if cfg.refine_steps <= 0:
         return centred
@@ -386,23 +615,64 @@ def _refine(reference, moving, centred, mask, size, family, cfg, perm=None):
     z.requires_grad_(True)
     opt = torch.optim.Adam([z], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.refine_steps, eta_min=0.01)
-    mv = moving if perm is None else torch.gather(
-        moving, 1, perm[:, :, None, None].expand(-1, -1, *moving.shape[-2:]))
+    mv = _permuted(moving, perm)
+    energy = _energy(reference, region)
     best_z = z.detach().clone()
     best_e = torch.full(z.shape[:-1], torch.inf, dtype=z.dtype, device=z.device)
     for _ in range(cfg.refine_steps):
         opt.zero_grad()
-        m = G.centred_to_normalized(G.to_matrix(fam, _from_free(fam, z)), size)
-        e = masked_error(reference, warp(mv, m, affine=True), mask)  # no projective family here
+        cm = G.to_matrix(fam, _from_free(fam, z))
+        m = G.centred_to_normalized(cm, size)
+        valid = warp_valid(mvalid, m)
+        num, den, cnt = _region_terms(reference, warp(mv, m, affine=True), region, valid)
+        e = _feasible(num, den, cnt, required(_det(cm)), energy)
         with torch.no_grad():
             better = e < best_e
             best_e = torch.where(better, e, best_e)
             best_z = torch.where(better[..., None], z, best_z)
-        e.sum().backward()
-        opt.step()
+        # infeasible starts (inf) take no step: their loss is replaced by a constant
+        loss = torch.where(torch.isfinite(e), e, torch.zeros_like(e))
+        if loss.requires_grad:
+            loss.sum().backward()
+            opt.step()
         sched.step()
     with torch.no_grad():
         return G.to_matrix(fam, _from_free(fam, best_z))
+
+
+def _polish(reference, moving, centred, errors, region, mvalid, size, family, cfg, required, perm=None):
+    """Derivative-free pattern search around per-image centred matrices ``(B, 3, 3)`` on the exact error.
+
+    The region ``V_g`` changes in steps as the warp moves, so the error is piecewise smooth and a
+    gradient method can stall at a step; a compass search (each parameter +- a step in the
+    refinement's units, halving the step ``cfg.polish_levels`` times) does not. Never worse than
+    its start. Returns (matrices, errors, overlap counts).
+    """
+    fam = G.get_family(SEARCH_FAMILIES[family][0])
+    b = centred.shape[0]
+    ar = torch.arange(b, device=centred.device)
+    z = _to_free(fam, G.from_matrix(fam, centred))
+    best = errors.clone()
+    n = z.shape[-1]
+    dirs = torch.cat([torch.eye(n, dtype=z.dtype, device=z.device), -torch.eye(n, dtype=z.dtype, device=z.device)])
+    step = 1.0
+    for _ in range(cfg.polish_levels):
+        for _ in range(3):
+            cand = z[:, None, :] + step * dirs[None]
+            e, _ = _exact(reference, moving, G.to_matrix(fam, _from_free(fam, cand)), region, mvalid, size,
+                          required, perm)
+            j = e.argmin(1)
+            eb = e[ar, j]
+            better = eb < best
+            if not bool(better.any()):
+                break
+            z = torch.where(better[:, None], cand[ar, j], z)
+            best = torch.where(better, eb, best)
+        step /= 2
+    m = G.to_matrix(fam, _from_free(fam, z))
+    e, cnt = _exact(reference, moving, m[:, None], region, mvalid, size, required, perm)
+    keep = e[:, 0] <= errors  # rounding of the re-scoring: never return worse than the start
+    return (torch.where(keep[:, None, None], m, centred), torch.where(keep, e[:, 0], errors), cnt[:, 0])
 
 
 # ----------------------------------------------------------------------------- permutations
@@ -413,24 +683,30 @@ def _summaries(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.mean(1), x.pow(2).mean(1)], 1)
 
 
-def _cost_matrices(reference, warped, mask):
-    """(B, n, C, C) costs ||M (warped_c' - ref_c)||^2 normalised by ||M ref||^2."""
-    m = mask.to(reference.dtype)
-    rr = (reference.pow(2) * m).flatten(-2).sum(-1)  # (B, C)
-    gg = (warped.pow(2) * m).flatten(-2).sum(-1)  # (B, n, C)
-    rg = torch.einsum("bchw,bndhw->bncd", reference * m, warped)
-    cost = rr[:, None, :, None] + gg[:, :, None, :] - 2 * rg
-    return cost / _energy(reference, m).clamp_min(1e-30)[:, None, None, None]
+def _cost_matrices(reference, warped, region, valid):
+    """(B, n, C, C) costs sum R ||warped_c' - ref_c||^2 / sum R ||ref||^2, R = region * valid (B, n, H, W);
+    and the feasibility terms (den, cnt) (B, n)."""
+    r = region * valid
+    rr = torch.einsum("bchw,bnhw->bnc", reference.pow(2), r)
+    gg = torch.einsum("bndhw,bnhw->bnd", warped.pow(2), r)
+    rg = torch.einsum("bchw,bndhw->bncd", reference, warped * r[:, :, None])
+    den = rr.sum(-1)
+    cost = rr[..., :, None] + gg[..., None, :] - 2 * rg
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return cost / safe[..., None, None], den, r.flatten(-2).sum(-1)
 
 
-def _hungarian(cost: torch.Tensor):
-    """cost (B, n, C, C) -> (errors (B, n), perms (B, n, C))."""
+def _hungarian(cost: torch.Tensor, feasible: torch.Tensor):
+    """cost (B, n, C, C) -> (errors (B, n), perms (B, n, C)); infeasible candidates get inf."""
     cnp = cost.detach().cpu().double().numpy()
+    ok = feasible.cpu().numpy()
     b, n, c, _ = cnp.shape
-    perms = np.zeros((b, n, c), dtype=np.int64)
-    errs = np.zeros((b, n))
+    perms = np.tile(np.arange(c), (b, n, 1))
+    errs = np.full((b, n), np.inf)
     for i in range(b):
         for j in range(n):
+            if not ok[i, j]:
+                continue
             rows, cols = linear_sum_assignment(cnp[i, j])
             perms[i, j, rows] = cols
             errs[i, j] = cnp[i, j][rows, cols].sum()
@@ -438,12 +714,63 @@ def _hungarian(cost: torch.Tensor):
             torch.as_tensor(perms, device=cost.device))
 
 
-def _topk_distinct(errors: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, errors.shape[1])
-    return errors.topk(k, dim=1, largest=False).indices
+def _assign(reference, moving, centred, region, mvalid, size, required):
+    """Hungarian assignment at each per-image candidate ``(B, n, 3, 3)``: (errors, perms)."""
+    norm = G.centred_to_normalized(centred, size)
+    warped = warp(moving, norm)
+    valid = warp_valid(mvalid, norm)
+    cost, den, cnt = _cost_matrices(reference, warped, region, valid)
+    energy = _energy(reference, region)
+    feasible = torch.isfinite(_feasible(torch.zeros_like(den), den, cnt, required(_det(centred)), energy))
+    return _hungarian(cost, feasible)
+
+
+def _align_permutation(reference, moving, region, mvalid, family, cfg, size, spatial, required, extras):
+    """Shortlist warps by channel summaries, add the best spatial warp and any extra candidates (centred
+    frame, ``(B, n, 3, 3)``), assign channels by the Hungarian method at each, refine the best."""
+    b = reference.shape[0]
+    with torch.no_grad():
+        sr, sm = _summaries(reference), _summaries(moving)
+        # put both summary channels on the same footing
+        scale = sr.pow(2).mean((0, 2, 3), keepdim=True).clamp_min(1e-30).sqrt()
+        e, mats = _coarse(sr / scale, sm / scale, region, mvalid, family, cfg, size, required)
+        idx = _distinct_starts(e, mats, cfg.shortlist, cfg)
+        short = torch.gather(mats, 1, idx[..., None, None].expand(-1, -1, 3, 3))
+        short = torch.cat([short, G.normalized_to_centred(spatial.matrices, size)[:, None], extras], 1)
+        perr, perms = _assign(reference, moving, short, region, mvalid, size, required)
+        j = perr.min(1).indices
+        ar = torch.arange(b, device=reference.device)
+        best_m, best_p = short[ar, j], perms[ar, j]
+    # refine the warp for the chosen permutation, then re-assign at the refined warp
+    refined = _refine(reference, moving, best_m[:, None], region, mvalid, size, family, cfg, required, perm=best_p)
+    with torch.no_grad():
+        _, rperm = _assign(reference, moving, refined, region, mvalid, size, required)
+        old, old_n = _exact(reference, moving, best_m[:, None], region, mvalid, size, required, perm=best_p)
+        new, new_n = _exact(reference, moving, refined, region, mvalid, size, required, perm=rperm[:, 0])
+        use_new = new[:, 0] < old[:, 0]
+        final_m = torch.where(use_new[:, None, None], refined[:, 0], best_m)
+        final_p = torch.where(use_new[:, None], rperm[:, 0], best_p)
+        final_e = torch.minimum(new[:, 0], old[:, 0])
+        final_n = torch.where(use_new, new_n[:, 0], old_n[:, 0])
+    return final_e, final_m, final_p, final_n
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def _as_centred_batch(m: torch.Tensor | None, b: int, size, dtype, device, name: str) -> torch.Tensor | None:
+    """Normalised ``(3, 3)``, ``(n, 3, 3)`` or ``(B, n, 3, 3)`` matrices -> centred ``(B, n, 3, 3)``."""
+    if m is None:
+        return None
+    if not isinstance(m, torch.Tensor) or m.dim() not in (2, 3, 4) or tuple(m.shape[-2:]) != (3, 3):
+        shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+        raise ValueError(f"{name}: expected (3, 3), (n, 3, 3) or (B, n, 3, 3) matrices, got {shape}")
+    ex = m.to(dtype=dtype, device=device)
+    ex = ex.reshape(1, 1, 3, 3) if ex.dim() == 2 else ex
+    ex = ex.unsqueeze(0) if ex.dim() == 3 else ex
+    if ex.shape[0] not in (1, b):
+        raise ValueError(f"{name}: per-image matrices need a leading dimension B = {b}, got {tuple(m.shape)}")
+    return G.normalized_to_centred(ex, size).expand(b, -1, 3, 3)
 
 
 def align(
@@ -452,9 +779,11 @@ def align(
     family: str = "rigid",
     *,
     mask: torch.Tensor | None = None,
-    mask_radius: float = 1.0,
+    mask_radius: float | None = None,
+    moving_mask: torch.Tensor | None = None,
     channels: str = "spatial",
     config: SearchConfig | None = None,
+    expected: torch.Tensor | None = None,
     extra_candidates: torch.Tensor | None = None,
 ) -> Alignment:
     """Find, per image, the warp of ``moving`` (and channel permutation) that best matches ``reference``.
@@ -463,15 +792,19 @@ def align(
         reference: ``(B, C, H, W)`` maps of the original images.
         moving: ``(B, C, H, W)`` maps of the transformed images (same layer, same frame).
         family: one of :data:`SEARCH_FAMILIES`.
-        mask: ``(H, W)`` evaluation mask in the reference frame (default: the disk of radius
-            ``mask_radius`` in normalised units).
+        mask: ``(H, W)`` the reference's region ``M`` (evaluation mask times interior); default
+            the whole map, or the disk of radius ``mask_radius`` (normalised units) if given.
+        moving_mask: ``(H, W)`` or ``(B, H, W)`` the moving map's valid positions (default: all); a warp is scored
+            only where its source lies inside them (``V_g``, docs/definitions.md).
         channels: ``"spatial"`` (warp only) or ``"permutation"`` (warp and channel permutation).
-        config: grid and refinement settings.
+        config: grid, refinement and minimum-overlap settings.
+        expected: ``(3, 3)`` or ``(B, 3, 3)`` normalised layer-frame matrix of the warp an STN
+            "should" apply: scored as a candidate, and the baseline of the minimum overlap.
         extra_candidates: ``(3, 3)``, ``(n, 3, 3)`` or ``(B, n, 3, 3)`` normalised layer-frame
-            matrices that are scored exactly as well (e.g. the expected transformation).
+            matrices that are scored exactly as well (the identity always is).
 
     Returns:
-        :class:`Alignment` (errors, matrices, parameters, permutations).
+        :class:`Alignment` (errors, matrices, parameters, overlap, reasons, permutations).
 
     >>> ref = torch.zeros(1, 1, 16, 16); ref[0, 0, 4:8, 9:12] = 1
     >>> mov = torch.roll(ref, shifts=(2, -3), dims=(-2, -1))
@@ -483,94 +816,109 @@ def align(
     _check_images(moving, "moving")
     if reference.shape != moving.shape:
         raise ValueError(f"moving: shape {tuple(moving.shape)} differs from reference {tuple(reference.shape)}")
+    if moving.dtype != reference.dtype:
+        raise TypeError(f"moving: dtype {moving.dtype} differs from reference ({reference.dtype})")
     if family not in SEARCH_FAMILIES:
         raise ValueError(f"family: unknown search family {family!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     if channels not in ("spatial", "permutation"):
         raise ValueError(f"channels: unknown channel matching {channels!r}; valid choices: spatial, permutation")
+    if reference.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"reference: the search runs in float32 or float64, got {reference.dtype}; "
+                        "convert the maps, e.g. maps.float()")
     for name, t in (("reference", reference), ("moving", moving)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
     cfg = config or SearchConfig()
     # the search differentiates with respect to the warp only, never into the caller's graph
     reference, moving = reference.detach(), moving.detach()
+    b = reference.shape[0]
     size = tuple(reference.shape[-2:])
     dtype, device = reference.dtype, reference.device
-    m = _resolve_mask(mask, mask_radius, size, dtype, device)
+    region = _resolve_mask(mask, mask_radius, size, dtype, device)
+    mvalid = _resolve_moving(moving_mask, b, size, dtype, device)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
+    reasons = _no_verdict(reference, region)
+    total = region.sum()
+
+    # the minimum overlap, relative to the expected warp's (or the whole region)
+    if expected is not None and not (isinstance(expected, torch.Tensor) and (
+            expected.shape == (3, 3) or expected.shape == (b, 3, 3))):
+        shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
+        raise ValueError(f"expected: one matrix (3, 3) or one per image ({b}, 3, 3), got {shape}")
+    exp_c = _as_centred_batch(None if expected is None else expected.reshape(-1, 1, 3, 3), b, size, dtype, device,
+                              "expected")
+    with torch.no_grad():
+        if exp_c is None:
+            base = total.expand(b)
+            det_exp = torch.ones(b, dtype=dtype, device=device)
+        else:
+            v = warp_valid(mvalid, G.centred_to_normalized(exp_c, size))  # (B, 1, H, W)
+            base = (region * v).flatten(-2).sum(-1)[:, 0]
+            det_exp = _det(exp_c[:, 0])
+    required = _Overlap(cfg.min_overlap, base, det_exp)
 
     # 1. coarse search (exhaustive over the grid x all integer shifts)
     with torch.no_grad():
-        coarse_e, coarse_m = _coarse(reference, moving, m, family, cfg, size)
+        coarse_e, coarse_m = _coarse(reference, moving, region, mvalid, family, cfg, size, required)
         coarse_best = coarse_e.min(1).values
-        idx = _topk_distinct(coarse_e, cfg.top_k)
+        idx = _distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg)
         starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
     # 2. refinement through the sampler
-    refined = _refine(reference, moving, starts, m, size, family, cfg)
-    cands = [starts, refined, torch.eye(3, dtype=dtype, device=device).expand(starts.shape[0], 1, 3, 3)]
-    extras = None
-    if extra_candidates is not None:
-        ex = extra_candidates.to(dtype=dtype, device=device)
-        ex = ex.reshape(1, 1, 3, 3) if ex.dim() == 2 else ex
-        ex = ex.unsqueeze(0) if ex.dim() == 3 else ex
-        extras = G.normalized_to_centred(ex, size).expand(starts.shape[0], -1, 3, 3)
-        cands.append(extras)
-    cands = torch.cat(cands, 1)
+    refined = _refine(reference, moving, starts, region, mvalid, size, family, cfg, required)
+    extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
+    for m in (exp_c, _as_centred_batch(extra_candidates, b, size, dtype, device, "extra_candidates")):
+        if m is not None:
+            extras.append(m)
+    extras = torch.cat(extras, 1)
+    cands = torch.cat([starts, refined, extras], 1)
     # 3. exact scoring; keep the best
     with torch.no_grad():
-        exact = _exact(reference, moving, cands, m, size)
-        best_e, best_i = exact.min(1)
-        best_m = cands[torch.arange(cands.shape[0]), best_i]
-    result = Alignment(
-        family=family,
-        errors=best_e.double(),
-        matrices=G.centred_to_normalized(best_m, size),
-        params=G.from_matrix(fam, best_m),
-        coarse_errors=coarse_best.double(),
-    )
+        exact, counts = _exact(reference, moving, cands, region, mvalid, size, required)
+        best_i = _best(exact, counts)
+        ar = torch.arange(b, device=device)
+        best_e = exact[ar, best_i]
+        best_m = cands[ar, best_i]
+        best_n = counts[ar, best_i]
+        if cfg.polish_levels > 0 and cfg.refine_steps > 0:
+            pm, pe, pn = _polish(reference, moving, best_m, best_e, region, mvalid, size, family, cfg, required)
+            better = pe < best_e
+            best_m = torch.where(better[:, None, None], pm, best_m)
+            best_n = torch.where(better, pn, best_n)
+            best_e = torch.minimum(pe, best_e)
+    result = _result(family, fam, best_e, best_m, best_n, total, reasons, size)
+    result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":
-        result = _align_permutation(reference, moving, m, family, cfg, size, result, extras)
+        pe, pm, pp, pn = _align_permutation(reference, moving, region, mvalid, family, cfg, size, result,
+                                            required, extras)
+        perm_result = _result(family, fam, pe, pm, pn, total, reasons, size)
+        perm_result.permutations = pp
+        perm_result.coarse_errors = result.coarse_errors
+        perm_result.spatial = result
+        return perm_result
     return result
 
 
-def _align_permutation(reference, moving, m, family, cfg, size, spatial: Alignment,
-                       extras: torch.Tensor | None = None) -> Alignment:
-    """Shortlist warps by channel summaries, add the best spatial warp and any extra candidates (centred
-    frame, ``(B, n, 3, 3)``), assign channels by the Hungarian method at each, refine the best."""
-    fam = G.get_family(SEARCH_FAMILIES[family][0])
-    b = reference.shape[0]
-    with torch.no_grad():
-        sr, sm = _summaries(reference), _summaries(moving)
-        # put both summary channels on the same footing
-        scale = sr.pow(2).mean((0, 2, 3), keepdim=True).clamp_min(1e-30).sqrt()
-        e, mats = _coarse(sr / scale, sm / scale, m, family, cfg, size)
-        idx = _topk_distinct(e, cfg.shortlist)
-        short = torch.gather(mats, 1, idx[..., None, None].expand(-1, -1, 3, 3))
-        short = torch.cat([short, G.normalized_to_centred(spatial.matrices, size)[:, None]]
-                          + ([extras] if extras is not None else []), 1)
-        warped = warp(moving, G.centred_to_normalized(short, size))
-        perr, perms = _hungarian(_cost_matrices(reference, warped, m))
-        j = perr.min(1).indices
-        ar = torch.arange(b)
-        best_m, best_p = short[ar, j], perms[ar, j]
-    # refine the warp for the chosen permutation, then re-assign at the refined warp
-    refined = _refine(reference, moving, best_m[:, None], m, size, family, cfg, perm=best_p)
-    with torch.no_grad():
-        warped = warp(moving, G.centred_to_normalized(refined, size))
-        rerr, rperm = _hungarian(_cost_matrices(reference, warped, m))
-        old = _exact(reference, moving, best_m[:, None], m, size, perm=best_p)[:, 0]
-        new = _exact(reference, moving, refined, m, size, perm=rperm[:, 0])[:, 0]
-        use_new = new < old
-        final_m = torch.where(use_new[:, None, None], refined[:, 0], best_m)
-        final_p = torch.where(use_new[:, None], rperm[:, 0], best_p)
-        final_e = torch.minimum(new, old)
+def _best(errors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Index of the best candidate per image; exact ties (within rounding) go to the larger overlap."""
+    low = errors.min(1, keepdim=True).values
+    tie = errors <= low + 1e-20 + 1e-12 * low.abs()
+    key = torch.where(tie, counts, torch.full_like(counts, -1.0))
+    return key.max(1).indices
+
+
+def _result(family, fam, errors, centred, counts, total, reasons, size) -> Alignment:
+    reasons = list(reasons)
+    for i, e in enumerate(errors.tolist()):
+        if reasons[i] is None and not math.isfinite(e):
+            reasons[i] = "no warp keeps the minimum overlap with the reference's region"
+    bad = torch.tensor([r is not None for r in reasons], device=errors.device)
     return Alignment(
-        family=spatial.family,
-        errors=final_e.double(),
-        matrices=G.centred_to_normalized(final_m, size),
-        params=G.from_matrix(fam, final_m),
-        permutations=final_p,
-        coarse_errors=spatial.coarse_errors,
-        extra={"spatial": spatial},
+        family=family,
+        errors=torch.where(bad, torch.nan, errors).double(),
+        matrices=G.centred_to_normalized(centred, size),
+        params=G.from_matrix(fam, centred),
+        overlap=(counts / total).double(),
+        reasons=reasons,
     )
 
 
@@ -580,7 +928,8 @@ def fit_linear(
     matrices: torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
-    mask_radius: float = 1.0,
+    mask_radius: float | None = None,
+    moving_mask: torch.Tensor | None = None,
     permutations: torch.Tensor | None = None,
     ridge: float = 1e-4,
     folds: int = 2,
@@ -589,11 +938,12 @@ def fit_linear(
     """Linear channel map ``A`` (C x C) on top of per-image warps: held-out and in-sample errors.
 
     ``A`` is shared by all images (a property of the layer and the transformation). It is fitted
-    by ridge regression, weighting each image by ``1 / ||M F||^2`` so it minimises the mean
-    normalised error, with ``folds``-fold cross-fitting: every image is scored by a map fitted
-    on the other folds (``held_out``). ``fit`` is the in-sample error of the best per-image map
-    (least squares on that image's own pixels, starting from its warp and permutation), a lower
-    bound: on fitted data ``spatial >= permutation >= fit``.
+    by ridge regression over each image's comparison region ``R_g`` (docs/definitions.md),
+    weighting each image by ``1 / sum R_g ||F||^2`` so it minimises the mean normalised error,
+    with ``folds``-fold cross-fitting: every image is scored by a map fitted on the other folds
+    (``held_out``). ``fit`` is the in-sample error of the best per-image map (least squares on
+    that image's own positions, starting from its warp and permutation), a lower bound: on
+    fitted data ``spatial >= permutation >= fit``. Images without signal on their region get NaN.
 
     Returns a dict with ``held_out (B,)``, ``fit (B,)`` and ``matrix`` (A fitted on all images).
 
@@ -605,17 +955,27 @@ def fit_linear(
     """
     _check_images(reference, "reference")
     _check_images(moving, "moving")
+    if reference.shape != moving.shape:
+        raise ValueError(f"moving: shape {tuple(moving.shape)} differs from reference {tuple(reference.shape)}")
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds: cross-fitting needs an integer >= 2, got {folds!r}")
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge: must be a finite number >= 0, got {ridge!r}")
     size = tuple(reference.shape[-2:])
-    m = _resolve_mask(mask, mask_radius, size, reference.dtype, reference.device)
+    region = _resolve_mask(mask, mask_radius, size, reference.dtype, reference.device)
+    mvalid = _resolve_moving(moving_mask, reference.shape[0], size, reference.dtype, reference.device)
     b, c = reference.shape[:2]
     with torch.no_grad():
-        warped = warp(moving, matrices.to(reference).unsqueeze(1))[:, 0]
+        mats = matrices.to(reference).unsqueeze(1)
+        warped = warp(moving, mats)[:, 0]
+        r = region * warp_valid(mvalid, mats)[:, 0]  # (B, H, W)
         if permutations is not None:
             warped = torch.gather(warped, 1, permutations[:, :, None, None].expand(-1, -1, *size))
-        sel = m.flatten() > 0
-        x = warped.flatten(2)[:, :, sel].double()  # (B, C, N)
-        y = reference.flatten(2)[:, :, sel].double()
-        w = 1.0 / (y.pow(2).sum((1, 2))).clamp_min(1e-30)  # (B,)
+        x = (warped * r[:, None]).flatten(2).double()  # (B, C, N), zero outside the region
+        y = (reference * r[:, None]).flatten(2).double()
+        energy = y.pow(2).sum((1, 2))
+        usable = energy > 0
+        w = torch.where(usable, 1.0 / energy.clamp_min(1e-300), 0.0)  # (B,)
         xx = torch.einsum("b,bcn,bdn->bcd", w, x, x)
         yx = torch.einsum("b,bcn,bdn->bcd", w, y, x)
 
@@ -625,11 +985,11 @@ def fit_linear(
             return torch.linalg.solve(sxx + lam * torch.eye(c, dtype=sxx.dtype, device=sxx.device), syx.T).T
 
         def score(a, ids):
-            r = torch.einsum("cd,bdn->bcn", a, x[ids]) - y[ids]
-            return r.pow(2).sum((1, 2)) * w[ids]
+            res = torch.einsum("cd,bdn->bcn", a, x[ids]) - y[ids]
+            return torch.where(usable[ids], res.pow(2).sum((1, 2)) * w[ids], torch.nan)
 
         held = torch.full((b,), float("nan"), dtype=torch.float64, device=reference.device)
-        if b >= 2 and folds >= 2:
+        if b >= 2:
             gen = torch.Generator().manual_seed(seed)
             order = torch.randperm(b, generator=gen).to(reference.device)
             k = min(folds, b)
@@ -638,17 +998,17 @@ def fit_linear(
                 train = torch.cat([order[g::k] for g in range(k) if g != f])
                 held[test] = score(solve(train), test)
         a_all = solve(torch.arange(b, device=reference.device))
-        # in-sample per-image least squares (lower bound)
-        # normal equations per image (a vanishing ridge keeps rank-deficient images solvable)
+        # in-sample per-image least squares (lower bound); a vanishing ridge keeps
+        # rank-deficient images solvable
         gram = torch.einsum("bcn,bdn->bcd", x, x)
         lam = 1e-12 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
         eye = torch.eye(c, dtype=gram.dtype, device=gram.device)
         sol = torch.linalg.solve(gram + lam * eye, torch.einsum("bcn,bdn->bcd", x, y))  # (B, C_in, C_out)
-        r = torch.einsum("bdc,bdn->bcn", sol, x) - y
-        fit = r.pow(2).sum((1, 2)) * w
+        res = torch.einsum("bdc,bdn->bcn", sol, x) - y
+        fit = res.pow(2).sum((1, 2)) * w
         # the per-image permutation / identity is feasible for the least squares: never worse
         ident = (x - y).pow(2).sum((1, 2)) * w
-        fit = torch.minimum(fit, ident)
+        fit = torch.where(usable, torch.minimum(fit, ident), torch.nan)
     return {"held_out": held, "fit": fit, "matrix": a_all}
 
 

@@ -2,7 +2,8 @@
 
 The metric and the assertion are separate (as in ``e3nn.util.test``): :func:`alignment_errors`
 measures, per image, how well the maps of a layer for transformed images can be aligned with
-those of the originals (DESIGN.md section 2), and the ``assert_*`` helpers compare those
+those of the originals (:func:`invariance.metric.measure_layer`, the toolkit's one measurement
+core, over the comparison region of docs/definitions.md), and the ``assert_*`` helpers compare those
 numbers with tolerances that follow the dtype and the *interpolation floor* (the same search
 run on the images themselves, the identity network).
 
@@ -78,19 +79,19 @@ The metric alone:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import geometry as G
 from .features import FeatureExtractor
 from .measure import DEFAULT_SEARCH, Transform, parse_transforms
-from .search import SEARCH_FAMILIES, SearchConfig, align, channel_orbits, masked_error
+from .metric import comparison_region, measure_layer, transformed_valid
+from .metric import interpolation_floor as _floor
+from .search import SEARCH_FAMILIES, SearchConfig, masked_error
 from .toys import make_blob_images
-from .warp import disk_mask, warp
+from .warp import warp
 
 try:  # the metric and the assertions work without hypothesis; the strategies need it
     from hypothesis import strategies as st
@@ -220,7 +221,10 @@ class AlignmentErrors:
             (pixels, degrees), as applied to the maps of the transformed images.
         permutations: ``(B, C)`` best channel permutations (``aligned[c] = warped[perm[c]]``).
         orbits: channel orbits (cycles) of the most frequent permutation.
-        mask_radius, dtype, model: how it was measured.
+        mask_radius, dtype, model: how it was measured (``mask_radius`` None: the whole map).
+        reasons: per image, None or why its errors are NaN (no signal on the region).
+        overlap: the comparison region kept by the best warp (fraction of the reference's).
+        interior: whether the receptive-field interior was applied.
     """
 
     layer: str
@@ -232,12 +236,15 @@ class AlignmentErrors:
     floor: torch.Tensor
     params: torch.Tensor
     param_names: tuple[str, ...]
-    mask_radius: float
+    mask_radius: float | None
     dtype: torch.dtype
     model: str = ""
     permutation: torch.Tensor | None = None
     permutations: torch.Tensor | None = None
     orbits: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    overlap: torch.Tensor | None = None
+    interior: bool = False
 
     def allowed(self, rtol: float = DEFAULT_RTOL, atol: float | None = None) -> torch.Tensor:
         """``floor * (1 + rtol) + atol`` per image: the largest error of an alignable layer."""
@@ -265,12 +272,16 @@ class AlignmentErrors:
             lines.append(row)
         if self.permutations is not None:
             lines.append(f"channel orbits of the most frequent permutation: {self.orbits or 'none (identity)'}")
+        for i, r in enumerate(self.reasons):
+            if r is not None:
+                lines.append(f"image {i}: no verdict (NaN): {r}")
         return "\n".join(lines)
 
     def describe(self) -> str:
         return (f"layer {self.layer!r}{' of ' + self.model if self.model else ''} under {self.transform.label} "
                 f"(search {self.search}, {str(self.dtype).replace('torch.', '')}, {self.spatial.shape[0]} image(s), "
-                f"mask radius {self.mask_radius:.3g})")
+                f"{'whole map' if self.mask_radius is None else f'mask radius {self.mask_radius:.3g}'}, "
+                f"interior {'on' if self.interior else 'off'})")
 
 
 def interpolation_floor(
@@ -284,18 +295,15 @@ def interpolation_floor(
 ) -> torch.Tensor:
     """The interpolation floor per image ``(B,)`` float64: what resampling alone costs.
 
-    DESIGN.md's floor is the spatial error of the images themselves (the identity network)
-    under the transformation and the search: ``min_g ||W_g T_h f - f||^2 / ||f||^2``. A round
-    trip can be exact by a lattice coincidence although its first resampling is not: zooming
-    an odd-sized image by 2 about its centre pixel interpolates between pixels, and warping
-    back samples the zoomed image exactly at the pixels that were not interpolated; a layer of
-    a covariant network still sees the interpolated image. Whether the coincidence happens
-    depends only on where the centre of the transformation falls on the pixel grid (on a pixel
-    for odd sizes, between pixels for even ones), so the floor returned is the larger of the
-    round trips on the images and on the images padded by one zero row and column (the other
-    parity). Lattice-exact transformations (rotations of square images by multiples of 90°,
-    integer shifts) stay exact in both. With ``transformed`` given (images transformed some
-    other way, e.g. ``torch.roll``) only that round trip is measured.
+    The toolkit's one floor (:func:`invariance.metric.interpolation_floor`): the spatial error
+    of the images themselves (the identity network) under the transformation and the search,
+    the larger of the round trips on the images and on the images padded by one zero row and
+    column (a round trip can be exact by a lattice coincidence although its first resampling is
+    not: zooming an odd-sized image by 2 about its centre pixel interpolates between pixels, and
+    warping back samples exactly the pixels that were not interpolated). Lattice-exact
+    transformations (rotations of square images by multiples of 90°, integer shifts) stay exact
+    in both. With ``transformed`` given (images transformed some other way, e.g.
+    ``torch.roll``) only that round trip is measured.
 
     >>> x = example_images(2, 31)
     >>> bool((interpolation_floor(x, "scale:2") > 1e-4).all()), bool(interpolation_floor(x, "rotation:90").max() < 1e-9)
@@ -303,22 +311,8 @@ def interpolation_floor(
     """
     tr = as_transform(transform)
     fam = search or DEFAULT_SEARCH[tr.family]
-    cfg = config or DEFAULT_CONFIG
-    radius = valid_radius(tr, images.shape[-2:]) if mask_radius is None else float(mask_radius)
-
-    def round_trip(imgs, moved):
-        size = tuple(imgs.shape[-2:])
-        m = disk_mask(size, radius, dtype=imgs.dtype, device=imgs.device).to(imgs.dtype)
-        t_img = tr.matrix(size, torch.float64).to(device=imgs.device)
-        if moved is None:
-            moved = warp(imgs, t_img.to(imgs.dtype))
-        extra = torch.stack([G.inverse(t_img).to(imgs.dtype), torch.eye(3, dtype=imgs.dtype, device=imgs.device)])
-        return align(imgs, moved, fam, mask=m, config=cfg, extra_candidates=extra).errors.double().cpu()
-
-    if transformed is not None:
-        return round_trip(images, transformed)
-    padded = torch.nn.functional.pad(images, (0, 1, 0, 1))
-    return torch.maximum(round_trip(images, None), round_trip(padded, None))
+    return _floor(images, tr.matrix(tuple(images.shape[-2:]), torch.float64), fam, mask_radius=mask_radius,
+                  config=config or DEFAULT_CONFIG, transformed=transformed)
 
 
 def _check_model(model: nn.Module, images: torch.Tensor) -> None:
@@ -342,6 +336,7 @@ def alignment_errors(
     channels: str = "spatial",
     search: str | None = None,
     mask_radius: float | None = None,
+    interior: bool | None = None,
     config: SearchConfig | None = None,
     transformed: torch.Tensor | None = None,
 ) -> AlignmentErrors:
@@ -355,14 +350,14 @@ def alignment_errors(
         channels: ``"spatial"`` or ``"permutation"`` (also search a channel permutation).
         search: the search family (default :data:`invariance.measure.DEFAULT_SEARCH` of the
             transformation's family).
-        mask_radius: radius of the evaluation disk in normalised units of each grid (default
-            :func:`valid_radius` of the transformation, less the band along the edges where
-            padding changes the maps, :func:`border_band`).
+        mask_radius: an evaluation disk in normalised units of each grid (default: the whole
+            map; the comparison region of docs/definitions.md takes care of the border).
+        interior: the receptive-field interior (default: auto, see :mod:`invariance.metric`).
         config: the search settings (default :data:`DEFAULT_CONFIG`); the expected warp
             ``W_{h^-1}`` and the identity are always scored as extra candidates.
         transformed: the transformed images ``T_h f`` when they are made some other way (for
-            example ``torch.roll`` for circular shifts); default: :func:`invariance.warp.warp`
-            of ``images`` (bilinear, zero padding).
+            example ``torch.roll`` for circular shifts: every pixel then counts as valid);
+            default: :func:`invariance.warp.warp` of ``images`` (bilinear, zero padding).
 
     Returns:
         :class:`AlignmentErrors`.
@@ -376,52 +371,44 @@ def alignment_errors(
         raise ValueError(f"channels: expected 'spatial' or 'permutation', got {channels!r}")
     cfg = config or DEFAULT_CONFIG
     size = tuple(images.shape[-2:])
-    if mask_radius is None:
-        try:
-            radius = valid_radius(tr, size, border_band(model, layer, images))
-        except ValueError as exc:
-            raise ValueError(f"{exc}; the layer's response to an empty image varies over most of the map "
-                             f"(large receptive field, or position-dependent); pass mask_radius") from None
-    else:
-        radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
     generated = transformed is None
     if generated:
         transformed = warp(images, t_img.to(images.dtype))
+        image_valid = transformed_valid(t_img, size)
     elif transformed.shape != images.shape:
         raise ValueError(f"transformed: shape {tuple(transformed.shape)} differs from images {tuple(images.shape)}")
-    extractor = FeatureExtractor(model, [layer])
-    feats, frames = extractor(torch.cat([images, transformed]))
+    else:
+        image_valid = torch.ones(size, dtype=torch.bool)
+    feats, frames = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
     b = images.shape[0]
-    f, fh = feats[layer][:b], feats[layer][b:]
-    frame = frames[layer]
-
-    floor = interpolation_floor(images, tr, search=fam, mask_radius=radius, config=cfg,
+    res = measure_layer(feats[layer][:b], feats[layer][b:], frames[layer], t_img, family=fam,
+                        channels=(channels,), mask_radius=mask_radius, interior=interior, image_valid=image_valid,
+                        config=cfg, layer=layer, transform=tr.label)
+    floor = interpolation_floor(images, tr, search=fam, mask_radius=mask_radius, config=cfg,
                                 transformed=None if generated else transformed)
-    m = disk_mask(f.shape[-2:], radius, dtype=f.dtype, device=f.device).to(f.dtype)
-    expected = frame.to_layer(G.inverse(t_img)).to(dtype=f.dtype, device=f.device)
-    extra = torch.stack([expected, torch.eye(3, dtype=f.dtype, device=f.device)])
-    res = align(f, fh, fam, mask=m, channels=channels, config=cfg, extra_candidates=extra)
-    with torch.no_grad():
-        e_exp = masked_error(f, warp(fh, expected), m).double()
-        e_inv = masked_error(f, fh, m).double()
-    sp = res.extra["spatial"] if channels == "permutation" else res
-    gfam = G.get_family(SEARCH_FAMILIES[fam][0])
-    params = G.from_matrix(gfam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
-    out = AlignmentErrors(
-        layer=layer, transform=tr, search=fam, spatial=sp.errors.double().cpu(), expected=e_exp.cpu(),
-        invariance=e_inv.cpu(), floor=floor, params=params.cpu(),
-        param_names=gfam.param_names, mask_radius=radius, dtype=images.dtype, model=type(model).__name__,
+    return AlignmentErrors(
+        layer=layer, transform=tr, search=fam, spatial=res.spatial, expected=res.expected,
+        invariance=res.invariance, floor=floor, params=res.params, param_names=res.param_names,
+        mask_radius=mask_radius, dtype=images.dtype, model=type(model).__name__,
+        permutation=res.permutation, permutations=res.permutations, orbits=res.orbits,
+        reasons=res.reasons, overlap=res.overlap, interior=res.interior,
     )
-    if channels == "permutation":
-        out.permutation = res.errors.double().cpu()
-        out.permutations = res.permutations.cpu()
-        modal = Counter(tuple(p) for p in out.permutations.tolist()).most_common(1)[0][0]
-        out.orbits = channel_orbits(modal)
-    return out
 
 
 # ----------------------------------------------------------------------------- assertions
+
+
+def _require_verdict(errs: AlignmentErrors) -> None:
+    """No verdict on no signal: an image without one fails the assertion, whichever it is."""
+    bad = [i for i, r in enumerate(errs.reasons) if r is not None] + [
+        i for i in range(errs.spatial.shape[0]) if errs.floor[i].isnan() and errs.reasons[i] is None]
+    if bad:
+        ok = torch.ones(errs.spatial.shape[0], dtype=torch.bool)
+        ok[bad] = False
+        _fail(errs, "no verdict", None, "bound", ok,
+              f"{len(bad)} image(s) have no signal to align on the comparison region (see the reasons above); "
+              "use images with content inside the frame, or another layer")
 
 
 def _fail(errs: AlignmentErrors, headline: str, bound, bound_name, ok, note: str) -> None:
@@ -443,6 +430,7 @@ def assert_spatially_alignable(
     Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
     """
     errs = alignment_errors(model, images, transform, layer, **kwargs)
+    _require_verdict(errs)
     allowed = errs.allowed(rtol, atol)
     ok = errs.spatial <= allowed
     if not bool(ok.all()):
@@ -471,6 +459,7 @@ def assert_not_spatially_alignable(
     Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
     """
     errs = alignment_errors(model, images, transform, layer, **kwargs)
+    _require_verdict(errs)
     need = torch.clamp(margin * errs.allowed(rtol, atol), min=min_error)
     ok = errs.spatial > need
     if not bool(ok.all()):
@@ -498,19 +487,19 @@ def assert_invariant(
     ``allowed = floor * (1 + rtol) + atol`` per image, with the interpolation floor of the images
     (as in :func:`alignment_errors`): an invariant model may not change by more than resampling
     the image explains. Outputs of any shape are compared as flat vectors per image; 4-D layer
-    maps on the central disk of radius ``mask_radius``. Returns the per-image invariance errors.
+    maps on their comparison region (docs/definitions.md; within the disk of radius
+    ``mask_radius`` if given). Returns the per-image invariance errors.
     """
     _check_model(model, images)
     tr = as_transform(transform)
     size = tuple(images.shape[-2:])
-    if mask_radius is None:
-        radius = valid_radius(tr, size, 0.0 if layer is None else border_band(model, layer, images))
-    else:
-        radius = float(mask_radius)
     t_img = tr.matrix(size, torch.float64)
     user_transformed = transformed
     if transformed is None:
         transformed = warp(images, t_img.to(images.dtype))
+        image_valid = transformed_valid(t_img, size)
+    else:
+        image_valid = torch.ones(size, dtype=torch.bool)
     b = images.shape[0]
     if layer is None:
         was = model.training
@@ -524,11 +513,12 @@ def assert_invariant(
         ref, mov = out[:b], out[b:]
         err = ((mov - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-30)).double()
     else:
-        feats, _ = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
+        feats, frames = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
         ref, mov = feats[layer][:b], feats[layer][b:]
-        m = disk_mask(ref.shape[-2:], radius, dtype=ref.dtype, device=ref.device)
-        err = masked_error(ref, mov, m).double()
-    floor = interpolation_floor(images, tr, mask_radius=radius, config=config, transformed=user_transformed)
+        region, mvalid, _ = comparison_region(frames[layer], mask_radius=mask_radius, image_valid=image_valid,
+                                              device=ref.device, dtype=ref.dtype)
+        err = masked_error(ref, mov, region, valid=mvalid).double()
+    floor = interpolation_floor(images, tr, mask_radius=mask_radius, config=config, transformed=user_transformed)
     a = _atol(images.dtype) if atol is None else atol
     allowed = floor * (1 + rtol) + a
     ok = err.cpu() <= allowed.cpu()

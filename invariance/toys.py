@@ -3,8 +3,8 @@
 The theory, made executable (summary of ``docs/proof.md``)
 -----------------------------------------------------------
 *Statement.* Let ``Γ`` be a CNN layer and ``T_h`` a spatial transformation of the image. A purely
-spatial warp ``W_g`` of the feature maps can undo ``T_h`` (``W_g Γ T_h f ≈ Γ f``, DESIGN.md
-section 1) for translations always, for rotations only when the features are rotation
+spatial warp ``W_g`` of the feature maps can undo ``T_h`` (``W_g Γ T_h f ≈ Γ f``, docs/definitions.md,
+"The question") for translations always, for rotations only when the features are rotation
 invariant, and for rescalings in general never. Two intuitions carry the argument:
 
 1. *"W" becomes "M".* A 180° rotation turns a W into an M, so a *different channel* responds. A

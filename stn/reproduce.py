@@ -97,7 +97,7 @@ MODES: dict[str, Mode] = {
              "moved from the identity in so few steps) but 0.03 for translation: with 1 (and still with 0.1) the "
              "input-warping STNs' predicted shift drifted until the whole image left the field of view and they "
              "ended at chance level (88.65% error; first attempt of this run). No Fashion-MNIST runs (time). "
-             "Sized, from the 2-core throughputs in DESIGN.md, for roughly 15 to 20 minutes on an idle 2-core "
+             "Sized, from the measured 2-core training throughputs, for roughly 15 to 20 minutes on an idle 2-core "
              "CPU (an estimate: the machine that ran it was never idle), so that it stays near an hour on a busy, "
              "shared one.",
     ),

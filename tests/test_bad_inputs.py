@@ -501,3 +501,57 @@ def test_stn_usage_errors_are_one_line(d, capsys, argv, needle):
     assert code == 2
     line = one_line(err)
     assert line.startswith("stn") and needle in line, line
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+
+def _api_cases():
+    from invariance import SearchConfig, align, fit_linear, measure, parse_transforms
+    from invariance.measure import as_image_batch, bootstrap_ci
+
+    x = torch.rand(2, 1, 8, 8)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    return [
+        ("int-out-of-range", lambda: as_image_batch(torch.full((1, 4, 4), 300, dtype=torch.int32)), "images", "0..255"),
+        ("complex", lambda: as_image_batch(torch.ones(1, 4, 4, dtype=torch.complex64)), "images", "complex"),
+        ("sweep-fractional-count", lambda: parse_transforms("scale:0.5..2:2.7"), "transform", "whole number"),
+        ("sweep-huge", lambda: parse_transforms("rotation:0..1e9:1"), "transform", "cap"),
+        ("sweep-tiny-step", lambda: parse_transforms("rotation:0..360:1e-9"), "transform", "cap"),
+        ("sweep-empty", lambda: parse_transforms("rotation:90..0:10"), "transform", "empty"),
+        ("n-boot-negative", lambda: bootstrap_ci([1.0, 2.0], n_boot=-1), "n_boot", "non-negative"),
+        ("measure-n-boot-negative", lambda: measure(net, x, "rotation:90", n_boot=-5, progress=False), "n_boot",
+         "non-negative"),
+        ("float64-images-float32-model", lambda: measure(net, x.double(), "rotation:90", progress=False), "images",
+         "model.to"),
+        ("fit-linear-one-fold", lambda: fit_linear(x, x, torch.eye(3).expand(2, 3, 3), folds=1), "folds", ">= 2"),
+        ("fit-linear-negative-ridge", lambda: fit_linear(x, x, torch.eye(3).expand(2, 3, 3), ridge=-1.0), "ridge",
+         ">= 0"),
+        ("n-angles-zero", lambda: SearchConfig(n_angles=0), "n_angles", "positive integer"),
+        ("float16-maps", lambda: align(x.half(), x.half(), "rotation"), "reference", "float32 or float64"),
+        ("mask-and-radius", lambda: align(x, x, "rotation", mask=torch.ones(8, 8), mask_radius=0.5), "mask_radius",
+         "not both"),
+        ("image-too-large", lambda: measure(net, torch.zeros(1, 1, 1024, 1024), "rotation:90", progress=False),
+         "images", "max_image_pixels"),
+        ("expected-shape", lambda: align(x, x, "rotation", expected=torch.eye(3).expand(5, 3, 3)), "expected",
+         "(3, 3)"),
+    ]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _api_cases()])
+def test_python_api_bad_input_is_one_line_naming_the_argument(name):
+    """The Python API checks its arguments before any work; the message is one line that starts
+    with the argument's name and says what is valid."""
+    _, call, arg, needle = next(c for c in _api_cases() if c[0] == name)
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{arg}:") and needle in msg, msg
+
+
+def test_integer_images_of_every_width_are_scaled_like_uint8():
+    from invariance.measure import as_image_batch
+
+    for dt in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        out = as_image_batch(torch.tensor([[[0, 51, 255]]], dtype=dt))
+        assert out.dtype == torch.float32 and out.flatten().tolist() == pytest.approx([0.0, 0.2, 1.0]), dt

@@ -275,16 +275,17 @@ def test_measure_reports_w_m_rotation_on_every_layer_after_the_detectors():
 
 
 def test_measure_reports_the_input_layer_at_the_floor():
-    """Through :func:`invariance.measure`: the ``input`` layer's spatial error is the interpolation
-    floor of the calibration and at most its expected-transform error (the inverse warp is a
-    candidate), for a rotation, a rescaling and an affine map."""
+    """Through :func:`invariance.measure`: the ``input`` layer's spatial error is at most the
+    interpolation floor of the calibration (the floor is the larger of this round trip and the one
+    on the other grid parity, docs/definitions.md) and at most its expected-transform error (the
+    inverse warp is a candidate), for a rotation, a rescaling and an affine map."""
     images = T.make_images("blobs", 3, 32, seed=2, content_radius=0.4)
     cfg = SearchConfig(n_angles=36, refine_steps=8, top_k=1, shortlist=2, affine_n_angles=8,
                        affine_log2_scales=(0.0,), affine_log2_aspects=(), affine_aspect_angles=())
     rep = measure(T.IsotropicNet(), images, "rotation:37; scale:0.75; affine:1.1,0.2,1,-0.1,0.9,-1",
                   layers="input", channels="spatial", config=cfg, mask_radius=0.7, n_boot=0, progress=False)
     for rec in rep.records:
-        assert rec["spatial_error"] == rec["interpolation_floor"]
+        assert rec["spatial_error"] <= rec["interpolation_floor"] * (1 + 1e-12)
         per = rec["per_image"]
         assert all(sp <= ex + 1e-6 for sp, ex in zip(per["spatial_error"], per["expected_error"])), per
         assert rec["spatial_error"] < rec["invariance_error"]

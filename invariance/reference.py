@@ -1,0 +1,335 @@
+"""A slow, dense reference search that shares none of the fast path's code: the check on :func:`align`.
+
+:func:`brute_force_align` evaluates the definition of docs/definitions.md directly: for every
+linear part on a dense grid (angles, log-scales, affine shapes) and every sub-pixel offset of a
+fine lattice, the moving map is warped once onto a canvas that holds all its shifts, and the
+error of **every integer shift** is computed as the plain masked sum over the window of the
+canvas by direct correlation (``torch.nn.functional.conv2d`` over the windows: no FFT, no
+canvas groups, no candidate short-lists). The best few distinct candidates are then polished by Nelder-Mead
+(:func:`scipy.optimize.minimize`) on the exact error of the family parameters. Only ``warp``
+(``grid_sample``), the geometry conventions and the validity rule of the definitions are shared
+with :func:`invariance.search.align`.
+
+Use it in tests and benchmarks, on small maps: it costs ``angles x scales x offsets x shifts``
+window sums per image (see :func:`invariance.search.align` for the fast path). Integer shifts
+are tried up to half the map along each axis (a larger shift keeps less than half of the map
+in common).
+
+>>> ref = torch.zeros(1, 1, 12, 12, dtype=torch.float64); ref[0, 0, 3:6, 5:9] = 1
+>>> mov = torch.roll(ref, (2, -1), dims=(-2, -1))
+>>> out = brute_force_align(ref, mov, "translation", offsets=1)
+>>> float(out.errors[0]) < 1e-12, out.params[0].round().tolist()
+(True, [1.0, -2.0])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from . import geometry as G
+from .warp import warp
+
+__all__ = ["ReferenceAlignment", "brute_force_align", "BatteryCase", "battery", "run_battery"]
+
+_INSIDE = 1.0 - 1e-5  # the validity rule of the definitions: a bilinear sample of the valid region is 1
+
+# search family -> (geometry family, has an integer translation part), as in docs/definitions.md
+_FAMILIES = {"translation": ("translation", True), "rotation": ("rotation", False), "scale": ("scale", False),
+             "rigid": ("rigid", True), "scale_translation": ("scale_translation", True),
+             "similarity": ("similarity", True), "affine": ("affine", True)}
+
+
+@dataclass
+class ReferenceAlignment:
+    """Per image: the best error found (NaN if none is feasible), its centred matrix and parameters."""
+
+    errors: torch.Tensor
+    matrices: torch.Tensor
+    params: torch.Tensor
+
+
+def _linear_grid(family: str, angle_step: float, log2_step: float, log2_range: float,
+                 affine_angle_step: float) -> list[np.ndarray]:
+    if family == "affine":  # 6 parameters: a coarser grid, the polish does the rest
+        angle_step, log2_step, log2_range = max(angle_step, affine_angle_step), 0.25, 0.5
+    rots = [0.0] if family in ("translation", "scale", "scale_translation") else \
+        list(np.arange(-180.0, 180.0, angle_step))
+    scales = [0.0] if family in ("translation", "rotation", "rigid") else \
+        list(np.arange(-log2_range, log2_range + 1e-9, log2_step))
+    shapes = [(0.0, 0.0)]
+    if family == "affine":
+        shapes += [(la, phi) for la in (-0.5, -0.25, 0.25, 0.5) for phi in (0.0, 45.0, 90.0, 135.0)]
+    out = []
+    for a in rots:
+        r = np.deg2rad(a)
+        rot = np.array([[math.cos(r), math.sin(r)], [-math.sin(r), math.cos(r)]])  # ccw as displayed, y down
+        for ls in scales:
+            for la, phi in shapes:
+                p = np.deg2rad(phi)
+                q = np.array([[math.cos(p), math.sin(p)], [-math.sin(p), math.cos(p)]])
+                d = np.diag([2.0 ** (la / 2), 2.0 ** (-la / 2)])
+                out.append(rot @ (2.0 ** ls * np.eye(2)) @ q @ d @ q.T)
+    return out
+
+
+def _centred(lin: np.ndarray, t) -> np.ndarray:
+    m = np.eye(3)
+    m[:2, :2] = lin
+    m[:2, 2] = t
+    return m
+
+
+def _valid(v: torch.Tensor, norm: torch.Tensor, size) -> torch.Tensor:
+    return (warp(v[None, None], norm, size=size)[0, 0] >= _INSIDE).to(v.dtype)
+
+
+def brute_force_align(
+    reference: torch.Tensor,
+    moving: torch.Tensor,
+    family: str = "rigid",
+    *,
+    mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    expected: torch.Tensor | None = None,
+    min_overlap: float = 0.5,
+    angle_step: float = 0.5,
+    log2_step: float = 1 / 32,
+    log2_range: float = 2.0,
+    offsets: int = 4,
+    polish: int = 3,
+    affine_angle_step: float = 15.0,
+) -> ReferenceAlignment:
+    """The dense reference search (module docstring), image by image, in float64.
+
+    Args:
+        reference, moving: ``(B, C, H, W)`` maps, as for :func:`invariance.search.align`.
+        family: a search family (``translation``, ``rotation``, ``scale``, ``rigid``,
+            ``scale_translation``, ``similarity``, ``affine``).
+        mask, moving_mask: the reference's region and the moving map's valid region ``(H, W)``.
+        expected: ``(3, 3)`` or ``(B, 3, 3)`` normalised matrices of the expected warp (the
+            baseline of the minimum overlap, and a candidate).
+        min_overlap: the minimum overlap fraction ``kappa`` of the definitions.
+        angle_step: degrees between grid angles; log2_step, log2_range: the log2-scale grid.
+        offsets: sub-pixel offsets per axis (4: quarter pixels).
+        polish: distinct best candidates refined by Nelder-Mead.
+        affine_angle_step: the (coarser) angle step of the ``affine`` grid, whose linear parts
+            are rotation x log2-scale (-0.5 to 0.5 by 0.25) x 17 shapes (anisotropy 2^(+-0.25),
+            2^(+-0.5) along 0, 45, 90, 135 degrees).
+
+    Returns:
+        :class:`ReferenceAlignment` with centred-frame matrices ``(B, 3, 3)``.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family: unknown search family {family!r}; valid choices: {', '.join(_FAMILIES)}")
+    ref_all, mov_all = reference.detach().double().cpu(), moving.detach().double().cpu()
+    b, c, h, w = ref_all.shape
+    size = (h, w)
+    region = torch.ones(size, dtype=torch.float64) if mask is None else (mask.cpu() > 0).double()
+    mvalid = torch.ones(size, dtype=torch.float64) if moving_mask is None else (moving_mask.cpu() > 0).double()
+    gfam, has_t = _FAMILIES[family]
+    grid = _linear_grid(family, angle_step, log2_step, log2_range, affine_angle_step)
+    subs = [k / offsets for k in range(offsets)] if has_t else [0.0]
+    to_norm = G.frame_matrix(size, frm="centred", to="normalized", dtype=torch.float64).numpy()
+    exp = None if expected is None else expected.detach().double().cpu().reshape(-1, 3, 3)
+    errors, mats = [], []
+    for i in range(b):
+        ref, mov = ref_all[i], mov_all[i]
+        e_c = None if exp is None else np.linalg.inv(to_norm) @ exp[min(i, exp.shape[0] - 1)].numpy() @ to_norm
+
+        def exact(centred: np.ndarray, ref=ref, mov=mov, e_c=e_c) -> float:
+            norm = torch.from_numpy(to_norm @ centred @ np.linalg.inv(to_norm))
+            r = region * _valid(mvalid, norm, size)
+            den = float((ref.pow(2).sum(0) * r).sum())
+            if den <= 0 or float(r.sum()) < required(centred, e_c) - 1e-3:
+                return math.inf
+            return float(((warp(mov[None], norm)[0] - ref).pow(2).sum(0) * r).sum()) / den
+
+        def required(centred: np.ndarray, e_c: np.ndarray | None) -> float:
+            det = abs(np.linalg.det(centred[:2, :2]))
+            if e_c is None:
+                return min_overlap * float(region.sum()) * min(1.0, det)
+            norm = torch.from_numpy(to_norm @ e_c @ np.linalg.inv(to_norm))
+            base = float((region * _valid(mvalid, norm, size)).sum())
+            return min_overlap * base * min(1.0, det / max(abs(np.linalg.det(e_c[:2, :2])), 1e-12))
+
+        cands: list[tuple[float, np.ndarray]] = []
+        for lin in grid:
+            for ox in subs:
+                for oy in subs:
+                    cands.extend(_all_shifts(ref, mov, region, mvalid, lin, (ox, oy), has_t, to_norm, size,
+                                             lambda m, e_c=e_c: required(m, e_c)))
+        if e_c is not None:
+            cands.append((exact(e_c), e_c))
+        cands.append((exact(np.eye(3)), np.eye(3)))
+        cands.sort(key=lambda t: t[0])
+        # the window sums are rounded sums of products: re-score the best few exactly
+        cands = sorted([(exact(m), m) for _, m in cands[:20]], key=lambda t: t[0]) + cands[20:]
+        starts: list[np.ndarray] = []
+        for e, m in cands:
+            if len(starts) == polish or not math.isfinite(e):
+                break
+            if all(np.abs(m - s).max() > 0.05 for s in starts):
+                starts.append(m)
+        best_e, best_m = cands[0]
+        for s in starts:
+            p0 = G.from_matrix(gfam, torch.from_numpy(s)).numpy()
+
+            def obj(p):
+                try:
+                    m = G.to_matrix(gfam, torch.from_numpy(np.asarray(p, dtype=np.float64))).numpy()
+                except ValueError:
+                    return math.inf
+                return exact(m)
+
+            res = minimize(obj, p0, method="Nelder-Mead",
+                           options={"xatol": 1e-4, "fatol": 1e-12, "maxiter": 200 * len(p0)})
+            if res.fun < best_e:
+                best_e, best_m = float(res.fun), G.to_matrix(gfam, torch.from_numpy(res.x)).numpy()
+        errors.append(best_e if math.isfinite(best_e) else math.nan)
+        mats.append(best_m)
+    m = torch.from_numpy(np.stack(mats))
+    return ReferenceAlignment(torch.tensor(errors, dtype=torch.float64), m, G.from_matrix(gfam, m))
+
+
+def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, required):
+    """Errors of every integer shift of ``shift o offset o lin`` by direct window sums: [(error, centred)]."""
+    h, w = size
+    base = _centred(lin, offset)
+    if not has_t:
+        norm = torch.from_numpy(to_norm @ base @ np.linalg.inv(to_norm))
+        r = region * _valid(mvalid, norm, size)
+        den = float((ref.pow(2).sum(0) * r).sum())
+        if den <= 0 or float(r.sum()) < required(base) - 1e-3:
+            return [(math.inf, base)]
+        return [(float(((warp(mov[None], norm)[0] - ref).pow(2).sum(0) * r).sum()) / den, base)]
+    # a canvas of the same pitch and centre, for every shift up to half the map: a larger shift
+    # keeps less than half of the map in common, below any minimum overlap of the tests
+    py, px = (h + 1) // 2, (w + 1) // 2
+    canvas = (h + 2 * py, w + 2 * px)
+    c_norm = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=torch.float64).numpy()
+    norm = torch.from_numpy(c_norm @ base @ np.linalg.inv(to_norm))
+    g = warp(mov[None], norm, size=canvas)  # (1, C, Hc, Wc)
+    v = _valid(mvalid, norm, canvas)[None, None]  # (1, 1, Hc, Wc)
+    gv = g * v
+    # window (i, j) of the canvas = shift (px - j, py - i); every window sum by direct correlation
+    corr = torch.nn.functional.conv2d
+    num = (corr(gv.pow(2).sum(1, keepdim=True), region[None, None])
+           - 2 * corr(gv, (ref * region)[None])
+           + corr(v, (ref.pow(2).sum(0) * region)[None, None]))[0, 0]
+    den = corr(v, (ref.pow(2).sum(0) * region)[None, None])[0, 0]
+    cnt = corr(v, region[None, None])[0, 0].round()
+    need = required(base)
+    ok = (den > 1e-9 * float((ref.pow(2).sum(0) * region).sum())) & (cnt >= need - 1e-3)
+    err = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
+    out = []
+    ny, nx = err.shape
+    flat = err.flatten()
+    order = torch.argsort(flat)[: 8]  # the best few shifts of this linear part
+    for k in order.tolist():
+        i, j = divmod(k, nx)
+        out.append((float(flat[k]), _centred(lin, (offset[0] + px - j, offset[1] + py - i))))
+    return out
+
+
+# ----------------------------------------------------------------------------- the battery
+
+
+@dataclass
+class BatteryCase:
+    """One search problem of the battery: maps, region and expected warp of one (network, layer, transform)."""
+
+    name: str
+    family: str
+    reference: torch.Tensor
+    moving: torch.Tensor
+    mask: torch.Tensor
+    moving_mask: torch.Tensor
+    expected: torch.Tensor
+
+
+def _random_cnn(seed: int = 0) -> torch.nn.Module:
+    """A random-filter CNN with biases (zero padding, stride 1)."""
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.05)
+    return net.double().eval()
+
+
+def _case(name, net, images, spec, layer, family) -> BatteryCase:
+    from .features import extract_features
+    from .measure import DEFAULT_SEARCH, parse_transforms
+    from .metric import comparison_region, transformed_valid
+
+    tr = parse_transforms(spec)[0]
+    size = tuple(images.shape[-2:])
+    t = tr.matrix(size, torch.float64)
+    feats, frames = extract_features(net, torch.cat([images, warp(images, t.to(images))]), [layer])
+    b = images.shape[0]
+    f = feats[layer].double()
+    region, mvalid, _ = comparison_region(frames[layer], image_valid=transformed_valid(t, size))
+    expected = frames[layer].to_layer(G.inverse(t))
+    return BatteryCase(name, family or DEFAULT_SEARCH[tr.family], f[:b], f[b:], region, mvalid, expected)
+
+
+def battery(n_images: int = 2, *, size: int = 24) -> list[BatteryCase]:
+    """The search battery of docs/definitions.md: a random-filter CNN with biases under rotations by
+    30, 45, 90 and 135 degrees, scales 0.7 and 1.5, a sub-pixel translation and a shear, on
+    ``size`` x ``size`` blobs and on non-square ones; the shipped MNIST CNN's every layer under 45
+    degrees on shipped digits. ``n_images`` images per case."""
+    from .models import load_model
+    from .toys import make_images
+    from .zoo import load_digits
+
+    net = _random_cnn()
+    x = make_images("blobs", n_images, size, seed=5, content_radius=0.45).double()
+    rect = make_images("blobs", n_images, (size, size * 4 // 3), seed=6, content_radius=0.45).double()
+    cases = [_case(f"random-cnn {spec}", net, x, spec, "3", None) for spec in (
+        "rotation:30", "rotation:45", "rotation:90", "rotation:135", "scale:0.7", "scale:1.5",
+        "translation:1.5,-0.5")]
+    cases.append(_case("random-cnn shear affine:1,0.3,0,0,1,0", net, x, "affine:1,0.3,0,0,1,0", "3", None))
+    cases.append(_case("random-cnn non-square rotation:30", net, rect, "rotation:30", "3", None))
+    cnn = load_model("mnist-cnn").double().eval()
+    digits = load_digits()[0][:n_images].double()
+    digits = (digits / 255.0 if digits.max() > 1 else digits)[:, None] if digits.dim() == 3 else digits
+    for layer in ("conv1", "pool1", "relu1", "conv2", "pool2", "relu2"):
+        cases.append(_case(f"mnist-cnn {layer} rotation:45", cnn, digits, "rotation:45", layer, None))
+    return cases
+
+
+def run_battery(cases: list[BatteryCase], *, config=None, reference_options: dict | None = None,
+                progress: bool = False) -> list[dict]:
+    """Fast search (:func:`invariance.search.align`) against the dense reference on every case.
+
+    Returns one dict per case: name, family, map shape, per-image errors of both, the worst gap
+    ``fast - reference`` and the seconds each took.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .search import align
+
+    out = []
+    for case in tqdm(cases, desc="battery", disable=not progress):
+        t0 = time.perf_counter()
+        fast = align(case.reference, case.moving, case.family, mask=case.mask, moving_mask=case.moving_mask,
+                     config=config, expected=case.expected)
+        t1 = time.perf_counter()
+        ref = brute_force_align(case.reference, case.moving, case.family, mask=case.mask,
+                                moving_mask=case.moving_mask, expected=case.expected, **(reference_options or {}))
+        t2 = time.perf_counter()
+        gap = (fast.errors - ref.errors).tolist()
+        out.append({"name": case.name, "family": case.family, "shape": list(case.reference.shape),
+                    "fast": fast.errors.tolist(), "reference": ref.errors.tolist(),
+                    "worst_gap": max(gap), "fast_seconds": t1 - t0, "reference_seconds": t2 - t1})
+    return out
