@@ -41,7 +41,7 @@ from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own fol
 
 from invariance import geometry as G  # noqa: E402
 from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
-from invariance.search import SearchConfig, align, masked_error  # noqa: E402
+from invariance.search import SearchConfig, align, masked_error, warp_valid  # noqa: E402
 from invariance.warp import disk_mask  # noqa: E402
 
 
@@ -70,7 +70,9 @@ def candidate_matrices(n_angles, h, w, dtype, device):
 
 
 def loop_search(reference, moving, mats_centred, mask, limit=None):
-    """The straightforward baseline: one affine_grid + grid_sample + masked error per candidate."""
+    """The straightforward baseline: one affine_grid + grid_sample + masked error per candidate, over
+    the comparison region of docs/definitions.md (the mask times where the warp's source is inside
+    the map: a grid_sample of ones that returns 1), as the search computes it."""
     h, w = reference.shape[-2:]
     best = torch.full((reference.shape[0],), float("inf"), dtype=torch.float64)
     n = mats_centred.shape[0] if limit is None else min(limit, mats_centred.shape[0])
@@ -80,7 +82,11 @@ def loop_search(reference, moving, mats_centred, mask, limit=None):
     for k in range(n):
         grid = F.affine_grid(theta[k : k + 1].expand(b, 2, 3), [b, c, h, w], align_corners=False)
         warped = F.grid_sample(moving, grid, align_corners=False)
-        err = ((warped - reference) ** 2 * mask).sum((1, 2, 3)) / (reference**2 * mask).sum((1, 2, 3))
+        inside = F.grid_sample(torch.ones_like(moving[:, :1]), grid, align_corners=False) >= 1 - 1e-5
+        r = mask * inside
+        den = (reference**2 * r).sum((1, 2, 3))
+        overlap = r.sum((1, 2, 3)) >= 0.5 * mask.sum()  # the search's minimum overlap (no expected warp)
+        err = torch.where(overlap & (den > 0), ((warped - reference) ** 2 * r).sum((1, 2, 3)) / den, torch.inf)
         best = torch.minimum(best, err.double().cpu())
     return best, n
 
@@ -124,7 +130,9 @@ def bench_speed(args) -> dict:
     refined = align(ref, mov, "rigid", mask=mask, config=ref_cfg)
     res["ours_refined_seconds"] = time.perf_counter() - t0
     res["ours_refined_error"] = refined.errors.cpu().tolist()
-    res["true_transform_error"] = masked_error(ref, warp(mov, torch.linalg.inv(rot)), mask).cpu().tolist()
+    inv = torch.linalg.inv(rot)
+    res["true_transform_error"] = masked_error(ref, warp(mov, inv), mask,
+                                               valid=warp_valid(torch.ones_like(mask), inv)).cpu().tolist()
     return res
 
 

@@ -187,7 +187,7 @@ def brute_force_align(
                 return exact(m)
 
             res = minimize(obj, p0, method="Nelder-Mead",
-                           options={"xatol": 1e-4, "fatol": 1e-12, "maxiter": 200 * len(p0)})
+                           options={"xatol": 1e-4, "fatol": 1e-12, "maxfev": 200 * len(p0)})
             if res.fun < best_e:
                 best_e, best_m = float(res.fun), G.to_matrix(gfam, torch.from_numpy(res.x)).numpy()
         errors.append(best_e if math.isfinite(best_e) else math.nan)

@@ -59,7 +59,7 @@ centred frame (pixels of the layer, degrees).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -112,9 +112,11 @@ class SearchConfig:
         top_k: refinement starts per image, taken from distinct basins of the coarse grid.
         basin_separation, basin_shift: two coarse candidates are in distinct basins when their
             linear parts differ by at least ``basin_separation`` (Frobenius norm; 0.2 is about
-            8 degrees or a scale ratio of 1.15) or their translations by ``basin_shift`` pixels.
+            8 degrees or a scale ratio of 1.15) or their translations by ``basin_shift`` pixels;
+            two more starts are taken at half these separations (the neighbourhood of the best).
         refine_steps: Adam steps of the refinement (0 disables it, and the polish).
         polish_levels: step halvings of the derivative-free polish of the best warp (0: none).
+        polish_starts: refined starts polished as well, best first (the endpoints of other basins).
         shortlist: candidates per image examined with the Hungarian assignment.
         min_overlap: a warp must keep at least this fraction of the overlap of the expected
             warp, scaled by its area change (see the module docstring).
@@ -137,6 +139,7 @@ class SearchConfig:
     basin_shift: float = 2.0
     refine_steps: int = 40
     polish_levels: int = 6
+    polish_starts: int = 2
     shortlist: int = 6
     min_overlap: float = 0.5
     chunk_size: int | None = None
@@ -861,7 +864,10 @@ def align(
     with torch.no_grad():
         coarse_e, coarse_m = _coarse(reference, moving, region, mvalid, family, cfg, size, required)
         coarse_best = coarse_e.min(1).values
-        idx = _distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg)
+        # distinct basins at two separations: across the grid, and near the best
+        fine = replace(cfg, basin_separation=cfg.basin_separation / 2, basin_shift=cfg.basin_shift / 2)
+        idx = torch.cat([_distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg),
+                         _distinct_starts(coarse_e, coarse_m, 3, fine)[:, 1:]], 1)
         starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
     # 2. refinement through the sampler
     refined = _refine(reference, moving, starts, region, mvalid, size, family, cfg, required)
@@ -880,11 +886,17 @@ def align(
         best_m = cands[ar, best_i]
         best_n = counts[ar, best_i]
         if cfg.polish_levels > 0 and cfg.refine_steps > 0:
-            pm, pe, pn = _polish(reference, moving, best_m, best_e, region, mvalid, size, family, cfg, required)
-            better = pe < best_e
-            best_m = torch.where(better[:, None, None], pm, best_m)
-            best_n = torch.where(better, pn, best_n)
-            best_e = torch.minimum(pe, best_e)
+            # polish the best candidate and the two best refined starts (other basins' endpoints)
+            k = starts.shape[1]
+            order = exact[:, k:2 * k].argsort(1)[:, :cfg.polish_starts]
+            seeds = [(best_m, best_e)] + [(refined[ar, order[:, j]], exact[ar, k + order[:, j]])
+                                          for j in range(order.shape[1])]
+            for m0, e0 in seeds:
+                pm, pe, pn = _polish(reference, moving, m0, e0, region, mvalid, size, family, cfg, required)
+                better = pe < best_e
+                best_m = torch.where(better[:, None, None], pm, best_m)
+                best_n = torch.where(better, pn, best_n)
+                best_e = torch.where(better, pe, best_e)
     result = _result(family, fam, best_e, best_m, best_n, total, reasons, size)
     result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":
