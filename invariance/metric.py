@@ -133,16 +133,14 @@ def comparison_region(frame: LayerFrame, *, mask_radius: float | None = None, in
     moving region). See the module docstring for ``interior``.
     """
     size = tuple(frame.size)
+    inside = frame.valid_positions(interior=True) if frame.rf_radius is not None else None
     if interior is None:
-        use = frame.rf_radius is not None and frame.exact
-        if use:
-            inside = frame.valid_positions(interior=True)
-            use = float(inside.double().mean()) >= INTERIOR_MIN_FRACTION
+        use = inside is not None and frame.exact and float(inside.double().mean()) >= INTERIOR_MIN_FRACTION
     else:
         use = bool(interior)
     m = torch.ones(size, dtype=torch.bool) if mask_radius is None else disk_mask(size, mask_radius)
     iv = None if image_valid is None else image_valid.cpu()
-    ref = m & frame.valid_positions(interior=True) if use else m
+    ref = m & (inside if inside is not None else frame.valid_positions(interior=True)) if use else m
     if iv is not None and iv.dim() == 3:
         mov = torch.stack([frame.valid_positions(v, interior=use) for v in iv])
     else:

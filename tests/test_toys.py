@@ -25,7 +25,7 @@ TOYS = {"toy-wm": T.WMNet, "toy-scale": T.GaussianJetNet, "toy-scale-channels": 
         "toy-isotropic": T.IsotropicNet, "toy-p4": T.P4Net, "toy-circular": T.CircularNet}
 
 
-def close(a, b, rel=1e-12):
+def assert_close(a, b, rel=1e-12):
     scale = max(float(b.abs().max()), 1e-30)
     assert float((a - b).abs().max()) <= rel * scale, float((a - b).abs().max()) / scale
 
@@ -82,7 +82,7 @@ def test_an_m_is_a_w_rotated_by_180_degrees(cx, cy, half, size):
     """M glyph at p == rot180(W glyph at -p), exactly (the 180° rotation about the centre is a flip)."""
     w = T.glyph_scene((size, size), [("W", -cx, -cy, half)], dtype=DT)
     m = T.glyph_scene((size, size), [("M", cx, cy, half)], dtype=DT)
-    close(m, torch.rot90(w, 2, (0, 1)))
+    assert_close(m, torch.rot90(w, 2, (0, 1)))
 
 
 @settings(max_examples=10)
@@ -165,7 +165,7 @@ def test_wm_detectors_are_a_w_template_and_its_180_degree_rotation():
     net = T.WMNet()
     w = net.detect.weight.detach().double()
     assert w.shape[:2] == (2, 1)
-    close(w[1, 0], torch.rot90(w[0, 0], 2, (0, 1)))
+    assert_close(w[1, 0], torch.rot90(w[0, 0], 2, (0, 1)))
     k = w.shape[-1]
     template = T.render_polyline(T.W_VERTICES * 6.0, (k, k), dtype=DT)
     assert math.isclose(float((w[0, 0] * template).sum()), 1.0, rel_tol=1e-6)  # self-response
@@ -197,33 +197,33 @@ def test_p4_rotating_the_image_rotates_maps_and_shifts_channels(k):
     net = T.P4Net().double()
     w = net.lift.weight.detach()[:, 0]
     for c in range(4):
-        close(w[c], torch.rot90(w[0], c, (0, 1)))
+        assert_close(w[c], torch.rot90(w[0], c, (0, 1)))
     assert not torch.allclose(w[0], torch.rot90(w[0], 2, (0, 1)))  # no rotational symmetry at all
     x = T.make_blob_images(2, 33, seed=k, dtype=DT)
     with torch.no_grad():
         f, fh = net(x), net(torch.rot90(x, k, (-2, -1)))
-    close(fh, torch.rot90(torch.roll(f, k, dims=1), k, (-2, -1)))
+    assert_close(fh, torch.rot90(torch.roll(f, k, dims=1), k, (-2, -1)))
 
 
 def test_p4_rot90_agrees_with_the_geometry_convention():
     """``rotation:90`` of :func:`transform_images` is ``torch.rot90(k=1)``, so the toys' tests may mix them."""
     x = T.make_blob_images(1, 32, seed=1, dtype=DT)
-    close(transform_images(x, "rotation", torch.tensor([90.0], dtype=DT)), torch.rot90(x, 1, (-2, -1)), rel=1e-9)
+    assert_close(transform_images(x, "rotation", torch.tensor([90.0], dtype=DT)), torch.rot90(x, 1, (-2, -1)), rel=1e-9)
 
 
 def test_isotropic_filters_are_symmetric_under_the_lattice_symmetries():
     net = T.IsotropicNet().double()
     for conv in (net.conv1, net.conv2):
         w = conv.weight.detach()
-        close(torch.rot90(w, 1, (-2, -1)), w)
-        close(w.transpose(-1, -2), w)
+        assert_close(torch.rot90(w, 1, (-2, -1)), w)
+        assert_close(w.transpose(-1, -2), w)
 
 
 def test_isotropic_net_commutes_with_90_degree_rotations():
     net = T.IsotropicNet().double()
     x = T.make_blob_images(2, 30, seed=2, dtype=DT)
     with torch.no_grad():
-        close(net(torch.rot90(x, 1, (-2, -1))), torch.rot90(net(x), 1, (-2, -1)))
+        assert_close(net(torch.rot90(x, 1, (-2, -1))), torch.rot90(net(x), 1, (-2, -1)))
 
 
 @settings(max_examples=10)
@@ -234,7 +234,7 @@ def test_circular_net_commutes_with_circular_shifts_of_any_image(tx, ty, h, w, s
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(2, 1, h, w, generator=g, dtype=DT)  # full field of view, no margin
     with torch.no_grad():
-        close(net(torch.roll(x, (ty, tx), (-2, -1))), torch.roll(net(x), (ty, tx), (-2, -1)))
+        assert_close(net(torch.roll(x, (ty, tx), (-2, -1))), torch.roll(net(x), (ty, tx), (-2, -1)))
 
 
 def test_scale_channel_net_orders_channels_scale_major():
