@@ -37,7 +37,8 @@ import torch
 
 from . import geometry as G
 from .features import LayerFrame
-from .search import SEARCH_FAMILIES, Alignment, SearchConfig, align, channel_orbits, fit_linear, masked_error
+from .search import (SEARCH_FAMILIES, Alignment, SearchConfig, align, channel_orbits, fit_linear, masked_error,
+                     region_error)
 from .search import warp_valid as _warp_valid
 from .warp import disk_mask, warp
 
@@ -119,8 +120,8 @@ def transformed_valid(t_img: torch.Tensor, size) -> torch.Tensor:
     """
     ones = torch.ones(tuple(size), dtype=t_img.dtype, device=t_img.device)
     if t_img.dim() == 3:
-        return _warp_valid(ones, t_img[:, None])[:, 0] > 0
-    return _warp_valid(ones, t_img) > 0
+        return _warp_valid(ones, t_img[:, None], strict=True)[:, 0] > 0
+    return _warp_valid(ones, t_img, strict=True) > 0
 
 
 def comparison_region(frame: LayerFrame, *, mask_radius: float | None = None, interior: bool | None = None,
@@ -253,8 +254,7 @@ def measure_layer(
     sp: Alignment = res.spatial if want_perm else res
     with torch.no_grad():
         e_inv = masked_error(f, fh, region, valid=mvalid)
-        v_exp = _warp_valid(mvalid, expected if expected.dim() == 2 else expected[:, None])
-        e_exp = masked_error(f, _warp_each(fh, expected), region, valid=v_exp if expected.dim() == 2 else v_exp[:, 0])
+        e_exp = region_error(f, fh, expected, mask=region, moving_mask=mvalid)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     img_params = G.from_matrix(fam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
     out = LayerResult(

@@ -36,7 +36,7 @@ from .warp import warp
 
 __all__ = ["ReferenceAlignment", "brute_force_align", "BatteryCase", "battery", "run_battery"]
 
-_INSIDE = 1.0 - 1e-5  # the validity rule of the definitions: a bilinear sample of the valid region is 1
+_OUTSIDE = 1e-6  # the validity rule of the definitions: a smaller valid share of a footprint counts as 0
 
 # search family -> (geometry family, has an integer translation part), as in docs/definitions.md
 _FAMILIES = {"translation": ("translation", True), "rotation": ("rotation", False), "scale": ("scale", False),
@@ -84,8 +84,14 @@ def _centred(lin: np.ndarray, t) -> np.ndarray:
     return m
 
 
-def _valid(v: torch.Tensor, norm: torch.Tensor, size) -> torch.Tensor:
-    return (warp(v[None, None], norm, size=size)[0, 0] >= _INSIDE).to(v.dtype)
+def _sample(mov: torch.Tensor, v: torch.Tensor, norm: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (C, H', W'), weights (H', W')) of the definitions: each warped position blends the valid
+    positions of its bilinear footprint only, and weighs the valid share of that footprint."""
+    w = warp(v[None, None], norm, size=size)[0, 0]
+    w = torch.where(w > _OUTSIDE, w.clamp(max=1.0), torch.zeros_like(w))
+    g = warp((mov * v)[None], norm, size=size)[0]
+    vals = torch.where(w > 0, g / torch.where(w > 0, w, torch.ones_like(w)), torch.zeros_like(g))
+    return vals, w
 
 
 def brute_force_align(
@@ -143,18 +149,19 @@ def brute_force_align(
 
         def exact(centred: np.ndarray, ref=ref, mov=mov, e_c=e_c) -> float:
             norm = torch.from_numpy(to_norm @ centred @ np.linalg.inv(to_norm))
-            r = region * _valid(mvalid, norm, size)
+            vals, wv = _sample(mov, mvalid, norm, size)
+            r = region * wv
             den = float((ref.pow(2).sum(0) * r).sum())
             if den <= 0 or float(r.sum()) < required(centred, e_c) - 1e-3:
                 return math.inf
-            return float(((warp(mov[None], norm)[0] - ref).pow(2).sum(0) * r).sum()) / den
+            return float(((vals - ref).pow(2).sum(0) * r).sum()) / den
 
         def required(centred: np.ndarray, e_c: np.ndarray | None) -> float:
             det = abs(np.linalg.det(centred[:2, :2]))
             if e_c is None:
                 return min_overlap * float(region.sum()) * min(1.0, det)
             norm = torch.from_numpy(to_norm @ e_c @ np.linalg.inv(to_norm))
-            base = float((region * _valid(mvalid, norm, size)).sum())
+            base = float((region * _sample(mov, mvalid, norm, size)[1]).sum())
             return min_overlap * base * min(1.0, det / max(abs(np.linalg.det(e_c[:2, :2])), 1e-12))
 
         cands: list[tuple[float, np.ndarray]] = []
@@ -202,27 +209,29 @@ def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, req
     base = _centred(lin, offset)
     if not has_t:
         norm = torch.from_numpy(to_norm @ base @ np.linalg.inv(to_norm))
-        r = region * _valid(mvalid, norm, size)
+        vals, wv = _sample(mov, mvalid, norm, size)
+        r = region * wv
         den = float((ref.pow(2).sum(0) * r).sum())
         if den <= 0 or float(r.sum()) < required(base) - 1e-3:
             return [(math.inf, base)]
-        return [(float(((warp(mov[None], norm)[0] - ref).pow(2).sum(0) * r).sum()) / den, base)]
+        return [(float(((vals - ref).pow(2).sum(0) * r).sum()) / den, base)]
     # a canvas of the same pitch and centre, for every shift up to half the map: a larger shift
     # keeps less than half of the map in common, below any minimum overlap of the tests
     py, px = (h + 1) // 2, (w + 1) // 2
     canvas = (h + 2 * py, w + 2 * px)
     c_norm = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=torch.float64).numpy()
     norm = torch.from_numpy(c_norm @ base @ np.linalg.inv(to_norm))
-    g = warp(mov[None], norm, size=canvas)  # (1, C, Hc, Wc)
-    v = _valid(mvalid, norm, canvas)[None, None]  # (1, 1, Hc, Wc)
+    vals, wv = _sample(mov, mvalid, norm, canvas)
+    g, v = vals[None], wv[None, None]  # (1, C, Hc, Wc), (1, 1, Hc, Wc)
     gv = g * v
     # window (i, j) of the canvas = shift (px - j, py - i); every window sum by direct correlation
+    # of the expanded square sum_y R w ||g - f||^2 = sum R (w ||g||^2 - 2 w g.f + w ||f||^2)
     corr = torch.nn.functional.conv2d
-    num = (corr(gv.pow(2).sum(1, keepdim=True), region[None, None])
+    num = (corr((g.pow(2).sum(1, keepdim=True) * v), region[None, None])
            - 2 * corr(gv, (ref * region)[None])
            + corr(v, (ref.pow(2).sum(0) * region)[None, None]))[0, 0]
     den = corr(v, (ref.pow(2).sum(0) * region)[None, None])[0, 0]
-    cnt = corr(v, region[None, None])[0, 0].round()
+    cnt = corr(v, region[None, None])[0, 0]
     need = required(base)
     ok = (den > 1e-9 * float((ref.pow(2).sum(0) * region).sum())) & (cnt >= need - 1e-3)
     err = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)

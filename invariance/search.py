@@ -94,7 +94,8 @@ SEARCH_FAMILIES: dict[str, tuple[str, bool]] = {
 MIN_REGION = 4
 """Fewest positions a comparison region may have; smaller regions give NaN (no verdict)."""
 
-_VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside"
+_VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside" (strict)
+_W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
 
@@ -205,27 +206,97 @@ def _energy(reference: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (reference.pow(2) * mask).flatten(-3).sum(-1)
 
 
-def warp_valid(valid: torch.Tensor, matrices: torch.Tensor, *, size=None) -> torch.Tensor:
-    """Where a warp of a map reads only its valid positions: ``V_g`` of docs/definitions.md.
+def warp_valid(valid: torch.Tensor, matrices: torch.Tensor, *, size=None, strict: bool = False) -> torch.Tensor:
+    """The weight of ``V_g`` (docs/definitions.md): how much of each warped position's bilinear
+    footprint lies inside the valid region ``valid``.
 
     ``valid`` ``(H, W)`` (one region) or ``(B, H, W)``; ``matrices`` as in
-    :func:`invariance.warp.warp` (normalised, input -> output). A warped position is valid when
-    bilinear sampling of the valid region there returns 1 (every sample it blends is valid).
-    Returns a float 0/1 tensor: ``(H', W')`` for one region and one matrix, ``(K, H', W')`` for
-    ``K`` shared matrices, ``(B, K, H', W')`` per image (``warp``'s output without channels).
+    :func:`invariance.warp.warp` (normalised, input -> output). The weight is the bilinear sample
+    of the valid region: 1 where every sample the position blends is valid, 0 where none is, and
+    in between on the border, so that the error is continuous in the warp. ``strict=True`` gives
+    the 0/1 indicator "every sample is valid". Returns ``(H', W')`` for one region and one
+    matrix, ``(K, H', W')`` for ``K`` shared matrices, ``(B, K, H', W')`` per image.
 
     >>> v = torch.ones(4, 6)
-    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([2.0, 0.0])), (4, 6))
-    >>> warp_valid(v, T)[0].tolist()       # the two columns the shift pulls in are not valid
-    [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([2.5, 0.0])), (4, 6))
+    >>> warp_valid(v, T)[0].tolist()       # a shift by 2.5 columns: two and a half columns pulled in
+    [0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    >>> warp_valid(v, T, strict=True)[0].tolist()
+    [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     """
     v = valid.to(matrices.dtype if matrices.is_floating_point() else torch.float32)
     v = v[None, None] if v.dim() == 2 else v[:, None]
     if matrices.dim() == 4 and v.shape[0] == 1:
         v = v.expand(matrices.shape[0], 1, *v.shape[-2:])
-    out = (warp(v, matrices.detach(), size=size) >= _VALID).to(v.dtype)
+    out = warp(v, matrices.detach(), size=size)
+    out = (out >= _VALID).to(v.dtype) if strict else _weights(out)
     out = out[:, :, 0] if out.dim() == 5 else out[:, 0]  # drop the channel
     return out[0] if valid.dim() == 2 and matrices.dim() < 4 else out
+
+
+def _weights(w: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of a 0/1 region -> weights in [0, 1]; below ``_W_MIN`` counts as outside."""
+    return torch.where(w > _W_MIN, w.clamp(max=1.0), torch.zeros_like(w))
+
+
+def _stack(moving: torch.Tensor, mvalid: torch.Tensor) -> torch.Tensor:
+    """``(B, C + 1, H, W)``: the moving maps zeroed outside their valid region, and the region.
+
+    One warp of the stack gives both terms of the normalised sample (module docstring)."""
+    v = mvalid.expand(moving.shape[0], *mvalid.shape[-2:]) if mvalid.dim() == 2 else mvalid
+    return torch.cat([moving * v[:, None], v[:, None].to(moving.dtype)], 1)
+
+
+def _split(warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A warped stack ``(..., C + 1, H, W)`` -> (normalised samples ``(..., C, H, W)``, weights ``(..., H, W)``).
+
+    The sample at a position is the average of the *valid* maps' values its bilinear footprint
+    blends; its weight is the valid share of that footprint (:func:`warp_valid`)."""
+    w = _weights(warped[..., -1, :, :])
+    vals = warped[..., :-1, :, :] / torch.where(w > 0, w, torch.ones_like(w)).unsqueeze(-3)
+    return vals * (w > 0).unsqueeze(-3).to(vals.dtype), w
+
+
+def aligned(moving: torch.Tensor, matrices: torch.Tensor, moving_mask: torch.Tensor | None = None,
+            *, size=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warp ``W_g F_h`` of docs/definitions.md and the weight of ``V_g``: ``(values, weights)``.
+
+    ``moving (B, C, H, W)``; ``matrices`` as in :func:`invariance.warp.warp`; ``moving_mask``
+    ``(H, W)`` or ``(B, H, W)`` the moving maps' valid region (default: all). A warped value
+    blends only valid positions (bilinear weights renormalised over them); its weight is the
+    valid share of its footprint. Values have :func:`~invariance.warp.warp`'s output shape,
+    weights the same without the channel axis.
+
+    >>> x = torch.ones(1, 2, 4, 6)
+    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([2.5, 0.0])), (4, 6))
+    >>> vals, w = aligned(x, T)
+    >>> vals[0, 0, 0].tolist(), w[0, 0].tolist()   # the border position keeps its valid value
+    ([0.0, 0.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0, 1.0, 1.0])
+    """
+    _check_images(moving, "moving")
+    mv = _resolve_moving(moving_mask, moving.shape[0], tuple(moving.shape[-2:]), moving.dtype, moving.device)
+    return _split(warp(_stack(moving, mv), matrices, size=size))
+
+
+def region_error(reference: torch.Tensor, moving: torch.Tensor, matrices: torch.Tensor, *,
+                 mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The error ``e(g)`` of docs/definitions.md of given warps: ``(B,)`` for one matrix or per-image
+    ``(B, 3, 3)`` matrices, ``(B, K)`` for ``(K, 3, 3)`` or ``(B, K, 3, 3)``; NaN where the reference has
+    no energy on the region.
+
+    >>> ref = torch.zeros(1, 1, 8, 8); ref[0, 0, 2:5, 3:6] = 1
+    >>> mov = torch.roll(ref, 1, dims=-1)
+    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([-1.0, 0.0])), (8, 8))
+    >>> region_error(ref, mov, T).tolist()
+    [0.0]
+    """
+    _check_images(reference, "reference")
+    per_image = matrices.dim() == 3 and matrices.shape[0] == reference.shape[0] and matrices.dim() != 4
+    m = matrices.to(reference)[:, None] if per_image else matrices.to(reference)
+    vals, w = aligned(moving, m, moving_mask)
+    region = _resolve_mask(mask, None, tuple(reference.shape[-2:]), reference.dtype, reference.device)
+    err = masked_error(reference, vals, region, valid=w)
+    return err[:, 0] if per_image else err
 
 
 def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Tensor | None = None,
@@ -395,8 +466,10 @@ def _canvas_pad(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> tuple[in
     *exactly* the warp by ``shift o candidate``: no content is lost at the reference's border.
     The padding is capped at ``cap`` times the size (a zoom by more than ~5x loses a border).
     """
-    corners = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [-w / 2, h / 2], [w / 2, h / 2]],
-                           dtype=lin.dtype, device=lin.device)
+    # a sample blends the map while its source lies within one pixel of the outer pixel centres,
+    # i.e. within half a pixel of the frame's edge
+    hw, hh = w / 2 + 0.5, h / 2 + 0.5
+    corners = torch.tensor([[-hw, -hh], [hw, -hh], [-hw, hh], [hw, hh]], dtype=lin.dtype, device=lin.device)
     pts = G.apply_to_points(lin, corners.expand(lin.shape[0], 4, 2))
     ext_x = float(pts[..., 0].abs().max()) + 1.0
     ext_y = float(pts[..., 1].abs().max()) + 1.0
@@ -408,8 +481,9 @@ def _canvas_pad(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> tuple[in
 class _ShiftScorer:
     """Errors of all integer shifts of canvas-warped candidates against one reference batch (FFT).
 
-    With ``M`` the reference region, ``P = sum_c F_c^2``, ``V`` the candidate's valid region on
-    the canvas, ``G = V * warped``, ``Q = sum_c G_c^2`` and the canvas offset ``p``, for a shift
+    With ``M`` the reference region, ``P = sum_c F_c^2``, ``V`` the weight of the candidate's valid
+    region on the canvas, ``G = V * warped`` (``warped``: the normalised samples),
+    ``Q = V sum_c warped_c^2`` and the canvas offset ``p``, for a shift
     ``t`` every term is a cross-correlation ``R(u) = sum_y X(y + u) Y(y)`` at ``u = t - p``:
     ``num = corr(M, Q) - 2 sum_c corr(M F_c, G_c) + corr(M P, V)``, ``den = corr(M P, V)``,
     ``overlap = corr(M, V)``; all by zero-padded real FFTs (no wrap-around).
@@ -448,12 +522,12 @@ class _ShiftScorer:
         spec = torch.einsum("bcxy,bkcxy->bkxy", self.fa, fg.conj())
         del fg
         cross = torch.fft.irfft2(spec, s=self.s)
-        fq = torch.fft.rfft2(g.pow(2).sum(2), s=self.s)
         del g
+        fq = torch.fft.rfft2(warped.pow(2).sum(2) * valid, s=self.s)
         sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
         fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
-        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s)).round()
+        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))
         num = self._crop(sq - 2 * cross) + den
         e = _feasible(num, den, cnt, required[..., None, None], self.energy)
         e = e.masked_fill(self.invalid, torch.inf)
@@ -496,6 +570,7 @@ def _coarse(reference, moving, region, mvalid, family, cfg, size, required):
     errs = torch.empty(b, k, dtype=reference.dtype, device=reference.device)
     shifts = torch.zeros(b, k, 2, dtype=reference.dtype, device=reference.device)
     energy = _energy(reference, region)
+    stack = _stack(moving, mvalid)
     for (py, px), idx in groups.items():
         canvas = (h + 2 * py, w + 2 * px)
         # candidates from the moving map's normalised frame to the canvas' normalised frame
@@ -508,9 +583,8 @@ def _coarse(reference, moving, region, mvalid, family, cfg, size, required):
             side = int(math.sqrt(h * w))
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
         ids = torch.tensor(idx, device=reference.device)
-        for sl, warped in warp_chunks(moving, norm, size=canvas, chunk_size=chunk):
-            valid = warp_valid(mvalid, norm[sl], size=canvas)  # (k, Hc, Wc) or per image (B, k, Hc, Wc)
-            valid = valid if valid.dim() == 4 else valid[None]
+        for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
+            warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
             if has_t:
                 e, t = scorer(warped, valid, req[:, ids[sl]])
                 shifts[:, ids[sl]] = t
@@ -576,24 +650,26 @@ def _from_free(fam: G.Family, z: torch.Tensor) -> torch.Tensor:
 
 
 
-def _permuted(moving, perm):
+def _permuted(stack, perm):
+    """A stack of :func:`_stack` with its map channels permuted (``perm (B, C)``), the region last."""
     if perm is None:
-        return moving
-    return torch.gather(moving, 1, perm[:, :, None, None].expand(-1, -1, *moving.shape[-2:]))
+        return stack
+    full = torch.cat([perm, torch.full_like(perm[:, :1], stack.shape[1] - 1)], 1)
+    return torch.gather(stack, 1, full[:, :, None, None].expand(-1, -1, *stack.shape[-2:]))
 
 
 def _exact(reference, moving, centred, region, mvalid, size, required, perm=None):
     """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)."""
     norm = G.centred_to_normalized(centred, size)
-    mv = _permuted(moving, perm)
+    stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
     req = required(_det(centred))
     errs, cnts = [], []
     b, n = centred.shape[:2]
-    c = moving.shape[1]
+    c = stack.shape[1]
     chunk = max(1, int((256 << 20) // max(1, b * c * size[0] * size[1] * moving.element_size() * 3)))
-    for sl, warped in warp_chunks(mv, norm, chunk_size=chunk):
-        valid = warp_valid(mvalid, norm[:, sl])  # (B, k, H, W)
+    for sl, stacked in warp_chunks(stack, norm, chunk_size=chunk):
+        warped, valid = _split(stacked)  # (B, k, C, H, W), (B, k, H, W)
         num, den, cnt = _region_terms(reference, warped, region, valid)
         errs.append(_feasible(num, den, cnt, req[:, sl], energy))
         cnts.append(cnt)
@@ -618,7 +694,7 @@ def _refine(reference, moving, centred, region, mvalid, size, family, cfg, requi
     z.requires_grad_(True)
     opt = torch.optim.Adam([z], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.refine_steps, eta_min=0.01)
-    mv = _permuted(moving, perm)
+    stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
     best_z = z.detach().clone()
     best_e = torch.full(z.shape[:-1], torch.inf, dtype=z.dtype, device=z.device)
@@ -626,8 +702,8 @@ def _refine(reference, moving, centred, region, mvalid, size, family, cfg, requi
         opt.zero_grad()
         cm = G.to_matrix(fam, _from_free(fam, z))
         m = G.centred_to_normalized(cm, size)
-        valid = warp_valid(mvalid, m)
-        num, den, cnt = _region_terms(reference, warp(mv, m, affine=True), region, valid)
+        warped, valid = _split(warp(stack, m, affine=True))
+        num, den, cnt = _region_terms(reference, warped, region, valid)
         e = _feasible(num, den, cnt, required(_det(cm)), energy)
         with torch.no_grad():
             better = e < best_e
@@ -720,8 +796,7 @@ def _hungarian(cost: torch.Tensor, feasible: torch.Tensor):
 def _assign(reference, moving, centred, region, mvalid, size, required):
     """Hungarian assignment at each per-image candidate ``(B, n, 3, 3)``: (errors, perms)."""
     norm = G.centred_to_normalized(centred, size)
-    warped = warp(moving, norm)
-    valid = warp_valid(mvalid, norm)
+    warped, valid = _split(warp(_stack(moving, mvalid), norm))
     cost, den, cnt = _cost_matrices(reference, warped, region, valid)
     energy = _energy(reference, region)
     feasible = torch.isfinite(_feasible(torch.zeros_like(den), den, cnt, required(_det(centred)), energy))
@@ -979,8 +1054,8 @@ def fit_linear(
     b, c = reference.shape[:2]
     with torch.no_grad():
         mats = matrices.to(reference).unsqueeze(1)
-        warped = warp(moving, mats)[:, 0]
-        r = region * warp_valid(mvalid, mats)[:, 0]  # (B, H, W)
+        warped, valid = _split(warp(_stack(moving, mvalid), mats)[:, 0])
+        r = (region * valid).sqrt()  # (B, H, W): the residuals are weighted by R_g
         if permutations is not None:
             warped = torch.gather(warped, 1, permutations[:, :, None, None].expand(-1, -1, *size))
         x = (warped * r[:, None]).flatten(2).double()  # (B, C, N), zero outside the region

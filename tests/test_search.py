@@ -63,9 +63,13 @@ EXACT32 = 1e-8
 
 def region_err(ref, mov, mats, m=None) -> torch.Tensor:
     """The definition (docs/definitions.md), written out: ``sum R_g ||W_g mov - ref||^2 / sum R_g ||ref||^2``
-    with ``R_g = m * V_g`` and ``V_g`` the positions whose bilinear source lies inside ``mov``'s frame."""
-    ones = torch.ones(ref.shape[-2:], dtype=ref.dtype)
-    return masked_error(ref, warp(mov, mats), m, valid=warp_valid(ones, mats))
+    with ``R_g = m * V_g``, ``V_g`` the share of each position's bilinear footprint that lies inside
+    ``mov``'s frame and ``W_g mov`` the zero-filled warp renormalised by that share."""
+    ones = torch.ones(1, 1, *ref.shape[-2:], dtype=ref.dtype)
+    share = warp(ones.expand(ref.shape[0], 1, -1, -1), mats)[..., 0, :, :]
+    share = torch.where(share > 1e-6, share, torch.zeros_like(share))
+    vals = warp(mov, mats) / share.clamp_min(1e-6).unsqueeze(-3)
+    return masked_error(ref, vals, m, valid=share)
 
 
 def no_overlap_rule(b: int) -> _Overlap:
