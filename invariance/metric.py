@@ -37,8 +37,16 @@ import torch
 
 from . import geometry as G
 from .features import LayerFrame
-from .search import (SEARCH_FAMILIES, Alignment, SearchConfig, align, channel_orbits, fit_linear, masked_error,
-                     region_error)
+from .search import (
+    SEARCH_FAMILIES,
+    Alignment,
+    SearchConfig,
+    align,
+    channel_orbits,
+    fit_linear,
+    masked_error,
+    region_error,
+)
 from .search import warp_valid as _warp_valid
 from .warp import disk_mask, warp
 

@@ -161,7 +161,7 @@ def brute_force_align(
             if e_c is None:
                 return min_overlap * float(region.sum()) * min(1.0, det)
             norm = torch.from_numpy(to_norm @ e_c @ np.linalg.inv(to_norm))
-            base = float((region * _sample(mov, mvalid, norm, size)[1]).sum())
+            base = float((region * _sample(mvalid[None], mvalid, norm, size)[1]).sum())
             return min_overlap * base * min(1.0, det / max(abs(np.linalg.det(e_c[:2, :2])), 1e-12))
 
         cands: list[tuple[float, np.ndarray]] = []

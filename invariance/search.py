@@ -720,38 +720,43 @@ def _refine(reference, moving, centred, region, mvalid, size, family, cfg, requi
 
 
 def _polish(reference, moving, centred, errors, region, mvalid, size, family, cfg, required, perm=None):
-    """Derivative-free pattern search around per-image centred matrices ``(B, 3, 3)`` on the exact error.
+    """Derivative-free pattern search from per-image seeds ``(B, S, 3, 3)`` (errors ``(B, S)``) on the exact error.
 
-    The region ``V_g`` changes in steps as the warp moves, so the error is piecewise smooth and a
-    gradient method can stall at a step; a compass search (each parameter +- a step in the
-    refinement's units, halving the step ``cfg.polish_levels`` times) does not. Never worse than
-    its start. Returns (matrices, errors, overlap counts).
+    A compass search (each parameter +- a step in the refinement's units, halving the step
+    ``cfg.polish_levels`` times) run on all seeds at once, one exact scoring per move. It
+    needs no gradient, so it also finishes where the error has kinks (the region's border
+    weights change slope as a sample crosses a pixel). Never worse than its seeds. Returns
+    the best of all seeds per image: (matrices (B, 3, 3), errors (B,), overlap counts (B,)).
     """
     fam = G.get_family(SEARCH_FAMILIES[family][0])
-    b = centred.shape[0]
-    ar = torch.arange(b, device=centred.device)
-    z = _to_free(fam, G.from_matrix(fam, centred))
+    b, s = centred.shape[:2]
+    z = _to_free(fam, G.from_matrix(fam, centred))  # (B, S, P)
     best = errors.clone()
     n = z.shape[-1]
-    dirs = torch.cat([torch.eye(n, dtype=z.dtype, device=z.device), -torch.eye(n, dtype=z.dtype, device=z.device)])
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    dirs = torch.cat([eye, -eye])  # (2P, P)
     step = 1.0
     for _ in range(cfg.polish_levels):
         for _ in range(3):
-            cand = z[:, None, :] + step * dirs[None]
-            e, _ = _exact(reference, moving, G.to_matrix(fam, _from_free(fam, cand)), region, mvalid, size,
-                          required, perm)
-            j = e.argmin(1)
-            eb = e[ar, j]
+            cand = z[:, :, None, :] + step * dirs  # (B, S, 2P, P)
+            e, _ = _exact(reference, moving, G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2))), region,
+                          mvalid, size, required, perm)
+            eb, j = e.reshape(b, s, 2 * n).min(-1)
             better = eb < best
             if not bool(better.any()):
                 break
-            z = torch.where(better[:, None], cand[ar, j], z)
+            moved = torch.gather(cand, 2, j[..., None, None].expand(-1, -1, 1, n))[:, :, 0]
+            z = torch.where(better[..., None], moved, z)
             best = torch.where(better, eb, best)
         step /= 2
     m = G.to_matrix(fam, _from_free(fam, z))
-    e, cnt = _exact(reference, moving, m[:, None], region, mvalid, size, required, perm)
-    keep = e[:, 0] <= errors  # rounding of the re-scoring: never return worse than the start
-    return (torch.where(keep[:, None, None], m, centred), torch.where(keep, e[:, 0], errors), cnt[:, 0])
+    e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
+    keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
+    m = torch.where(keep[..., None, None], m, centred)
+    e = torch.where(keep, e, errors)
+    i = _best(e, cnt)
+    ar = torch.arange(b, device=centred.device)
+    return m[ar, i], e[ar, i], cnt[ar, i]
 
 
 # ----------------------------------------------------------------------------- permutations
@@ -964,14 +969,14 @@ def align(
             # polish the best candidate and the two best refined starts (other basins' endpoints)
             k = starts.shape[1]
             order = exact[:, k:2 * k].argsort(1)[:, :cfg.polish_starts]
-            seeds = [(best_m, best_e)] + [(refined[ar, order[:, j]], exact[ar, k + order[:, j]])
-                                          for j in range(order.shape[1])]
-            for m0, e0 in seeds:
-                pm, pe, pn = _polish(reference, moving, m0, e0, region, mvalid, size, family, cfg, required)
-                better = pe < best_e
-                best_m = torch.where(better[:, None, None], pm, best_m)
-                best_n = torch.where(better, pn, best_n)
-                best_e = torch.where(better, pe, best_e)
+            picked = torch.gather(refined, 1, order[..., None, None].expand(-1, -1, 3, 3))
+            seeds_m = torch.cat([best_m[:, None], picked], 1)
+            seeds_e = torch.cat([best_e[:, None], torch.gather(exact[:, k:2 * k], 1, order)], 1)
+            pm, pe, pn = _polish(reference, moving, seeds_m, seeds_e, region, mvalid, size, family, cfg, required)
+            better = pe < best_e
+            best_m = torch.where(better[:, None, None], pm, best_m)
+            best_n = torch.where(better, pn, best_n)
+            best_e = torch.where(better, pe, best_e)
     result = _result(family, fam, best_e, best_m, best_n, total, reasons, size)
     result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":

@@ -107,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "translation; write reproduction.md / .json. Finished runs are skipped and unfinished "
                        "ones resumed.")
     r.add_argument("--quick", action="store_true", help="the CPU quick mode (reduced protocols, see the report)")
+    r.add_argument("--budget", choices=("gpu", "tiny"), default=None,
+                   help="step-budgeted training of each column's models together (stn.budget): gpu = about "
+                        "7 minutes on one H100/H200; tiny = a CPU smoke run of the same code. Writes to "
+                        "--results (default benchmarks/results/gpu for a budget)")
     r.add_argument("--out", default="runs/reproduce", help="folder of the runs")
-    r.add_argument("--results", default="benchmarks/results", help="folder for reproduction.md / .json")
+    r.add_argument("--results", default=None,
+                   help="folder for reproduction.md / .json (default benchmarks/results, or benchmarks/results/gpu "
+                        "with --budget)")
     r.add_argument("--device", default="auto")
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--data-root", default=None)
@@ -206,9 +212,19 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         if args.command == "reproduce":
             from .reproduce import reproduce
 
-            reproduce(quick=args.quick, out=args.out, results=args.results, device=args.device,
-                      data_root=args.data_root, fashion=not args.no_fashion,
-                      transforms=[t.strip() for t in args.transforms.split(",") if t.strip()])
+            transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
+            if args.budget is not None:
+                from .budget import reproduce_budget
+
+                if args.quick:
+                    parser.exit(2, "stn reproduce: error: --quick and --budget: choose one\n")
+                out = args.out if args.out != "runs/reproduce" else f"runs/budget-{args.budget}"
+                reproduce_budget(args.budget, out=out, results=args.results or "benchmarks/results/gpu",
+                                 device=args.device, data_root=args.data_root, transforms=transforms)
+                return 0
+            reproduce(quick=args.quick, out=args.out, results=args.results or "benchmarks/results",
+                      device=args.device, data_root=args.data_root, fashion=not args.no_fashion,
+                      transforms=transforms)
             return 0
     except DatasetNotFoundError as exc:
         where = "--data-root: " if getattr(args, "data_root", None) is not None else ""

@@ -45,7 +45,6 @@ from invariance.search import (
     channel_orbits,
     fit_linear,
     masked_error,
-    warp_valid,
 )
 from invariance.warp import disk_mask, transform_images, warp
 

@@ -1,0 +1,150 @@
+"""The budgeted training path (stn.budget) and the GPU suite's CPU smoke run (benchmarks/gpu_suite.sh --tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from invariance.zoo import load_digits
+from stn import build_model
+from stn.budget import StepSchedule, evaluate_repeats, reproduce_budget, train_together
+from stn.data import TransformedDataset, get_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data(seed=0, n=64, name="rotation"):
+    imgs, labels = load_digits()
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))[:n]
+    return TransformedDataset(imgs[perm], labels[perm], get_protocol(name), seed=seed)
+
+
+def _weights(m):
+    return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.is_floating_point()])
+
+
+def test_schedule_waits_for_takeoff():
+    """Known answers of the rule in StepSchedule's docstring (steps 1000, earliest 0.5, latest 0.85,
+    hold 0.25): no cut before the take-off; take-off at 400 -> first cut at 650, second at 825; a
+    model without a transformer is cut at 500 and 750; one that never takes off at 850 and 925."""
+    s = StepSchedule(steps=1000, lr=0.1)
+    assert s.factor(849, None, has_transformer=True) == 1.0
+    assert s.factor(850, None, has_transformer=True) == pytest.approx(0.1)
+    assert s.factor(925, None, has_transformer=True) == pytest.approx(0.01)
+    assert [s.factor(k, 400, has_transformer=True) for k in (649, 650, 824, 825)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01])
+    assert [s.factor(k, None, has_transformer=False) for k in (499, 500, 749, 750)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0, "lr": 0.1}, "steps"), ({"steps": 10, "lr": 0.0}, "lr"),
+    ({"steps": 10, "lr": 0.1, "earliest": 0.9, "latest": 0.5}, "earliest"),
+    ({"steps": 10, "lr": 0.1, "takeoff": 1.5}, "takeoff"),
+])
+def test_schedule_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StepSchedule(**kwargs)
+
+
+def test_models_trained_together_follow_their_own_trajectory():
+    """A model trained beside others on the shared batches ends with exactly the weights it gets when
+    trained alone: sharing the rendered batch changes nothing but the cost (CPU, bit-identical)."""
+    ds = _data()
+    sched = StepSchedule(steps=3, lr=0.02)
+    torch.manual_seed(0)
+    alone = build_model("STN-SL1", family="rotation")
+    torch.manual_seed(0)
+    beside = build_model("STN-SL1", family="rotation")
+    other = build_model("CNN", family="rotation")
+    train_together({0: (ds, {"a": alone})}, sched, batch_size=16, log_every=3, progress=False, log=None)
+    train_together({0: (ds, {"b": beside, "c": other})}, sched, batch_size=16, log_every=3, progress=False, log=None)
+    assert torch.equal(_weights(alone), _weights(beside))
+
+
+def test_interrupted_training_resumes_bit_identically(tmp_path):
+    """Stopped after its first step (a time limit of 0 s) and resumed from the checkpoint, a run ends
+    with the same weights and history as an uninterrupted one (CPU: bit-identical)."""
+    ds = _data()
+    sched = StepSchedule(steps=4, lr=0.02)
+    torch.manual_seed(0)
+    straight = build_model("STN-C1", family="rotation")
+    h1 = train_together({0: (ds, {"m": straight})}, sched, batch_size=16, log_every=2, progress=False, log=None)
+    torch.manual_seed(0)
+    resumed = build_model("STN-C1", family="rotation")
+    ck = tmp_path / "state.pt"
+    part = train_together({0: (ds, {"m": resumed})}, sched, batch_size=16, log_every=2, checkpoint=ck,
+                          time_limit=0.0, progress=False, log=None)
+    assert part["m"][-1]["step"] == 1 and ck.exists()
+    torch.manual_seed(123)  # a fresh model: everything must come from the checkpoint
+    fresh = build_model("STN-C1", family="rotation")
+    h2 = train_together({0: (ds, {"m": fresh})}, sched, batch_size=16, log_every=2, checkpoint=ck,
+                        progress=False, log=None)
+    assert torch.equal(_weights(straight), _weights(fresh))
+    assert [e["step"] for e in h2["m"]] == [1, 2, 4]
+    assert h2["m"][-1]["train_loss"] == h1["m"][-1]["train_loss"]
+
+
+def test_checkpoint_of_another_training_is_refused(tmp_path):
+    ds = _data()
+    ck = tmp_path / "state.pt"
+    train_together({0: (ds, {"m": build_model("CNN")})}, StepSchedule(steps=1, lr=0.01), batch_size=8,
+                   log_every=1, checkpoint=ck, progress=False, log=None)
+    with pytest.raises(ValueError, match="checkpoint"):
+        train_together({0: (ds, {"m": build_model("CNN")})}, StepSchedule(steps=2, lr=0.01), batch_size=8,
+                       log_every=1, checkpoint=ck, progress=False, log=None)
+
+
+def test_repeated_test_error_is_the_mean_over_repeats():
+    """With equal repeats, the pooled error equals the mean of the per-repeat errors; every repeat
+    uses its own fixed draw (the errors are reproducible run to run)."""
+    test = TransformedDataset(*[t[:40] for t in load_digits()], get_protocol("rotation"), split="test")
+    torch.manual_seed(0)
+    m = build_model("CNN", family="rotation")
+    a = evaluate_repeats(m, test, 3)
+    b = evaluate_repeats(m, test, 3)
+    assert a["test_error"] == pytest.approx(sum(a["repeat_errors"]) / 3, abs=1e-12)
+    assert a["repeat_errors"] == b["repeat_errors"] and a["n_predictions"] == 120
+    assert len(a["correct"]) == 120
+
+
+def test_unknown_budget_and_transform_are_named():
+    with pytest.raises(ValueError, match="budget: unknown budget 'huge'; valid choices: gpu, tiny"):
+        reproduce_budget("huge")
+    with pytest.raises(ValueError, match="transforms"):
+        reproduce_budget("tiny", transforms=["shear"])
+
+
+def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
+    """``benchmarks/gpu_suite.sh --tiny``: every part of the GPU suite runs on the CPU and writes its
+    results: the suite summary (4 parts, all ok), the search and training benchmarks, and the
+    budgeted reproduction with 3 columns x 5 architectures (2 seeds under rotation), the paper's
+    claims with verdicts, the canonical pose per model and its figure."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    summary = (tmp_path / "suite.md").read_text()
+    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| part")]
+    assert [r.split("|")[1].strip() for r in rows] == ["cuda-tests", "search-bench", "train-bench", "reproduction"]
+    assert all(r.split("|")[2].strip() == "ok" for r in rows), summary
+    train = json.loads((tmp_path / "train_throughput_tiny.json").read_text())
+    assert train["ratio"] > 0 and set(train["plain_images_per_s"]) == {"CNN", "STN-C0", "STN-C1", "STN-DL1",
+                                                                        "STN-SL1"}
+    assert (tmp_path / "search_tiny.json").exists()
+    rep = json.loads((tmp_path / "reproduction.json").read_text())
+    assert rep["budget"] == "tiny" and list(rep["columns"]) == ["rotation", "scale", "translation"]
+    assert len(rep["columns"]["rotation"]["cells"]) == 10 and len(rep["columns"]["scale"]["cells"]) == 5
+    assert all(0 <= rep["table"][a][t] <= 100 for a in rep["table"] for t in rep["table"][a])
+    assert len(rep["claims"]) == 3 and all(isinstance(c["holds"], bool) for c in rep["claims"])
+    cell = rep["columns"]["rotation"]["cells"]["STN-SL1/seed1"]
+    assert cell["canonical_pose"]["applied_only_mean_spread"] > 0 and cell["history"]
+    assert (tmp_path / "canonical_pose.png").stat().st_size > 1000
+    assert "## The paper's claims" in (tmp_path / "reproduction.md").read_text()
+
