@@ -13,10 +13,11 @@ The comparison region
 Both maps are compared only where both are defined: ``R_g = M * V_g`` with ``M`` the
 reference's region (``mask``: the user's evaluation mask times the optional receptive-field
 interior; default the whole map) and ``V_g`` the positions whose source under ``g`` lies inside
-the moving map's valid region (``moving_mask``, default the whole map): a position is in
-``V_g`` when bilinear sampling of the valid region there returns 1, so no value that the warp
-fills in (zeros from outside the frame, or content that came from outside the original image)
-is ever scored. A warp must keep a minimum overlap, ``sum R_g >= min_overlap * O_exp *
+the moving map's valid region (``moving_mask``, default the whole map). ``V_g`` is a weight:
+the valid share of the position's bilinear footprint (the bilinear sample of the valid region),
+and the warped value blends only the valid samples, renormalised (:func:`aligned`), so no value
+that the warp fills in (zeros from outside the frame, or content that came from outside the
+original image) is ever scored and the error is continuous in ``g``. A warp must keep a minimum overlap, ``sum R_g >= min_overlap * O_exp *
 min(1, det g / det g_exp)`` (``O_exp`` the overlap of the expected warp, or ``sum M`` without
 one; ``det`` the area change), so that no warp wins by leaving almost nothing to compare while a
 correct zoom-out is never ruled out.
@@ -27,15 +28,18 @@ How the optimum is found (and why it is not a local one)
    log-scales, affine shapes) is applied with ``grid_sample`` onto a canvas that holds its whole
    support; for families with a translation, the error of **every integer shift** is then
    computed at once by FFT cross-correlations, region terms included (masked registration,
-   Padfield 2012): with ``V`` the warped valid region and ``G = V * warped``,
-   ``num(t) = corr(M, sum_c G_c^2) - 2 sum_c corr(M F_c, G_c) + corr(M sum_c F_c^2, V)``,
+   Padfield 2012): with ``V`` the weight of the warped valid region, ``warped`` the normalised
+   samples and ``G = V * warped``,
+   ``num(t) = corr(M, V sum_c warped_c^2) - 2 sum_c corr(M F_c, G_c) + corr(M sum_c F_c^2, V)``,
    ``den(t) = corr(M sum_c F_c^2, V)``, ``overlap(t) = corr(M, V)``.
 2. *Refinement*: starts from **distinct basins** (greedy: the best coarse candidate, then the
    best one at least ``basin_separation`` away in its linear part or ``basin_shift`` pixels in
    its translation from every start taken, ...) are refined by Adam on the family parameters
    through the sampler, started a little off the lattice point (bilinear sampling has kinks);
-   the best one is then polished by a derivative-free compass search on the exact error (the
-   region changes in steps as the warp moves, where a gradient method can stall).
+   after a third of the steps only the ``refine_keep`` best starts go on (successive halving).
+   The best warp and the best refined start are then polished by a derivative-free compass
+   search on the exact error (the error has kinks where a sample crosses a pixel, where a
+   gradient method can stall).
 3. *Exact scoring*: every reported error is re-computed exactly with ``grid_sample`` for the
    returned transformation, and the best of coarse, refined and any extra candidates (the
    expected transformation, the identity) is kept, so the search is never worse than those.
@@ -95,6 +99,8 @@ MIN_REGION = 4
 """Fewest positions a comparison region may have; smaller regions give NaN (no verdict)."""
 
 _VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside" (strict)
+_STEP_BYTES = 4 << 20  # warped maps per step of the exact scoring and the refinement: small tensors
+# are reused by the allocator, large ones are returned to the system and page-faulted back every step
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
@@ -116,6 +122,8 @@ class SearchConfig:
             8 degrees or a scale ratio of 1.15) or their translations by ``basin_shift`` pixels;
             two more starts are taken at half these separations (the neighbourhood of the best).
         refine_steps: Adam steps of the refinement (0 disables it, and the polish).
+        refine_keep: starts per image refined past the first third of the steps (the best so far;
+            successive halving: the others stop there).
         polish_levels: step halvings of the derivative-free polish of the best warp (0: none).
         polish_starts: refined starts polished as well, best first (the endpoints of other basins).
         shortlist: candidates per image examined with the Hungarian assignment.
@@ -139,16 +147,17 @@ class SearchConfig:
     basin_separation: float = 0.2
     basin_shift: float = 2.0
     refine_steps: int = 40
-    polish_levels: int = 6
-    polish_starts: int = 2
+    refine_keep: int = 2
+    polish_levels: int = 4
+    polish_starts: int = 1
     shortlist: int = 6
     min_overlap: float = 0.5
     chunk_size: int | None = None
-    memory_budget: int = 512 << 20
+    memory_budget: int = 64 << 20
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("n_angles", "similarity_n_angles", "affine_n_angles", "top_k", "shortlist"):
+        for name in ("n_angles", "similarity_n_angles", "affine_n_angles", "top_k", "shortlist", "refine_keep"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
@@ -397,6 +406,10 @@ class _Overlap:
         d = det if det.dim() == 2 else det.unsqueeze(0)
         ratio = (d / self.det_exp[:, None].clamp_min(1e-12)).clamp(max=1.0)
         return self.kappa * self.base[:, None] * ratio
+
+    def select(self, images: slice) -> _Overlap:
+        """The rule of some of the images."""
+        return _Overlap(self.kappa, self.base[images], self.det_exp[images])
 
 
 def _feasible(num, den, cnt, required, energy):
@@ -667,7 +680,7 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
     errs, cnts = [], []
     b, n = centred.shape[:2]
     c = stack.shape[1]
-    chunk = max(1, int((256 << 20) // max(1, b * c * size[0] * size[1] * moving.element_size() * 3)))
+    chunk = max(1, int(_STEP_BYTES // max(1, b * c * size[0] * size[1] * moving.element_size())))
     for sl, stacked in warp_chunks(stack, norm, chunk_size=chunk):
         warped, valid = _split(stacked)  # (B, k, C, H, W), (B, k, H, W)
         num, den, cnt = _region_terms(reference, warped, region, valid)
@@ -677,6 +690,22 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
 
 
 def _refine(reference, moving, centred, region, mvalid, size, family, cfg, required, perm=None):
+    """:func:`_refine_batch` on groups of images whose per-step tensors stay small (see ``_STEP_BYTES``)."""
+    b, k = centred.shape[:2]
+    per_image = k * (moving.shape[1] + 1) * size[0] * size[1] * moving.element_size()
+    n = max(1, int(_STEP_BYTES // max(per_image, 1)))
+    if n >= b:
+        return _refine_batch(reference, moving, centred, region, mvalid, size, family, cfg, required, perm)
+    out = []
+    for i in range(0, b, n):
+        sl = slice(i, i + n)
+        mv = mvalid[sl] if mvalid.dim() == 3 else mvalid
+        out.append(_refine_batch(reference[sl], moving[sl], centred[sl], region, mv, size, family, cfg,
+                                 required.select(sl), None if perm is None else perm[sl]))
+    return torch.cat(out)
+
+
+def _refine_batch(reference, moving, centred, region, mvalid, size, family, cfg, required, perm=None):
     """Adam on the family parameters, per (image, start). Returns refined centred matrices.
 
     The loss is the region error of docs/definitions.md (``V_g`` follows the warp; no gradient
@@ -691,14 +720,34 @@ def _refine(reference, moving, centred, region, mvalid, size, family, cfg, requi
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         jitter = (torch.rand(z0.shape, generator=gen, dtype=z0.dtype) - 0.5) * 0.4
         z = (z0 + jitter.to(z0.device)).clone()
-    z.requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=1.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.refine_steps, eta_min=0.01)
     stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
+    k = z.shape[1]
+    keep = min(k, cfg.refine_keep)
+    cut = max(1, cfg.refine_steps // 3) if keep < k else cfg.refine_steps
+    unknown = torch.full(z.shape[:-1], torch.inf, dtype=z.dtype, device=z.device)
+    best_z, best_e = _adam(reference, stack, z, unknown, 0, cut, region, size, fam, cfg, required, energy)
+    if cut < cfg.refine_steps:  # successive halving: only the best starts so far go on
+        idx = best_e.argsort(dim=1, stable=True)[:, :keep, None].expand(-1, -1, z.shape[-1])
+        bz, _ = _adam(reference, stack, torch.gather(best_z, 1, idx), torch.gather(best_e, 1, idx[..., 0]), cut,
+                      cfg.refine_steps, region, size, fam, cfg, required, energy)
+        best_z = best_z.scatter(1, idx, bz)
+    with torch.no_grad():
+        return G.to_matrix(fam, _from_free(fam, best_z))
+
+
+def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy):
+    """Steps ``first .. last - 1`` of the refinement's cosine schedule from free parameters ``z (B, k, P)``.
+
+    ``best_e`` are the errors of ``z`` known so far (inf: none). Returns the best feasible iterate
+    and its error, per start."""
+    z = z.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=1.0)
     best_z = z.detach().clone()
-    best_e = torch.full(z.shape[:-1], torch.inf, dtype=z.dtype, device=z.device)
-    for _ in range(cfg.refine_steps):
+    best_e = best_e.clone()
+    for step in range(first, last):
+        for g in opt.param_groups:  # cosine annealing from 1 to 0.01 over all the refinement's steps
+            g["lr"] = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
         opt.zero_grad()
         cm = G.to_matrix(fam, _from_free(fam, z))
         m = G.centred_to_normalized(cm, size)
@@ -714,9 +763,7 @@ def _refine(reference, moving, centred, region, mvalid, size, family, cfg, requi
         if loss.requires_grad:
             loss.sum().backward()
             opt.step()
-        sched.step()
-    with torch.no_grad():
-        return G.to_matrix(fam, _from_free(fam, best_z))
+    return best_z, best_e
 
 
 def _polish(reference, moving, centred, errors, region, mvalid, size, family, cfg, required, perm=None):

@@ -99,7 +99,10 @@ MODES: dict[str, Mode] = {
              "ended at chance level (88.65% error; first attempt of this run). No Fashion-MNIST runs (time). "
              "Sized, from the measured 2-core training throughputs, for roughly 15 to 20 minutes on an idle 2-core "
              "CPU (an estimate: the machine that ran it was never idle), so that it stays near an hour on a busy, "
-             "shared one.",
+             "shared one. What it can show: that every part runs, and differences of a few points (the scale "
+             "column). What it cannot: the rotation and translation claims, whose differences are a few tenths of a "
+             "point and whose transformers need far more SGD steps to take off than it gives (`stn reproduce "
+             "--budget gpu` on a GPU).",
     ),
     "full": Mode(
         name="full",
