@@ -258,14 +258,14 @@ def cmd_measure(a) -> int:
 
 
 def cmd_layers(a) -> int:
+    from .checks import check_model_channels
     from .features import extract_features
-    from .measure import _check_channels
     from .models import load_model
 
     model = load_model(a.model)
     default_images, _ = _model_defaults(a.model)
     images = load_images(a.images or default_images, 1).to(_model_dtype(model))
-    _check_channels(model, images)
+    check_model_channels(model, images)
     try:
         with torch.no_grad():
             feats, frames = extract_features(model, images, "all")

@@ -61,11 +61,12 @@ tensor([[ 0., -1.]])
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .checks import check_finite, check_float, check_matrix, check_size
 
 __all__ = [
     "FAMILIES",
@@ -141,47 +142,16 @@ def get_family(family: str | Family) -> Family:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_float(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-
-
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
-
-
-def _check_matrix(m: torch.Tensor, name: str = "matrix") -> None:
-    _check_float(m, name)
-    if m.dim() < 2 or m.shape[-2:] != (3, 3):
-        raise ValueError(f"{name}: expected shape (..., 3, 3), got {tuple(m.shape)}")
-
-
-def _check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
-    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
-        raise ValueError(f"{name}: expected (H, W), got {size!r}")
-    vals = [int(s) if isinstance(s, torch.Tensor) and s.dim() == 0 and not s.is_floating_point() else s
-            for s in size]
-    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in vals):
-        raise ValueError(f"{name}: expected two integers (H, W), got {size!r}")
-    h, w = (int(v) for v in vals)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name}: H and W must be positive, got {(h, w)}")
-    return h, w
-
-
-def _as_params(params, family: Family) -> torch.Tensor:
+def as_params(params, family: Family) -> torch.Tensor:
     if not isinstance(params, torch.Tensor):
         params = torch.as_tensor(params, dtype=torch.get_default_dtype())
-    _check_float(params, "params")
+    check_float(params, "params")
     if params.dim() == 0 or params.shape[-1] != family.n_params:
         raise ValueError(
             f"params: family {family.name!r} takes {family.n_params} parameters "
             f"({', '.join(family.param_names)}) in the last dimension, got shape {tuple(params.shape)}"
         )
-    _check_finite(params, "params")
+    check_finite(params, "params")
     return params
 
 
@@ -226,7 +196,7 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
             [ 0.,  0.,  1.]])
     """
     fam = get_family(family)
-    p = _as_params(params, fam)
+    p = as_params(params, fam)
     u = p.unbind(-1)
     one, zero = torch.ones_like(u[0]), torch.zeros_like(u[0])
     name = fam.name
@@ -268,7 +238,7 @@ def from_matrix(family: str | Family, matrix: torch.Tensor) -> torch.Tensor:
     tensor([30.])
     """
     fam = get_family(family)
-    _check_matrix(matrix)
+    check_matrix(matrix)
     m = matrix / matrix[..., 2:3, 2:3] if fam.name == "projective" else matrix
     tx, ty = m[..., 0, 2], m[..., 1, 2]
     angle = wrap_angle(torch.rad2deg(torch.atan2(m[..., 0, 1] - m[..., 1, 0], m[..., 0, 0] + m[..., 1, 1])))
@@ -328,7 +298,7 @@ def compose(*matrices: torch.Tensor) -> torch.Tensor:
     if not matrices:
         raise ValueError("matrices: compose needs at least one matrix")
     for i, m in enumerate(matrices):
-        _check_matrix(m, f"matrices[{i}]")
+        check_matrix(m, f"matrices[{i}]")
     out = matrices[0]
     for m in matrices[1:]:
         out = out @ m
@@ -342,8 +312,8 @@ def inverse(matrix: torch.Tensor) -> torch.Tensor:
     >>> torch.allclose(compose(A, inverse(A)), torch.eye(3), atol=1e-6)
     True
     """
-    _check_matrix(matrix)
-    _check_finite(matrix, "matrix")
+    check_matrix(matrix)
+    check_finite(matrix, "matrix")
     # singular (or too ill-conditioned to invert in this dtype): condition number beyond 1 / (30 eps)
     cond = torch.linalg.cond(matrix.detach())
     if bool((~torch.isfinite(cond) | (cond > 1.0 / (30 * torch.finfo(matrix.dtype).eps))).any()):
@@ -353,7 +323,7 @@ def inverse(matrix: torch.Tensor) -> torch.Tensor:
 
 def is_affine(matrix: torch.Tensor, atol: float = 0.0) -> bool:
     """True when every matrix has last row ``(0, 0, 1)`` (within ``atol``)."""
-    _check_matrix(matrix)
+    check_matrix(matrix)
     last = matrix[..., 2, :]
     ref = torch.tensor([0.0, 0.0, 1.0], dtype=matrix.dtype, device=matrix.device)
     return bool(((last - ref).abs() <= atol).all())
@@ -367,8 +337,8 @@ def apply_to_points(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     >>> apply_to_points(to_matrix("translation", torch.tensor([1.0, 2.0])), torch.zeros(1, 2))
     tensor([[1., 2.]])
     """
-    _check_matrix(matrix)
-    _check_float(points, "points")
+    check_matrix(matrix)
+    check_float(points, "points")
     if points.shape[-1] != 2:
         raise ValueError(f"points: expected shape (..., N, 2) in (x, y) order, got {tuple(points.shape)}")
     ones = torch.ones_like(points[..., :1])
@@ -377,6 +347,18 @@ def apply_to_points(matrix: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- frames
+
+
+def pixel_centres(size: Sequence[int], *, dtype=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised coordinates ``(ys (H,), xs (W,))`` of the pixel centres (``align_corners=False``):
+    ``(2 i + 1) / n - 1``. The one formula of the sampling grid; every grid is built from it.
+
+    >>> pixel_centres((2, 4))[1]
+    tensor([-0.7500, -0.2500,  0.2500,  0.7500])
+    """
+    h, w = check_size(size)
+    kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+    return (torch.arange(h, **kw) * 2 + 1) / h - 1, (torch.arange(w, **kw) * 2 + 1) / w - 1
 
 
 def frame_matrix(size: Sequence[int], *, frm: str, to: str, dtype=None, device=None) -> torch.Tensor:
@@ -391,7 +373,7 @@ def frame_matrix(size: Sequence[int], *, frm: str, to: str, dtype=None, device=N
             [ 0.0000,  1.0000, -0.5000],
             [ 0.0000,  0.0000,  1.0000]])
     """
-    h, w = _check_size(size)
+    h, w = check_size(size)
     kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
     frames = ("pixel", "centred", "normalized")
     for arg, val in (("frm", frm), ("to", to)):
@@ -410,7 +392,7 @@ def frame_matrix(size: Sequence[int], *, frm: str, to: str, dtype=None, device=N
 
 
 def _points_between(points: torch.Tensor, size, frm: str, to: str) -> torch.Tensor:
-    _check_float(points, "points")
+    check_float(points, "points")
     m = frame_matrix(size, frm=frm, to=to, dtype=points.dtype, device=points.device)
     return apply_to_points(m, points)
 
@@ -436,7 +418,7 @@ def normalized_to_pixel(points: torch.Tensor, size: Sequence[int]) -> torch.Tens
 
 
 def _change_frame(matrix: torch.Tensor, size, frm: str, to: str) -> torch.Tensor:
-    _check_matrix(matrix)
+    check_matrix(matrix)
     c = frame_matrix(size, frm=frm, to=to, dtype=matrix.dtype, device=matrix.device)
     out = c @ matrix @ torch.linalg.inv(c)
     return out / out[..., 2:3, 2:3]
@@ -474,4 +456,4 @@ def wrap_angle(angle: torch.Tensor) -> torch.Tensor:
     return 180.0 - torch.remainder(180.0 - angle, 360.0)
 
 
-__all__ += ["angle_grid", "wrap_angle"]
+__all__ += ["angle_grid", "wrap_angle", "pixel_centres", "as_params"]

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from . import geometry as G
+from .checks import check_model_channels
 from .features import FeatureExtractor
 from .metric import LayerResult, interpolation_floor, measure_layer
 from .report import Report
@@ -288,15 +289,6 @@ def as_image_batch(images, dtype=torch.float32) -> torch.Tensor:
     return images
 
 
-def _check_channels(model: nn.Module, images: torch.Tensor) -> None:
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Conv2d):
-            if mod.in_channels != images.shape[1]:
-                raise ValueError(f"images: the model's first convolution {name!r} expects "
-                                 f"{mod.in_channels} channel(s), got images with {images.shape[1]}")
-            return
-
-
 def _stat(values: torch.Tensor, n_boot: int, seed: int) -> tuple[float, list[float], list[float]]:
     v = values.detach().double().cpu().numpy()
     finite = v[np.isfinite(v)]
@@ -385,7 +377,7 @@ def measure(
     if device is not None:
         x = x.to(device)
         model = model.to(device)
-    _check_channels(model, x)
+    check_model_channels(model, x)
     cfg = config or SearchConfig(seed=seed)
     extractor = FeatureExtractor(model, layers)
     size = tuple(x.shape[-2:])

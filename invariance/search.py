@@ -17,10 +17,10 @@ the moving map's valid region (``moving_mask``, default the whole map). ``V_g`` 
 the valid share of the position's bilinear footprint (the bilinear sample of the valid region),
 and the warped value blends only the valid samples, renormalised (:func:`aligned`), so no value
 that the warp fills in (zeros from outside the frame, or content that came from outside the
-original image) is ever scored and the error is continuous in ``g``. A warp must keep a minimum overlap, ``sum R_g >= min_overlap * O_exp *
-min(1, det g / det g_exp)`` (``O_exp`` the overlap of the expected warp, or ``sum M`` without
-one; ``det`` the area change), so that no warp wins by leaving almost nothing to compare while a
-correct zoom-out is never ruled out.
+original image) is ever scored and the error is continuous in ``g``. A warp must keep a minimum
+overlap, ``sum R_g >= min_overlap * O_exp * min(1, det g / det g_exp)`` (``O_exp`` the overlap of
+the expected warp, or ``sum M`` without one; ``det`` the area change), so that no warp wins by
+leaving almost nothing to compare while a correct zoom-out is never ruled out.
 
 How the optimum is found (and why it is not a local one)
 --------------------------------------------------------
@@ -70,7 +70,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import geometry as G
-from .warp import _check_images, disk_mask, warp, warp_chunks
+from .checks import check_images
+from .warp import disk_mask, warp, warp_chunks
 
 __all__ = [
     "SEARCH_FAMILIES",
@@ -282,7 +283,7 @@ def aligned(moving: torch.Tensor, matrices: torch.Tensor, moving_mask: torch.Ten
     >>> vals[0, 0, 0].tolist(), w[0, 0].tolist()   # the border position keeps its valid value
     ([0.0, 0.0, 1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0, 1.0, 1.0])
     """
-    _check_images(moving, "moving")
+    check_images(moving, "moving")
     mv = _resolve_moving(moving_mask, moving.shape[0], tuple(moving.shape[-2:]), moving.dtype, moving.device)
     return _split(warp(_stack(moving, mv), matrices, size=size))
 
@@ -299,7 +300,7 @@ def region_error(reference: torch.Tensor, moving: torch.Tensor, matrices: torch.
     >>> region_error(ref, mov, T).tolist()
     [0.0]
     """
-    _check_images(reference, "reference")
+    check_images(reference, "reference")
     per_image = matrices.dim() == 3 and matrices.shape[0] == reference.shape[0] and matrices.dim() != 4
     m = matrices.to(reference)[:, None] if per_image else matrices.to(reference)
     vals, w = aligned(moving, m, moving_mask)
@@ -942,8 +943,8 @@ def align(
     >>> a.errors.item() < 1e-6, a.params.round().tolist()
     (True, [[3.0, -2.0]])
     """
-    _check_images(reference, "reference")
-    _check_images(moving, "moving")
+    check_images(reference, "reference")
+    check_images(moving, "moving")
     if reference.shape != moving.shape:
         raise ValueError(f"moving: shape {tuple(moving.shape)} differs from reference {tuple(reference.shape)}")
     if moving.dtype != reference.dtype:
@@ -1092,8 +1093,8 @@ def fit_linear(
     >>> bool(out["held_out"].max() < 1e-3)
     True
     """
-    _check_images(reference, "reference")
-    _check_images(moving, "moving")
+    check_images(reference, "reference")
+    check_images(moving, "moving")
     if reference.shape != moving.shape:
         raise ValueError(f"moving: shape {tuple(moving.shape)} differs from reference {tuple(reference.shape)}")
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:

@@ -85,6 +85,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import geometry as G
 from .features import FeatureExtractor
 from .measure import DEFAULT_SEARCH, Transform, parse_transforms
 from .metric import comparison_region, measure_layer, transformed_valid
@@ -194,8 +195,7 @@ def border_band(model: nn.Module, layer: str, images: torch.Tensor) -> float:
     dev = ((f0 - centre).abs() > 1e-6 * scale).any(0) if scale > 0 else torch.zeros(h, w, dtype=torch.bool)
     if not bool(dev.any()):
         return 0.0
-    ys = (torch.arange(h, dtype=torch.float64) * 2 + 1) / h - 1
-    xs = (torch.arange(w, dtype=torch.float64) * 2 + 1) / w - 1
+    ys, xs = G.pixel_centres((h, w), dtype=torch.float64)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     depth = 1 - torch.maximum(yy.abs(), xx.abs())  # normalised distance of a pixel centre from the edge
     # one more pixel: bilinear warps read the neighbours of a point

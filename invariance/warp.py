@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry as G
+from .checks import check_finite, check_images, check_matrix, check_size
 
 __all__ = [
     "PADDING_MODES",
@@ -29,6 +30,7 @@ __all__ = [
     "warp",
     "warp_chunks",
     "sampling_grid",
+    "grid_from_inverse",
     "valid_mask",
     "transform_images",
     "disk_mask",
@@ -38,23 +40,10 @@ PADDING_MODES = ("zeros", "border", "reflection")
 MODES = ("bilinear", "nearest", "bicubic")
 
 
-def _check_images(images: torch.Tensor, name: str = "images") -> None:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
-    if images.dim() != 4:
-        raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {images.dtype}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name}: empty batch (B = 0)")
-    if 0 in images.shape[1:]:
-        raise ValueError(f"{name}: empty channel or spatial dimension in shape {tuple(images.shape)}")
-
-
 def _normalise_matrices(matrices: torch.Tensor, batch: int) -> tuple[torch.Tensor, bool]:
     """Return (matrices as (K,3,3) shared or (B,K,3,3) per image, per_image flag)."""
-    G._check_matrix(matrices, "matrices")
-    G._check_finite(matrices, "matrices")
+    check_matrix(matrices, "matrices")
+    check_finite(matrices, "matrices")
     if matrices.dim() == 2:
         return matrices.unsqueeze(0), False
     if matrices.dim() == 3:
@@ -84,21 +73,38 @@ def sampling_grid(matrices: torch.Tensor, size: Sequence[int], *, affine: bool |
     >>> g[0, 0, 0]            # top-left pixel centre in normalised coordinates
     tensor([-0.6667, -0.5000])
     """
-    h, w = G._check_size(size)
+    check_size(size)
     inv = G.inverse(matrices)
     # affine_grid ignores the last row; when gradients flow into the matrices, the homogeneous
     # grid (which divides by the third coordinate) gives the correct derivatives for h31, h32
     if affine is None:
         affine = G.is_affine(matrices) and not matrices.requires_grad
+    return grid_from_inverse(inv, size, affine=affine)
+
+
+def grid_from_inverse(sampling: torch.Tensor, size: Sequence[int], *, affine: bool) -> torch.Tensor:
+    """``grid_sample`` grid ``(N, H, W, 2)`` of **output -> input** matrices ``(N, 3, 3)`` (normalised).
+
+    Every output pixel centre ``q`` (:func:`invariance.geometry.pixel_centres`) is mapped to
+    ``S q``: by ``affine_grid`` when ``affine`` (the last row is ``(0, 0, 1)``), else with a
+    perspective divide whose vanishing denominators are kept ``sqrt(eps)`` away from zero, with
+    their sign. No checks and no device synchronisation: the training path's sampler
+    (:func:`stn.transformer.resample`) calls it every step.
+
+    >>> grid_from_inverse(torch.eye(3)[None], (1, 2), affine=False)[0, 0]
+    tensor([[-0.5000,  0.0000],
+            [ 0.5000,  0.0000]])
+    """
+    h, w = check_size(size)
     if affine:
-        return F.affine_grid(inv[:, :2, :], [inv.shape[0], 1, h, w], align_corners=False)
-    xs = (torch.arange(w, dtype=inv.dtype, device=inv.device) * 2 + 1) / w - 1
-    ys = (torch.arange(h, dtype=inv.dtype, device=inv.device) * 2 + 1) / h - 1
+        return F.affine_grid(sampling[:, :2, :], [sampling.shape[0], 1, h, w], align_corners=False)
+    ys, xs = G.pixel_centres((h, w), dtype=sampling.dtype, device=sampling.device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     pts = torch.stack([xx, yy, torch.ones_like(xx)], -1).reshape(1, h * w, 3)
-    src = pts @ inv.transpose(-1, -2)
+    src = pts @ sampling.transpose(-1, -2)
     den = src[..., 2:3]
-    den = torch.where(den.abs() < 1e-8, torch.full_like(den, 1e-8), den)
+    eps = torch.finfo(sampling.dtype).eps ** 0.5
+    den = torch.where(den.abs() < eps, torch.where(den < 0, -eps, eps) * torch.ones_like(den), den)
     return (src[..., :2] / den).reshape(-1, h, w, 2)
 
 
@@ -127,7 +133,7 @@ def warp_chunks(
     >>> [w.shape for _, w in warp_chunks(x, torch.eye(3).repeat(5, 1, 1), chunk_size=2)]
     [torch.Size([2, 2, 3, 8, 8]), torch.Size([2, 2, 3, 8, 8]), torch.Size([2, 1, 3, 8, 8])]
     """
-    _check_images(images)
+    check_images(images)
     if mode not in MODES:
         raise ValueError(f"mode: unknown interpolation {mode!r}; valid choices: {', '.join(MODES)}")
     if padding_mode not in PADDING_MODES:
@@ -137,7 +143,7 @@ def warp_chunks(
     b, c, h, w = images.shape
     mats, per_image = _normalise_matrices(matrices, b)
     mats = mats.to(dtype=images.dtype, device=images.device)
-    out_size = (h, w) if size is None else G._check_size(size)
+    out_size = (h, w) if size is None else check_size(size)
     k_total = mats.shape[-3]
     if chunk_size is None:
         # about 64 M output elements per chunk
@@ -206,7 +212,7 @@ def valid_mask(matrices: torch.Tensor, size: Sequence[int], *, threshold: float 
     >>> valid_mask(torch.eye(3)[None], (3, 3)).all()
     tensor(True)
     """
-    h, w = G._check_size(size)
+    h, w = check_size(size)
     mats = matrices.unsqueeze(0) if matrices.dim() == 2 else matrices
     ones = torch.ones(1, 1, h, w, dtype=mats.dtype, device=mats.device)
     return warp(ones, mats)[0, :, 0] >= threshold
@@ -224,12 +230,10 @@ def disk_mask(size: Sequence[int], radius: float = 1.0, *, dtype=None, device=No
             [1, 1, 1, 1],
             [0, 1, 1, 0]], dtype=torch.int32)
     """
-    h, w = G._check_size(size)
+    h, w = check_size(size)
     if not radius > 0:
         raise ValueError(f"radius: must be positive, got {radius}")
-    kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
-    xs = (torch.arange(w, **kw) * 2 + 1) / w - 1
-    ys = (torch.arange(h, **kw) * 2 + 1) / h - 1
+    ys, xs = G.pixel_centres((h, w), dtype=dtype, device=device)
     return (ys[:, None] ** 2 + xs[None, :] ** 2) <= radius**2
 
 
@@ -251,8 +255,8 @@ def transform_images(
     >>> transform_images(x, "translation", [3.0, 0.0]).shape
     torch.Size([2, 1, 10, 14])
     """
-    _check_images(images)
-    p = G._as_params(torch.as_tensor(params, dtype=images.dtype, device=images.device)
+    check_images(images)
+    p = G.as_params(torch.as_tensor(params, dtype=images.dtype, device=images.device)
                      if not isinstance(params, torch.Tensor) else params.to(images), G.get_family(family))
     h, w = images.shape[-2:]
     m = G.centred_to_normalized(G.to_matrix(family, p), (h, w))

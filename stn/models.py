@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from invariance import geometry as G
+from invariance.checks import check_size
 
 from .transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer
 
@@ -133,7 +133,7 @@ def classifier_layers(classifier: str, in_channels: int, image_size: Sequence[in
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier: unknown classifier {classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
-    h, w = G._check_size(image_size)
+    h, w = check_size(image_size)
     shapes = [(int(in_channels), h, w)]
     layers: list[nn.Module] = []
     if classifier == "mnist":
@@ -211,7 +211,7 @@ class STNClassifier(nn.Module):
             raise ValueError(f"classifier: unknown classifier {classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
         self.spec = parse_arch(arch, CLASSIFIERS[classifier], classifier)
         self.family = family
-        self.image_size = G._check_size(image_size)
+        self.image_size = check_size(image_size)
         layers, self.head, shapes = classifier_layers(classifier, in_channels, image_size, n_classes, dropout)
         self.layers = nn.ModuleList(layers)
         self.shapes = shapes

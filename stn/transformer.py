@@ -26,8 +26,8 @@ The predicted transformation is the one **applied** to the map, **input -> outpu
 geometry core's convention: ``warped(q) = x(A^{-1} q)``), returned as a normalised-frame
 3x3 matrix ``A`` (``[-1, 1]`` over the field of view, ``align_corners=False``, ``(x, y)``
 order). The sampler needs the opposite direction, so it samples at ``A^{-1} q``: through
-:func:`torch.nn.functional.affine_grid` for affine matrices and through a homogeneous grid of
-its own (:func:`projective_grid`) for projective ones. Everything follows the device and dtype
+:func:`invariance.warp.grid_from_inverse` (``affine_grid`` for affine matrices, a homogeneous
+grid for projective ones). Everything follows the device and dtype
 of the inputs, so the same code runs on CUDA.
 
 Example
@@ -55,12 +55,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from invariance import geometry as G
+from invariance.checks import check_size
+from invariance.warp import grid_from_inverse
 
 __all__ = [
     "STN_FAMILIES",
     "raw_to_params",
     "raw_to_matrix",
-    "projective_grid",
     "resample",
     "LocalisationHead",
     "SpatialTransformer",
@@ -89,7 +90,7 @@ def raw_to_params(family: str, raw: torch.Tensor, size: Sequence[int]) -> torch.
     tensor([[  7., -10.]])
     """
     fam = _check_family(family)
-    h, w = G._check_size(size)
+    h, w = check_size(size)
     if raw.dim() != 2 or raw.shape[-1] != fam.n_params:
         raise ValueError(f"raw: family {family!r} needs shape (B, {fam.n_params}), got {tuple(raw.shape)}")
     r = raw.unbind(-1)
@@ -131,34 +132,10 @@ def raw_to_matrix(family: str, raw: torch.Tensor, size: Sequence[int]) -> torch.
     """
     fam = _check_family(family)
     if fam.name in ("affine", "projective"):
-        G._check_size(size)
+        check_size(size)
         return _raw_matrix(fam, raw)
     params = raw_to_params(family, raw, size)
     return G.centred_to_normalized(G.to_matrix(fam, params), size)
-
-
-def projective_grid(sampling: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """``grid_sample`` grid ``(B, H, W, 2)`` of an **output -> input** homography ``(B, 3, 3)`` (normalised).
-
-    The grid's own generator for projective transformations (``affine_grid`` handles only
-    affine ones): every output pixel centre ``q`` (``align_corners=False``) is mapped to
-    ``S q`` with a perspective divide; a vanishing denominator is clamped away from zero.
-
-    >>> projective_grid(torch.eye(3)[None], (1, 2))[0, 0]
-    tensor([[-0.5000,  0.0000],
-            [ 0.5000,  0.0000]])
-    """
-    h, w = G._check_size(size)
-    dt, dev = sampling.dtype, sampling.device
-    xs = (torch.arange(w, dtype=dt, device=dev) * 2 + 1) / w - 1
-    ys = (torch.arange(h, dtype=dt, device=dev) * 2 + 1) / h - 1
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    pts = torch.stack([xx, yy, torch.ones_like(xx)], -1).reshape(1, h * w, 3)
-    src = pts @ sampling.transpose(-1, -2)
-    den = src[..., 2:3]
-    eps = torch.finfo(dt).eps ** 0.5
-    den = torch.where(den.abs() < eps, torch.where(den < 0, -eps, eps) * torch.ones_like(den), den)
-    return (src[..., :2] / den).reshape(-1, h, w, 2)
 
 
 def resample(x: torch.Tensor, matrix: torch.Tensor, *, projective: bool | None = None,
@@ -179,10 +156,7 @@ def resample(x: torch.Tensor, matrix: torch.Tensor, *, projective: bool | None =
     sampling = torch.linalg.inv(matrix.to(x.dtype))
     if projective is None:
         projective = not G.is_affine(matrix)
-    if projective:
-        grid = projective_grid(sampling, x.shape[-2:])
-    else:
-        grid = F.affine_grid(sampling[:, :2, :], list(x.shape), align_corners=False)
+    grid = grid_from_inverse(sampling, x.shape[-2:], affine=not projective)
     return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
 
 
@@ -201,7 +175,7 @@ class LocalisationHead(nn.Module):
     def __init__(self, in_channels: int, in_size: Sequence[int], *, channels: int = 32, n_conv: int = 2,
                  hidden: int = 32, pre_pool: int = 1) -> None:
         super().__init__()
-        h, w = G._check_size(in_size)
+        h, w = check_size(in_size)
         layers: list[nn.Module] = []
         if pre_pool > 1:
             layers.append(nn.MaxPool2d(pre_pool, ceil_mode=True))
