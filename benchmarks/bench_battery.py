@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
-from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
+from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
 from invariance.reference import battery, run_battery  # noqa: E402
 
 TARGET = 1e-3

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_region_cost.py [--rev REV]
 
-The previous search (``invariance/search.py`` at git revision ``REV``: a fixed disk, the top-2
+The previous search (``invariance/_search.py`` at git revision ``REV``: a fixed disk, the top-2
 coarse candidates refined, no polish) and the current one are run in the same process on the
 same maps and the same candidates, alternating, median of ``--repeats``:
 
@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -34,23 +35,27 @@ sys.path.insert(0, str(ROOT))
 from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
 import invariance  # noqa: E402
+from invariance import SearchConfig, align, disk_mask, warp  # noqa: E402  # noqa: E402
 from invariance import geometry as G  # noqa: E402
-from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
-from invariance.search import SearchConfig, align  # noqa: E402
-from invariance.warp import disk_mask, warp  # noqa: E402
+from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 PREVIOUS = "7952e9a"  # the last revision before the comparison region
 
 
 def previous_search(rev: str):
-    """The module ``invariance/search.py`` as it was at ``rev``, importable beside the current one."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:invariance/search.py"], check=True,
+    """The module ``invariance/_search.py`` as it was at ``rev``, importable beside the current one."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:invariance/_search.py"], check=True,
                          capture_output=True, text=True).stdout
     spec = importlib.util.spec_from_loader("invariance._previous_search", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "invariance"
     sys.modules[spec.name] = mod
-    exec(compile(src, f"{rev}:invariance/search.py", "exec"), mod.__dict__)  # noqa: S102
+    # what that revision imported from ``.warp``, now in invariance._warp and invariance.checks
+    shim = types.ModuleType("invariance.warp")
+    shim.__dict__.update(warp=invariance.warp, warp_chunks=invariance.warp_chunks, disk_mask=invariance.disk_mask,
+                         _check_images=invariance.checks.check_images)
+    sys.modules.setdefault("invariance.warp", shim)
+    exec(compile(src, f"{rev}:invariance/_search.py", "exec"), mod.__dict__)  # noqa: S102
     return mod
 
 

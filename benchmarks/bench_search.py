@@ -39,10 +39,14 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
+from invariance import (  # noqa: E402
+    SearchConfig,
+    align,
+    disk_mask,  # noqa: E402
+    region_error,
+)
 from invariance import geometry as G  # noqa: E402
-from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
-from invariance.search import SearchConfig, align, region_error  # noqa: E402
-from invariance.warp import disk_mask  # noqa: E402
+from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 def machine() -> dict:
@@ -99,7 +103,7 @@ def bench_speed(args) -> dict:
     dev = args.device
     ref = smooth_maps(b, c, s, s, 0, dev)
     rot = G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([33.0, 1.7, -2.2])), (s, s)).to(dev)
-    from invariance.warp import warp
+    from invariance import warp
 
     mov = warp(ref, rot)
     mask = disk_mask((s, s), device=dev).to(ref.dtype)
@@ -147,7 +151,7 @@ def _memory_child(args) -> None:
         b, c, s, n_angles = 2, 4, 12, 4
     dev = args.device
     ref = smooth_maps(b, c, s, s, 1, dev)
-    from invariance.warp import warp
+    from invariance import warp
 
     mov = warp(ref, G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([-71.0, 2.0, 3.0])), (s, s)).to(dev))
     mask = disk_mask((s, s), device=dev).to(ref.dtype)

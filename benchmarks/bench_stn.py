@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
-from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
+from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
 from stn import build_model  # noqa: E402
 
 

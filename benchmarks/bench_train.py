@@ -5,9 +5,9 @@ plain per-model loop, side by side in one run.
 
 For the five architectures of the paper's table (rotation protocol, 28 x 28, SGD with momentum):
 
-* ``plain``: what :mod:`stn.train` does, one model at a time: each model renders its own
+* ``plain``: what :func:`stn.train` does, one model at a time: each model renders its own
   batches on the device and takes its steps in float32, contiguous memory;
-* ``together``: :func:`stn.budget.train_together`: the five models take their steps on one
+* ``together``: :func:`stn.train_together`: the five models take their steps on one
   rendered batch per step, with bfloat16 autocast and channels-last memory on CUDA (both off on
   the CPU, where they are slower).
 
@@ -37,13 +37,18 @@ sys.path.insert(0, str(ROOT))
 
 from _machine import cpu_model  # noqa: E402  (benchmarks/, the script's own folder)
 
-from invariance._io import atomic_write_json, atomic_write_text  # noqa: E402
-from invariance.zoo import load_digits  # noqa: E402
-from stn import build_model  # noqa: E402
-from stn.budget import StepSchedule, _batch, train_together  # noqa: E402
-from stn.data import TransformedDataset, get_protocol  # noqa: E402
-from stn.reproduce import ARCHS  # noqa: E402
-from stn.train import resolve_device  # noqa: E402
+from invariance import load_digits  # noqa: E402
+from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
+from stn import (  # noqa: E402  # noqa: E402
+    ARCHS,  # noqa: E402
+    StepSchedule,
+    TransformedDataset,
+    batch_at_step,
+    build_model,  # noqa: E402
+    get_protocol,
+    resolve_device,  # noqa: E402
+    train_together,
+)
 
 
 def _sync(dev):
@@ -59,7 +64,7 @@ def plain(models: dict, ds: TransformedDataset, steps: int, batch: int, dev) -> 
         _sync(dev)
         t = time.perf_counter()
         for s in range(steps):
-            x, y = _batch(ds, s, batch)
+            x, y = batch_at_step(ds, s, batch)
             loss = F.cross_entropy(m(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -70,7 +75,7 @@ def plain(models: dict, ds: TransformedDataset, steps: int, batch: int, dev) -> 
 
 
 def together(models: dict, ds: TransformedDataset, steps: int, batch: int, dev) -> float:
-    """Wall seconds of ``steps`` steps of all models together (stn.budget)."""
+    """Wall seconds of ``steps`` steps of all models together (stn.train_together)."""
     _sync(dev)
     t = time.perf_counter()
     train_together({0: (ds, models)}, StepSchedule(steps=steps, lr=0.01), batch_size=batch, log_every=steps,

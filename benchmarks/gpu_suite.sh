@@ -5,7 +5,7 @@
 #   1. the CUDA tests (tests that need a GPU skip themselves on a CPU);
 #   2. the search benchmark on the device          -> search_cuda_quick.{json,md}
 #   3. the training-throughput benchmark           -> train_throughput_cuda.{json,md}
-#   4. the budgeted reproduction (stn.budget)      -> reproduction.{json,md}, canonical_pose.png
+#   4. the budgeted reproduction (stn.reproduce_budget) -> reproduction.{json,md}, canonical_pose.png
 #
 # Usage:
 #   benchmarks/gpu_suite.sh                 # on the GPU machine: results in benchmarks/results/gpu
@@ -71,7 +71,7 @@ export HYPOTHESIS_PROFILE=ci
 part cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_warp.py tests/test_cuda.py -k "cuda or device"
 part search-bench "$py" benchmarks/bench_search.py "${search_args[@]}" --out "$out"
 part train-bench "$py" benchmarks/bench_train.py "${train_args[@]}" --out "$out"
-part reproduction "$py" -m stn.cli reproduce --budget "$budget" --device "$device" --results "$out" \
+part reproduction "$py" -m stn reproduce --budget "$budget" --device "$device" --results "$out" \
   --out "$out/runs"
 echo "wrote $summary"
 exit $status

@@ -4,17 +4,12 @@ The toolkit measures, for ANY torch CNN, how well the feature maps of transforme
 aligned with those of the originals by the best purely spatial warp, and how much of what is
 left a channel permutation or a linear channel map removes (Finnveden, Jansson & Lindeberg 2020).
 
-Public API (everything else is private):
-
-* geometry: :mod:`invariance.geometry` (the one home of the conventions), :mod:`invariance.warp`
-* features: :func:`extract_features`, :class:`LayerFrame`, :func:`list_layers`
-* search: :func:`align`, :class:`SearchConfig`, :func:`fit_linear`, :func:`channel_orbits`
-* metrics: :func:`measure`, :func:`parse_transforms`, :class:`Transform`, :class:`Report`;
-  the one measurement core :func:`measure_layer` (:class:`LayerResult`), with
-  :func:`comparison_region`, :func:`transformed_valid` and :func:`interpolation_floor`
-  (definitions: docs/definitions.md)
-* models: :func:`load_model`, :func:`builtin_models`
-* test kit: :mod:`invariance.testing`
+The public API is what this module exports (``invariance.__all__``, documented in docs/api.md)
+and the public submodules :mod:`invariance.geometry` (the one home of the conventions),
+:mod:`invariance.testing` (the test kit), :mod:`invariance.reference` (the dense reference
+search), :mod:`invariance.datasets`, :mod:`invariance.toys` (analytic networks and images),
+:mod:`invariance.checks` (argument checks) and :mod:`invariance.files` (atomic writes). Modules
+whose names start with ``_`` are the implementation and may change without notice.
 
 >>> import torch, invariance
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1, bias=False), torch.nn.ReLU())
@@ -25,23 +20,98 @@ Public API (everything else is private):
 (True, [-3.0, 2.0])
 """
 
-from . import geometry, warp
-from .features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
+from . import checks, datasets, files, geometry, reference, testing, toys
+from ._features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
+from ._measure import (
+                       CHANNEL_MODES,
+                       DEFAULT_SEARCH,
+                       MAX_IMAGE_PIXELS,
+                       MAX_TRANSFORMS,
+                       Transform,
+                       as_image_batch,
+                       bootstrap_ci,
+                       check_transform_count,
+                       measure,
+                       parse_transforms,
+)
+from ._metric import (
+                       INTERIOR_MIN_FRACTION,
+                       LayerResult,
+                       comparison_region,
+                       interpolation_floor,
+                       measure_layer,
+                       transformed_valid,
+)
+from ._models import (
+                       CHECKPOINT_FORMAT,
+                       CheckpointError,
+                       ModelInfo,
+                       build_from_checkpoint,
+                       builtin_models,
+                       load_checkpoint,
+                       load_model,
+                       non_finite_weight,
+                       register_model,
+                       save_checkpoint,
+                       tensor_checksum,
+)
+from ._report import Report
+from ._search import (
+                       MIN_REGION,
+                       PRESETS,
+                       SEARCH_FAMILIES,
+                       Alignment,
+                       SearchConfig,
+                       align,
+                       aligned,
+                       channel_orbits,
+                       fit_linear,
+                       masked_error,
+                       region_error,
+                       warp_valid,
+)
+from ._warp import (
+                       MODES,
+                       PADDING_MODES,
+                       disk_mask,
+                       grid_from_inverse,
+                       sampling_grid,
+                       transform_images,
+                       valid_mask,
+                       warp,
+                       warp_chunks,
+)
+from ._zoo import (
+                       MNIST_CNN_BLOCKS,
+                       PRETRAINED_PATH,
+                       load_digits,
+                       mnist_block,
+                       mnist_cnn,
+                       pretrained_mnist_cnn,
+                       random_mnist_cnn,
+)
 from .geometry import FAMILIES
-from .measure import CHANNEL_MODES, DEFAULT_SEARCH, Transform, measure, parse_transforms
-from .metric import LayerResult, comparison_region, interpolation_floor, measure_layer, transformed_valid
-from .models import builtin_models, load_model
-from .report import Report
-from .search import SEARCH_FAMILIES, Alignment, SearchConfig, align, channel_orbits, fit_linear, masked_error
-from .warp import transform_images
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "geometry", "warp", "FAMILIES", "transform_images",
+    # public submodules
+    "checks", "datasets", "files", "geometry", "reference", "testing", "toys",
+    # geometry and warping
+    "FAMILIES", "MODES", "PADDING_MODES", "warp", "warp_chunks", "sampling_grid", "grid_from_inverse",
+    "transform_images", "disk_mask", "valid_mask",
+    # features
     "INPUT", "FeatureExtractor", "LayerFrame", "extract_features", "list_layers",
-    "SEARCH_FAMILIES", "Alignment", "SearchConfig", "align", "channel_orbits", "fit_linear", "masked_error",
-    "CHANNEL_MODES", "DEFAULT_SEARCH", "Transform", "measure", "parse_transforms", "Report",
-    "LayerResult", "measure_layer", "interpolation_floor", "comparison_region", "transformed_valid",
-    "builtin_models", "load_model",
+    # search and the comparison region
+    "SEARCH_FAMILIES", "MIN_REGION", "PRESETS", "Alignment", "SearchConfig", "align", "aligned", "region_error",
+    "masked_error", "warp_valid", "channel_orbits", "fit_linear",
+    # the measurement core and the toolkit's front end
+    "INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
+    "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "Transform",
+    "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
+    # models and checkpoints
+    "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
+    "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight", "tensor_checksum",
+    "load_digits", "MNIST_CNN_BLOCKS", "mnist_block", "mnist_cnn", "pretrained_mnist_cnn", "random_mnist_cnn",
+    "PRETRAINED_PATH",
 ]

@@ -8,10 +8,10 @@ canvas by direct correlation (``torch.nn.functional.conv2d`` over the windows: n
 canvas groups, no candidate short-lists). The best few distinct candidates are then polished by Nelder-Mead
 (:func:`scipy.optimize.minimize`) on the exact error of the family parameters. Only ``warp``
 (``grid_sample``), the geometry conventions and the validity rule of the definitions are shared
-with :func:`invariance.search.align`.
+with :func:`invariance.align`.
 
 Use it in tests and benchmarks, on small maps: it costs ``angles x scales x offsets x shifts``
-window sums per image (see :func:`invariance.search.align` for the fast path). Integer shifts
+window sums per image (see :func:`invariance.align` for the fast path). Integer shifts
 are tried up to half the map along each axis (a larger shift keeps less than half of the map
 in common).
 
@@ -32,7 +32,7 @@ import torch
 from scipy.optimize import minimize
 
 from . import geometry as G
-from .warp import warp
+from ._warp import warp
 
 __all__ = ["ReferenceAlignment", "brute_force_align", "BatteryCase", "battery", "run_battery"]
 
@@ -113,7 +113,7 @@ def brute_force_align(
     """The dense reference search (module docstring), image by image, in float64.
 
     Args:
-        reference, moving: ``(B, C, H, W)`` maps, as for :func:`invariance.search.align`.
+        reference, moving: ``(B, C, H, W)`` maps, as for :func:`invariance.align`.
         family: a search family (``translation``, ``rotation``, ``scale``, ``rigid``,
             ``scale_translation``, ``similarity``, ``affine``).
         mask, moving_mask: the reference's region and the moving map's valid region ``(H, W)``.
@@ -275,9 +275,9 @@ def _random_cnn(seed: int = 0) -> torch.nn.Module:
 
 
 def _case(name, net, images, spec, layer, family) -> BatteryCase:
-    from .features import extract_features
-    from .measure import DEFAULT_SEARCH, parse_transforms
-    from .metric import comparison_region, transformed_valid
+    from ._features import extract_features
+    from ._measure import DEFAULT_SEARCH, parse_transforms
+    from ._metric import comparison_region, transformed_valid
 
     tr = parse_transforms(spec)[0]
     size = tuple(images.shape[-2:])
@@ -295,9 +295,9 @@ def battery(n_images: int = 2, *, size: int = 24) -> list[BatteryCase]:
     30, 45, 90 and 135 degrees, scales 0.7 and 1.5, a sub-pixel translation and a shear, on
     ``size`` x ``size`` blobs and on non-square ones; the shipped MNIST CNN's every layer under 45
     degrees on shipped digits. ``n_images`` images per case."""
-    from .models import load_model
+    from ._models import load_model
+    from ._zoo import load_digits
     from .toys import make_images
-    from .zoo import load_digits
 
     net = _random_cnn()
     x = make_images("blobs", n_images, size, seed=5, content_radius=0.45).double()
@@ -317,7 +317,7 @@ def battery(n_images: int = 2, *, size: int = 24) -> list[BatteryCase]:
 
 def run_battery(cases: list[BatteryCase], *, config=None, reference_options: dict | None = None,
                 progress: bool = False) -> list[dict]:
-    """Fast search (:func:`invariance.search.align`) against the dense reference on every case.
+    """Fast search (:func:`invariance.align`) against the dense reference on every case.
 
     Returns one dict per case: name, family, map shape, per-image errors of both, the worst gap
     ``fast - reference`` and the seconds each took.
@@ -326,7 +326,7 @@ def run_battery(cases: list[BatteryCase], *, config=None, reference_options: dic
 
     from tqdm.auto import tqdm
 
-    from .search import align
+    from ._search import align
 
     out = []
     for case in tqdm(cases, desc="battery", disable=not progress):

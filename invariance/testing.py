@@ -2,7 +2,7 @@
 
 The metric and the assertion are separate (as in ``e3nn.util.test``): :func:`alignment_errors`
 measures, per image, how well the maps of a layer for transformed images can be aligned with
-those of the originals (:func:`invariance.metric.measure_layer`, the toolkit's one measurement
+those of the originals (:func:`invariance.measure_layer`, the toolkit's one measurement
 core, over the comparison region of docs/definitions.md), and the ``assert_*`` helpers compare those
 numbers with tolerances that follow the dtype and the *interpolation floor* (the same search
 run on the images themselves, the identity network).
@@ -86,13 +86,13 @@ import torch
 from torch import nn
 
 from . import geometry as G
-from .features import FeatureExtractor
-from .measure import DEFAULT_SEARCH, Transform, parse_transforms
-from .metric import comparison_region, measure_layer, transformed_valid
-from .metric import interpolation_floor as _floor
-from .search import SEARCH_FAMILIES, SearchConfig, masked_error
+from ._features import FeatureExtractor
+from ._measure import DEFAULT_SEARCH, Transform, parse_transforms
+from ._metric import comparison_region, measure_layer, transformed_valid
+from ._metric import interpolation_floor as _floor
+from ._search import SEARCH_FAMILIES, SearchConfig, masked_error
+from ._warp import warp
 from .toys import make_blob_images
-from .warp import warp
 
 try:  # the metric and the assertions work without hypothesis; the strategies need it
     from hypothesis import strategies as st
@@ -133,7 +133,7 @@ ATOL: dict[torch.dtype, float] = {
 DEFAULT_RTOL = 1.0
 """Allowed relative excess over the interpolation floor (see the module docstring)."""
 
-DEFAULT_CONFIG = SearchConfig(n_angles=36, refine_steps=20, top_k=2, shortlist=4)
+DEFAULT_CONFIG = SearchConfig.preset("fast")
 """A quick search (every 10° plus the expected transformation, 20 refinement steps)."""
 
 
@@ -141,7 +141,7 @@ DEFAULT_CONFIG = SearchConfig(n_angles=36, refine_steps=20, top_k=2, shortlist=4
 
 
 def as_transform(transform: Transform | str) -> Transform:
-    """A :class:`invariance.measure.Transform` from itself or from one SPEC string (``"rotation:90"``)."""
+    """A :class:`invariance.Transform` from itself or from one SPEC string (``"rotation:90"``)."""
     if isinstance(transform, Transform):
         return transform
     if isinstance(transform, str):
@@ -295,7 +295,7 @@ def interpolation_floor(
 ) -> torch.Tensor:
     """The interpolation floor per image ``(B,)`` float64: what resampling alone costs.
 
-    The toolkit's one floor (:func:`invariance.metric.interpolation_floor`): the spatial error
+    The toolkit's one floor (:func:`invariance.interpolation_floor`): the spatial error
     of the images themselves (the identity network) under the transformation and the search,
     the larger of the round trips on the images and on the images padded by one zero row and
     column (a round trip can be exact by a lattice coincidence although its first resampling is
@@ -345,19 +345,19 @@ def alignment_errors(
     Args:
         model: any ``nn.Module`` taking ``(B, C, H, W)`` images (same dtype as ``images``).
         images: ``(B, C, H, W)`` floating-point images.
-        transform: a :class:`invariance.measure.Transform` or a SPEC string such as ``"rotation:90"``.
+        transform: a :class:`invariance.Transform` or a SPEC string such as ``"rotation:90"``.
         layer: a module name (as in ``model.named_modules()``) or ``"input"``.
         channels: ``"spatial"`` or ``"permutation"`` (also search a channel permutation).
-        search: the search family (default :data:`invariance.measure.DEFAULT_SEARCH` of the
+        search: the search family (default :data:`invariance.DEFAULT_SEARCH` of the
             transformation's family).
         mask_radius: an evaluation disk in normalised units of each grid (default: the whole
             map; the comparison region of docs/definitions.md takes care of the border).
-        interior: the receptive-field interior (default: auto, see :mod:`invariance.metric`).
+        interior: the receptive-field interior (default: auto, see :data:`invariance.INTERIOR_MIN_FRACTION`).
         config: the search settings (default :data:`DEFAULT_CONFIG`); the expected warp
             ``W_{h^-1}`` and the identity are always scored as extra candidates.
         transformed: the transformed images ``T_h f`` when they are made some other way (for
             example ``torch.roll`` for circular shifts: every pixel then counts as valid);
-            default: :func:`invariance.warp.warp` of ``images`` (bilinear, zero padding).
+            default: :func:`invariance.warp` of ``images`` (bilinear, zero padding).
 
     Returns:
         :class:`AlignmentErrors`.

@@ -5,7 +5,7 @@
 Trains ``stn``'s ``CNN`` architecture (the paper's MNIST classifier) on the rotated-MNIST
 protocol (uniform angles in [-90, 90] degrees) with ``stn.train``, on the 8,000-image training
 part of the stratified split of the MNIST test set (needs ``INVARIANCE_DATA``), copies its
-weights into :func:`invariance.zoo.mnist_cnn` (a plain ``nn.Sequential`` that the
+weights into :func:`invariance.mnist_cnn` (a plain ``nn.Sequential`` that the
 ``invariance`` package can rebuild without importing ``stn``), checks that both give the same
 logits, and writes the checkpoint atomically (weights stored as float16 to keep the package
 small; the test error is measured with the float16-rounded weights).
@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from invariance.models import save_checkpoint
-from invariance.zoo import mnist_cnn
+from invariance import mnist_cnn, save_checkpoint
 
 
 def main() -> None:
     import stn
     from invariance.datasets import DataSplit  # noqa: F401  (fail early without data)
-    from stn.train import TrainConfig, evaluate_model, load_run, train
+    from stn import TrainConfig, evaluate_model, load_run, train
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=15)
@@ -62,13 +61,13 @@ def main() -> None:
     err = 1 - correct / len(test)
     obj_model = mnist_cnn()
     obj_model.load_state_dict({k: v.float() for k, v in half.items()})
-    save_checkpoint(a.out, obj_model, builder="invariance.zoo:mnist_cnn", config={},
+    save_checkpoint(a.out, obj_model, builder="invariance:mnist_cnn", config={},
                     trained_by="stn.train (arch CNN, rotation protocol, mnist-10k split)",
                     train_config=cfg.to_dict(), test_error=err, stn_test_error=stn_error)
     # store the weights in float16 (the loader casts them back)
     ck = torch.load(a.out, weights_only=False)
     ck["state_dict"] = half
-    from invariance._io import atomic_torch_save
+    from invariance.files import atomic_torch_save
 
     atomic_torch_save(a.out, ck)
     print(f"wrote {a.out}: rotated-MNIST test error {100 * err:.2f}% ({len(test)} images)")

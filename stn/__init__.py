@@ -6,7 +6,7 @@ Fashion-MNIST, and reproduces the paper's MNIST table. It builds on :mod:`invari
 conventions, warping, data loading, checkpoints, the alignment engine); ``invariance`` never
 imports ``stn``.
 
-Architectures (:mod:`stn.models`, built from a configuration by :func:`build_model`)
+Architectures (built from a configuration by :func:`build_model`)
     ``CNN``; ``STN-CX`` (the transformer warps the classifier's feature maps at depth X; X = 0 is
     the input); ``STN-DLX`` (warps the input; the localisation network is a fresh copy of the
     first X classifier layers + a localisation head); ``STN-SLX`` (warps the input; the
@@ -16,23 +16,23 @@ Architectures (:mod:`stn.models`, built from a configuration by :func:`build_mod
     (Conv 9x9 64 -> pool -> ReLU -> Conv 7x7 64 -> pool -> ReLU -> linear) and ``svhn`` (eight
     5x5 conv blocks 48-64-128-160-192-192-192-192, pooling every second block, dropout).
 
-Spatial transformer (:mod:`stn.transformer`)
+Spatial transformer (:class:`SpatialTransformer`)
     :class:`SpatialTransformer`: localisation network -> zero-initialised regressor -> parameters
     of any family of :mod:`invariance.geometry` (translation, rotation, scale, rigid,
     similarity, affine, projective, ...) -> ``affine_grid`` (or a projective grid) ->
     ``grid_sample``. Device agnostic: the same code runs on CUDA.
 
-Data (:mod:`stn.data`)
+Data (:class:`TransformedDataset`)
     rotated (28x28, +-90 degrees), translated (60x60, +-16 px, clutter) and scaled (112x112,
     2^U(-1, 2), clutter) MNIST / Fashion-MNIST, rendered a batch at a time on the training device,
     re-drawn every epoch from ``(seed, epoch)``, test sets fixed; every sample comes with its
     applied transformation parameters. Reduced-resolution variants for CPU runs.
 
-Training and evaluation (:mod:`stn.train`, :mod:`stn.analysis`)
+Training and evaluation (:func:`train`, :func:`evaluate`, :func:`canonical_pose`, :func:`feature_map_alignment`)
     SGD with a learning-rate multiplier for the localisation networks, weight decay, milestones
     and seeds; an atomic checkpoint every epoch; ``resume`` continues bit-identically on the CPU.
     Evaluation: test error, the canonical-pose statistic, and for STN-C1 the alignment errors of
-    its transformed feature maps (:func:`invariance.search.align`).
+    its transformed feature maps (:func:`invariance.align`).
 
 The ``stn`` command
 -------------------
@@ -57,30 +57,38 @@ Python
 (torch.Size([2, 10]), torch.Size([2, 3, 3]))
 """
 
-from .data import PROTOCOLS, Protocol, TransformedDataset, get_protocol, load_transformed
-from .models import ArchSpec, STNClassifier, Transforms, build_model, parse_arch
-from .train import TrainConfig, evaluate, load_run, train
-from .transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer, raw_to_matrix, raw_to_params, resample
+from ._analysis import canonical_pose, feature_map_alignment, pose_quantity
+from ._budget import BUDGETS, Budget, StepSchedule, batch_at_step, evaluate_repeats, reproduce_budget, train_together
+from ._data import DIGIT_SIZE, PROTOCOLS, Protocol, TransformedDataset, get_protocol, load_transformed
+from ._models import ArchSpec, STNClassifier, Transforms, build_model, count_parameters, parse_arch, valid_arch_names
+from ._reproduce import ARCHS, MODES, PAPER_TABLE, TRANSFORMS, Mode, check_claims, plan, reproduce
+from ._train import (
+                     DEFAULT_FAMILY,
+                     DivergedError,
+                     RunError,
+                     TrainConfig,
+                     evaluate,
+                     evaluate_model,
+                     load_run,
+                     machine_info,
+                     resolve_device,
+                     train,
+)
+from ._transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer, raw_to_matrix, raw_to_params, resample
 
 __all__ = [
-    "PROTOCOLS",
-    "Protocol",
-    "TransformedDataset",
-    "get_protocol",
-    "load_transformed",
-    "ArchSpec",
-    "STNClassifier",
-    "Transforms",
-    "build_model",
-    "parse_arch",
-    "TrainConfig",
-    "train",
-    "evaluate",
-    "load_run",
-    "STN_FAMILIES",
-    "LocalisationHead",
-    "SpatialTransformer",
-    "raw_to_params",
-    "raw_to_matrix",
-    "resample",
+    # data
+    "DIGIT_SIZE", "PROTOCOLS", "Protocol", "TransformedDataset", "get_protocol", "load_transformed",
+    # architectures and the transformer
+    "ArchSpec", "STNClassifier", "Transforms", "build_model", "parse_arch", "valid_arch_names", "count_parameters",
+    "STN_FAMILIES", "LocalisationHead", "SpatialTransformer", "raw_to_params", "raw_to_matrix", "resample",
+    # training and evaluation
+    "TrainConfig", "DEFAULT_FAMILY", "RunError", "DivergedError", "train", "evaluate", "evaluate_model", "load_run",
+    "resolve_device", "machine_info",
+    # analysis
+    "canonical_pose", "pose_quantity", "feature_map_alignment",
+    # the paper's table
+    "ARCHS", "TRANSFORMS", "PAPER_TABLE", "MODES", "Mode", "plan", "check_claims", "reproduce",
+    # the budgeted (GPU) path
+    "StepSchedule", "Budget", "BUDGETS", "train_together", "batch_at_step", "evaluate_repeats", "reproduce_budget",
 ]

@@ -24,13 +24,12 @@ import numpy as np
 import pytest
 import torch
 
-from invariance import cli as inv_cli
-from invariance._io import FolderError, atomic_write, remove_stale_temporaries
-from invariance.models import CheckpointError, load_checkpoint, save_checkpoint
-from invariance.report import Report
-from stn import cli as stn_cli
+from invariance import CheckpointError, Report, load_checkpoint, save_checkpoint
+from invariance import _cli as inv_cli
+from invariance.files import FolderError, atomic_write, remove_stale_temporaries
+from stn import _cli as stn_cli
+from stn import load_run
 from stn.testing import write_fake_dataset
-from stn.train import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -271,7 +270,7 @@ def test_a_report_json_that_is_not_one_is_a_one_line_error(tmp_path):
 KILLED_WRITE = """
 import os, sys, time
 from pathlib import Path
-from invariance._io import atomic_write, exit_on_sigterm
+from invariance.files import atomic_write, exit_on_sigterm
 def slow(f):
     f.write(b"partial")
     f.flush()
@@ -426,7 +425,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(run_dir, tmp_path, capsys):
         model.state_dict = lambda: ck["state_dict"]
         save_checkpoint(tmp_path / "nan.pt", model, ck["builder"], ck["config"])
     assert not (tmp_path / "nan.pt").exists()
-    from invariance.models import tensor_checksum
+    from invariance import tensor_checksum
 
     ck.pop("checksum")
     ck["checksum"] = tensor_checksum(ck)  # a consistent file, written by something else
@@ -507,8 +506,7 @@ def test_stn_usage_errors_are_one_line(d, capsys, argv, needle):
 
 
 def _api_cases():
-    from invariance import SearchConfig, align, fit_linear, measure, parse_transforms
-    from invariance.measure import as_image_batch, bootstrap_ci
+    from invariance import SearchConfig, align, as_image_batch, bootstrap_ci, fit_linear, measure, parse_transforms
 
     x = torch.rand(2, 1, 8, 8)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
@@ -550,7 +548,7 @@ def test_python_api_bad_input_is_one_line_naming_the_argument(name):
 
 
 def test_integer_images_of_every_width_are_scaled_like_uint8():
-    from invariance.measure import as_image_batch
+    from invariance import as_image_batch
 
     for dt in (torch.uint8, torch.int16, torch.int32, torch.int64):
         out = as_image_batch(torch.tensor([[[0, 51, 255]]], dtype=dt))

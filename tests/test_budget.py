@@ -1,4 +1,4 @@
-"""The budgeted training path (stn.budget) and the GPU suite's CPU smoke run (benchmarks/gpu_suite.sh --tiny)."""
+"""The budgeted training path (stn._budget) and the GPU suite's CPU smoke run (benchmarks/gpu_suite.sh --tiny)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from invariance.zoo import load_digits
-from stn import build_model
-from stn.budget import StepSchedule, evaluate_repeats, reproduce_budget, train_together
-from stn.data import TransformedDataset, get_protocol
+from invariance import load_digits
+from stn import (
+    StepSchedule,
+    TransformedDataset,
+    build_model,
+    evaluate_repeats,
+    get_protocol,
+    reproduce_budget,
+    train_together,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests of the ``invariance`` command (:func:`invariance.cli.main` in-process, and the console
+"""Tests of the ``invariance`` command (:func:`invariance._cli.main` in-process, and the console
 script once in a subprocess).
 
 Contract under test: ``invariance measure --model FILE.py:NAME --images FILE.npy --transform SPEC
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from invariance.cli import main
+from invariance._cli import main
 
 MODEL_SRC = textwrap.dedent(
     """

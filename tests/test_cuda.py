@@ -9,12 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from invariance import SearchConfig, align, load_digits
 from invariance import geometry as G
-from invariance.search import SearchConfig, align
-from invariance.zoo import load_digits
-from stn import build_model
-from stn.budget import StepSchedule, train_together
-from stn.data import TransformedDataset, get_protocol
+from stn import StepSchedule, TransformedDataset, build_model, get_protocol, train_together
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
 
@@ -27,7 +24,7 @@ def test_cuda_align_matches_cpu():
     g = torch.Generator().manual_seed(0)
     ref = torch.nn.functional.avg_pool2d(torch.rand(4, 8, 24, 24, generator=g, dtype=torch.float64), 3, 1, 1)
     t = G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([30.0, 1.0, -2.0], dtype=torch.float64)), (24, 24))
-    from invariance.warp import warp
+    from invariance import warp
 
     mov = warp(ref, t)
     cfg = SearchConfig(n_angles=36)

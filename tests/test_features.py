@@ -1,4 +1,4 @@
-"""Tests of :mod:`invariance.features`: feature extraction by layer name and per-layer frames.
+"""Tests of :mod:`invariance._features`: feature extraction by layer name and per-layer frames.
 
 The frame of a layer is the affine map ``x = a * j + b`` (per axis) from feature-pixel index
 ``j`` to the input-pixel position of that feature pixel's window centre (see the module
@@ -29,9 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from invariance import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers, warp
 from invariance import geometry as G
-from invariance.features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
-from invariance.warp import warp
 
 DT = torch.float64
 # float64 convolutions of O(1) values over <= a few hundred terms: rounding ~1e-14; 1e-10 leaves

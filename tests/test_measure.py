@@ -29,10 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from invariance import Report, Transform, measure, parse_transforms
-from invariance.measure import DEFAULT_SEARCH
-from invariance.metric import interpolation_floor
-from invariance.search import SearchConfig
+from invariance import DEFAULT_SEARCH, Report, SearchConfig, Transform, interpolation_floor, measure, parse_transforms
 
 DT = torch.float64
 EXACT = 1e-20
@@ -236,9 +233,8 @@ def test_channel_mixing_known_answer_exists():
     """The optimum the previous test expects: on layer 2's maps, the 180-degree warp followed by a
     fitted linear map aligns exactly (held out < 1e-5), while the best permutation (any warp)
     leaves > 0.05."""
-    from invariance import extract_features, fit_linear
+    from invariance import align, extract_features, fit_linear
     from invariance import geometry as G
-    from invariance.search import align
 
     images = rand(6, 1, 15, 17, seed=4)
     net = wm_net(mix=True)

@@ -14,13 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from invariance import SearchConfig, measure, measure_layer, parse_transforms
+from invariance import SearchConfig, extract_features, measure, measure_layer, parse_transforms, warp
 from invariance import testing as it
-from invariance.cli import main
-from invariance.features import extract_features
+from invariance._cli import main
 from invariance.reference import battery, brute_force_align, run_battery
 from invariance.toys import P4Net, make_images
-from invariance.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,14 +52,12 @@ def test_cli_measure_kit_and_core_agree(tmp_path):
 
 
 def test_stn_analysis_calls_the_core():
-    """``stn.analysis.feature_map_alignment`` on an (untrained) STN-C1 equals ``measure_layer`` on the
+    """``stn.feature_map_alignment`` on an (untrained) STN-C1 equals ``measure_layer`` on the
     same maps, frame and per-image transformations."""
-    from invariance import LayerFrame, transformed_valid
+    from invariance import LayerFrame, load_digits, transformed_valid
     from invariance import geometry as G
-    from invariance.zoo import load_digits
-    from stn.analysis import _identity_params, _maps, feature_map_alignment
-    from stn.data import TransformedDataset, get_protocol
-    from stn.models import build_model
+    from stn import TransformedDataset, build_model, get_protocol
+    from stn._analysis import _identity_params, _maps, feature_map_alignment
 
     torch.manual_seed(0)
     model = build_model("STN-C1", family="rotation").eval()

@@ -19,10 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from invariance import SearchConfig, measure, measure_layer, parse_transforms
+from invariance import SearchConfig, extract_features, measure, measure_layer, parse_transforms, warp
 from invariance import toys as T
-from invariance.features import extract_features
-from invariance.warp import warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

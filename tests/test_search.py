@@ -1,4 +1,4 @@
-"""Tests of :mod:`invariance.search`: the alignment search finds known optima, exactly where the
+"""Tests of :mod:`invariance._search`: the alignment search finds known optima, exactly where the
 lattice makes them exact.
 
 Conventions under test: ``align(reference, moving)`` returns, per image, the warp applied to
@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from invariance import disk_mask, transform_images, warp
 from invariance import geometry as G
-from invariance.search import (
+from invariance._search import (
     MIN_REGION,
     SEARCH_FAMILIES,
     SearchConfig,
@@ -46,7 +47,6 @@ from invariance.search import (
     fit_linear,
     masked_error,
 )
-from invariance.warp import disk_mask, transform_images, warp
 
 DT = torch.float64
 CFG = SearchConfig(n_angles=36, refine_steps=15)

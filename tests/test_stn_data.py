@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invariance.warp import transform_images
-from stn.data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
+from invariance import transform_images
+from stn import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invariance import geometry as G
-from invariance.models import load_model, save_checkpoint
-from stn.models import ArchSpec, build_model, classifier_layers, parse_arch
-from stn.transformer import resample
+from invariance import load_model, save_checkpoint
+from stn import resample
+from stn._models import ArchSpec, build_model, classifier_layers, parse_arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -130,9 +130,7 @@ def test_stn_c11_resamples_the_depth_one_map_once():
     m = build_model("STN-C11", family="rotation").double()
     _set_rotation(m, [20.0, 15.0])
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
-    captured = {}
-    m._forward_feature_maps(x, capture=captured)
-    before, after = captured[1]
+    before, after = m.forward_with_feature_maps(x)[2][1]
     comp = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([35.0], dtype=torch.float64)), (14, 14))
     torch.testing.assert_close(after, resample(before, comp.expand(2, 3, 3)), rtol=0, atol=1e-12)
 
@@ -158,7 +156,7 @@ def test_checkpoint_round_trip_through_invariance_load_model(tmp_path):
     m = build_model("STN-SL1", family="similarity", image_size=[40, 40])
     with torch.no_grad():
         m.transformers[0].regressor.weight.normal_(0, 0.05)
-    path = save_checkpoint(tmp_path / "ck.pt", m, builder="stn.models:build_model", config=m.config)
+    path = save_checkpoint(tmp_path / "ck.pt", m, builder="stn:build_model", config=m.config)
     again = load_model(str(path))
     x = torch.rand(2, 1, 40, 40)
     torch.testing.assert_close(again(x), m.eval()(x))

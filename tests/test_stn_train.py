@@ -8,15 +8,23 @@ import math
 import pytest
 import torch
 
+from invariance import CheckpointError, load_checkpoint, load_model
 from invariance import geometry as G
-from invariance.models import CheckpointError, load_checkpoint, load_model
-from stn import cli
-from stn.analysis import canonical_pose, circular_std, feature_map_alignment
-from stn.data import TransformedDataset, get_protocol
-from stn.models import build_model
-from stn.reproduce import PAPER_TABLE, check_claims
+from stn import (
+    PAPER_TABLE,
+    RunError,
+    TrainConfig,
+    TransformedDataset,
+    build_model,
+    check_claims,
+    evaluate,
+    get_protocol,
+    load_run,
+    train,
+)
+from stn import _cli as cli
+from stn._analysis import canonical_pose, circular_std, feature_map_alignment
 from stn.testing import write_fake_dataset
-from stn.train import RunError, TrainConfig, evaluate, load_run, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -91,7 +99,7 @@ def test_metrics_checkpoint_and_existing_run(tmp_path, fake_root):
     assert disk["history"][0]["epoch"] == 1 and 0 <= disk["test_error"] <= 1 and disk["finished"]
     assert m["config"]["arch"] == "STN-C0" and disk["n_train"] == 48
     ck = load_checkpoint(out / "checkpoint.pt")
-    assert ck["builder"] == "stn.models:build_model" and ck["train_config"]["epochs"] == 1
+    assert ck["builder"] == "stn:build_model" and ck["train_config"]["epochs"] == 1
     assert len(ck["data_seeds"]) == 1
     assert isinstance(load_model(str(out / "checkpoint.pt")), torch.nn.Module)  # invariance can rebuild it
     with pytest.raises(RunError, match="--resume"):
@@ -228,7 +236,7 @@ def test_cli_end_to_end_on_real_mnist(tmp_path, data_root, capsys):
 
 
 def test_reproduce_writes_the_table_and_resumes(tmp_path, fake_root, monkeypatch):
-    from stn import reproduce as rep
+    from stn import _reproduce as rep
 
     tiny = rep.Mode(name="quick", sizes={"rotation": None, "scale": 28, "translation": 28},
                     epochs={"rotation": 1, "scale": 1, "translation": 1},
@@ -257,7 +265,7 @@ def test_reproduce_writes_the_table_and_resumes(tmp_path, fake_root, monkeypatch
 def test_reproduce_one_protocol_runs_only_its_column(tmp_path, fake_root, monkeypatch):
     """``transforms=["rotation"]`` trains the five rotation runs only; the report keeps the claims that need
     only rotation (input STNs beat STN-C1; every STN beats the CNN) and drops the translation-gap claim."""
-    from stn import reproduce as rep
+    from stn import _reproduce as rep
 
     tiny = rep.Mode(name="quick", sizes={"rotation": None, "scale": 28, "translation": 28},
                     epochs={"rotation": 1, "scale": 1, "translation": 1},

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from invariance import geometry as G
-from invariance.warp import sampling_grid, transform_images
-from stn.transformer import (
+from invariance import sampling_grid, transform_images
+from stn._transformer import (
     STN_FAMILIES,
     LocalisationHead,
     SpatialTransformer,

@@ -19,10 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from invariance import Transform, disk_mask
 from invariance import testing as it
 from invariance import toys as T
-from invariance.measure import Transform
-from invariance.warp import disk_mask
 
 CFG = it.DEFAULT_CONFIG  # the kit default, as a user would run it
 

@@ -37,11 +37,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from invariance import FeatureExtractor, SearchConfig, align
+from invariance import FeatureExtractor, SearchConfig, Transform, align, disk_mask, warp
 from invariance import testing as it
 from invariance import toys as T
-from invariance.measure import Transform
-from invariance.warp import disk_mask, warp
 
 # search settings: every 10° (rigid) / every 1/8 octave in [-1.25, 1.25] (scale), plus the
 # expected transformation, which alignment_errors always adds as an extra candidate; QUICK

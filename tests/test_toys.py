@@ -16,9 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invariance import SearchConfig, builtin_models, load_model, measure
+from invariance import SearchConfig, builtin_models, disk_mask, load_model, measure, transform_images
 from invariance import toys as T
-from invariance.warp import disk_mask, transform_images
 
 DT = torch.float64
 TOYS = {"toy-wm": T.WMNet, "toy-scale": T.GaussianJetNet, "toy-scale-channels": T.ScaleChannelNet,

@@ -1,6 +1,6 @@
-"""Tests of :mod:`invariance.warp`: exact lattice cases, an independent oracle, convention pinning.
+"""Tests of :mod:`invariance._warp`: exact lattice cases, an independent oracle, convention pinning.
 
-Conventions under test (see the docstrings of :mod:`invariance.geometry` and :mod:`invariance.warp`):
+Conventions under test (see the docstrings of :mod:`invariance.geometry` and :mod:`invariance._warp`):
 ``warp`` takes **normalised**, **input -> output** matrices, ``warp(f, A)(q) = f(A^{-1} q)``,
 ``align_corners=False``; ``transform_images`` takes family parameters in the **centred** (pixel)
 frame; a positive angle is counter-clockwise as displayed (y points down).
@@ -30,8 +30,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from invariance import _warp as W
 from invariance import geometry as G
-from invariance import warp as W
 
 DT = torch.float64
 TOL = dict(atol=1e-10, rtol=0.0)
@@ -749,7 +749,7 @@ def test_cuda_matches_cpu():
 def test_no_hard_coded_cuda_in_source():
     """Design rule: device follows the inputs; nothing in geometry or warp names a cuda device."""
     root = pathlib.Path(G.__file__).parent
-    for name in ("geometry.py", "warp.py"):
+    for name in ("geometry.py", "_warp.py"):
         src = (root / name).read_text()
         assert not re.search(r"""\.cuda\(|device\s*=\s*["']cuda""", src), name
 

@@ -33,7 +33,7 @@ Depth X means "after X classifier layers"; layer = one block of the classifier:
   48-64-128-160-192-192-192-192 channels, max-pooling after every second block, dropout after
   each block, then FC 256 -> ReLU -> dropout -> linear; depths 0 to 8.
 
-The localisation head (:class:`stn.transformer.LocalisationHead`: conv 5x5 32 -> pool -> ReLU,
+The localisation head (:class:`stn.LocalisationHead`: conv 5x5 32 -> pool -> ReLU,
 twice, FC 32) is the same at every depth; only its input differs.
 
 Example
@@ -56,9 +56,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from invariance import MNIST_CNN_BLOCKS, mnist_block
 from invariance.checks import check_size
 
-from .transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer
+from ._transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer
 
 __all__ = ["ArchSpec", "parse_arch", "valid_arch_names", "CLASSIFIERS", "classifier_layers",
            "STNClassifier", "Transforms", "build_model", "count_parameters"]
@@ -137,9 +138,8 @@ def classifier_layers(classifier: str, in_channels: int, image_size: Sequence[in
     shapes = [(int(in_channels), h, w)]
     layers: list[nn.Module] = []
     if classifier == "mnist":
-        for c_out, k in ((64, 9), (64, 7)):
-            layers.append(nn.Sequential(nn.Conv2d(shapes[-1][0], c_out, k, padding=k // 2),
-                                        nn.MaxPool2d(2), nn.ReLU()))
+        for c_out, k in MNIST_CNN_BLOCKS:
+            layers.append(nn.Sequential(*mnist_block(shapes[-1][0], c_out, k)))
             shapes.append((c_out, shapes[-1][1] // 2, shapes[-1][2] // 2))
         c, hh, ww = shapes[-1]
         if hh == 0 or ww == 0:
@@ -250,6 +250,21 @@ class STNClassifier(nn.Module):
         if kind == "C":
             return self._forward_feature_maps(x)
         return self._forward_input(x)
+
+    def forward_with_feature_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, Transforms, dict]:
+        """STN-C forward that also returns the feature maps its transformers act on:
+        ``(logits, transforms, {depth: (map entering the transformer, transformed map)})``.
+
+        >>> m = build_model("STN-C1", family="rotation")
+        >>> _, _, maps = m.forward_with_feature_maps(torch.rand(2, 1, 28, 28))
+        >>> [tuple(t.shape) for t in maps[1]]
+        [(2, 64, 14, 14), (2, 64, 14, 14)]
+        """
+        if self.spec.kind != "C":
+            raise ValueError(f"model: {self.spec.name} does not transform feature maps (an STN-C architecture does)")
+        captured: dict = {}
+        logits, tr = self._forward_feature_maps(x, capture=captured)
+        return logits, tr, captured
 
     def _forward_feature_maps(self, x: torch.Tensor, capture: dict | None = None) -> tuple[torch.Tensor, Transforms]:
         """STN-C forward; ``capture[depth] = (map before, map after the transformer)`` when given."""

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .measure import MAX_IMAGE_PIXELS, MAX_TRANSFORMS
+from ._measure import MAX_IMAGE_PIXELS, MAX_TRANSFORMS
 
 __all__ = ["main", "load_images", "IMAGE_SOURCES", "DEFAULT_N_IMAGES"]
 
@@ -109,7 +109,7 @@ def load_images(source: str, n: int | None = None, seed: int = 0, size: int | No
     :data:`DEFAULT_N_IMAGES`, or all the SOURCE holds if fewer. More than the SOURCE holds is an
     error (``ValueError``) naming how many there are.
     """
-    from .measure import as_image_batch
+    from ._measure import as_image_batch
 
     if n is not None and n < 1:
         raise ValueError(f"n_images: must be at least 1, got {n}")
@@ -121,7 +121,7 @@ def load_images(source: str, n: int | None = None, seed: int = 0, size: int | No
         kw = {} if size is None else {"size": size}
         return make_images(source, DEFAULT_N_IMAGES if n is None else n, seed=seed, **kw)
     if source == "digits":
-        from .zoo import load_digits
+        from ._zoo import load_digits
 
         imgs, _ = load_digits()
     elif source in ("mnist", "fashion-mnist"):
@@ -205,7 +205,7 @@ def _device(name: str) -> torch.device:
 
 
 def _model_defaults(spec: str):
-    from .models import builtin_models
+    from ._models import builtin_models
 
     info = builtin_models().get(spec)
     return (info.default_images, info.default_layers) if info else ("digits", "all")
@@ -221,10 +221,10 @@ def _check_seed(seed: int) -> None:
 
 
 def cmd_measure(a) -> int:
-    from ._io import check_output_dir
-    from .measure import check_transform_count, measure, parse_transforms
-    from .models import load_model
-    from .search import SearchConfig
+    from ._measure import check_transform_count, measure, parse_transforms
+    from ._models import load_model
+    from ._search import SearchConfig
+    from .files import check_output_dir
 
     # every argument is checked before the model is run
     if a.out is not None:
@@ -243,9 +243,7 @@ def cmd_measure(a) -> int:
     default_images, default_layers = _model_defaults(a.model)
     images = load_images(a.images or default_images, a.n_images, seed=a.seed)
     images = images.to(_model_dtype(model))  # e.g. float64 images through a float32 model
-    cfg = SearchConfig(seed=a.seed)
-    if a.quick:
-        cfg = SearchConfig(seed=a.seed, n_angles=36, refine_steps=20, log2_scales=tuple(np.arange(-2, 2.01, 0.25)))
+    cfg = SearchConfig.preset("quick" if a.quick else "default", seed=a.seed)
     report = measure(model, images.to(device), transforms, layers=a.layers or default_layers, search=a.search,
                      channels=a.channels, mask_radius=a.mask_radius, config=cfg, n_boot=a.n_boot, seed=a.seed,
                      interior={"auto": None, "on": True, "off": False}[a.interior], max_image_pixels=a.max_pixels,
@@ -258,9 +256,9 @@ def cmd_measure(a) -> int:
 
 
 def cmd_layers(a) -> int:
+    from ._features import extract_features
+    from ._models import load_model
     from .checks import check_model_channels
-    from .features import extract_features
-    from .models import load_model
 
     model = load_model(a.model)
     default_images, _ = _model_defaults(a.model)
@@ -282,7 +280,7 @@ def cmd_layers(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from .models import builtin_models
+    from ._models import builtin_models
 
     for name, info in builtin_models().items():
         print(f"{name:20s} {info.description}  [images: {info.default_images}]")
@@ -290,8 +288,8 @@ def cmd_models(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from ._io import check_output_dir
-    from .demo import run_demo
+    from ._demo import run_demo
+    from .files import check_output_dir
 
     check_output_dir(a.out, "out")
     _check_seed(a.seed)
@@ -315,7 +313,7 @@ def _message(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ._io import exit_on_sigterm
+    from .files import exit_on_sigterm
 
     parser = _parser()
     a = parser.parse_args(argv)

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _arch(value: str) -> str:
-    from .models import parse_arch
+    from ._models import parse_arch
 
     try:
         return parse_arch(value).name
@@ -33,7 +33,7 @@ def _arch(value: str) -> str:
 
 
 def _family(value: str) -> str:
-    from .transformer import STN_FAMILIES
+    from ._transformer import STN_FAMILIES
 
     if value not in STN_FAMILIES:
         raise argparse.ArgumentTypeError(f"unknown family {value!r}; valid choices: {', '.join(STN_FAMILIES)}")
@@ -50,9 +50,9 @@ def _milestones(value: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     from invariance.datasets import DATASETS
 
-    from .data import PROTOCOLS
-    from .models import CLASSIFIERS, valid_arch_names
-    from .reproduce import TRANSFORMS
+    from ._data import PROTOCOLS
+    from ._models import CLASSIFIERS, valid_arch_names
+    from ._reproduce import TRANSFORMS
 
     p = _Parser(prog="stn", description="Spatial transformer networks (Jaderberg et al. 2015): "
                                 "train the paper's architectures on transformed MNIST / Fashion-MNIST, evaluate "
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "ones resumed.")
     r.add_argument("--quick", action="store_true", help="the CPU quick mode (reduced protocols, see the report)")
     r.add_argument("--budget", choices=("gpu", "tiny"), default=None,
-                   help="step-budgeted training of each column's models together (stn.budget): gpu = about "
+                   help="step-budgeted training of each column's models together (stn.reproduce_budget): gpu = about "
                         "7 minutes on one H100/H200; tiny = a CPU smoke run of the same code. Writes to "
                         "--results (default benchmarks/results/gpu for a budget)")
     r.add_argument("--out", default="runs/reproduce", help="folder of the runs")
@@ -152,7 +152,7 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
     """Output and data folders, before anything is read or trained (usage errors, exit code 2)."""
     from pathlib import Path
 
-    from invariance._io import check_output_dir
+    from invariance.files import check_output_dir
 
     try:
         for option in ("out", "results"):
@@ -172,7 +172,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from invariance._io import exit_on_sigterm
+    from invariance.files import exit_on_sigterm
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args) -> int:
     try:
+        from invariance import CheckpointError
         from invariance.datasets import DatasetNotFoundError
-        from invariance.models import CheckpointError
 
-        from .train import RunError, TrainConfig, evaluate, train
+        from ._train import RunError, TrainConfig, evaluate, train
 
         _set_threads(args.threads)
         if args.command == "train":
@@ -210,11 +210,11 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
             print(json.dumps(res, indent=2) if args.json else _fmt_eval(res))
             return 0
         if args.command == "reproduce":
-            from .reproduce import reproduce
+            from ._reproduce import reproduce
 
             transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]
             if args.budget is not None:
-                from .budget import reproduce_budget
+                from ._budget import reproduce_budget
 
                 if args.quick:
                     parser.exit(2, "stn reproduce: error: --quick and --budget: choose one\n")

@@ -56,7 +56,7 @@ there, and a region of fewer than :data:`MIN_REGION` positions give NaN with a r
 (``Alignment.reasons``), never 0.
 
 Transformations are returned as normalised input -> output matrices of the layer frame (what
-:func:`invariance.warp.warp` applies to ``moving``) and as family parameters in the layer's
+:func:`invariance.warp` applies to ``moving``) and as family parameters in the layer's
 centred frame (pixels of the layer, degrees).
 """
 
@@ -70,13 +70,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from . import geometry as G
+from ._warp import disk_mask, warp, warp_chunks
 from .checks import check_images
-from .warp import disk_mask, warp, warp_chunks
 
 __all__ = [
     "SEARCH_FAMILIES",
     "MIN_REGION",
     "SearchConfig",
+    "PRESETS",
     "Alignment",
     "align",
     "masked_error",
@@ -104,6 +105,23 @@ _STEP_BYTES = 4 << 20  # warped maps per step of the exact scoring and the refin
 # are reused by the allocator, large ones are returned to the system and page-faulted back every step
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
+
+
+#: Named search settings, the one place where they are written (``SearchConfig.preset(name)``).
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # the test kit's assertions: a 5-degree-step grid halved, fewer starts and permutation candidates
+    "fast": {"n_angles": 36, "refine_steps": 20, "top_k": 2, "shortlist": 4},
+    # `invariance measure --quick`
+    "quick": {"n_angles": 36, "refine_steps": 20, "log2_scales": tuple(np.arange(-2, 2.01, 0.25))},
+    # `invariance demo` (and its --quick mode for CI)
+    "demo": {"n_angles": 36, "refine_steps": 20,
+             "log2_scales": tuple(np.arange(-1.5, 1.51, 0.25).round(6).tolist())},
+    "demo-quick": {"n_angles": 24, "refine_steps": 10,
+                   "log2_scales": tuple(np.arange(-1.5, 1.51, 0.25).round(6).tolist())},
+    # stn's feature-map alignment of trained STN-C models
+    "analysis": {"refine_steps": 20},
+}
 
 
 @dataclass
@@ -156,6 +174,17 @@ class SearchConfig:
     chunk_size: int | None = None
     memory_budget: int = 64 << 20
     seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str = "default", **overrides) -> SearchConfig:
+        """The named settings of :data:`PRESETS`, with ``overrides`` on top.
+
+        >>> SearchConfig.preset("fast").n_angles, SearchConfig.preset("fast", seed=3).seed
+        (36, 3)
+        """
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown search preset {name!r}; valid choices: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def __post_init__(self):
         for name in ("n_angles", "similarity_n_angles", "affine_n_angles", "top_k", "shortlist", "refine_keep"):
@@ -221,7 +250,7 @@ def warp_valid(valid: torch.Tensor, matrices: torch.Tensor, *, size=None, strict
     footprint lies inside the valid region ``valid``.
 
     ``valid`` ``(H, W)`` (one region) or ``(B, H, W)``; ``matrices`` as in
-    :func:`invariance.warp.warp` (normalised, input -> output). The weight is the bilinear sample
+    :func:`invariance.warp` (normalised, input -> output). The weight is the bilinear sample
     of the valid region: 1 where every sample the position blends is valid, 0 where none is, and
     in between on the border, so that the error is continuous in the warp. ``strict=True`` gives
     the 0/1 indicator "every sample is valid". Returns ``(H', W')`` for one region and one
@@ -271,10 +300,10 @@ def aligned(moving: torch.Tensor, matrices: torch.Tensor, moving_mask: torch.Ten
             *, size=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The warp ``W_g F_h`` of docs/definitions.md and the weight of ``V_g``: ``(values, weights)``.
 
-    ``moving (B, C, H, W)``; ``matrices`` as in :func:`invariance.warp.warp`; ``moving_mask``
+    ``moving (B, C, H, W)``; ``matrices`` as in :func:`invariance.warp`; ``moving_mask``
     ``(H, W)`` or ``(B, H, W)`` the moving maps' valid region (default: all). A warped value
     blends only valid positions (bilinear weights renormalised over them); its weight is the
-    valid share of its footprint. Values have :func:`~invariance.warp.warp`'s output shape,
+    valid share of its footprint. Values have :func:`~invariance.warp`'s output shape,
     weights the same without the channel axis.
 
     >>> x = torch.ones(1, 2, 4, 6)

@@ -9,7 +9,7 @@ A saved report folder is written as a whole: :meth:`Report.save` writes ``report
 with ``files``, the size and sha256 of every file written before it (CSV, figures), and
 :meth:`Report.from_json` refuses a folder whose files differ from that list (a save killed
 half-way leaves the old ``report.json`` beside newer files) with a one-line
-:class:`invariance._io.FolderError` (a ``ValueError``).
+:class:`invariance.files.FolderError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text, check_files, describe_files
+from .files import atomic_write, atomic_write_json, atomic_write_text, check_files, describe_files
 
 __all__ = ["Report", "ERROR_KEYS"]
 
@@ -82,7 +82,7 @@ class Report:
 
     # ------------------------------------------------------------------ export
     def to_json(self, path: str | os.PathLike) -> Path:
-        return atomic_write_json(path, _clean(self.to_dict()))
+        return atomic_write_json(path, json_safe(self.to_dict()))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         cols = ["layer", "depth", "transform", "family", "magnitude", "search"]
@@ -130,7 +130,7 @@ class Report:
             paths.update(self.save_figures(out))
         for stale in set(_FIGURES) - {p.name for p in paths.values()}:  # figures of an earlier save
             (out / stale).unlink(missing_ok=True)
-        d = _clean(self.to_dict())
+        d = json_safe(self.to_dict())
         d["files"] = describe_files(paths.values(), out)
         return {"json": atomic_write_json(out / "report.json", d), **paths}
 
@@ -223,12 +223,12 @@ def _isnan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe: NaN/inf -> None, tuples -> lists."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj

@@ -1,13 +1,13 @@
 """Step-budgeted training of several models at once on device-rendered batches, and the budgeted reproduction.
 
-The per-run trainer (:mod:`stn.train`) trains one model per process, epoch by epoch. On a GPU
+The per-run trainer (:func:`stn.train`) trains one model per process, epoch by epoch. On a GPU
 the paper's STNs need many more SGD steps than a CPU allows (rotation compensation under
 U[-90, 90] degrees takes off only after several thousand steps), and a model of this size uses
 a fraction of the device. This module trains **all the models of one column** (the five
 architectures, and every seed) in one loop:
 
 * the transformed digits are rendered on the device, once per step and data seed, by the
-  project's own warp (:meth:`stn.data.TransformedDataset.render`), and every model of that seed
+  project's own warp (:meth:`stn.TransformedDataset.render`), and every model of that seed
   takes its SGD step on the same batch: no DataLoader, no host round trip;
 * optionally in bfloat16 autocast and channels-last memory (``amp``, ``channels_last``; on by
   default on CUDA, off on the CPU, where they are slower);
@@ -15,7 +15,7 @@ architectures, and every seed) in one loop:
   the transformer's **take-off**: the canonical-pose spread of a fixed probe batch is measured
   every ``log_every`` steps, and a model has taken off once its spread falls below
   ``takeoff`` times the spread of the applied transformations alone (see
-  :func:`stn.analysis.canonical_pose`); the take-off and the pose curve are logged;
+  :func:`stn.canonical_pose`); the take-off and the pose curve are logged;
 * the whole state (models, optimisers, schedules, step, history) is checkpointed atomically
   every ``checkpoint_every`` steps, so an interrupted run resumes; the data of step ``s`` is a
   pure function of ``(seed, s)``.
@@ -26,8 +26,7 @@ the report after every column (a lease that ends early still leaves results). Bu
 same code, seconds, used by ``benchmarks/gpu_suite.sh --tiny`` in CI).
 
 >>> import torch, stn
->>> from stn.data import TransformedDataset, get_protocol
->>> from stn.budget import StepSchedule, train_together
+>>> from stn import StepSchedule, TransformedDataset, get_protocol, train_together
 >>> imgs, labels = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8), torch.arange(64) % 10
 >>> ds = TransformedDataset(imgs, labels, get_protocol("rotation"), seed=0)
 >>> models = {"CNN": stn.build_model("CNN", family="rotation")}
@@ -52,13 +51,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from invariance._io import atomic_torch_save, atomic_write_json, atomic_write_text
-from invariance.models import save_checkpoint
+from invariance import save_checkpoint
+from invariance.files import atomic_torch_save, atomic_write_json, atomic_write_text
 
-from .analysis import canonical_pose
-from .data import TransformedDataset, get_protocol, load_transformed
-from .models import STNClassifier, build_model
-from .train import BUILDER, DEFAULT_FAMILY, DivergedError, _machine, evaluate_model, resolve_device
+from ._analysis import canonical_pose
+from ._data import TransformedDataset, get_protocol, load_transformed
+from ._models import STNClassifier, build_model
+from ._train import BUILDER, DEFAULT_FAMILY, DivergedError, evaluate_model, machine_info, resolve_device
 
 __all__ = ["StepSchedule", "Budget", "BUDGETS", "train_together", "evaluate_repeats", "reproduce_budget"]
 
@@ -129,7 +128,7 @@ def _optimizer(model: STNClassifier, lr: float, loc_lr_mult: float, momentum: fl
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def _batch(ds: TransformedDataset, step: int, batch_size: int):
+def batch_at_step(ds: TransformedDataset, step: int, batch_size: int):
     """The batch of SGD step ``step``: epoch ``step // steps_per_epoch``, a pure function of (seed, step)."""
     per_epoch = math.ceil(len(ds) / batch_size)
     epoch, k = divmod(step, per_epoch)
@@ -173,7 +172,7 @@ def train_together(groups: dict, schedule: StepSchedule, *, batch_size: int = 25
         groups: ``{data seed: (training data, {name: model})}``; the models of a group take their
             steps on the same rendered batches (one render per step and group). Names are unique.
         schedule: the :class:`StepSchedule` (each model keeps its own take-off and cuts).
-        batch_size, momentum, loc_lr_mult, weight_decay: SGD settings (as :class:`stn.train.TrainConfig`).
+        batch_size, momentum, loc_lr_mult, weight_decay: SGD settings (as :class:`stn.TrainConfig`).
         probe: test data whose first ``probe_size`` images measure the canonical pose every
             ``log_every`` steps (default: none; then no take-off is measured and transformers are
             cut at ``schedule.latest``).
@@ -233,7 +232,7 @@ def train_together(groups: dict, schedule: StepSchedule, *, batch_size: int = 25
     step = start
     while step < schedule.steps:
         for ds, models in groups.values():
-            x, y = _batch(ds, step, batch_size)
+            x, y = batch_at_step(ds, step, batch_size)
             x = x.contiguous(memory_format=fmt)
             for n, m in models.items():
                 f = schedule.factor(step, takeoff[n], has_transformer=has_t[n])
@@ -382,7 +381,7 @@ def _calibrate(budget: Budget, transform, archs, trains, family, protocol, loc, 
 
 def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, log) -> dict:
     """Train and evaluate one column; returns its cells and timings."""
-    from invariance.zoo import load_digits
+    from invariance import load_digits
 
     size = budget.sizes[transform]
     protocol = get_protocol(transform, size)
@@ -482,7 +481,7 @@ def _figure(columns: dict, path: Path) -> None:
 
 
 def _markdown(r: dict) -> str:
-    from .reproduce import ARCHS, PAPER_TABLE, SHORT, _comp_line, _verdict
+    from ._reproduce import ARCHS, PAPER_TABLE, SHORT, comparison_line, verdict
 
     cols = list(r["columns"])
     lines = [f"# STN reproduction, budget `{r['budget']}`", "", r["note"], "",
@@ -498,8 +497,8 @@ def _markdown(r: dict) -> str:
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     lines += ["", "## The paper's claims", ""]
     for c in r["claims"]:
-        lines.append(f"- {_verdict(c)} {c['claim']}")
-        lines += [f"  - {_comp_line(x)}" for x in c.get("comparisons", [])]
+        lines.append(f"- {verdict(c)} {c['claim']}")
+        lines += [f"  - {comparison_line(x)}" for x in c.get("comparisons", [])]
     lines += ["", "## Canonical pose (mean per-class spread of the pose reached / of the applied transformation "
               "alone; smaller is more canonical)", "",
               "| model | " + " | ".join(SHORT[t] for t in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -538,7 +537,7 @@ def reproduce_budget(budget: str = "gpu", *, out: str | os.PathLike = "runs/budg
     to ``out/<transform>/<arch>-seed<s>.pt`` (invariance checkpoints) and the training state to
     ``out/<transform>.state.pt`` (a rerun resumes an interrupted column).
     """
-    from .reproduce import ARCHS, TRANSFORMS, check_claims
+    from ._reproduce import ARCHS, TRANSFORMS, check_claims
 
     if budget not in BUDGETS:
         raise ValueError(f"budget: unknown budget {budget!r}; valid choices: {', '.join(BUDGETS)}")
@@ -558,7 +557,7 @@ def reproduce_budget(budget: str = "gpu", *, out: str | os.PathLike = "runs/budg
         columns[t] = _column(b, t, ARCHS, dev, data_root, out, log)
         table, correct = _table(columns)
         done = [x for x in TRANSFORMS if x in columns]
-        report = {"budget": b.name, "note": b.note, "device": str(dev), "machine": _machine(),
+        report = {"budget": b.name, "note": b.note, "device": str(dev), "machine": machine_info(),
                   "settings": {k: v for k, v in asdict(b).items() if k != "note"},
                   "seconds": time.perf_counter() - t0, "table": table,
                   "claims": check_claims(table, correct, done),

@@ -26,14 +26,14 @@ The predicted transformation is the one **applied** to the map, **input -> outpu
 geometry core's convention: ``warped(q) = x(A^{-1} q)``), returned as a normalised-frame
 3x3 matrix ``A`` (``[-1, 1]`` over the field of view, ``align_corners=False``, ``(x, y)``
 order). The sampler needs the opposite direction, so it samples at ``A^{-1} q``: through
-:func:`invariance.warp.grid_from_inverse` (``affine_grid`` for affine matrices, a homogeneous
+:func:`invariance.grid_from_inverse` (``affine_grid`` for affine matrices, a homogeneous
 grid for projective ones). Everything follows the device and dtype
 of the inputs, so the same code runs on CUDA.
 
 Example
 -------
 >>> import torch
->>> from stn.transformer import SpatialTransformer, LocalisationHead
+>>> from stn import SpatialTransformer, LocalisationHead
 >>> st = SpatialTransformer(LocalisationHead(1, (28, 28)), "rotation")
 >>> x = torch.rand(2, 1, 28, 28)
 >>> with torch.no_grad():
@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from invariance import geometry as G
+from invariance import grid_from_inverse
 from invariance.checks import check_size
-from invariance.warp import grid_from_inverse
 
 __all__ = [
     "STN_FAMILIES",

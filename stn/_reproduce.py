@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from invariance._io import atomic_write_json, atomic_write_text
-from invariance.models import CheckpointError, load_checkpoint
+from invariance import CheckpointError, load_checkpoint
+from invariance.files import atomic_write_json, atomic_write_text
 
-from .data import get_protocol
-from .train import CHECKPOINT, EVALUATION, METRICS, TrainConfig, _machine, evaluate, train
+from ._data import get_protocol
+from ._train import CHECKPOINT, EVALUATION, METRICS, TrainConfig, evaluate, machine_info, train
 
 __all__ = ["PAPER_TABLE", "ARCHS", "TRANSFORMS", "MODES", "Mode", "plan", "check_claims", "reproduce"]
 
@@ -253,7 +253,7 @@ def reproduce(*, quick: bool = True, out: str | os.PathLike = "runs/reproduce",
     runs = plan(mode, data_root, fashion, transforms)
     out, results = Path(out), Path(results)
     out.mkdir(parents=True, exist_ok=True)
-    machine_start = _machine()
+    machine_start = machine_info()
     t_start = time.perf_counter()
     cells: dict[str, dict] = {}
     for i, (name, cfg) in enumerate(runs, 1):
@@ -313,7 +313,7 @@ def _report(mode: Mode, runs, cells: dict, seconds: float, device: str) -> dict:
     cfg0 = {t: cfg for _, cfg in runs for t in [cfg.transform]}
     protocols = {t: get_protocol(t, mode.sizes[t]).describe() for t in TRANSFORMS if t in cfg0}
     return {
-        "mode": mode.name, "note": mode.note, "seconds": seconds, "machine": _machine(),
+        "mode": mode.name, "note": mode.note, "seconds": seconds, "machine": machine_info(),
         "device": device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),
         "settings": {"epochs": mode.epochs, "milestones": mode.milestones, "lr": mode.lr,
                      "loc_lr_mult": mode.loc_lr_mult, "batch_size": mode.batch_size, "momentum": mode.momentum,
@@ -337,11 +337,11 @@ def _load(m: dict | None) -> str:
     return "/".join(f"{v:.1f}" for v in la) if la else "unknown"
 
 
-def _verdict(c: dict) -> str:
+def verdict(c: dict) -> str:
     return "**holds**" if c["holds"] else "**does not hold**"
 
 
-def _comp_line(c: dict) -> str:
+def comparison_line(c: dict) -> str:
     s = f"{c['better']} {c['errors'][0]:.2f} {'<' if c['holds'] else '>='} {c['worse']} {c['errors'][1]:.2f}"
     if "z" in c:
         z = c["z"]
@@ -419,11 +419,11 @@ def _markdown(r: dict) -> str:
                   "the resolution of a test set this size, so a comparison with z < 2 (paired, from the per-image "
                   "results) is no evidence either way.", "", "### The paper's claims", ""]
         for c in ds["claims"]:
-            lines.append(f"* {c['claim']}: {_verdict(c)}.")
+            lines.append(f"* {c['claim']}: {verdict(c)}.")
             if "gaps" in c:
                 lines.append("  Gaps: " + ", ".join(f"{SHORT[t]} {g:+.2f}" for t, g in c["gaps"].items()) + " points.")
             for comp in c.get("comparisons", []):
-                lines.append(f"  - {SHORT[comp['transform']]}: {_comp_line(comp)}")
+                lines.append(f"  - {SHORT[comp['transform']]}: {comparison_line(comp)}")
         lines.append("")
         lines += ["### Canonical pose (mean over classes of the per-class spread of the pose reached; "
                   "data alone = the CNN)", "", "| architecture | " + " | ".join(
@@ -463,7 +463,7 @@ def _markdown(r: dict) -> str:
             lines.append("")
     lines += ["## The paper's claims on the paper's own numbers", ""]
     for c in r["paper_claims"]:
-        lines.append(f"* {c['claim']}: {_verdict(c)}.")
+        lines.append(f"* {c['claim']}: {verdict(c)}.")
     lines += ["", "## Runs", "", "| run | epochs | train time (s) | evaluation time (s) | img/s (last epoch) |",
               "|---|---|---|---|---|"]
     for k, v in r["runs"].items():

@@ -3,7 +3,7 @@
 A run lives in one folder::
 
     DIR/checkpoint.pt    the latest completed epoch (written atomically every epoch): the model
-                         in the invariance checkpoint format (builder ``stn.models:build_model`` +
+                         in the invariance checkpoint format (builder ``stn:build_model`` +
                          its JSON configuration, so ``invariance measure --model DIR/checkpoint.pt``
                          rebuilds it), the training configuration, optimiser, scheduler and RNG
                          states, the per-epoch data seeds and the history
@@ -38,14 +38,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from invariance import CheckpointError, load_checkpoint, non_finite_weight, save_checkpoint
 from invariance import geometry as G
-from invariance._io import atomic_write_json, check_output_dir
 from invariance.datasets import DATASETS
-from invariance.models import CheckpointError, _non_finite, load_checkpoint, save_checkpoint
+from invariance.files import atomic_write_json, check_output_dir
 
-from .data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
-from .models import CLASSIFIERS, STNClassifier, build_model, parse_arch
-from .transformer import STN_FAMILIES
+from ._data import PROTOCOLS, TransformedDataset, get_protocol, load_transformed
+from ._models import CLASSIFIERS, STNClassifier, build_model, parse_arch
+from ._transformer import STN_FAMILIES
 
 __all__ = ["TrainConfig", "DEFAULT_FAMILY", "train", "evaluate", "evaluate_model", "load_run", "resolve_device",
            "RunError", "DivergedError", "CHECKPOINT", "METRICS", "EVALUATION"]
@@ -53,10 +53,10 @@ __all__ = ["TrainConfig", "DEFAULT_FAMILY", "train", "evaluate", "evaluate_model
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 EVALUATION = "evaluation.json"
-BUILDER = "stn.models:build_model"
+BUILDER = "stn:build_model"
 
 #: Transformation family predicted by default for each data protocol.
-DEFAULT_FAMILY: dict[str, str] = {"rotation": "rotation", "scale": "scale_translation", "translation": "translation"}
+DEFAULT_FAMILY: dict[str, str] = {name: p.stn_family for name, p in PROTOCOLS.items()}
 
 
 class RunError(RuntimeError):
@@ -73,9 +73,9 @@ class TrainConfig:
     """Everything that determines a training run (stored in the checkpoint and metrics.json).
 
     Attributes:
-        arch: architecture name (``CNN``, ``STN-C1``, ``STN-SL0123``, ...; see :mod:`stn.models`).
+        arch: architecture name (``CNN``, ``STN-C1``, ``STN-SL0123``, ...; see :func:`stn.build_model`).
         dataset: ``mnist`` or ``fashion-mnist``.
-        transform: data protocol ``rotation``, ``translation`` or ``scale`` (:mod:`stn.data`).
+        transform: data protocol ``rotation``, ``translation`` or ``scale`` (:data:`stn.PROTOCOLS`).
         epochs: number of epochs.
         family: transformation family the transformers predict (default :data:`DEFAULT_FAMILY`).
         classifier: ``mnist`` or ``svhn``.
@@ -201,7 +201,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -362,7 +362,7 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
             entry["eval_seconds"] = time.perf_counter() - t1
         elapsed += time.perf_counter() - t0
         history.append(entry)
-        bad = _non_finite(model.state_dict())
+        bad = non_finite_weight(model.state_dict())
         if bad is not None:
             raise DivergedError(f"training diverged: the weight {bad!r} holds NaN or inf after epoch {epoch + 1} "
                                 f"(lr {lr_now:g}); epoch {epoch + 1} was not saved{_kept(epoch)}; "
@@ -391,7 +391,7 @@ def _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, finished) -> 
     last_test = next((h["test_error"] for h in reversed(history) if "test_error" in h), None)
     return {"arch": model.spec.name, "model_config": model.config, "protocol": cfg.protocol.describe(),
             "train_data": train_ds.description, "test_data": test_ds.description, "n_train": len(train_ds),
-            "n_test": len(test_ds), "device": str(dev), "machine": _machine(), "epochs_done": len(history),
+            "n_test": len(test_ds), "device": str(dev), "machine": machine_info(), "epochs_done": len(history),
             "seconds": elapsed, "finished": finished, "test_error": last_test}
 
 
@@ -434,7 +434,7 @@ def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | 
     feature maps at depth 1 (``STN-C1``). Writes :func:`evaluation_path` when ``write``; that it
     can be written is checked before anything is evaluated.
     """
-    from .analysis import canonical_pose, feature_map_alignment
+    from ._analysis import canonical_pose, feature_map_alignment
 
     out = Path(out)
     if not out.exists():

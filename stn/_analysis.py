@@ -22,12 +22,12 @@ Feature-map alignment of STN-C1
 For pairs ``(f, T_h f)`` of test digits (without clutter, so ``T_h`` acts on the whole image),
 with ``F = Gamma_1 f`` and ``F_h = Gamma_1 T_h f`` the feature maps at the transformer's depth
 and ``S(.)`` the trained transformer's output on them, we report over the comparison region of
-docs/definitions.md (by :func:`invariance.metric.measure_layer`, the toolkit's one measurement
+docs/definitions.md (by :func:`invariance.measure_layer`, the toolkit's one measurement
 core):
 
 * ``stn_error``: ``||S(F_h) - S(F)||^2 / ||S(F)||^2``: how far from invariant the trained STN's
   transformed maps are;
-* ``spatial_error``: ``min_g ||W_g F_h - F||^2 / ||F||^2`` (:func:`invariance.search.align`):
+* ``spatial_error``: ``min_g ||W_g F_h - F||^2 / ||F||^2`` (:func:`invariance.align`):
   the best *any* spatial transformer of these maps could do;
 * ``expected_error``: the same for ``g = h^-1``, the warp an STN "should" apply;
 * ``input_floor``: the spatial error at the input layer (interpolation only).
@@ -44,8 +44,10 @@ import numpy as np
 import torch
 
 from invariance import (
+    DEFAULT_SEARCH,
     LayerFrame,
     SearchConfig,
+    bootstrap_ci,
     comparison_region,
     interpolation_floor,
     masked_error,
@@ -54,14 +56,11 @@ from invariance import (
 )
 from invariance import geometry as G
 
-from .data import Protocol, TransformedDataset
-from .models import STNClassifier
+from ._data import Protocol, TransformedDataset
+from ._models import STNClassifier
 
-__all__ = ["canonical_pose", "pose_quantity", "circular_std", "feature_map_alignment", "SEARCH_FAMILY",
-           "bootstrap_ci"]
+__all__ = ["canonical_pose", "pose_quantity", "circular_std", "feature_map_alignment"]
 
-#: Search family of the alignment engine for each data protocol.
-SEARCH_FAMILY = {"rotation": "rigid", "scale": "scale_translation", "translation": "translation"}
 
 
 def circular_std(angles_deg: torch.Tensor) -> float:
@@ -129,15 +128,6 @@ def canonical_pose(protocol: Protocol, labels: torch.Tensor, applied: torch.Tens
             "applied_only_mean_spread": float(np.mean(base)), "per_class": per_class}
 
 
-def bootstrap_ci(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
-    """Percentile bootstrap confidence interval of the mean."""
-    v = values.double().cpu().numpy()
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
-    lo = (1 - level) / 2
-    return [float(np.quantile(means, lo)), float(np.quantile(means, 1 - lo))]
-
-
 def _identity_params(protocol: Protocol, n: int) -> torch.Tensor:
     val = {"rotation": [0.0], "translation": [0.0, 0.0], "scale": [1.0]}[protocol.name]
     return torch.tensor(val).expand(n, -1).clone()
@@ -146,9 +136,7 @@ def _identity_params(protocol: Protocol, n: int) -> torch.Tensor:
 @torch.no_grad()
 def _maps(model: STNClassifier, x: torch.Tensor, depth: int):
     """(map entering the transformer(s) at ``depth``, the transformed map) of an STN-C model."""
-    captured: dict = {}
-    model._forward_feature_maps(x, capture=captured)
-    return captured[depth]
+    return model.forward_with_feature_maps(x)[2][depth]
 
 
 def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, n_images: int = 64,
@@ -165,8 +153,8 @@ def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, 
     if depth not in spec.depths:
         raise ValueError(f"depth: {spec.name} has no transformer at depth {depth}")
     proto = dataset.protocol
-    family = SEARCH_FAMILY[proto.name]
-    cfg = config or SearchConfig(refine_steps=20)
+    family = DEFAULT_SEARCH[proto.family]
+    cfg = config or SearchConfig.preset("analysis")
     dev = next(model.parameters()).device
     model.eval()
     n = min(n_images, len(dataset))
@@ -201,5 +189,6 @@ def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, 
     for k, v in rows.items():
         t = torch.cat(v).double()
         t = t[torch.isfinite(t)]
-        out[k] = {"mean": float(t.mean()) if len(t) else math.nan, "ci95": bootstrap_ci(t) if len(t) else None}
+        out[k] = {"mean": float(t.mean()) if len(t) else math.nan,
+                  "ci95": list(bootstrap_ci(t.double().cpu().numpy())) if len(t) else None}
     return out

@@ -19,7 +19,7 @@ refuses to write such weights in the first place.
 so that this package can rebuild a model trained by another package (for example ``stn``)
 without importing it statically: the dependency stays one way.
 
-Built-in models register themselves with :func:`register_model`.
+The built-in models are a plain table (networks imported only when built); users add theirs with :func:`register_model`.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_torch_save
+from .files import atomic_torch_save
 
-__all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model",
+__all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model", "build_from_checkpoint",
+           "non_finite_weight",
            "save_checkpoint", "load_checkpoint", "tensor_checksum", "CheckpointError"]
 
 CHECKPOINT_FORMAT = "invariance-checkpoint/1"
@@ -50,27 +51,62 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ModelInfo:
-    """A built-in model: its factory and the images it is meant to be measured on."""
+    """A model of the registry: its factory and the images it is meant to be measured on.
 
-    factory: Callable[[], nn.Module]
+    ``factory`` is a callable returning the module, or ``"module:name"`` naming one (imported
+    when the model is built, so that the registry imports none of the networks).
+    """
+
+    factory: Callable[[], nn.Module] | str
     description: str
     default_images: str = "digits"
     default_layers: str = "all"
     extras: dict = field(default_factory=dict)
 
+    def build(self) -> nn.Module:
+        """A fresh instance of the model."""
+        f = _import_object(self.factory) if isinstance(self.factory, str) else self.factory
+        return f()
 
-_REGISTRY: dict[str, ModelInfo] = {}
+
+_LAYERS_CNN = "conv1,relu1,conv2,relu2"
+#: The built-in models: plain entries (the networks are imported only when one is built).
+_BUILTIN: dict[str, ModelInfo] = {
+    "toy-wm": ModelInfo("invariance.toys:WMNet", "W and M detectors (the M filter is the W filter rotated 180°) "
+                        "with a rectifying threshold", default_images="glyphs", default_layers="detect,rectify,pool"),
+    "toy-scale": ModelInfo("invariance.toys:GaussianJetNet", "scale-normalised Gaussian derivatives (2-jet) at one "
+                           "scale, sigma = 2 px", default_images="blobs", default_layers="jet"),
+    "toy-scale-channels": ModelInfo("invariance.toys:ScaleChannelNet", "the 2-jet at 5 scales (1 to 4 px): a "
+                                    "rescaling shifts the channel axis", default_images="blobs", default_layers="jet"),
+    "toy-isotropic": ModelInfo("invariance.toys:IsotropicNet", "rotationally symmetric filters (Gaussians, "
+                               "Laplacians): rotation covariant", default_images="blobs", default_layers=_LAYERS_CNN),
+    "toy-p4": ModelInfo("invariance.toys:P4Net", "p4 lifting layer: the four 90° rotations of one filter; 90° "
+                        "rotations permute channels", default_images="blobs", default_layers="lift,relu"),
+    "toy-circular": ModelInfo("invariance.toys:CircularNet", "stride-1 convolutions with circular padding: exactly "
+                              "translation covariant", default_images="blobs", default_layers=_LAYERS_CNN),
+    "mnist-cnn": ModelInfo("invariance:pretrained_mnist_cnn", "the paper's MNIST CNN trained on rotated digits "
+                           "(shipped)", default_images="digits", default_layers=_LAYERS_CNN),
+    "mnist-cnn-random": ModelInfo("invariance:random_mnist_cnn", "the same CNN, random weights (seed 0)",
+                                  default_images="digits", default_layers=_LAYERS_CNN),
+}
+_REGISTRY: dict[str, ModelInfo] = {}  # models registered by users
 
 
 def register_model(name: str, info: ModelInfo) -> None:
+    """Add a model to the registry under ``name`` (then ``load_model(name)`` and the CLI know it).
+
+    >>> register_model("my-net", ModelInfo(lambda: torch.nn.Conv2d(1, 2, 3), "a test network"))
+    >>> "my-net" in builtin_models()
+    True
+    """
+    if not isinstance(info, ModelInfo):
+        raise TypeError(f"info: expected a ModelInfo, got {type(info).__name__}")
     _REGISTRY[name] = info
 
 
 def builtin_models() -> dict[str, ModelInfo]:
-    """Name -> :class:`ModelInfo` of every built-in model (the toy networks register on import)."""
-    from . import toys, zoo  # noqa: F401  (register the analytic networks and the small CNN)
-
-    return dict(_REGISTRY)
+    """Name -> :class:`ModelInfo` of every model of the registry (built-in, then registered)."""
+    return {**_BUILTIN, **_REGISTRY}
 
 
 def tensor_checksum(obj: Any) -> str:
@@ -99,7 +135,7 @@ def tensor_checksum(obj: Any) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _non_finite(state_dict: dict) -> str | None:
+def non_finite_weight(state_dict: dict) -> str | None:
     """Name of the first floating-point tensor holding NaN or inf, else None."""
     for name, t in state_dict.items():
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(
@@ -112,7 +148,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, builder: str, con
     """Write a self-describing checkpoint atomically, with the checksum of its tensors (see the
     module docstring). Raises :class:`CheckpointError` (and writes nothing) if a weight is NaN or inf."""
     state = model.state_dict()
-    bad = _non_finite(state)
+    bad = non_finite_weight(state)
     if bad is not None:
         raise CheckpointError(f"{path}: not written: the weight {bad!r} holds NaN or inf values (training diverged)")
     obj = {"format": CHECKPOINT_FORMAT, "builder": builder, "config": dict(config), "state_dict": state, **extra}
@@ -144,15 +180,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         obj["checksum"] = stored
     if not isinstance(obj["state_dict"], dict):
         raise CheckpointError(f"{path}: corrupt checkpoint: state_dict is a {type(obj['state_dict']).__name__}")
-    bad = _non_finite(obj["state_dict"])
+    bad = non_finite_weight(obj["state_dict"])
     if bad is not None:
         raise CheckpointError(f"{path}: the weight {bad!r} holds NaN or inf values (the run diverged); "
                               f"retrain it, e.g. with a smaller learning rate")
     return obj
 
 
+# builders named by checkpoints written before the implementation modules became private
+_MOVED = {"invariance.zoo": "invariance", "stn.models": "stn"}
+
+
 def _import_object(spec: str):
     target, _, name = spec.rpartition(":")
+    target = _MOVED.get(target, target)
     if target.endswith(".py") or os.sep in target:
         file = Path(target)
         if not file.is_file():
@@ -186,7 +227,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def _build_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+def build_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> nn.Module:
     ck = load_checkpoint(path, map_location)
     builder = _import_object(ck["builder"])
     if not isinstance(ck["config"], dict):
@@ -215,10 +256,10 @@ def load_model(spec: str | nn.Module) -> nn.Module:
         return spec.eval()
     models = builtin_models()
     if spec in models:
-        return models[spec].factory().eval()
+        return models[spec].build().eval()
     if Path(spec).is_file():
         try:
-            return _build_from_checkpoint(spec).eval()
+            return build_from_checkpoint(spec).eval()
         except CheckpointError as exc:
             raise CheckpointError(f"model: {exc}") from None
     if ":" in spec:

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text, check_output_dir, describe_files
-from .measure import measure, parse_transforms
-from .models import load_model
-from .report import Report
-from .search import SearchConfig
+from ._measure import measure, parse_transforms
+from ._models import load_model
+from ._report import Report
+from ._search import SearchConfig
+from .files import atomic_write, atomic_write_json, atomic_write_text, check_output_dir, describe_files
 
 __all__ = ["run_demo", "WM_SPATIAL_MIN", "WM_PERMUTATION_MAX", "CNN_TRANSFORMS"]
 
@@ -37,7 +37,7 @@ CANVAS = 40  # digits are centred on a 40x40 canvas so rotated / rescaled conten
 
 
 def _digits(n: int, seed: int) -> torch.Tensor:
-    from .zoo import load_digits
+    from ._zoo import load_digits
 
     imgs, labels = load_digits()
     rng = np.random.default_rng(seed)
@@ -62,8 +62,7 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
     out = check_output_dir(out, "out")  # before any computation
     # sized to finish in under 2 minutes on 2 CPU cores (the quick mode, for CI, in about half that)
     n_wm, n_cnn = (10, 20) if quick else (16, 40)
-    cfg = SearchConfig(seed=seed, n_angles=24 if quick else 36, refine_steps=10 if quick else 20,
-                       log2_scales=tuple(np.arange(-1.5, 1.51, 0.25).round(6).tolist()))
+    cfg = SearchConfig.preset("demo-quick" if quick else "demo", seed=seed)
     n_boot = 200 if quick else 1000
 
     print("== 1. The W/M proof: toy-wm under a 180 degree rotation ==", flush=True)
@@ -96,13 +95,13 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
         "meta": {"toy-wm": wm.meta, "cnn": rep.meta, "quick": quick, "seconds": round(time.time() - t0, 1)},
         "verdicts": verdicts,
     }
-    from .report import _clean
+    from ._report import json_safe
 
     written.append(Report(records=merged["records"]).to_csv(out / "report.csv"))
     written.append(_figure(wm, rep, wm_model, scenes, out / "demo.png"))
     written.append(atomic_write_text(out / "summary.md",
                                      _summary(wm, rep, verdicts, cnn_name, quick, time.time() - t0)))
-    merged = _clean(merged)
+    merged = json_safe(merged)
     merged["files"] = describe_files(written, out)
     atomic_write_json(out / "report.json", merged)
     print("\n" + "\n".join(f"[{'PASS' if v['holds'] else 'FAIL'}] {v['claim']}" for v in verdicts.values()))

@@ -2,7 +2,7 @@
 
 Every number the toolkit reports about a layer comes from :func:`measure_layer`:
 :func:`invariance.measure` aggregates its per-image results over images, the test kit
-(:mod:`invariance.testing`) asserts on them, and the STN analysis (:mod:`stn.analysis`) calls
+(:mod:`invariance.testing`) asserts on them, and the STN analysis (:func:`stn.feature_map_alignment`) calls
 it on a trained transformer's maps. The definitions are those of docs/definitions.md:
 
 * the **comparison region** of a warp ``g`` is ``R_g = M * I * V_g``: ``M`` the evaluation mask
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import geometry as G
-from .features import LayerFrame
-from .search import (
+from ._features import LayerFrame
+from ._search import (
     SEARCH_FAMILIES,
     Alignment,
     SearchConfig,
@@ -47,8 +47,8 @@ from .search import (
     masked_error,
     region_error,
 )
-from .search import warp_valid as _warp_valid
-from .warp import disk_mask, warp
+from ._search import warp_valid as _warp_valid
+from ._warp import disk_mask, warp
 
 __all__ = ["INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
            "transformed_valid"]
@@ -221,7 +221,7 @@ def measure_layer(
         frame: the layer's :class:`invariance.LayerFrame`.
         t_img: the image transformation, normalised ``(3, 3)`` input -> output matrix, or one
             per image ``(B, 3, 3)``.
-        family: the search family (:data:`invariance.search.SEARCH_FAMILIES`).
+        family: the search family (:data:`invariance.SEARCH_FAMILIES`).
         channels: which of ``spatial``, ``permutation``, ``linear`` to compute (spatial always is).
         mask_radius: evaluation disk radius (layer-normalised); default the whole map.
         interior: the receptive-field interior (module docstring); default auto.
@@ -237,7 +237,7 @@ def measure_layer(
         :class:`LayerResult`.
 
     >>> import torch.nn as nn
-    >>> from invariance.features import extract_features
+    >>> from invariance import extract_features
     >>> net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()).double()
     >>> x = torch.zeros(2, 1, 20, 20, dtype=torch.float64); x[:, :, 6:12, 5:13] = 1
     >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([3.0, -2.0])), (20, 20))

@@ -16,7 +16,7 @@ Protocols (the paper's, Jaderberg et al. 2015 / Finnveden et al. 2020)
     canvas, and then the **whole canvas** (digit and clutter) scaled about the centre by
     ``s = 2^U(-1, 2)`` (0.5 to 4): the clutter is scaled with the digit.
 
-All warps go through :func:`invariance.warp.transform_images` (bilinear, zero padding; the
+All warps go through :func:`invariance.transform_images` (bilinear, zero padding; the
 integer shifts of ``translation`` are exact).
 
 Reduced-resolution protocols (``size=`` < the canvas)
@@ -39,7 +39,7 @@ Randomness
 Example
 -------
 >>> import torch
->>> from stn.data import TransformedDataset, get_protocol
+>>> from stn import TransformedDataset, get_protocol
 >>> images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
 >>> ds = TransformedDataset(images, torch.arange(8), get_protocol("translation"), seed=0)
 >>> x, y, p = next(ds.batches(epoch=0, batch_size=4))
@@ -57,8 +57,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from invariance import transform_images
 from invariance.datasets import DATASETS, load_split
-from invariance.warp import transform_images
 
 __all__ = ["PROTOCOLS", "Protocol", "get_protocol", "Draws", "TransformedDataset", "load_transformed",
            "DIGIT_SIZE"]
@@ -95,6 +95,12 @@ class Protocol:
     def family(self) -> str:
         """The geometry family of the applied transformation (and of the returned parameters)."""
         return self.name
+
+    @property
+    def stn_family(self) -> str:
+        """The family a transformer predicts on this protocol's data: the applied family, plus a
+        translation for ``scale`` (the clutter makes the digit's centre uncertain)."""
+        return "scale_translation" if self.name == "scale" else self.family
 
     @property
     def zoom(self) -> float:

@@ -89,7 +89,7 @@ def grid_from_inverse(sampling: torch.Tensor, size: Sequence[int], *, affine: bo
     ``S q``: by ``affine_grid`` when ``affine`` (the last row is ``(0, 0, 1)``), else with a
     perspective divide whose vanishing denominators are kept ``sqrt(eps)`` away from zero, with
     their sign. No checks and no device synchronisation: the training path's sampler
-    (:func:`stn.transformer.resample`) calls it every step.
+    (:func:`stn.resample`) calls it every step.
 
     >>> grid_from_inverse(torch.eye(3)[None], (1, 2), affine=False)[0, 0]
     tensor([[-0.5000,  0.0000],

@@ -6,7 +6,7 @@ confidence intervals over images, the five errors of docs/definitions.md:
 ===================  ========================================================================
 ``invariance``       ``||F_h - F||^2 / ||F||^2``, no alignment at all
 ``expected``         ``||W_{h^-1} F_h - F||^2 / ||F||^2``, the warp an STN "should" apply
-``spatial``          best warp of the search family (:func:`invariance.search.align`)
+``spatial``          best warp of the search family (:func:`invariance.align`)
 ``permutation``      best warp and channel permutation (Hungarian assignment)
 ``linear``           best warp and a C x C channel map, fitted on other images (held out)
 ===================  ========================================================================
@@ -17,7 +17,7 @@ spatial error between an image's maps and the transformed maps of a different im
 are over channels and the positions of the comparison region (docs/definitions.md): where both
 maps are defined, within the receptive-field interior where it applies, and within the disk of
 radius ``mask_radius`` (normalised units of each layer's own grid) when one is given. Each
-(layer, transformation) is measured by :func:`invariance.metric.measure_layer`; images without
+(layer, transformation) is measured by :func:`invariance.measure_layer`; images without
 a verdict (no signal on the region) are left out of the means and counted (``n_excluded``).
 
 Example
@@ -46,12 +46,12 @@ import torch
 from torch import nn
 
 from . import geometry as G
+from ._features import FeatureExtractor
+from ._metric import LayerResult, interpolation_floor, measure_layer
+from ._report import Report
+from ._search import SEARCH_FAMILIES, SearchConfig
+from ._warp import warp
 from .checks import check_model_channels
-from .features import FeatureExtractor
-from .metric import LayerResult, interpolation_floor, measure_layer
-from .report import Report
-from .search import SEARCH_FAMILIES, SearchConfig
-from .warp import warp
 
 __all__ = ["Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
            "CHANNEL_MODES",
@@ -324,14 +324,14 @@ def measure(
         transforms: :class:`Transform` objects or a SPEC string (see :func:`parse_transforms`).
         layers: ``"all"`` (every module with a 4-D output) or names (list or comma-separated);
             ``"input"`` is the input itself.
-        search: search family (:data:`invariance.search.SEARCH_FAMILIES`); default per
+        search: search family (:data:`invariance.SEARCH_FAMILIES`); default per
             transformation family, :data:`DEFAULT_SEARCH`.
         channels: which of ``spatial``, ``permutation``, ``linear`` to compute (spatial always is).
         mask_radius: radius of an evaluation disk in each layer's normalised coordinates
             (default: none, the whole map).
         interior: apply the receptive-field interior (default: where it keeps at least a quarter
-            of the map, :data:`invariance.metric.INTERIOR_MIN_FRACTION`).
-        config: :class:`invariance.search.SearchConfig` (grid resolution, refinement).
+            of the map, :data:`invariance.INTERIOR_MIN_FRACTION`).
+        config: :class:`invariance.SearchConfig` (grid resolution, refinement).
         n_boot: bootstrap resamples for the confidence intervals.
         seed: seeds the bootstrap, the linear-map folds and the refinement jitter.
         batch_size: images per forward pass (default: all at once).
@@ -342,7 +342,7 @@ def measure(
             search's memory grows with the map size; raise it knowingly).
 
     Returns:
-        a :class:`invariance.report.Report` with one record per (layer, transformation).
+        a :class:`invariance.Report` with one record per (layer, transformation).
     """
     t_start = time.time()
     if isinstance(transforms, str):
@@ -468,7 +468,7 @@ def _median_params(params: np.ndarray, names) -> np.ndarray:
 
 
 def _record(res: LayerResult, n_boot: int, seed: int) -> dict:
-    """The report record of one :class:`invariance.metric.LayerResult` (means over the images with
+    """The report record of one :class:`invariance.LayerResult` (means over the images with
     a verdict, bootstrap intervals, per-image values, the best warps and channel orbits)."""
     out: dict = {"per_image": {}}
     keys = [("invariance_error", res.invariance), ("expected_error", res.expected), ("spatial_error", res.spatial),
