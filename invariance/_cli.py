@@ -262,7 +262,15 @@ def cmd_layers(a) -> int:
 
     model = load_model(a.model)
     default_images, _ = _model_defaults(a.model)
-    images = load_images(a.images or default_images, 1).to(_model_dtype(model))
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if a.images is None and conv is not None and conv.in_channels != 1:
+        # no images given and the model does not take digits: a random probe of the channels it takes
+        side = 224 if conv.in_channels == 3 else 64
+        images = torch.rand(1, conv.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+        print(f"(no --images: a random 1 x {conv.in_channels} x {side} x {side} probe; pass --images for your size)")
+        images = images.to(_model_dtype(model))
+    else:
+        images = load_images(a.images or default_images, 1).to(_model_dtype(model))
     check_model_channels(model, images)
     try:
         with torch.no_grad():
@@ -275,7 +283,8 @@ def cmd_layers(a) -> int:
     for name, f in feats.items():
         fr = frames[name]
         print(f"{name:24s} {str(tuple(f.shape[1:])):18s} {str(fr.stride):12s} {str(fr.offset):14s} "
-              f"{'traced' if fr.exact else 'assumed'}")
+              f"{'traced' if fr.exact else 'assumed'}"
+              + (" (channels last, transposed)" if fr.layout == "BHWC" else ""))
     return 0
 
 

@@ -33,6 +33,7 @@ field of view.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,9 @@ class LayerFrame:
         exact: ``True`` if traced through known layers, ``False`` if assumed.
         rf_radius: ``(r_x, r_y)`` half-width of the receptive field in input pixels (``None``
             when unknown, e.g. for an assumed frame).
+        layout: ``"BCHW"``, or ``"BHWC"`` when the module returned channels last (``x.permute(0,
+            2, 3, 1)`` of a traced map, as in ConvNeXt blocks): the map is then transposed to
+            ``(B, C, H, W)`` for measuring, and its frame is the traced one.
     """
 
     stride: tuple[float, float]
@@ -66,6 +70,7 @@ class LayerFrame:
     input_size: tuple[int, int]
     exact: bool = True
     rf_radius: tuple[float, float] | None = (0.0, 0.0)
+    layout: str = "BCHW"
 
     @classmethod
     def identity(cls, size: Sequence[int]) -> LayerFrame:
@@ -190,14 +195,60 @@ class _FrameTracer(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.frames: dict[int, tuple[tuple[float, float], tuple[float, float], bool]] = {}
-        self._alive: list[torch.Tensor] = []  # keep ids unique during the pass
+        self.channels_last: dict[int, tuple] = {}  # (B, H, W, C) views of traced maps, and their frames
+        # an id is forgotten when its tensor dies (ids of dead tensors are reused), so the tracer
+        # keeps no intermediate alive: memory stays that of a plain forward pass
+        self._finalizers: list[weakref.finalize] = []
 
     def seed(self, x: torch.Tensor) -> None:
         self.frames[id(x)] = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.0), True)
-        self._alive.append(x)
+        self._watch(x)
+
+    def _watch(self, t: torch.Tensor) -> None:
+        key = id(t)
+        self._finalizers.append(weakref.finalize(t, self._forget, key))
+
+    def _forget(self, key: int) -> None:
+        self.frames.pop(key, None)
+        self.channels_last.pop(key, None)
+
+    def __exit__(self, *exc):
+        for f in self._finalizers:
+            f.detach()
+        self._finalizers.clear()
+        return super().__exit__(*exc)
 
     def lookup(self, t: torch.Tensor):
         return self.frames.get(id(t))
+
+    def lookup_channels_last(self, t: torch.Tensor):
+        """The frame of a ``(B, H, W, C)`` tensor derived from a traced map, else None."""
+        return self.channels_last.get(id(t))
+
+    def _layout(self, func, args, kwargs, out) -> bool:
+        """Follow (B, C, H, W) <-> (B, H, W, C) permutes and the ops in between (norms, linear
+        layers, activations act on the last axis and keep (B, H, W)). True when handled."""
+        name = getattr(func, "__name__", "")
+        src = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if src is None or not isinstance(out, torch.Tensor) or out.dim() != 4:
+            return False
+        if name == "permute":
+            dims = tuple(args[1:]) if len(args) > 1 else tuple(kwargs.get("dims", ()))
+            dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+            dims = tuple(d % 4 for d in dims)
+            if dims == (0, 2, 3, 1) and id(src) in self.frames:
+                self.channels_last[id(out)] = self.frames[id(src)]
+                self._watch(out)
+                return True
+            if dims == (0, 3, 1, 2) and id(src) in self.channels_last:
+                self._record(out, self.channels_last[id(src)])
+                return True
+            return False
+        if id(src) in self.channels_last and out.shape[:3] == src.shape[:3]:
+            self.channels_last[id(out)] = self.channels_last[id(src)]
+            self._watch(out)
+            return True
+        return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -222,9 +273,11 @@ class _FrameTracer(TorchFunctionMode):
         for o in outs:
             if isinstance(o, torch.Tensor) and o.dim() >= 3:
                 self.frames[id(o)] = frame
-                self._alive.append(o)
+                self._watch(o)
 
     def _propagate(self, func, args, kwargs, out) -> None:
+        if self._layout(func, args, kwargs, out):
+            return
         inputs = self._framed_inputs(args, kwargs)
         if not inputs:
             return
@@ -359,7 +412,7 @@ class FeatureExtractor:
     def _run(self, x: torch.Tensor):
         captured: dict[str, torch.Tensor] = {}
         order: list[str] = []
-        seen: set[int] = set()
+        seen: dict[int, str] = {}  # id of a captured output -> the name it was captured under
         bad: dict[str, str] = {}
         wanted = None if self.requested is None else set(self.requested)
 
@@ -373,12 +426,21 @@ class FeatureExtractor:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                     bad[name] = str(shape)
                     return
-                if wanted is None and is_container and id(out) in seen:
-                    return  # a container returning its last child's tensor: keep the deeper name
-                seen.add(id(out))
-                frames_at_capture[name] = tracer.lookup(out)
-                # a copy: in-place operations later in the forward pass must not change it
-                captured[name] = out.detach().clone()
+                if wanted is None and is_container and id(out) in seen and torch.equal(out, captured[seen[id(out)]]):
+                    # a container returning its last child's tensor unchanged: keep the deeper name. (The
+                    # same tensor changed in place since, as by a residual block's `out += identity;
+                    # relu_(out)`, is the container's own output and is captured under its name.)
+                    return
+                seen[id(out)] = name
+                last = tracer.lookup_channels_last(out)
+                if last is not None:  # (B, H, W, C): measured as (B, C, H, W), with the traced frame
+                    channels_last.add(name)
+                    frames_at_capture[name] = last
+                    captured[name] = out.detach().permute(0, 3, 1, 2).clone()
+                else:
+                    frames_at_capture[name] = tracer.lookup(out)
+                    # a copy: in-place operations later in the forward pass must not change it
+                    captured[name] = out.detach().clone()
                 order.append(name)
                 if wanted is not None and wanted <= set(captured) | {INPUT}:
                     raise _StopForward  # every requested layer is in: skip the rest of the model
@@ -386,6 +448,7 @@ class FeatureExtractor:
 
         tracer = _FrameTracer()
         frames_at_capture: dict[str, tuple | None] = {}
+        channels_last: set[str] = set()
         handles = [m.register_forward_hook(hook(n, next(m.children(), None) is not None))
                    for n, m in self.modules.items()]
         was_training = self.model.training
@@ -425,7 +488,8 @@ class FeatureExtractor:
                 frames[n] = LayerFrame.assumed(t.shape[-2:], size)
             else:
                 (ax, bx, rx), (ay, by, ry), exact = fr
-                frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact, (rx, ry))
+                frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact, (rx, ry),
+                                       "BHWC" if n in channels_last else "BCHW")
             feats[n] = t
         if wanted is not None:
             order_all = [n for n in self.requested]

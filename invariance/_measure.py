@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ from ._search import SEARCH_FAMILIES, SearchConfig
 from ._warp import warp
 from .checks import check_model_channels
 
-__all__ = ["Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
+__all__ = ["linear_warning",
+           "Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
            "CHANNEL_MODES",
            "DEFAULT_SEARCH",
            "bootstrap_ci", "as_image_batch"]
@@ -448,7 +450,8 @@ def measure(
         "torch": torch.__version__,
         "seconds": round(time.time() - t_start, 2),
         "frames": {k: {"stride": list(f.stride), "offset": list(f.offset), "size": list(f.size),
-                       "exact": f.exact, "rf_radius": None if f.rf_radius is None else list(f.rf_radius)}
+                       "exact": f.exact, "rf_radius": None if f.rf_radius is None else list(f.rf_radius),
+                       "layout": f.layout}
                    for k, f in frames.items()},
     }
     calibration = {"interpolation_floor": floor, "random_pair_null": null}
@@ -503,4 +506,34 @@ def _record(res: LayerResult, n_boot: int, seed: int) -> dict:
     if res.null is not None:
         mean, ci, _ = _stat(res.null, n_boot, seed)
         out["random_pair_null"], out["random_pair_null_ci"] = mean, ci
+    warning = linear_warning(out["linear_error"], out["spatial_error"], out.get("random_pair_null", float("nan")))
+    if warning:
+        out["linear_warning"] = warning
+        warnings.warn(f"{res.layer}, {res.transform}: {warning}", stacklevel=3)
     return out
+
+
+def linear_warning(linear: float, spatial: float, null: float) -> str | None:
+    """Why a held-out linear error cannot be trusted, or None.
+
+    The linear maps include the identity, so a map that generalises does no worse than the
+    spatial error on held-out images (up to sampling noise), and never worse than predicting
+    zero (error 1). A held-out error above 1, or above both the spatial error and the
+    random-pair null, means the ``C x C`` map was fitted to noise: too few images for its
+    ``C^2`` coefficients.
+
+    >>> "above the spatial error 0.161 and the random-pair null 0.316" in linear_warning(0.348, 0.161, 0.316)
+    True
+    >>> linear_warning(0.10, 0.161, 0.316) is None
+    True
+    """
+    if not math.isfinite(linear):
+        return None
+    if linear > 1.0:
+        why = "above 1 (worse than predicting zero)"
+    elif math.isfinite(spatial) and math.isfinite(null) and linear > max(spatial, null):
+        why = f"above the spatial error {spatial:.3g} and the random-pair null {null:.3g}"
+    else:
+        return None
+    return (f"held-out linear error {linear:.3g} is {why}: the channel map is overfitted (too few images for its "
+            f"C x C coefficients); use more images or a larger ridge")

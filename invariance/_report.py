@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,10 @@ class Report:
             row = [r["transform"], r["layer"]]
             for k in keys:
                 lo, hi = r.get(k + "_ci", [float("nan")] * 2)
-                row.append(f"{_fmt(r.get(k))} [{_fmt(lo)},{_fmt(hi)}]")
+                flag = "!" if k == "linear_error" and r.get("linear_warning") else ""
+                row.append(f"{_fmt(r.get(k))}{flag} [{_fmt(lo)},{_fmt(hi)}]")
             row += [_fmt(r.get("random_pair_null")), _fmt(r.get("interpolation_floor")),
-                    " ".join("(" + " ".join(map(str, c)) + ")" for c in r.get("channel_orbits", [])) or "-"]
+                    orbits_text(r.get("channel_orbits", []))]
             row += [str(r.get("n_excluded", 0))] if excluded else []
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -75,6 +77,9 @@ class Report:
         reasons = sorted({x for r in self.records for x in r.get("excluded_reasons", [])})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
+        for r in self.records:
+            if r.get("linear_warning"):
+                out.append(f"! {r['transform']}, {r['layer']}: {r['linear_warning']}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -221,6 +226,21 @@ _FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png")
 
 def _isnan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def orbits_text(orbits, limit: int = 48) -> str:
+    """Channel orbits for a table cell: written out when short, else counted by cycle length.
+
+    >>> orbits_text([[0, 1], [2, 3, 4, 5]])
+    '(0 1) (2 3 4 5)'
+    >>> orbits_text([list(range(4 * i, 4 * i + 4)) for i in range(100)])
+    '100 cycles: 100 x 4'
+    """
+    text = " ".join("(" + " ".join(map(str, c)) + ")" for c in orbits)
+    if len(text) <= limit:
+        return text or "-"
+    lengths = Counter(len(c) for c in orbits)
+    return f"{len(orbits)} cycles: " + ", ".join(f"{n} x {k}" for k, n in sorted(lengths.items(), reverse=True))
 
 
 def json_safe(obj):

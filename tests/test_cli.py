@@ -176,3 +176,16 @@ def test_bad_input_exits_2_with_one_line(files, capsys, case, match):
     import re
 
     assert re.search(match, lines[0]), lines[0]
+
+
+def test_layers_of_an_rgb_model_without_images(tmp_path, capsys):
+    """``invariance layers --model M`` with no ``--images`` for a model that takes 3 channels probes
+    it with a random RGB image instead of failing on 1-channel digits; the frames are traced
+    (stride 2 after the strided convolution)."""
+    src = tmp_path / "rgb.py"
+    src.write_text("import torch\nNET = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), "
+                   "torch.nn.ReLU())\n")
+    assert main(["layers", "--model", f"{src}:NET"]) == 0
+    out = capsys.readouterr().out
+    assert "random 1 x 3 x 224 x 224 probe" in out
+    assert "(4, 112, 112)" in out and "(2.0, 2.0)" in out and "traced" in out

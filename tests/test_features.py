@@ -531,3 +531,102 @@ def test_bad_images_are_rejected(images, match):
 def test_non_module_model_is_rejected():
     with pytest.raises(TypeError, match="nn.Module"):
         FeatureExtractor(lambda x: x, "all")
+
+
+# ----------------------------------------------------------------------------- real-network patterns
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, written out: ``out += identity; relu_(out)`` in place, so the
+    block returns the very tensor its ``bn2`` returned, changed after ``bn2``'s hook ran."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def test_residual_block_output_is_captured_after_its_in_place_add():
+    """The block's output (after the in-place residual add and ReLU) is listed under the block's
+    name and equals what the block returns, while ``bn2`` keeps its value before the add; both
+    exactly (the same float operations)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _BasicBlock(), _BasicBlock()).eval()
+    x = torch.rand(2, 1, 12, 12)
+    names = list_layers(net, x)
+    assert "1" in names and "2" in names, names
+    feats, frames = extract_features(net, x, "all")
+    with torch.no_grad():
+        a = net[0](x)
+        b = net[1](a.clone())
+        bn2 = net[1].bn2(net[1].conv2(net[1].relu(net[1].bn1(net[1].conv1(a)))))
+    torch.testing.assert_close(feats["1"], b, rtol=0, atol=0)
+    torch.testing.assert_close(feats["1.bn2"], bn2, rtol=0, atol=0)
+    assert not torch.equal(feats["1"], feats["1.bn2"])
+    assert frames["1"].stride == (1.0, 1.0) and frames["1"].exact
+
+
+class _ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block as torchvision writes it: depthwise conv, then LayerNorm and the MLP on
+    ``x.permute(0, 2, 3, 1)`` (channels last), permuted back, plus the residual."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def test_channels_last_outputs_are_transposed_with_the_traced_frame():
+    """Outputs in (B, H, W, C) of a traced map (ConvNeXt's LayerNorm and MLP) are measured as
+    (B, C, H, W) with the traced frame (stride 2 of the stem here), marked ``BHWC``, equal to the
+    module's output transposed; and an integer shift by a multiple of the stride aligns them
+    with the shift found exactly (float64: rounding only)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 2, stride=2), _ConvNeXtBlock()).double().eval()
+    x = F.pad(torch.rand(3, 1, 16, 16, dtype=torch.float64), (12, 12, 12, 12))
+    feats, frames = extract_features(net, x, "1.norm,1.fc2,1")
+    with torch.no_grad():
+        y = net[1].dw(net[0](x)).permute(0, 2, 3, 1)
+        expected = net[1].norm(y).permute(0, 3, 1, 2)
+    torch.testing.assert_close(feats["1.norm"], expected, rtol=0, atol=0)
+    for name in ("1.norm", "1.fc2"):
+        assert frames[name].layout == "BHWC" and frames[name].exact and frames[name].stride == (2.0, 2.0)
+        assert frames[name].size == (20, 20)
+    assert frames["1"].layout == "BCHW" and frames["1"].stride == (2.0, 2.0)
+    import invariance
+
+    rep = invariance.measure(net, x, "translation:4,0", layers="1.norm", channels="spatial", n_boot=0,
+                             progress=False)
+    rec = rep.records[0]
+    assert rec["spatial_error"] < 1e-12, rec["spatial_error"]
+    assert rec["best_params"]["median"] == pytest.approx([-4.0, 0.0], abs=1e-6)
+
+
+def test_the_frame_tracer_keeps_no_intermediate_alive():
+    """While features are extracted, an intermediate map that the network no longer needs is freed
+    (the tracer forgets a tensor's frame when it dies instead of keeping every output alive), so
+    extraction needs the memory of a plain forward pass, not of every layer at once."""
+    import weakref
+
+    net = nn.Sequential(*[nn.Conv2d(2, 2, 3, padding=1) for _ in range(6)]).eval()
+    first: list = []
+    net[0].register_forward_hook(lambda m, i, o: first.append(weakref.ref(o)))
+    alive_at_the_end: list = []
+    net[5].register_forward_hook(lambda m, i, o: alive_at_the_end.append(first[0]() is not None))
+    feats, frames = extract_features(net, torch.rand(2, 1, 12, 12).expand(2, 2, 12, 12).contiguous(), "5")
+    assert alive_at_the_end == [False]
+    assert frames["5"].exact and frames["5"].stride == (1.0, 1.0)

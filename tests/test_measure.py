@@ -517,3 +517,42 @@ def test_empty_evaluation_mask_is_not_perfect_invariance():
         return
     r = rep.records[0]
     assert not (r["invariance_error"] == 0.0 and r["spatial_error"] == 0.0), r
+
+
+def test_an_overfitted_linear_map_is_flagged():
+    """64 channels on 4 x 4 maps of 4 noise images: each fold's C x C map is fitted on 32 positions
+    for 64 coefficients per channel (under-determined), so on the held-out images it does worse
+    than the spatial warp alone and than a random pair; the record says so, a warning is issued
+    and the table marks the value. Where a channel map does align the maps (the p4 toy under 90°, a
+    cyclic channel shift) it generalises and nothing is flagged."""
+    import warnings
+
+    from torch import nn
+
+    import invariance
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 64, 5, stride=4, padding=2), nn.ReLU()).eval()
+    g = torch.Generator().manual_seed(0)
+    few = torch.rand(4, 1, 16, 16, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = invariance.measure(net, few, "rotation:30", layers="1", channels=("spatial", "linear"), n_boot=0,
+                                 progress=False)
+    r = rep.records[0]
+    assert r["linear_error"] > max(r["spatial_error"], r["random_pair_null"])
+    assert "overfitted" in r["linear_warning"] and any("overfitted" in str(w.message) for w in caught)
+    assert "!" in rep.table().splitlines()[2] and rep.table().splitlines()[-1].startswith("! rotation:30")
+    blobs = invariance.toys.make_images("blobs", 6, 24, seed=0)
+    rep = invariance.measure(invariance.load_model("toy-p4"), blobs, "rotation:90", layers="relu",
+                             channels=("spatial", "linear"), n_boot=0, progress=False)
+    r = rep.records[0]
+    assert r["linear_error"] < r["spatial_error"] and "linear_warning" not in r, r["linear_error"]
+
+
+def test_long_channel_orbits_are_summarised_in_the_table():
+    from invariance._report import orbits_text
+
+    assert orbits_text([[0, 1], [2, 3, 4, 5]]) == "(0 1) (2 3 4 5)"
+    assert orbits_text([list(range(4 * i, 4 * i + 4)) for i in range(510)] + [[2040, 2041]]) == \
+        "511 cycles: 510 x 4, 1 x 2"
