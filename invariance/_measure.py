@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import re
 import time
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -347,43 +346,10 @@ def measure(
         a :class:`invariance.Report` with one record per (layer, transformation).
     """
     t_start = time.time()
-    if isinstance(transforms, str):
-        transforms = parse_transforms(transforms)
-    transforms = list(transforms)
-    if not transforms:
-        raise ValueError("transforms: no transformation given")
-    channels = tuple(channels) if not isinstance(channels, str) else tuple(
-        c.strip() for c in channels.split(",") if c.strip())
-    bad = [c for c in channels if c not in CHANNEL_MODES]
-    if bad:
-        raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
-                         f"valid choices: {', '.join(CHANNEL_MODES)}")
-    if search is not None and search not in SEARCH_FAMILIES:
-        raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
-    x = as_image_batch(images)
-    if x.shape[-2] * x.shape[-1] > max_image_pixels:
-        raise ValueError(f"images: {x.shape[-2]}x{x.shape[-1]} pixels is above the cap of {max_image_pixels} "
-                         f"(max_image_pixels; --max-pixels on the command line): the search's memory grows with "
-                         f"the map size; downsample the images or raise the cap")
-    p = next(iter(model.parameters()), None)
-    if p is not None and p.is_floating_point() and p.dtype != x.dtype:
-        raise TypeError(f"images: dtype {x.dtype} differs from the model's parameters ({p.dtype}); convert one of "
-                        f"them, e.g. model.to({x.dtype}) or images.to({p.dtype})")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"images: the search runs in float32 or float64, got {x.dtype}; convert the images and "
-                        "the model, e.g. images.float() and model.float()")
-    if device is not None:
-        x = x.to(device)
-        model = model.to(device)
-    check_model_channels(model, x)
+    transforms, channels = _checked_arguments(model, transforms, channels, search, n_boot)
+    x, model = _prepared(model, images, max_image_pixels, device)
     cfg = config or SearchConfig(seed=seed)
     extractor = FeatureExtractor(model, layers)
-    size = tuple(x.shape[-2:])
-    n = x.shape[0]
 
     def run(imgs):
         try:
@@ -405,37 +371,102 @@ def measure(
     records: list[dict] = []
     floor: dict[str, dict] = {}
     for tr in transforms:
-        fam = search or DEFAULT_SEARCH[tr.family]
-        t_img = tr.matrix(size, torch.float64)
-        xh = warp(x, t_img.to(x.dtype))
-        feats_h, _ = run(xh)
-        if calibrate:
-            bar.set_postfix_str(f"{tr.label} floor")
-            fl = interpolation_floor(x, t_img, fam, mask_radius=mask_radius, config=cfg)
-            mean, ci, _ = _stat(fl, n_boot, seed)
-            floor[tr.label] = {"mean": mean, "ci": ci}
-            bar.update()
-        for name in layer_names:
-            bar.set_postfix_str(f"{tr.label} {name}")
-            res = measure_layer(feats[name], feats_h[name], frames[name], t_img, family=fam, channels=channels,
-                                mask_radius=mask_radius, interior=interior, config=cfg, null=calibrate, seed=seed,
-                                layer=name, transform=tr.label)
-            rec = {"layer": name, "depth": layer_names.index(name), "transform": tr.label,
-                   "family": tr.family, "magnitude": tr.magnitude, "search": fam, **_record(res, n_boot, seed)}
-            if calibrate:
-                rec["interpolation_floor"] = floor[tr.label]["mean"]
-            records.append(rec)
-            bar.update()
+        recs, fl = _measure_transform(tr, x, feats, frames, run, search=search, channels=channels,
+                                      mask_radius=mask_radius, interior=interior, config=cfg, n_boot=n_boot,
+                                      seed=seed, calibrate=calibrate, bar=bar)
+        records += recs
+        if fl is not None:
+            floor[tr.label] = fl
     bar.close()
-    null = {}
+    null: dict = {}
     for r in records:
         if "random_pair_null" in r:
             null.setdefault(r["layer"], {})[r["transform"]] = {"mean": r["random_pair_null"],
                                                                  "ci": r["random_pair_null_ci"]}
-    meta = {
+    meta = _meta(model, model_name, x, layer_names, transforms, frames, search=search, channels=channels,
+                 mask_radius=mask_radius, interior=interior, seed=seed, n_boot=n_boot,
+                 seconds=time.time() - t_start)
+    return Report(records=records, calibration={"interpolation_floor": floor, "random_pair_null": null}, meta=meta)
+
+
+def _checked_arguments(model, transforms, channels, search, n_boot) -> tuple[list[Transform], tuple[str, ...]]:
+    """The transformations and channel modes of a :func:`measure` call, every argument checked."""
+    if isinstance(transforms, str):
+        transforms = parse_transforms(transforms)
+    transforms = list(transforms)
+    if not transforms:
+        raise ValueError("transforms: no transformation given")
+    channels = tuple(channels) if not isinstance(channels, str) else tuple(
+        c.strip() for c in channels.split(",") if c.strip())
+    bad = [c for c in channels if c not in CHANNEL_MODES]
+    if bad:
+        raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
+                         f"valid choices: {', '.join(CHANNEL_MODES)}")
+    if search is not None and search not in SEARCH_FAMILIES:
+        raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
+    return transforms, channels
+
+
+def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[torch.Tensor, nn.Module]:
+    """The image batch (checked: size cap, dtype, channels) and the model, both on ``device``."""
+    x = as_image_batch(images)
+    if x.shape[-2] * x.shape[-1] > max_image_pixels:
+        raise ValueError(f"images: {x.shape[-2]}x{x.shape[-1]} pixels is above the cap of {max_image_pixels} "
+                         f"(max_image_pixels; --max-pixels on the command line): the search's memory grows with "
+                         f"the map size; downsample the images or raise the cap")
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point() and p.dtype != x.dtype:
+        raise TypeError(f"images: dtype {x.dtype} differs from the model's parameters ({p.dtype}); convert one of "
+                        f"them, e.g. model.to({x.dtype}) or images.to({p.dtype})")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"images: the search runs in float32 or float64, got {x.dtype}; convert the images and "
+                        "the model, e.g. images.float() and model.float()")
+    if device is not None:
+        x = x.to(device)
+        model = model.to(device)
+    check_model_channels(model, x)
+    return x, model
+
+
+def _measure_transform(tr: Transform, x, feats, frames, run, *, search, channels, mask_radius, interior, config,
+                       n_boot, seed, calibrate, bar) -> tuple[list[dict], dict | None]:
+    """The records of one transformation (every layer) and its interpolation floor."""
+    fam = search or DEFAULT_SEARCH[tr.family]
+    t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
+    feats_h, _ = run(warp(x, t_img.to(x.dtype)))
+    floor = None
+    if calibrate:
+        bar.set_postfix_str(f"{tr.label} floor")
+        mean, ci, _ = _stat(interpolation_floor(x, t_img, fam, mask_radius=mask_radius, config=config), n_boot, seed)
+        floor = {"mean": mean, "ci": ci}
+        bar.update()
+    records = []
+    layer_names = list(feats)
+    for name in layer_names:
+        bar.set_postfix_str(f"{tr.label} {name}")
+        res = measure_layer(feats[name], feats_h[name], frames[name], t_img, family=fam, channels=channels,
+                            mask_radius=mask_radius, interior=interior, config=config, null=calibrate, seed=seed,
+                            layer=name, transform=tr.label)
+        rec = {"layer": name, "depth": layer_names.index(name), "transform": tr.label,
+               "family": tr.family, "magnitude": tr.magnitude, "search": fam, **_record(res, n_boot, seed)}
+        if floor is not None:
+            rec["interpolation_floor"] = floor["mean"]
+        records.append(rec)
+        bar.update()
+    return records, floor
+
+
+def _meta(model, model_name, x, layer_names, transforms, frames, *, search, channels, mask_radius, interior, seed,
+          n_boot, seconds) -> dict:
+    """What a report says about how it was made."""
+    return {
         "model": model_name or type(model).__name__,
-        "n_images": n,
-        "image_size": list(size),
+        "n_images": x.shape[0],
+        "image_size": list(x.shape[-2:]),
         "image_channels": x.shape[1],
         "layers": layer_names,
         "transforms": [t.label for t in transforms],
@@ -448,14 +479,12 @@ def measure(
         "device": str(x.device),
         "dtype": str(x.dtype),
         "torch": torch.__version__,
-        "seconds": round(time.time() - t_start, 2),
+        "seconds": round(seconds, 2),
         "frames": {k: {"stride": list(f.stride), "offset": list(f.offset), "size": list(f.size),
                        "exact": f.exact, "rf_radius": None if f.rf_radius is None else list(f.rf_radius),
                        "layout": f.layout}
                    for k, f in frames.items()},
     }
-    calibration = {"interpolation_floor": floor, "random_pair_null": null}
-    return Report(records=records, calibration=calibration, meta=meta)
 
 
 def _median_params(params: np.ndarray, names) -> np.ndarray:
@@ -507,9 +536,8 @@ def _record(res: LayerResult, n_boot: int, seed: int) -> dict:
         mean, ci, _ = _stat(res.null, n_boot, seed)
         out["random_pair_null"], out["random_pair_null_ci"] = mean, ci
     warning = linear_warning(out["linear_error"], out["spatial_error"], out.get("random_pair_null", float("nan")))
-    if warning:
+    if warning:  # in the record and marked in the table (not a Python warning: reports are the interface)
         out["linear_warning"] = warning
-        warnings.warn(f"{res.layer}, {res.transform}: {warning}", stacklevel=3)
     return out
 
 

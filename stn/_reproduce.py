@@ -353,6 +353,89 @@ def _per_transform_dict(v) -> dict:
     return v if isinstance(v, dict) else {t: v for t in TRANSFORMS}
 
 
+def _md_errors(r: dict, ds: dict) -> list[str]:
+    """The test-error table of one data set (the paper's in brackets) and the claims' verdicts."""
+    mn = ds["dataset"] == "mnist"
+    ts = ds["transforms"]
+    lines: list[str] = []
+    lines += [f"## Test error (%) on {ds['dataset']}" + (" (ours, paper in brackets)" if mn else ""), "",
+              "| architecture | " + " | ".join(f"{t} ({SHORT[t]})" for t in ts) + " |",
+              "|---|" + "---|" * len(ts)]
+    for a in ARCHS:
+        row = []
+        for t in ts:
+            cell = next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["arch"] == a
+                        and v["transform"] == t)
+            s = f"{cell['test_error']:.2f} +- {cell['test_error_se']:.2f}"
+            if mn:
+                s += f" ({PAPER_TABLE[a][t]:.2f})"
+            row.append(s)
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    n_test = next(v["n_test"] for v in r["runs"].values() if v["dataset"] == ds["dataset"])
+    lines += ["", f"+- is the binomial standard error of our number (n = {n_test} test images). The paper's "
+              "differences between the STN variants are 0.03 to 0.34 points; differences that small are below "
+              "the resolution of a test set this size, so a comparison with z < 2 (paired, from the per-image "
+              "results) is no evidence either way.", "", "### The paper's claims", ""]
+    for c in ds["claims"]:
+        lines.append(f"* {c['claim']}: {verdict(c)}.")
+        if "gaps" in c:
+            lines.append("  Gaps: " + ", ".join(f"{SHORT[t]} {g:+.2f}" for t, g in c["gaps"].items()) + " points.")
+        for comp in c.get("comparisons", []):
+            lines.append(f"  - {SHORT[comp['transform']]}: {comparison_line(comp)}")
+    lines.append("")
+    return lines
+
+
+def _md_pose(r: dict, ds: dict) -> list[str]:
+    """The canonical-pose table of one data set."""
+    ts = ds["transforms"]
+    lines: list[str] = []
+    lines += ["### Canonical pose (mean over classes of the per-class spread of the pose reached; "
+              "data alone = the CNN)", "", "| architecture | " + " | ".join(
+                  f"{t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    for a in ARCHS:
+        row = []
+        for t in ts:
+            cell = next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["arch"] == a
+                        and v["transform"] == t)
+            cp = cell["canonical_pose"]
+            row.append(f"{cp['mean_spread']:.3g}")
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    units = {t: next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["transform"] == t)
+             ["canonical_pose"]["unit"] for t in ts}
+    lines += ["", "Units: " + "; ".join(f"{t}: {u}" for t, u in units.items()) + ". A spread close to the "
+              "CNN's (the data's own) means that the transformers hardly moved from the identity, so the "
+              "STN's error differs from the CNN's for other reasons than alignment.", ""]
+    return lines
+
+
+def _md_alignment(r: dict, ds: dict) -> list[str]:
+    """STN-C1's feature-map alignment table of one data set (when measured)."""
+    ts = ds["transforms"]
+    lines: list[str] = []
+    fa_rows = [(t, v["feature_alignment"]) for t in ts for v in r["runs"].values()
+               if v["dataset"] == ds["dataset"] and v["arch"] == "STN-C1" and v["transform"] == t
+               and v["feature_alignment"]]
+    if fa_rows:
+        lines += ["### STN-C1: alignment of its transformed feature maps (alignment engine)", "",
+                  "Pairs (f, T_h f) of test digits without clutter, T_h drawn from the protocol; maps after the "
+                  "first layer (central disk mask). stn = what the trained STN-C1 achieves, "
+                  "||S(F_h) - S(F)||^2 / ||S(F)||^2; best spatial = min over warps g of "
+                  "||W_g F_h - F||^2 / ||F||^2 (what any spatial transformer of these maps could achieve at "
+                  "best); expected = the same for g = h^-1; no warp = ||F_h - F||^2 / ||F||^2; "
+                  "input floor = best spatial at the input (interpolation only). Means with bootstrap 95% "
+                  "intervals.", "",
+                  "| transform | search | stn | best spatial | expected | no warp | input floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for t, fa in fa_rows:
+            def f(k, fa=fa):
+                return f"{fa[k]['mean']:.3f} [{fa[k]['ci95'][0]:.3f}, {fa[k]['ci95'][1]:.3f}]"
+            lines.append(f"| {t} | {fa['search_family']} | {f('stn_error')} | {f('spatial_error')} | "
+                         f"{f('expected_error')} | {f('invariance_error')} | {f('input_floor')} |")
+        lines.append("")
+    return lines
+
+
 def _markdown(r: dict) -> str:
     st = r["settings"]
     ran = r["protocols"]  # the protocols this report has runs of
@@ -398,69 +481,7 @@ def _markdown(r: dict) -> str:
         "",
     ]
     for ds in r["datasets"]:
-        mn = ds["dataset"] == "mnist"
-        ts = ds["transforms"]
-        lines += [f"## Test error (%) on {ds['dataset']}" + (" (ours, paper in brackets)" if mn else ""), "",
-                  "| architecture | " + " | ".join(f"{t} ({SHORT[t]})" for t in ts) + " |",
-                  "|---|" + "---|" * len(ts)]
-        for a in ARCHS:
-            row = []
-            for t in ts:
-                cell = next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["arch"] == a
-                            and v["transform"] == t)
-                s = f"{cell['test_error']:.2f} +- {cell['test_error_se']:.2f}"
-                if mn:
-                    s += f" ({PAPER_TABLE[a][t]:.2f})"
-                row.append(s)
-            lines.append(f"| {a} | " + " | ".join(row) + " |")
-        n_test = next(v["n_test"] for v in r["runs"].values() if v["dataset"] == ds["dataset"])
-        lines += ["", f"+- is the binomial standard error of our number (n = {n_test} test images). The paper's "
-                  "differences between the STN variants are 0.03 to 0.34 points; differences that small are below "
-                  "the resolution of a test set this size, so a comparison with z < 2 (paired, from the per-image "
-                  "results) is no evidence either way.", "", "### The paper's claims", ""]
-        for c in ds["claims"]:
-            lines.append(f"* {c['claim']}: {verdict(c)}.")
-            if "gaps" in c:
-                lines.append("  Gaps: " + ", ".join(f"{SHORT[t]} {g:+.2f}" for t, g in c["gaps"].items()) + " points.")
-            for comp in c.get("comparisons", []):
-                lines.append(f"  - {SHORT[comp['transform']]}: {comparison_line(comp)}")
-        lines.append("")
-        lines += ["### Canonical pose (mean over classes of the per-class spread of the pose reached; "
-                  "data alone = the CNN)", "", "| architecture | " + " | ".join(
-                      f"{t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
-        for a in ARCHS:
-            row = []
-            for t in ts:
-                cell = next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["arch"] == a
-                            and v["transform"] == t)
-                cp = cell["canonical_pose"]
-                row.append(f"{cp['mean_spread']:.3g}")
-            lines.append(f"| {a} | " + " | ".join(row) + " |")
-        units = {t: next(v for v in r["runs"].values() if v["dataset"] == ds["dataset"] and v["transform"] == t)
-                 ["canonical_pose"]["unit"] for t in ts}
-        lines += ["", "Units: " + "; ".join(f"{t}: {u}" for t, u in units.items()) + ". A spread close to the "
-                  "CNN's (the data's own) means that the transformers hardly moved from the identity, so the "
-                  "STN's error differs from the CNN's for other reasons than alignment.", ""]
-        fa_rows = [(t, v["feature_alignment"]) for t in ts for v in r["runs"].values()
-                   if v["dataset"] == ds["dataset"] and v["arch"] == "STN-C1" and v["transform"] == t
-                   and v["feature_alignment"]]
-        if fa_rows:
-            lines += ["### STN-C1: alignment of its transformed feature maps (alignment engine)", "",
-                      "Pairs (f, T_h f) of test digits without clutter, T_h drawn from the protocol; maps after the "
-                      "first layer (central disk mask). stn = what the trained STN-C1 achieves, "
-                      "||S(F_h) - S(F)||^2 / ||S(F)||^2; best spatial = min over warps g of "
-                      "||W_g F_h - F||^2 / ||F||^2 (what any spatial transformer of these maps could achieve at "
-                      "best); expected = the same for g = h^-1; no warp = ||F_h - F||^2 / ||F||^2; "
-                      "input floor = best spatial at the input (interpolation only). Means with bootstrap 95% "
-                      "intervals.", "",
-                      "| transform | search | stn | best spatial | expected | no warp | input floor |",
-                      "|---|---|---|---|---|---|---|"]
-            for t, fa in fa_rows:
-                def f(k, fa=fa):
-                    return f"{fa[k]['mean']:.3f} [{fa[k]['ci95'][0]:.3f}, {fa[k]['ci95'][1]:.3f}]"
-                lines.append(f"| {t} | {fa['search_family']} | {f('stn_error')} | {f('spatial_error')} | "
-                             f"{f('expected_error')} | {f('invariance_error')} | {f('input_floor')} |")
-            lines.append("")
+        lines += _md_errors(r, ds) + _md_pose(r, ds) + _md_alignment(r, ds)
     lines += ["## The paper's claims on the paper's own numbers", ""]
     for c in r["paper_claims"]:
         lines.append(f"* {c['claim']}: {verdict(c)}.")

@@ -293,61 +293,13 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
     data_seeds: list[int] = []
     elapsed = 0.0
     if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path, map_location="cpu")  # RNG states must stay CPU tensors
-        old = ck.get("train_config")
-        if old is None:
-            raise CheckpointError(f"{ck_path}: not an stn training checkpoint (no train_config)")
-        diff = sorted(k for k in set(old) | set(cfg.to_dict())
-                      if k != "epochs" and old.get(k) != cfg.to_dict().get(k))
-        if diff:
-            raise RunError(f"{out}: the checkpoint was trained with other settings ({', '.join(diff)}); "
-                           f"use the same settings to resume, or another --out")
-        try:
-            model.load_state_dict(ck["state_dict"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{ck_path}: does not fit this run ({str(exc).splitlines()[0]})") from None
-        _set_rng_state(ck["rng"], dev)
-        start_epoch = int(ck["epoch"])
-        history = list(ck.get("history", []))
-        data_seeds = list(ck.get("data_seeds", []))
-        elapsed = float(ck.get("seconds", 0.0))
-        for e, s in enumerate(data_seeds):
-            if s != train_ds.epoch_seed(e):
-                raise RunError(f"{ck_path}: data seed of epoch {e} differs from this configuration's")
-        if start_epoch >= cfg.epochs:
-            log(f"{out}: already trained for {start_epoch} epochs")
-        else:
-            log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+        start_epoch, history, data_seeds, elapsed = _resume(cfg, out, model, opt, sched, train_ds, dev, log)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
-        model.train()
         t0 = time.perf_counter()
-        loss_sum, wrong, seen = 0.0, 0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"{model.spec.name} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=None if progress else True, leave=False, file=sys.stderr)
-        for step, (x, y, _) in enumerate(train_ds.batches(epoch, cfg.batch_size)):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                bar.close()
-                raise DivergedError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                                    f"(lr {opt.param_groups[0]['lr']:g}); epoch {epoch + 1} was not saved"
-                                    f"{_kept(epoch)}; lower --lr and train again")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                loss_sum += value * len(y)
-                wrong += int((logits.argmax(1) != y).sum())
-                seen += len(y)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        bar.close()
+        loss_sum, wrong, seen = _train_epoch(model, opt, train_ds, epoch, cfg, steps_per_epoch, progress)
         lr_now = opt.param_groups[0]["lr"]
         sched.step()
         data_seeds.append(train_ds.epoch_seed(epoch))
@@ -381,6 +333,68 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
         done = len(history) >= cfg.epochs
         _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, done))
     return json.loads((out / METRICS).read_text()) if (out / METRICS).exists() else {}
+
+
+def _train_epoch(model, opt, train_ds, epoch: int, cfg: TrainConfig, steps: int, progress: bool):
+    """One epoch of SGD steps; returns (summed loss, wrong predictions, images seen)."""
+    model.train()
+    loss_sum, wrong, seen = 0.0, 0, 0
+    bar = tqdm(total=steps, desc=f"{model.spec.name} epoch {epoch + 1}/{cfg.epochs}",
+               disable=None if progress else True, leave=False, file=sys.stderr)
+    for step, (x, y, _) in enumerate(train_ds.batches(epoch, cfg.batch_size)):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            bar.close()
+            raise DivergedError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                                f"(lr {opt.param_groups[0]['lr']:g}); epoch {epoch + 1} was not saved"
+                                f"{_kept(epoch)}; lower --lr and train again")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            loss_sum += value * len(y)
+            wrong += int((logits.argmax(1) != y).sum())
+            seen += len(y)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    bar.close()
+    return loss_sum, wrong, seen
+
+
+def _resume(cfg: TrainConfig, out: Path, model, opt, sched, train_ds, dev, log) -> tuple[int, list, list, float]:
+    """Restore a run from its checkpoint (model, optimiser, schedule, RNG); check that its settings and
+    data seeds are this configuration's. Returns (epochs done, history, data seeds, seconds)."""
+    ck_path = out / CHECKPOINT
+    ck = load_checkpoint(ck_path, map_location="cpu")  # RNG states must stay CPU tensors
+    old = ck.get("train_config")
+    if old is None:
+        raise CheckpointError(f"{ck_path}: not an stn training checkpoint (no train_config)")
+    diff = sorted(k for k in set(old) | set(cfg.to_dict())
+                  if k != "epochs" and old.get(k) != cfg.to_dict().get(k))
+    if diff:
+        raise RunError(f"{out}: the checkpoint was trained with other settings ({', '.join(diff)}); "
+                       f"use the same settings to resume, or another --out")
+    try:
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{ck_path}: does not fit this run ({str(exc).splitlines()[0]})") from None
+    _set_rng_state(ck["rng"], dev)
+    start_epoch = int(ck["epoch"])
+    history = list(ck.get("history", []))
+    data_seeds = list(ck.get("data_seeds", []))
+    elapsed = float(ck.get("seconds", 0.0))
+    for e, s in enumerate(data_seeds):
+        if s != train_ds.epoch_seed(e):
+            raise RunError(f"{ck_path}: data seed of epoch {e} differs from this configuration's")
+    if start_epoch >= cfg.epochs:
+        log(f"{out}: already trained for {start_epoch} epochs")
+    else:
+        log(f"{out}: resuming after epoch {start_epoch}/{cfg.epochs}")
+    return start_epoch, history, data_seeds, elapsed
 
 
 def _kept(epoch: int) -> str:
