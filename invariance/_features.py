@@ -173,6 +173,7 @@ _ARGS = {
     "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     "avg_pool2d": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
     "pad": ("input", "pad", "mode", "value"),
+    "interpolate": ("input", "size", "scale_factor", "mode", "align_corners"),
 }
 
 
@@ -187,6 +188,33 @@ def _bind(name: str, args, kwargs) -> dict:
     out = dict(zip(names, args))
     out.update(kwargs)
     return out
+
+
+def _batched_maps(args, kwargs, like: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs that are per-image maps of ``like``'s grid (same batch and size; not parameters)."""
+    flat = []
+    for a in list(args) + list(kwargs.values()):
+        flat += [t for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+    return [t for t in flat if t.dim() == 4 and t.shape[0] == like.shape[0] and t.shape[0] > 1
+            and t.shape[-2:] == like.shape[-2:]]
+
+
+def _resampled(frame, p: dict, size_in, size_out):
+    """The frame after ``F.interpolate`` from ``size_in`` to ``size_out`` (per axis: output pixel
+    ``i`` reads input coordinate ``(i + 1/2) r - 1/2``, ``r = in / out``, for the centred modes;
+    ``i r`` for ``nearest``; ``i (in - 1) / (out - 1)`` with ``align_corners``)."""
+    mode = p.get("mode", "nearest")
+    corners = bool(p.get("align_corners")) and mode != "nearest"
+    axes = []
+    for (a, b, rad), n_in, n_out in zip(frame[:2], (size_in[1], size_in[0]), (size_out[1], size_out[0])):
+        if corners:
+            r = (n_in - 1) / max(n_out - 1, 1)
+            shift = 0.0
+        else:
+            r = n_in / n_out
+            shift = 0.0 if mode == "nearest" else 0.5 * r - 0.5
+        axes.append((a * r, b + a * shift, rad + a))
+    return (axes[0], axes[1], frame[2] and mode != "nearest")
 
 
 class _FrameTracer(TorchFunctionMode):
@@ -284,6 +312,10 @@ class _FrameTracer(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         src = inputs[0]
         (ax, bx, rx), (ay, by, ry), exact = self.frames[id(src)]
+        if name == "interpolate" and src.dim() == 4 and isinstance(out, torch.Tensor) and out.dim() == 4:
+            self._record(out, _resampled(self.frames[id(src)], _bind(name, args, kwargs), src.shape[-2:],
+                                         out.shape[-2:]))
+            return
         if name in _MOVING:
             return  # content moved within the grid: leave the output untraced (assumed frame)
         if name in _GEOMETRIC and src.dim() == 4:
@@ -318,6 +350,8 @@ class _FrameTracer(TorchFunctionMode):
             same = [t for t in inputs if t.dim() >= 3 and t.shape[-2:] == o.shape[-2:]]
             if not same:
                 continue
+            if any(id(t) not in self.frames for t in _batched_maps(args, kwargs, o)):
+                continue  # merged with a map of unknown frame (e.g. an upsampled branch): no single frame
             # the same grid (stride, offset) in every input: keep it, with the widest receptive field
             grids = {tuple(ax_[:2] for ax_ in self.frames[id(t)][:2]) for t in same}
             if len(grids) == 1:

@@ -630,3 +630,59 @@ def test_the_frame_tracer_keeps_no_intermediate_alive():
     feats, frames = extract_features(net, torch.rand(2, 1, 12, 12).expand(2, 2, 12, 12).contiguous(), "5")
     assert alive_at_the_end == [False]
     assert frames["5"].exact and frames["5"].stride == (1.0, 1.0)
+
+
+def test_upsampling_is_traced_and_checked_by_an_impulse():
+    """A bilinear ``nn.Upsample`` after a stride-2 convolution is traced: stride 1 and offset -1/2
+    (output pixel i reads input coordinate (i + 1/2)/2 - 1/2 of a grid at offset 0). Oracle: the
+    response to an impulse at image pixel p through symmetric filters is centred, so its centroid
+    q in the map satisfies stride * q + offset = p (exactly, up to float rounding)."""
+    conv = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    net = nn.Sequential(conv, nn.Upsample(scale_factor=2, mode="bilinear")).double()
+    x = torch.zeros(2, 1, 24, 24, dtype=torch.float64)
+    x[:, 0, 10, 12] = 1.0  # p = (x 12, y 10)
+    feats, frames = extract_features(net, x, "1")
+    fr = frames["1"]
+    assert fr.stride == (1.0, 1.0) and fr.offset == (-0.5, -0.5) and fr.exact
+    m = feats["1"][0, 0]
+    ys, xs = torch.meshgrid(torch.arange(24.0, dtype=torch.float64), torch.arange(24.0, dtype=torch.float64),
+                            indexing="ij")
+    qx, qy = float((m * xs).sum() / m.sum()), float((m * ys).sum() / m.sum())
+    assert fr.stride[0] * qx + fr.offset[0] == pytest.approx(12.0, abs=1e-9)
+    assert fr.stride[1] * qy + fr.offset[1] == pytest.approx(10.0, abs=1e-9)
+
+
+class _TinyUNet(nn.Module):
+    """A U-Net step: a skip branch at full resolution concatenated with a downsampled, then
+    nearest-upsampled branch (whose grid is only approximately the skip's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 2, 3, padding=1)
+        self.down = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.dec = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        return self.dec(torch.cat([e, self.up(self.down(e))], 1))
+
+
+def test_a_merge_with_an_untraced_or_approximate_branch_has_no_exact_frame():
+    """The concatenation of the skip branch with the upsampled branch is not labelled with the skip
+    branch's frame as if exact: the nearest upsampling's frame is approximate, so the merge (and
+    what follows) is marked not exact; with the upsampling untraced (a custom op), the merge gets
+    no traced frame at all."""
+    x = torch.rand(2, 1, 16, 16)
+    _, frames = extract_features(_TinyUNet(), x, "enc,up,dec")
+    assert frames["enc"].exact and not frames["up"].exact and not frames["dec"].exact
+
+    class Rolled(_TinyUNet):
+        def forward(self, x):
+            e = self.enc(x)
+            return self.dec(torch.cat([e, torch.roll(e, 1, dims=-1)], 1))  # an op of unknown frame
+
+    _, frames = extract_features(Rolled(), x, "enc,dec")
+    assert frames["enc"].exact and not frames["dec"].exact and frames["dec"].rf_radius is None
