@@ -10,11 +10,17 @@ padding ``p`` and dilation ``d`` updates it as::
     a' = a * s        b' = b + a * (d * (k - 1) / 2 - p)
 
 Elementwise layers (activations, BatchNorm, dropout, residual additions, channel
-concatenations) keep the frame. These rules are applied while the model runs, by watching every
-torch function call (a :class:`torch.overrides.TorchFunctionMode`), so functional code,
-nested modules and residual branches are all covered. A layer reached through an operation the
-tracer does not know (``interpolate``, adaptive pooling, transposed convolutions) gets the
-*assumed* frame "covers the image's field of view" and ``LayerFrame.exact`` is ``False``.
+concatenations) keep the frame when every per-image map they combine has it; a merge with a map
+of another grid or of unknown frame (a U-Net decoder's upsampled branch, say) has no single
+frame. Upsampling (``F.interpolate``, ``nn.Upsample``) is traced: output pixel ``i`` reads input
+coordinate ``(i + 1/2) r - 1/2`` with ``r = n_in / n_out`` (``a' = a r, b' = b + a (r - 1) / 2``;
+``nearest`` reads ``i r``, an approximate frame). Outputs in ``(B, H, W, C)`` of a traced map
+(``permute(0, 2, 3, 1)``, as in ConvNeXt) keep its frame and are transposed for measuring. These
+rules are applied while the model runs, by watching every torch function call (a
+:class:`torch.overrides.TorchFunctionMode`), so functional code, nested modules and residual
+branches are all covered. A layer reached through an operation the tracer does not know
+(adaptive pooling, transposed convolutions, rolls) gets the *assumed* frame "covers the image's
+field of view" and ``LayerFrame.exact`` is ``False``.
 
 The tracer also accumulates the half-width ``r`` of each axis's receptive field (input pixels:
 pixel ``j`` depends on input pixels ``[a j + b - r, a j + b + r]``), ``r' = r + a * d * (k - 1) / 2``
