@@ -197,11 +197,11 @@ def _bind(name: str, args, kwargs) -> dict:
 
 
 def _batched_maps(args, kwargs, like: torch.Tensor) -> list[torch.Tensor]:
-    """The inputs that are per-image maps of ``like``'s grid (same batch and size; not parameters)."""
+    """The inputs that are per-image maps of ``like``'s grid: same batch and size, not a parameter."""
     flat = []
     for a in list(args) + list(kwargs.values()):
         flat += [t for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
-    return [t for t in flat if t.dim() == 4 and t.shape[0] == like.shape[0] and t.shape[0] > 1
+    return [t for t in flat if t.dim() == 4 and not isinstance(t, nn.Parameter) and t.shape[0] == like.shape[0]
             and t.shape[-2:] == like.shape[-2:]]
 
 

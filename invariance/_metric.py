@@ -46,8 +46,8 @@ from ._search import (
     fit_linear,
     masked_error,
     region_error,
+    warp_valid,
 )
-from ._search import warp_valid as _warp_valid
 from ._warp import disk_mask, warp
 
 __all__ = ["INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
@@ -128,8 +128,8 @@ def transformed_valid(t_img: torch.Tensor, size) -> torch.Tensor:
     """
     ones = torch.ones(tuple(size), dtype=t_img.dtype, device=t_img.device)
     if t_img.dim() == 3:
-        return _warp_valid(ones, t_img[:, None], strict=True)[:, 0] > 0
-    return _warp_valid(ones, t_img, strict=True) > 0
+        return warp_valid(ones, t_img[:, None], strict=True)[:, 0] > 0
+    return warp_valid(ones, t_img, strict=True) > 0
 
 
 def comparison_region(frame: LayerFrame, *, mask_radius: float | None = None, interior: bool | None = None,
