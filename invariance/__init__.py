@@ -24,6 +24,7 @@ from . import checks, datasets, files, geometry, reference, testing, toys
 from ._features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
 from ._measure import (
                        CHANNEL_MODES,
+                       DEFAULT_MEMORY_BUDGET,
                        DEFAULT_SEARCH,
                        MAX_IMAGE_PIXELS,
                        MAX_TRANSFORMS,
@@ -32,10 +33,12 @@ from ._measure import (
                        bootstrap_ci,
                        check_transform_count,
                        measure,
+                       parse_bytes,
                        parse_transforms,
 )
 from ._metric import (
                        INTERIOR_MIN_FRACTION,
+                       LayerAccumulator,
                        LayerResult,
                        comparison_region,
                        interpolation_floor,
@@ -61,6 +64,7 @@ from ._search import (
                        PRESETS,
                        SEARCH_FAMILIES,
                        Alignment,
+                       LinearFit,
                        SearchConfig,
                        align,
                        aligned,
@@ -104,11 +108,12 @@ __all__ = [
     "INPUT", "FeatureExtractor", "LayerFrame", "extract_features", "list_layers",
     # search and the comparison region
     "SEARCH_FAMILIES", "MIN_REGION", "PRESETS", "Alignment", "SearchConfig", "align", "aligned", "region_error",
-    "masked_error", "warp_valid", "channel_orbits", "fit_linear",
+    "masked_error", "warp_valid", "channel_orbits", "fit_linear", "LinearFit",
     # the measurement core and the toolkit's front end
-    "INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
-    "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "Transform",
-    "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
+    "INTERIOR_MIN_FRACTION", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
+    "comparison_region", "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS",
+    "Transform", "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
+    "DEFAULT_MEMORY_BUDGET", "parse_bytes",
     # models and checkpoints
     "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
     "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight", "tensor_checksum",

@@ -4,6 +4,7 @@
         [--images SOURCE] [--n-images N] [--search FAMILY]
         [--channels spatial,permutation,linear] [--mask-radius R] [--interior auto|on|off]
         [--out DIR] [--device cpu|cuda] [--seed S] [--n-boot B] [--max-transforms M] [--quick]
+        [--memory-budget SIZE]
     invariance demo [--out DIR] [--quick]
     invariance layers --model MODEL [--images SOURCE]
     invariance models
@@ -162,8 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--images", default=None,
                    help="SOURCE: " + ", ".join(IMAGE_SOURCES) + " (file images: floats, integers 0..255 "
                         "scaled like uint8, or bool; converted to the model's dtype)")
-    m.add_argument("--n-images", type=int, default=None,
-                   help=f"images to measure (default: {DEFAULT_N_IMAGES}, or all the SOURCE holds if fewer)")
+    m.add_argument("--n-images", "--max-images", type=int, default=None, dest="n_images",
+                   help=f"images to measure (default: {DEFAULT_N_IMAGES}, or all the SOURCE holds if fewer); a few "
+                        "first size a long run: the progress bar's ETA scales with it")
     m.add_argument("--search", default=None, help="search family (default: from the transformation)")
     m.add_argument("--channels", default="spatial,permutation,linear")
     m.add_argument("--mask-radius", type=float, default=None,
@@ -179,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-transforms", type=int, default=MAX_TRANSFORMS,
                    help="most transformations a SPEC may give (default: %(default)s)")
     m.add_argument("--quick", action="store_true", help="coarser search grid (faster)")
+    m.add_argument("--memory-budget", default=None,
+                   help="memory one batch of images may use, e.g. 2GB (default: 1GiB on the CPU, half the free "
+                        "GPU memory on CUDA); the images per batch follow from it")
 
     d = sub.add_parser("demo", help="the paper's central result on an embedded default (offline)")
     d.add_argument("--out", default="demo-report")
@@ -221,7 +226,7 @@ def _check_seed(seed: int) -> None:
 
 
 def cmd_measure(a) -> int:
-    from ._measure import check_transform_count, measure, parse_transforms
+    from ._measure import check_transform_count, measure, parse_bytes, parse_transforms
     from ._models import load_model
     from ._search import SearchConfig
     from .files import check_output_dir
@@ -236,6 +241,8 @@ def cmd_measure(a) -> int:
     if a.mask_radius is not None and not (math.isfinite(a.mask_radius) and a.mask_radius > 0):
         raise ValueError(f"mask_radius: must be a positive number, got {a.mask_radius}")
     _check_seed(a.seed)
+    if a.memory_budget is not None:
+        parse_bytes(a.memory_budget)
     device = _device(a.device)
     check_transform_count(a.transform, a.max_transforms)
     transforms = parse_transforms(a.transform, max_transforms=a.max_transforms)
@@ -247,7 +254,7 @@ def cmd_measure(a) -> int:
     report = measure(model, images.to(device), transforms, layers=a.layers or default_layers, search=a.search,
                      channels=a.channels, mask_radius=a.mask_radius, config=cfg, n_boot=a.n_boot, seed=a.seed,
                      interior={"auto": None, "on": True, "off": False}[a.interior], max_image_pixels=a.max_pixels,
-                     device=device, progress=True, model_name=a.model)
+                     device=device, progress=True, model_name=a.model, memory_budget=a.memory_budget)
     print(report.table())
     if a.out:
         paths = report.save(a.out)

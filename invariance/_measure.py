@@ -47,7 +47,7 @@ from torch import nn
 
 from . import geometry as G
 from ._features import FeatureExtractor
-from ._metric import LayerResult, interpolation_floor, measure_layer
+from ._metric import LayerAccumulator, LayerResult, interpolation_floor
 from ._report import Report
 from ._search import SEARCH_FAMILIES, SearchConfig
 from ._warp import warp
@@ -57,7 +57,7 @@ __all__ = ["linear_warning",
            "Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
            "CHANNEL_MODES",
            "DEFAULT_SEARCH",
-           "bootstrap_ci", "as_image_batch"]
+           "bootstrap_ci", "as_image_batch", "DEFAULT_MEMORY_BUDGET", "parse_bytes"]
 
 CHANNEL_MODES = ("spatial", "permutation", "linear")
 
@@ -316,6 +316,7 @@ def measure(
     progress: bool | None = None,
     model_name: str | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    memory_budget: int | str | None = None,
 ) -> Report:
     """Measure invariance, expected-transform, spatial, permutation and linear alignment errors.
 
@@ -335,10 +336,14 @@ def measure(
         config: :class:`invariance.SearchConfig` (grid resolution, refinement).
         n_boot: bootstrap resamples for the confidence intervals.
         seed: seeds the bootstrap, the linear-map folds and the refinement jitter.
-        batch_size: images per forward pass (default: all at once).
+        batch_size: images per batch (forward passes and searches); default: as many as
+            ``memory_budget`` allows. Results do not depend on it: every image's search is
+            independent of its batch-mates, the random-pair null pairs the same images and the
+            linear map is accumulated over batches.
         device: where to compute (default: the device of ``images``).
         calibrate: compute the interpolation floor and the random-pair null.
-        progress: show a tqdm progress bar (default: when attached to a terminal).
+        progress: show a tqdm progress bar over images x layers, with an ETA (default: when
+            attached to a terminal).
         max_image_pixels: refuse larger images before any work (:data:`MAX_IMAGE_PIXELS`; the
             search's memory grows with the map size; raise it knowingly).
 
@@ -349,44 +354,193 @@ def measure(
     transforms, channels = _checked_arguments(model, transforms, channels, search, n_boot)
     x, model = _prepared(model, images, max_image_pixels, device)
     cfg = config or SearchConfig(seed=seed)
-    extractor = FeatureExtractor(model, layers)
-
-    def run(imgs):
-        try:
-            return extractor(imgs, batch_size)
-        except (RuntimeError, IndexError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"model: forward pass failed on images of shape {tuple(imgs.shape)}: {first}") from None
-
-    feats, frames = run(x)
-    layer_names = list(feats)
-    if not layer_names:
-        raise ValueError("layers: the model has no layer with a 4-D output")
-
+    plan = _plan(model, x, layers, channels, batch_size, memory_budget)
     from tqdm.auto import tqdm
 
-    steps = len(transforms) * (len(layer_names) + (1 if calibrate else 0))
-    bar = tqdm(total=steps, desc="measuring", unit="step", disable=(None if progress is None else not progress),
+    n = x.shape[0]
+    steps = len(transforms) * n * (len(plan.layers) + (1 if calibrate else 0))
+    bar = tqdm(total=steps, desc="measuring", unit="img", disable=(None if progress is None else not progress),
                leave=False)
-    records: list[dict] = []
+    results: dict[tuple[str, str], LayerResult] = {}
     floor: dict[str, dict] = {}
+    opts = {"channels": channels, "mask_radius": mask_radius, "interior": interior, "config": cfg, "seed": seed,
+            "null": calibrate}
     for tr in transforms:
-        recs, fl = _measure_transform(tr, x, feats, frames, run, search=search, channels=channels,
-                                      mask_radius=mask_radius, interior=interior, config=cfg, n_boot=n_boot,
-                                      seed=seed, calibrate=calibrate, bar=bar)
-        records += recs
-        if fl is not None:
-            floor[tr.label] = fl
+        if calibrate:
+            floor[tr.label] = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar)
+        for group in plan.groups:
+            results.update(_measure_group(tr, x, group, plan, search, opts, bar))
     bar.close()
+    records = []
+    for tr in transforms:
+        for depth, name in enumerate(plan.layers):
+            res = results[(tr.label, name)]
+            rec = {"layer": name, "depth": depth, "transform": tr.label, "family": tr.family,
+                   "magnitude": tr.magnitude, "search": res.search, **_record(res, n_boot, seed)}
+            if calibrate:
+                rec["interpolation_floor"] = floor[tr.label]["mean"]
+            records.append(rec)
     null: dict = {}
     for r in records:
         if "random_pair_null" in r:
             null.setdefault(r["layer"], {})[r["transform"]] = {"mean": r["random_pair_null"],
                                                                  "ci": r["random_pair_null_ci"]}
-    meta = _meta(model, model_name, x, layer_names, transforms, frames, search=search, channels=channels,
+    meta = _meta(model, model_name, x, plan.layers, transforms, plan.frames, search=search, channels=channels,
                  mask_radius=mask_radius, interior=interior, seed=seed, n_boot=n_boot,
                  seconds=time.time() - t_start)
+    meta["batching"] = {"images_per_batch": plan.batch, "layer_groups": len(plan.groups),
+                        "memory_budget": plan.budget}
     return Report(records=records, calibration={"interpolation_floor": floor, "random_pair_null": null}, meta=meta)
+
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Bytes a :func:`measure` batch may use on the CPU for features and search buffers (1 GiB); on
+CUDA the default is half the device's free memory."""
+
+SEARCH_BYTES_PER_MAP = 32
+"""Search working memory per image, in multiples of the layer map's bytes (measured: 6-30x for
+maps of 0.2-3 MB under the default search; the coarse search's own ``memory_budget`` comes on top)."""
+
+_SEARCH_MIN_BYTES = 16 << 20
+
+
+def parse_bytes(value, name: str = "memory_budget") -> int:
+    """Bytes from an integer or a string such as ``"2GB"``, ``"512MiB"``, ``"1.5G"``.
+
+    >>> parse_bytes("2GB"), parse_bytes("512MiB"), parse_bytes(1000)
+    (2000000000, 536870912, 1000)
+    """
+    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20, "g": 1e9,
+             "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        out = int(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m[2].lower() not in units:
+            raise ValueError(f"{name}: cannot read {value!r} as a size; valid: bytes as an integer or a number "
+                             "with a unit, e.g. 2GB, 512MiB, 1.5G")
+        out = int(float(m[1]) * units[m[2].lower()])
+    if out <= 0:
+        raise ValueError(f"{name}: must be a positive size, got {value!r}")
+    return out
+
+
+@dataclass
+class _Plan:
+    """How a :func:`measure` call walks through memory: layer groups and images per batch."""
+
+    layers: list[str]
+    frames: dict
+    groups: list[tuple[list[str], FeatureExtractor]]
+    batch: int
+    floor_batch: int
+    budget: int
+    reuse: bool
+    originals: dict | None = None
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return DEFAULT_MEMORY_BUDGET
+
+
+def _run(extractor: FeatureExtractor, imgs: torch.Tensor):
+    try:
+        return extractor(imgs)
+    except (RuntimeError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model: forward pass failed on images of shape {tuple(imgs.shape)}: {first}") from None
+
+
+def _plan(model, x, layers, channels, batch_size, memory_budget) -> _Plan:
+    """Probe the layers with two images, then size the batches from the memory budget.
+
+    An image costs its maps and its transformed image's maps at every layer of its group, plus
+    the search of one layer at a time (:data:`SEARCH_BYTES_PER_MAP` times the largest map, with
+    ``C x C`` cost matrices for permutations and the float64 design of the linear map). Layers
+    are split into groups when two images' maps of all of them would take more than half the budget.
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size: must be a positive integer (images per batch), got {batch_size!r}")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget(x.device)
+    extractor = FeatureExtractor(model, layers)
+    probe, frames = _run(extractor, x[:2])  # two images: a BatchNorm in training mode needs them
+    names = list(probe)
+    if not names:
+        raise ValueError("layers: the model has no layer with a 4-D output")
+    maps = {k: v[0].numel() * v.element_size() for k, v in probe.items()}
+
+    def search_bytes(k):
+        c = probe[k].shape[1]
+        extra = 4 * c * c * 8 if "permutation" in channels else 0
+        extra += 4 * maps[k] * 8 // probe[k].element_size() if "linear" in channels else 0
+        return max(SEARCH_BYTES_PER_MAP * maps[k], _SEARCH_MIN_BYTES) + extra
+
+    groups: list[list[str]] = [[]]
+    for k in names:  # consecutive layers, each group's maps of two images within half the budget
+        if groups[-1] and 2 * 2 * (sum(maps[j] for j in groups[-1]) + maps[k]) > budget // 2:
+            groups.append([])
+        groups[-1].append(k)
+    per_image = max(2 * sum(maps[k] for k in g) + max(search_bytes(k) for k in g) for g in groups)
+    batch = int(batch_size) if batch_size is not None else max(1, min(x.shape[0], budget // per_image))
+    pixels = x[0].numel() * x.element_size()
+    floor_batch = max(1, min(x.shape[0], budget // max(SEARCH_BYTES_PER_MAP * pixels * 2, _SEARCH_MIN_BYTES)))
+    extractors = [(g, extractor if len(groups) == 1 else FeatureExtractor(model, g)) for g in groups]
+    reuse = batch >= x.shape[0] and len(groups) == 1
+    return _Plan(names, frames, extractors, batch, floor_batch, budget, reuse)
+
+
+def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar) -> dict:
+    """The interpolation floor of one transformation, batch by batch."""
+    fam = search or DEFAULT_SEARCH[tr.family]
+    t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
+    bar.set_postfix_str(f"{tr.label} floor")
+    parts = []
+    for i in range(0, x.shape[0], batch):
+        parts.append(interpolation_floor(x[i : i + batch], t_img, fam, mask_radius=mask_radius, config=cfg))
+        bar.update(parts[-1].shape[0])
+    mean, ci, _ = _stat(torch.cat(parts), n_boot, seed)
+    return {"mean": mean, "ci": ci}
+
+
+def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
+    """Every layer of one group under one transformation, batch by batch (two passes for the
+    linear map's held-out errors)."""
+    names, extractor = group
+    fam = search or DEFAULT_SEARCH[tr.family]
+    t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
+    n = x.shape[0]
+    batches = [slice(i, min(i + plan.batch, n)) for i in range(0, n, plan.batch)]
+
+    def maps(sl):
+        f = plan.originals
+        if f is None:
+            f, _ = _run(extractor, x[sl])
+            if plan.reuse:  # one batch, one group: the originals' maps serve every transformation
+                plan.originals = f
+        fh, _ = _run(extractor, warp(x[sl], t_img.to(x.dtype)))
+        return f, fh
+
+    accs: dict[str, LayerAccumulator] = {}
+    for j, sl in enumerate(batches):
+        f, fh = maps(sl)
+        for k in names:
+            if k not in accs:
+                accs[k] = LayerAccumulator(plan.frames[k], t_img, n, family=fam, layer=k, transform=tr.label,
+                                           device=f[k].device, dtype=f[k].dtype, **opts)
+            bar.set_postfix_str(f"{tr.label} {k}" + (f" (batch {j + 1}/{len(batches)})" if len(batches) > 1 else ""))
+            accs[k].add(f[k], fh[k], sl)
+            bar.update(sl.stop - sl.start)
+        del f, fh
+    if any(a.second_pass for a in accs.values()):
+        for sl in batches:
+            f, fh = maps(sl)
+            for k in names:
+                accs[k].score(f[k], fh[k], sl)
+    return {(tr.label, k): a.result() for k, a in accs.items()}
 
 
 def _checked_arguments(model, transforms, channels, search, n_boot) -> tuple[list[Transform], tuple[str, ...]]:
@@ -430,34 +584,6 @@ def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[
         model = model.to(device)
     check_model_channels(model, x)
     return x, model
-
-
-def _measure_transform(tr: Transform, x, feats, frames, run, *, search, channels, mask_radius, interior, config,
-                       n_boot, seed, calibrate, bar) -> tuple[list[dict], dict | None]:
-    """The records of one transformation (every layer) and its interpolation floor."""
-    fam = search or DEFAULT_SEARCH[tr.family]
-    t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
-    feats_h, _ = run(warp(x, t_img.to(x.dtype)))
-    floor = None
-    if calibrate:
-        bar.set_postfix_str(f"{tr.label} floor")
-        mean, ci, _ = _stat(interpolation_floor(x, t_img, fam, mask_radius=mask_radius, config=config), n_boot, seed)
-        floor = {"mean": mean, "ci": ci}
-        bar.update()
-    records = []
-    layer_names = list(feats)
-    for name in layer_names:
-        bar.set_postfix_str(f"{tr.label} {name}")
-        res = measure_layer(feats[name], feats_h[name], frames[name], t_img, family=fam, channels=channels,
-                            mask_radius=mask_radius, interior=interior, config=config, null=calibrate, seed=seed,
-                            layer=name, transform=tr.label)
-        rec = {"layer": name, "depth": layer_names.index(name), "transform": tr.label,
-               "family": tr.family, "magnitude": tr.magnitude, "search": fam, **_record(res, n_boot, seed)}
-        if floor is not None:
-            rec["interpolation_floor"] = floor["mean"]
-        records.append(rec)
-        bar.update()
-    return records, floor
 
 
 def _meta(model, model_name, x, layer_names, transforms, frames, *, search, channels, mask_radius, interior, seed,

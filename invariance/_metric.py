@@ -40,10 +40,11 @@ from ._features import LayerFrame
 from ._search import (
     SEARCH_FAMILIES,
     Alignment,
+    LinearFit,
     SearchConfig,
     align,
     channel_orbits,
-    fit_linear,
+    linear_design,
     masked_error,
     region_error,
     warp_valid,
@@ -51,7 +52,7 @@ from ._search import (
 from ._warp import disk_mask, warp
 
 __all__ = ["INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
-           "transformed_valid"]
+           "transformed_valid", "LayerAccumulator"]
 
 INTERIOR_MIN_FRACTION = 0.25
 """``interior=None`` applies the receptive-field interior only where it keeps this much of the map."""
@@ -246,58 +247,205 @@ def measure_layer(
     >>> bool(r.spatial.max() < 1e-12), r.params[0].round().tolist(), r.interior
     (True, [-3.0, 2.0], True)
     """
-    if family not in SEARCH_FAMILIES:
-        raise ValueError(f"family: unknown search family {family!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
-    f, fh = features, features_h
-    dtype, device = f.dtype, f.device
-    t_img = t_img.to(device=device, dtype=torch.float64)
-    if image_valid is None:
-        image_valid = transformed_valid(t_img, frame.input_size)
-    region, mvalid, used = comparison_region(frame, mask_radius=mask_radius, interior=interior,
-                                             image_valid=image_valid, device=device, dtype=dtype)
-    expected = frame.to_layer(G.inverse(t_img)).to(dtype=dtype, device=device)
-    want_perm = "permutation" in channels
-    res = align(f, fh, family, mask=region, moving_mask=mvalid, channels="permutation" if want_perm else "spatial",
-                config=config, expected=expected)
-    sp: Alignment = res.spatial if want_perm else res
-    with torch.no_grad():
-        e_inv = masked_error(f, fh, region, valid=mvalid)
-        e_exp = region_error(f, fh, expected, mask=region, moving_mask=mvalid)
-    fam = G.get_family(SEARCH_FAMILIES[family][0])
-    img_params = G.from_matrix(fam, G.normalized_to_centred(frame.to_image(sp.matrices.double()), frame.input_size))
-    out = LayerResult(
-        layer=layer, transform=transform, search=family,
-        invariance=_with_reasons(e_inv, sp.reasons).cpu(), expected=_with_reasons(e_exp, sp.reasons).cpu(),
-        spatial=sp.errors.cpu(), overlap=sp.overlap.cpu(), reasons=list(sp.reasons),
-        params=img_params.cpu(), param_names=tuple(fam.param_names), param_family=fam.name,
-        matrices=sp.matrices.cpu(), interior=used, region_size=int(region.sum().round()), frame=frame,
-    )
-    if want_perm:
-        out.permutation = res.errors.cpu()
-        out.permutations = res.permutations.cpu()
-        modal = Counter(tuple(p) for p in out.permutations.tolist()).most_common(1)[0][0]
-        out.orbits = channel_orbits(modal)
-    if "linear" in channels:
+    acc = LayerAccumulator(frame, t_img, features.shape[0], family=family, channels=channels,
+                           mask_radius=mask_radius, interior=interior, image_valid=image_valid, config=config,
+                           null=null, seed=seed, layer=layer, transform=transform, device=features.device,
+                           dtype=features.dtype)
+    everything = slice(0, features.shape[0])
+    acc.add(features, features_h, everything)
+    if acc.second_pass:
+        acc.score(features, features_h, everything)
+    return acc.result()
+
+
+def _sliced(x: torch.Tensor, index: slice, per_image: bool) -> torch.Tensor:
+    return x[index] if per_image else x
+
+
+class LayerAccumulator:
+    """:func:`measure_layer` over batches of images, for layers whose maps do not fit at once.
+
+    ``add(features, features_h, index)`` measures the images ``index`` (a slice of the
+    ``n_images``, in order) and keeps their per-image results; the random-pair null pairs image
+    ``i`` with image ``i - 1`` across batches (image 0 with the last one), so it is the same
+    pairing as one batch. The linear map is shared by all images: ``add`` accumulates its
+    normal equations (:class:`invariance.LinearFit`), and, when ``second_pass`` is true, the same
+    batches are given again to ``score`` for the held-out errors. ``result()`` gives the
+    :class:`LayerResult`, equal to one :func:`measure_layer` call on all images (every image's
+    search is independent of its batch-mates; sums may differ in the last bits).
+
+    >>> import torch.nn as nn
+    >>> net = nn.Conv2d(1, 2, 3, padding=1).double()
+    >>> x = torch.rand(4, 1, 12, 12, dtype=torch.float64)
+    >>> T = G.centred_to_normalized(G.to_matrix("translation", torch.tensor([2.0, 0.0])), (12, 12))
+    >>> f, fh = net(x).detach(), net(warp(x, T)).detach()
+    >>> acc = LayerAccumulator(LayerFrame.identity((12, 12)), T, 4, family="translation", null=True)
+    >>> for sl in (slice(0, 3), slice(3, 4)):
+    ...     acc.add(f[sl], fh[sl], sl)
+    >>> one = measure_layer(f, fh, LayerFrame.identity((12, 12)), T, family="translation", null=True)
+    >>> bool(torch.allclose(acc.result().null, one.null)), bool(torch.allclose(acc.result().spatial, one.spatial))
+    (True, True)
+    """
+
+    def __init__(self, frame: LayerFrame, t_img: torch.Tensor, n_images: int, *, family: str,
+                 channels=("spatial",), mask_radius: float | None = None, interior: bool | None = None,
+                 image_valid: torch.Tensor | None = None, config: SearchConfig | None = None, null: bool = False,
+                 seed: int = 0, layer: str = "", transform: str = "", device=None, dtype=torch.float64):
+        if family not in SEARCH_FAMILIES:
+            raise ValueError(f"family: unknown search family {family!r}; "
+                             f"valid choices: {', '.join(SEARCH_FAMILIES)}")
+        self.frame, self.n, self.family, self.config, self.seed = frame, n_images, family, config, seed
+        self.labels = (layer, transform)
+        self.want_perm = "permutation" in channels
+        self.want_linear = "linear" in channels
+        self.want_null = null
+        t_img = t_img.to(device=device, dtype=torch.float64)
+        self.per_image = t_img.dim() == 3
+        if image_valid is None:
+            image_valid = transformed_valid(t_img, frame.input_size)
+        self.region, self.mvalid, self.used = comparison_region(frame, mask_radius=mask_radius, interior=interior,
+                                                                image_valid=image_valid, device=device, dtype=dtype)
+        self.expected = frame.to_layer(G.inverse(t_img)).to(dtype=dtype, device=device)
+        self.parts: list[dict] = []
+        self.fits: list[LinearFit] = []  # one per warp choice (spatial, expected, permutation)
+        self.in_sample: list[list[torch.Tensor]] = []
+        self.held: list[list[torch.Tensor]] = []
+        self.first_f: torch.Tensor | None = None  # image 0's maps and the last transformed maps
+        self.last_fh: torch.Tensor | None = None
+        self.first_null: torch.Tensor | None = None
+
+    @property
+    def second_pass(self) -> bool:
+        """Whether ``score`` must see the batches again (the linear map's held-out errors)."""
+        return self.want_linear
+
+    def _mvalid(self, index: slice) -> torch.Tensor:
+        return _sliced(self.mvalid, index, self.mvalid.dim() == 3)
+
+    def _expected(self, index: slice) -> torch.Tensor:
+        return _sliced(self.expected, index, self.per_image)
+
+    def add(self, f: torch.Tensor, fh: torch.Tensor, index: slice) -> None:
+        """Measure images ``index`` from their maps ``f`` and transformed maps ``fh``."""
+        mvalid, expected = self._mvalid(index), self._expected(index)
+        res = align(f, fh, self.family, mask=self.region, moving_mask=mvalid, config=self.config, expected=expected,
+                    channels="permutation" if self.want_perm else "spatial")
+        sp: Alignment = res.spatial if self.want_perm else res
+        with torch.no_grad():
+            e_inv = masked_error(f, fh, self.region, valid=mvalid)
+            e_exp = region_error(f, fh, expected, mask=self.region, moving_mask=mvalid)
+        part = {"invariance": _with_reasons(e_inv, sp.reasons).cpu(),
+                "expected": _with_reasons(e_exp, sp.reasons).cpu(), "spatial": sp.errors.cpu(),
+                "overlap": sp.overlap.cpu(), "reasons": list(sp.reasons), "matrices": sp.matrices.cpu()}
+        if self.want_perm:
+            part["permutation"], part["permutations"] = res.errors.cpu(), res.permutations.cpu()
+        if self.want_linear:
+            part["choices"] = self._linear_add(f, fh, index, sp, res, expected, mvalid)
+        if self.want_null:
+            part["null"] = self._null(f, fh, index, expected, mvalid)
+        self.parts.append(part)
+
+    def _linear_add(self, f, fh, index, sp, res, expected, mvalid) -> list:
         # A is shared by all images, g per image: the warp is the best of a few per-image choices
         # (the spatial and permutation optima, the expected warp), the one whose cross-fitted
         # (held-out) error is lowest; the in-sample bound is the per-image minimum.
-        b = f.shape[0]
+        b, c = f.shape[:2]
         choices = [(sp.matrices, None), (expected.expand(b, 3, 3).to(sp.matrices), None)]
-        if want_perm:
+        if self.want_perm:
             choices.append((res.matrices, res.permutations))
-        fits = [fit_linear(f, fh, mats, mask=region, moving_mask=mvalid, permutations=perms, seed=seed)
-                for mats, perms in choices]
-        best = min(fits, key=lambda d: float(torch.nan_to_num(d["held_out"], nan=float("inf")).mean()))
-        out.linear = _with_reasons(best["held_out"], sp.reasons).cpu()
-        out.linear_fit = _with_reasons(torch.stack([d["fit"] for d in fits]).min(0).values, sp.reasons).cpu()
-    if null:
-        if f.shape[0] > 1:
-            # image b against the transformed maps of image b-1; the null needs the same search,
-            # not its last decimals: refine the best start only
-            cfg = replace(config or SearchConfig(), top_k=1)
-            rn = align(f, torch.roll(fh, 1, dims=0), family, mask=region, moving_mask=mvalid, config=cfg,
-                       expected=expected)
-            out.null = rn.errors.cpu()
+        if not self.fits:
+            self.fits = [LinearFit(self.n, c, seed=self.seed, device=f.device) for _ in choices]
+            self.in_sample = [[] for _ in choices]
+            self.held = [[] for _ in choices]
+        ids = torch.arange(index.start, index.stop, device=f.device)
+        with torch.no_grad():
+            for fit, fits, (mats, perms) in zip(self.fits, self.in_sample, choices):
+                x, y = linear_design(f, fh, mats, self.region, mvalid, perms)
+                fits.append(fit.add(x, y, ids).cpu())
+        return choices
+
+    def score(self, f: torch.Tensor, fh: torch.Tensor, index: slice) -> None:
+        """Second pass: the held-out linear errors of images ``index`` (batches in the same order)."""
+        if self.fits and self.fits[0].matrix is None:
+            for fit in self.fits:
+                fit.solve()
+        part = next(p for p, start in zip(self.parts, self._starts()) if start == index.start)
+        ids = torch.arange(index.start, index.stop, device=f.device)
+        with torch.no_grad():
+            for fit, held, (mats, perms) in zip(self.fits, self.held, part["choices"]):
+                x, y = linear_design(f, fh, mats, self.region, self._mvalid(index), perms)
+                held.append(fit.score(x, y, ids).cpu())
+
+    def _starts(self) -> list[int]:
+        out, s = [], 0
+        for p in self.parts:
+            out.append(s)
+            s += len(p["spatial"])
+        return out
+
+    def _null(self, f, fh, index, expected, mvalid) -> torch.Tensor:
+        """Image i against the transformed maps of image i - 1 (image 0: of the last image, at the end)."""
+        # the null needs the same search, not its last decimals: refine the best start only
+        cfg = replace(self.config or SearchConfig(), top_k=1)
+        if index.start == 0:
+            self.first_f = f[:1]
+            ref, mov = f[1:], fh[:-1]
+            sl = slice(1, None)
         else:
-            out.null = torch.full((1,), math.nan, dtype=torch.float64)
-    return out
+            ref, mov = f, torch.cat([self.last_fh, fh[:-1]])
+            sl = slice(None)
+        self.last_fh = fh[-1:]
+        out = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
+        if ref.shape[0]:
+            out[sl] = align(ref, mov, self.family, mask=self.region,
+                            moving_mask=_sliced(mvalid, sl, mvalid.dim() == 3), config=cfg,
+                            expected=_sliced(expected, sl, self.per_image)).errors.cpu().double()
+        return out
+
+    def result(self) -> LayerResult:
+        """The :class:`LayerResult` of every image added (``n_images`` in all)."""
+        got = sum(len(p["spatial"]) for p in self.parts)
+        if got != self.n:
+            raise ValueError(f"index: {got} images were added, expected n_images = {self.n}")
+        cat = {k: torch.cat([p[k] for p in self.parts]) for k in ("invariance", "expected", "spatial", "overlap",
+                                                                 "matrices")}
+        reasons = [r for p in self.parts for r in p["reasons"]]
+        sp_mats = cat["matrices"]
+        fam = G.get_family(SEARCH_FAMILIES[self.family][0])
+        size = self.frame.input_size
+        img_params = G.from_matrix(fam, G.normalized_to_centred(self.frame.to_image(sp_mats.double()), size))
+        out = LayerResult(
+            layer=self.labels[0], transform=self.labels[1], search=self.family,
+            invariance=cat["invariance"], expected=cat["expected"], spatial=cat["spatial"], overlap=cat["overlap"],
+            reasons=reasons, params=img_params.cpu(), param_names=tuple(fam.param_names), param_family=fam.name,
+            matrices=sp_mats, interior=self.used, region_size=int(self.region.sum().round()), frame=self.frame,
+        )
+        if self.want_perm:
+            out.permutation = torch.cat([p["permutation"] for p in self.parts])
+            out.permutations = torch.cat([p["permutations"] for p in self.parts])
+            modal = Counter(tuple(p) for p in out.permutations.tolist()).most_common(1)[0][0]
+            out.orbits = channel_orbits(modal)
+        if self.want_linear:
+            out.linear, out.linear_fit = self._linear_result(reasons)
+        if self.want_null:
+            out.null = self._null_result()
+        return out
+
+    def _linear_result(self, reasons) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.held[0]) != len(self.parts):
+            raise ValueError("score: the held-out linear errors need a second pass over the same batches "
+                             "(LayerAccumulator.second_pass)")
+        held = [torch.cat(h) for h in self.held]
+        best = min(held, key=lambda h: float(torch.nan_to_num(h, nan=float("inf")).mean()))
+        fit = torch.stack([torch.cat(f) for f in self.in_sample]).min(0).values
+        return _with_reasons(best, reasons).cpu(), _with_reasons(fit, reasons).cpu()
+
+    def _null_result(self) -> torch.Tensor:
+        null = torch.cat([p["null"] for p in self.parts])
+        if self.n > 1:
+            first = slice(0, 1)
+            expected, mvalid = self._expected(first), self._mvalid(first)
+            cfg = replace(self.config or SearchConfig(), top_k=1)
+            null[0] = align(self.first_f, self.last_fh, self.family, mask=self.region, moving_mask=mvalid, config=cfg,
+                            expected=expected).errors.cpu().double()[0]
+        return null

@@ -83,6 +83,8 @@ __all__ = [
     "masked_error",
     "warp_valid",
     "fit_linear",
+    "linear_design",
+    "LinearFit",
     "channel_orbits",
 ]
 
@@ -747,8 +749,9 @@ def _refine_batch(reference, moving, centred, region, mvalid, size, family, cfg,
     with torch.no_grad():
         p0 = G.from_matrix(fam, centred)
         z0 = _to_free(fam, p0)
+        # the same jitter for every image: an image's result never depends on its batch-mates
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        jitter = (torch.rand(z0.shape, generator=gen, dtype=z0.dtype) - 0.5) * 0.4
+        jitter = (torch.rand(z0.shape[1:], generator=gen, dtype=z0.dtype) - 0.5) * 0.4
         z = (z0 + jitter.to(z0.device)).clone()
     stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
@@ -1145,50 +1148,98 @@ def fit_linear(
     mvalid = _resolve_moving(moving_mask, reference.shape[0], size, reference.dtype, reference.device)
     b, c = reference.shape[:2]
     with torch.no_grad():
-        mats = matrices.to(reference).unsqueeze(1)
-        warped, valid = _split(warp(_stack(moving, mvalid), mats)[:, 0])
-        r = (region * valid).sqrt()  # (B, H, W): the residuals are weighted by R_g
-        if permutations is not None:
-            warped = torch.gather(warped, 1, permutations[:, :, None, None].expand(-1, -1, *size))
-        x = (warped * r[:, None]).flatten(2).double()  # (B, C, N), zero outside the region
-        y = (reference * r[:, None]).flatten(2).double()
+        x, y = linear_design(reference, moving, matrices, region, mvalid, permutations)
+        fit = LinearFit(b, c, folds=folds, ridge=ridge, seed=seed, device=reference.device)
+        in_sample = fit.add(x, y, torch.arange(b, device=reference.device))
+        fit.solve()
+        held = fit.score(x, y, torch.arange(b, device=reference.device))
+    return {"held_out": held, "fit": in_sample, "matrix": fit.matrix}
+
+
+def linear_design(reference, moving, matrices, region, mvalid, permutations=None):
+    """The ridge regression's data of :func:`fit_linear`: ``x`` the warped (and permuted) moving
+    maps, ``y`` the reference, both ``(B, C, N)`` float64 weighted by ``sqrt(R_g)``, zero
+    outside the comparison region."""
+    size = tuple(reference.shape[-2:])
+    mats = matrices.to(reference).unsqueeze(1)
+    warped, valid = _split(warp(_stack(moving, mvalid), mats)[:, 0])
+    r = (region * valid).sqrt()  # (B, H, W): the residuals are weighted by R_g
+    if permutations is not None:
+        warped = torch.gather(warped, 1, permutations[:, :, None, None].expand(-1, -1, *size))
+    return (warped * r[:, None]).flatten(2).double(), (reference * r[:, None]).flatten(2).double()
+
+
+class LinearFit:
+    """The cross-fitted ridge map of :func:`fit_linear`, accumulated over batches of images.
+
+    Image ``i`` (of ``n_images``) belongs to fold ``f(i)``, drawn once from ``seed``; ``add``
+    takes the :func:`linear_design` of a batch with the images' indices, accumulates each fold's
+    normal equations ``sum_i w_i x_i x_i^T`` and ``sum_i w_i y_i x_i^T`` (``w_i = 1 / ||y_i||^2``)
+    and returns the in-sample errors; after ``solve``, ``score`` gives each image's error under
+    the map fitted on the *other* folds. Memory is ``2 folds x 2 x C^2`` numbers, whatever the
+    number of images, so a layer can be fitted batch by batch; batching never changes the result
+    beyond float summation order.
+
+    >>> x = torch.rand(4, 3, 10, dtype=torch.float64); ids = torch.arange(4)
+    >>> fit = LinearFit(4, 3); _ = fit.add(x[:2], x[:2], ids[:2]); _ = fit.add(x[2:], x[2:], ids[2:])
+    >>> fit.solve(); bool(fit.score(x, x, ids).max() < 1e-6)
+    True
+    """
+
+    def __init__(self, n_images: int, channels: int, *, folds: int = 2, ridge: float = 1e-4, seed: int = 0,
+                 device=None):
+        self.n, self.c, self.ridge = n_images, channels, ridge
+        self.k = min(folds, n_images)
+        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
+        self.fold = torch.empty(n_images, dtype=torch.long)
+        self.fold[order] = torch.arange(n_images) % self.k  # test fold f is order[f::k]
+        self.fold = self.fold.to(device)
+        self.xx = torch.zeros(self.k, channels, channels, dtype=torch.float64, device=device)
+        self.yx = torch.zeros_like(self.xx)
+        self.maps: torch.Tensor | None = None
+        self.matrix: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Accumulate a batch ``x, y (b, C, N)`` of images ``index (b,)``; returns their in-sample
+        errors (the best per-image map, a lower bound; NaN without signal)."""
         energy = y.pow(2).sum((1, 2))
         usable = energy > 0
-        w = torch.where(usable, 1.0 / energy.clamp_min(1e-300), 0.0)  # (B,)
-        xx = torch.einsum("b,bcn,bdn->bcd", w, x, x)
-        yx = torch.einsum("b,bcn,bdn->bcd", w, y, x)
-
-        def solve(ids):
-            sxx, syx = xx[ids].sum(0), yx[ids].sum(0)
-            lam = ridge * torch.trace(sxx) / c + 1e-12
-            return torch.linalg.solve(sxx + lam * torch.eye(c, dtype=sxx.dtype, device=sxx.device), syx.T).T
-
-        def score(a, ids):
-            res = torch.einsum("cd,bdn->bcn", a, x[ids]) - y[ids]
-            return torch.where(usable[ids], res.pow(2).sum((1, 2)) * w[ids], torch.nan)
-
-        held = torch.full((b,), float("nan"), dtype=torch.float64, device=reference.device)
-        if b >= 2:
-            gen = torch.Generator().manual_seed(seed)
-            order = torch.randperm(b, generator=gen).to(reference.device)
-            k = min(folds, b)
-            for f in range(k):
-                test = order[f::k]
-                train = torch.cat([order[g::k] for g in range(k) if g != f])
-                held[test] = score(solve(train), test)
-        a_all = solve(torch.arange(b, device=reference.device))
-        # in-sample per-image least squares (lower bound); a vanishing ridge keeps
-        # rank-deficient images solvable
+        w = torch.where(usable, 1.0 / energy.clamp_min(1e-300), 0.0)
         gram = torch.einsum("bcn,bdn->bcd", x, x)
+        cross = torch.einsum("bcn,bdn->bcd", y, x)
+        fold = self.fold[index]
+        self.xx.index_add_(0, fold, gram * w[:, None, None])
+        self.yx.index_add_(0, fold, cross * w[:, None, None])
+        # in-sample per-image least squares; a vanishing ridge keeps rank-deficient images solvable
         lam = 1e-12 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
-        eye = torch.eye(c, dtype=gram.dtype, device=gram.device)
-        sol = torch.linalg.solve(gram + lam * eye, torch.einsum("bcn,bdn->bcd", x, y))  # (B, C_in, C_out)
+        eye = torch.eye(self.c, dtype=gram.dtype, device=gram.device)
+        sol = torch.linalg.solve(gram + lam * eye, cross.transpose(1, 2))  # (B, C_in, C_out)
         res = torch.einsum("bdc,bdn->bcn", sol, x) - y
         fit = res.pow(2).sum((1, 2)) * w
         # the per-image permutation / identity is feasible for the least squares: never worse
         ident = (x - y).pow(2).sum((1, 2)) * w
-        fit = torch.where(usable, torch.minimum(fit, ident), torch.nan)
-    return {"held_out": held, "fit": fit, "matrix": a_all}
+        return torch.where(usable, torch.minimum(fit, ident), torch.nan)
+
+    def _solve(self, sxx: torch.Tensor, syx: torch.Tensor) -> torch.Tensor:
+        lam = self.ridge * torch.trace(sxx) / self.c + 1e-12
+        eye = torch.eye(self.c, dtype=sxx.dtype, device=sxx.device)
+        return torch.linalg.solve(sxx + lam * eye, syx.T).T
+
+    def solve(self) -> None:
+        """Fit the map of each fold's complement (``maps``) and of all images (``matrix``)."""
+        sxx, syx = self.xx.sum(0), self.yx.sum(0)
+        self.matrix = self._solve(sxx, syx)
+        if self.n >= 2:
+            self.maps = torch.stack([self._solve(sxx - self.xx[f], syx - self.yx[f]) for f in range(self.k)])
+
+    def score(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Held-out errors of images ``index`` (NaN with a single image or without signal)."""
+        energy = y.pow(2).sum((1, 2))
+        if self.maps is None:
+            return torch.full_like(energy, float("nan"))
+        a = self.maps[self.fold[index]]  # (b, C, C)
+        res = torch.einsum("bcd,bdn->bcn", a, x) - y
+        return torch.where(energy > 0, res.pow(2).sum((1, 2)) / energy.clamp_min(1e-300), torch.nan)
 
 
 def channel_orbits(permutation) -> list[list[int]]:
