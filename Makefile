@@ -8,8 +8,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# `make test-models`: torchvision and timm need their own torch (requirements/models.txt)
+MVENV  ?= .venv-models
+MPY    := $(MVENV)/bin/python
+MSTAMP := $(MVENV)/.installed
 
-.PHONY: setup test test-fast demo lint notebooks notebooks-full bench clean
+.PHONY: setup test test-fast test-models demo lint notebooks notebooks-full bench clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,17 @@ test: $(STAMP)
 	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} INVARIANCE_QUICK=1 \
 	    $(PY) -m pytest -q invariance stn tests notebooks/*.ipynb --nbmake
+
+$(MSTAMP): pyproject.toml requirements/models.txt
+	$(PYTHON) -m venv $(MVENV)
+	$(MPY) -m pip install --quiet --upgrade pip
+	$(MPY) -m pip install --quiet -r requirements/models.txt
+	$(MPY) -m pip install --quiet -e ".[models,dev]"
+	touch $(MSTAMP)
+
+# real architectures from torchvision and timm (random weights): frames and exact stride shifts
+test-models: $(MSTAMP)
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(MPY) -m pytest -q -p no:cacheprovider tests/test_real_networks.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x invariance stn tests
@@ -46,4 +61,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_stn.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis demo-report
+	rm -rf $(VENV) $(MVENV) .pytest_cache .hypothesis demo-report

@@ -4,8 +4,11 @@
 #
 #   1. the CUDA tests (tests that need a GPU skip themselves on a CPU);
 #   2. the search benchmark on the device          -> search_cuda_quick.{json,md}
-#   3. the training-throughput benchmark           -> train_throughput_cuda.{json,md}
-#   4. the budgeted reproduction (stn.reproduce_budget) -> reproduction.{json,md}, canonical_pose.png
+#   3. the search against its bare-FFT bound       -> fft_bound.{json,md}
+#   4. the training-throughput benchmark           -> train_throughput_cuda.{json,md}
+#   5. the budgeted reproduction (stn.reproduce_budget) -> reproduction.{json,md}, canonical_pose.png
+#   6. torchvision resnet50 layer3, 1,000 images, 360 angles x all shifts -> resnet50.{json,md}
+#      (when torchvision imports; recorded as skipped otherwise)
 #
 # Usage:
 #   benchmarks/gpu_suite.sh                 # on the GPU machine: results in benchmarks/results/gpu
@@ -35,13 +38,17 @@ if [ "$tiny" = 1 ]; then
   out="${out:-${TMPDIR:-/tmp}/gpu_suite_tiny}"
   device=cpu
   search_args=(--tiny --device cpu)
+  fft_args=(--tiny --device cpu)
   train_args=(--tiny --device cpu)
+  resnet_args=(--tiny --device cpu)
   budget=tiny
 else
   out="${out:-benchmarks/results/gpu}"
   device=cuda
   search_args=(--quick --device cuda)
+  fft_args=(--device cuda)
   train_args=(--device cuda)
+  resnet_args=(--device cuda --images 1000 --layers layer3 --angles 360)
   budget=gpu
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
     echo "gpu_suite.sh: error: no CUDA device (use --tiny for the CPU smoke run)" >&2; exit 2; }
@@ -70,8 +77,15 @@ part() {  # part NAME COMMAND...: run, log to NAME.log, record the result
 export HYPOTHESIS_PROFILE=ci
 part cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_warp.py tests/test_cuda.py -k "cuda or device"
 part search-bench "$py" benchmarks/bench_search.py "${search_args[@]}" --out "$out"
+part fft-bound "$py" benchmarks/bench_fft_bound.py "${fft_args[@]}" --out "$out"
 part train-bench "$py" benchmarks/bench_train.py "${train_args[@]}" --out "$out"
 part reproduction "$py" -m stn reproduce --budget "$budget" --device "$device" --results "$out" \
   --out "$out/runs"
+if "$py" -c 'import torchvision' > /dev/null 2>&1; then
+  part resnet50 "$py" benchmarks/bench_resnet50.py "${resnet_args[@]}" --out "$out"
+else
+  echo "| resnet50 | skipped: torchvision does not import (make test-models builds .venv-models) | 0 |" >> "$summary"
+  echo "   resnet50: skipped (torchvision does not import)"
+fi
 echo "wrote $summary"
 exit $status

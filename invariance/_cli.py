@@ -263,7 +263,7 @@ def cmd_measure(a) -> int:
 
 
 def cmd_layers(a) -> int:
-    from ._features import extract_features
+    from ._features import FeatureExtractor
     from ._models import load_model
     from .checks import check_model_channels
 
@@ -279,9 +279,10 @@ def cmd_layers(a) -> int:
     else:
         images = load_images(a.images or default_images, 1).to(_model_dtype(model))
     check_model_channels(model, images)
+    extractor = FeatureExtractor(model, "all")
     try:
         with torch.no_grad():
-            feats, frames = extract_features(model, images, "all")
+            feats, frames = extractor(images)
     except (RuntimeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"images: the model's forward pass failed on images of shape {tuple(images.shape)} "
@@ -292,6 +293,12 @@ def cmd_layers(a) -> int:
         print(f"{name:24s} {str(tuple(f.shape[1:])):18s} {str(fr.stride):12s} {str(fr.offset):14s} "
               f"{'traced' if fr.exact else 'assumed'}"
               + (" (channels last, transposed)" if fr.layout == "BHWC" else ""))
+    if extractor.not_maps:
+        names = list(extractor.not_maps)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        print(f"\nnot measured: {len(names)} 4-D output(s) that are not spatial maps but tokens or attention "
+              f"heads reshaped from a map (e.g. {shown}, shape {extractor.not_maps[names[0]][1:]}); "
+              "the toolkit measures maps with a spatial frame")
     return 0
 
 

@@ -20,7 +20,10 @@ rules are applied while the model runs, by watching every torch function call (a
 :class:`torch.overrides.TorchFunctionMode`), so functional code, nested modules and residual
 branches are all covered. A layer reached through an operation the tracer does not know
 (adaptive pooling, transposed convolutions, rolls) gets the *assumed* frame "covers the image's
-field of view" and ``LayerFrame.exact`` is ``False``.
+field of view" and ``LayerFrame.exact`` is ``False``. A 4-D output that descends from a map
+through a reshape folding its grid into other axes (a vision transformer's patch tokens and
+attention heads, ``(B, heads, tokens, dims)``) has no spatial frame at all: ``"all"`` leaves it
+out (listed in :attr:`FeatureExtractor.not_maps`) and naming it is refused.
 
 The tracer also accumulates the half-width ``r`` of each axis's receptive field (input pixels:
 pixel ``j`` depends on input pixels ``[a j + b - r, a j + b + r]``), ``r' = r + a * d * (k - 1) / 2``
@@ -174,6 +177,10 @@ _GEOMETRIC = {"conv2d", "max_pool2d", "avg_pool2d", "max_pool2d_with_indices", "
 _MOVING = {"flip", "fliplr", "flipud", "rot90", "roll", "transpose", "permute", "swapaxes", "swapdims",
            "movedim", "moveaxis", "t", "grid_sample", "interpolate", "upsample", "pixel_shuffle",
            "pixel_unshuffle", "affine_grid"}
+# operations that can fold a map's grid into other axes (a ViT's patch tokens, attention heads)
+_RESHAPING = {"flatten", "view", "reshape", "unflatten", "transpose", "permute", "swapaxes", "swapdims",
+              "movedim", "moveaxis", "t", "matmul", "bmm", "einsum", "linear", "unfold", "chunk", "split",
+              "unbind", "pixel_shuffle", "pixel_unshuffle"}
 _ARGS = {
     "conv2d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
     "max_pool2d": ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
@@ -230,6 +237,9 @@ class _FrameTracer(TorchFunctionMode):
         super().__init__()
         self.frames: dict[int, tuple[tuple[float, float], tuple[float, float], bool]] = {}
         self.channels_last: dict[int, tuple] = {}  # (B, H, W, C) views of traced maps, and their frames
+        # untraced tensors descended from a map through a reshape that mixes its grid into other axes
+        # (flatten, view, matmul: tokens, attention heads): no spatial frame at all
+        self.tokens: set[int] = set()
         # an id is forgotten when its tensor dies (ids of dead tensors are reused), so the tracer
         # keeps no intermediate alive: memory stays that of a plain forward pass
         self._finalizers: list[weakref.finalize] = []
@@ -245,6 +255,11 @@ class _FrameTracer(TorchFunctionMode):
     def _forget(self, key: int) -> None:
         self.frames.pop(key, None)
         self.channels_last.pop(key, None)
+        self.tokens.discard(key)
+
+    def is_tokens(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` has no spatial frame because it descends from a reshaped map (tokens)."""
+        return id(t) in self.tokens and id(t) not in self.frames
 
     def __exit__(self, *exc):
         for f in self._finalizers:
@@ -289,9 +304,28 @@ class _FrameTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         try:
             self._propagate(func, args, kwargs, out)
+            self._mark_tokens(func, args, kwargs, out)
         except Exception:  # tracing must never break the user's forward pass
             pass
         return out
+
+    def _mark_tokens(self, func, args, kwargs, out) -> None:
+        """Untraced outputs of a reshape of a map, or of any op on tokens, are tokens."""
+        flat = []
+        for a in list(args) + list(kwargs.values()):
+            flat += [t for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+        inherited = any(id(t) in self.tokens for t in flat)
+        src = next((t for t in flat if id(t) in self.frames or id(t) in self.channels_last), None)
+        if not inherited and (src is None or getattr(func, "__name__", "") not in _RESHAPING):
+            return
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if not isinstance(o, torch.Tensor) or id(o) in self.frames or id(o) in self.channels_last:
+                continue
+            # a map transposed or flipped keeps a grid (of unknown frame); one folded into other axes does not
+            folded = src is not None and (o.dim() != src.dim() or sorted(o.shape[-2:]) != sorted(src.shape[-2:]))
+            if inherited or folded:
+                self.tokens.add(id(o))
+                self._watch(o)
 
     def _framed_inputs(self, args, kwargs):
         found = []
@@ -356,15 +390,18 @@ class _FrameTracer(TorchFunctionMode):
             same = [t for t in inputs if t.dim() >= 3 and t.shape[-2:] == o.shape[-2:]]
             if not same:
                 continue
-            if any(id(t) not in self.frames for t in _batched_maps(args, kwargs, o)):
-                continue  # merged with a map of unknown frame (e.g. an upsampled branch): no single frame
-            # the same grid (stride, offset) in every input: keep it, with the widest receptive field
             grids = {tuple(ax_[:2] for ax_ in self.frames[id(t)][:2]) for t in same}
-            if len(grids) == 1:
-                (gx, gy) = grids.pop()
-                rx_ = max(self.frames[id(t)][0][2] for t in same)
-                ry_ = max(self.frames[id(t)][1][2] for t in same)
-                self._record(o, ((*gx, rx_), (*gy, ry_), all(self.frames[id(t)][2] for t in same)))
+            if len(grids) > 1 or any(id(t) not in self.frames for t in _batched_maps(args, kwargs, o)):
+                # merged with a map of another grid (timm resnet18d's average-pooling shortcut) or of
+                # unknown frame (an upsampled branch): no single frame, also when the merge is in place
+                # (`out += shortcut` returns a tensor that had the first branch's frame)
+                self.frames.pop(id(o), None)
+                continue
+            # the same grid (stride, offset) in every input: keep it, with the widest receptive field
+            (gx, gy) = grids.pop()
+            rx_ = max(self.frames[id(t)][0][2] for t in same)
+            ry_ = max(self.frames[id(t)][1][2] for t in same)
+            self._record(o, ((*gx, rx_), (*gy, ry_), all(self.frames[id(t)][2] for t in same)))
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -427,6 +464,7 @@ class FeatureExtractor:
                     + ", ".join([INPUT, *self.modules])
                 )
         self.layer_names: list[str] = []
+        self.not_maps: dict[str, tuple] = {}  # 4-D outputs without a spatial frame (tokens), by name
 
     def __call__(self, images: torch.Tensor, batch_size: int | None = None):
         """Return ``(features, frames)``: dicts layer name -> ``(B, C, h, w)`` tensor / :class:`LayerFrame`."""
@@ -479,6 +517,10 @@ class FeatureExtractor:
                     captured[name] = out.detach().permute(0, 3, 1, 2).clone()
                 else:
                     frames_at_capture[name] = tracer.lookup(out)
+                    if tracer.is_tokens(out):
+                        tokens[name] = tuple(out.shape)
+                        if wanted is None:
+                            return  # not a spatial map: listed in `not_maps`, not measured
                     # a copy: in-place operations later in the forward pass must not change it
                     captured[name] = out.detach().clone()
                 order.append(name)
@@ -487,6 +529,7 @@ class FeatureExtractor:
             return fn
 
         tracer = _FrameTracer()
+        tokens: dict[str, tuple] = {}
         frames_at_capture: dict[str, tuple | None] = {}
         channels_last: set[str] = set()
         handles = [m.register_forward_hook(hook(n, next(m.children(), None) is not None))
@@ -509,12 +552,18 @@ class FeatureExtractor:
                 n, s = next(iter(bad.items()))
                 raise ValueError(f"layers: layer {n!r} has a non-4-D output {s}; choose layers with "
                                  f"(B, C, H, W) outputs, e.g. {', '.join(order[:6]) or INPUT}")
+            if tokens:
+                n, shape = next(iter(tokens.items()))
+                raise ValueError(f"layers: layer {n!r} output {shape} is not a spatial feature map: it comes from "
+                                 f"a reshape of a map into tokens or attention heads (a vision transformer), which "
+                                 f"has no spatial frame; measure layers with a traced frame (invariance layers)")
             missing = [n for n in self.requested if n != INPUT and n not in captured]
             if missing:
                 raise ValueError(f"layers: layer(s) {', '.join(missing)} did not run in the forward pass")
         # keep only the deepest name for a tensor returned by several containers (hooks of
         # inner modules fire first, so the first name seen is the deepest)
         self.layer_names = order if wanted is None else [n for n in self.requested if n != INPUT]
+        self.not_maps = tokens
         size = tuple(x.shape[-2:])
         frames = {}
         feats = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -129,7 +130,8 @@ def test_unknown_budget_and_transform_are_named():
 
 def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     """``benchmarks/gpu_suite.sh --tiny``: every part of the GPU suite runs on the CPU and writes its
-    results: the suite summary (4 parts, all ok), the search and training benchmarks, and the
+    results: the suite summary (6 parts, all ok; resnet50 skipped without torchvision), the search,
+    FFT-bound and training benchmarks, and the
     budgeted reproduction with 3 columns x 5 architectures (2 seeds under rotation), the paper's
     claims with verdicts, the canonical pose per model and its figure."""
     env = {**os.environ, "PYTHON": sys.executable}
@@ -138,8 +140,13 @@ def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     summary = (tmp_path / "suite.md").read_text()
     assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| part")]
-    assert [r.split("|")[1].strip() for r in rows] == ["cuda-tests", "search-bench", "train-bench", "reproduction"]
-    assert all(r.split("|")[2].strip() == "ok" for r in rows), summary
+    assert [r.split("|")[1].strip() for r in rows] == ["cuda-tests", "search-bench", "fft-bound", "train-bench",
+                                                        "reproduction", "resnet50"]
+    results = [r.split("|")[2].strip() for r in rows]
+    assert all(r == "ok" for r in results[:-1]), summary
+    torchvision = importlib.util.find_spec("torchvision") is not None
+    assert results[-1] == "ok" if torchvision else results[-1].startswith("skipped: torchvision"), summary
+    assert (tmp_path / "fft_bound_tiny.json").exists()
     train = json.loads((tmp_path / "train_throughput_tiny.json").read_text())
     assert train["ratio"] > 0 and set(train["plain_images_per_s"]) == {"CNN", "STN-C0", "STN-C1", "STN-DL1",
                                                                         "STN-SL1"}

@@ -686,3 +686,59 @@ def test_a_merge_with_an_untraced_or_approximate_branch_has_no_exact_frame():
 
     _, frames = extract_features(Rolled(), x, "enc,dec")
     assert frames["enc"].exact and not frames["dec"].exact and frames["dec"].rf_radius is None
+
+
+class _AvgPoolShortcut(nn.Module):
+    """timm resnet18d's downsampling block: main branch conv 3x3 stride 2 (pixel i at 2i), shortcut
+    average pool 2x2 stride 2 (pixel i at 2i + 1/2) then 1x1 conv, merged by an in-place add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.pool = nn.AvgPool2d(2, 2)
+        self.proj = nn.Conv2d(2, 4, 1)
+        self.merge = nn.Identity()
+
+    def forward(self, x):
+        out = self.conv(x)
+        out += self.proj(self.pool(x))
+        return self.merge(out)
+
+
+def test_an_in_place_merge_of_two_grids_has_no_single_frame():
+    """The branches' grids differ by half a pixel, so the sum has no single frame; before the fix
+    the in-place add kept the main branch's exact frame (offset 0)."""
+    _, frames = extract_features(_AvgPoolShortcut(), torch.rand(2, 2, 16, 16), "conv,proj,merge")
+    assert frames["conv"].exact and frames["conv"].offset == (0.0, 0.0)
+    assert frames["proj"].exact and frames["proj"].offset == (0.5, 0.5)
+    assert not frames["merge"].exact
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding (a traced 4 x 4 stride-4 conv), tokens, and an attention whose query heads
+    ``(B, heads, tokens, dims)`` are a 4-D module output without a spatial frame."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.proj = nn.Conv2d(3, d, 4, 4)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm = nn.Identity()
+        self.heads = heads
+
+    def forward(self, x):
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.q_norm(q)
+        return ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def test_attention_heads_are_not_feature_maps():
+    """A ViT's (B, heads, tokens, dims) outputs are left out of "all" (listed in not_maps) and refused
+    by name; before the fix they were measured as 16 x 8 "maps" with an assumed frame."""
+    ex = FeatureExtractor(_TinyViT(), "all")
+    feats, frames = ex(torch.rand(2, 3, 16, 16))
+    assert list(feats) == ["proj"] and frames["proj"].exact
+    assert ex.not_maps == {"q_norm": (2, 2, 16, 8)}
+    with pytest.raises(ValueError, match="layer 'q_norm' output .* is not a spatial feature map"):
+        extract_features(_TinyViT(), torch.rand(2, 3, 16, 16), "q_norm")

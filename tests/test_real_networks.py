@@ -1,0 +1,123 @@
+"""Coverage of real architectures: torchvision and timm models, random weights, small inputs.
+
+Run by ``make test-models`` (a separate environment with the ``models`` extra: torchvision and
+timm pinned with the torch they need); skipped, with that reason, where they are not installed.
+
+For one layer of known stride per family, two laws:
+
+* **Frames match the architecture.** The stride and offset of feature pixel 0 follow from the
+  layers by ``a' = a s, b' = b + a (d (k - 1) / 2 - p)`` (docs/definitions.md); each expected
+  value below is worked out by hand from the architecture's definition (e.g. resnet's 7 x 7 /
+  2 / 3 stem and 3 x 3 / 2 / 1 max pool: stride 4, offset 0; VGG's 2 x 2 / 2 pools: offset 1/2
+  then 3/2; ConvNeXt's 4 x 4 / 4 patchify stem: offset 3/2).
+* **A translation by a multiple of the stride is an integer shift of the maps.** The images are
+  zero outside a central square and shifted within that margin; at initialisation every bias
+  and BatchNorm shift is zero and every activation maps 0 to 0, so the maps are zero wherever
+  the content's receptive fields do not reach, and shifting the image by ``k`` strides shifts
+  the maps by exactly ``k`` pixels, as long as the zero padding at the image's border only
+  ever meets zeros: the 88-pixel margin around 16 x 16 content must exceed the layer's
+  receptive-field radius plus the shift, which each case asserts (the widest, convnext_nano
+  ``stages.1``, reaches 75.5 pixels; resnet18 ``layer2`` 3 + 2 + 16 + 4 + 24 = 49). In float64
+  the spatial error is then rounding: ``<= 1e-20`` relative (squared errors of O(1) maps
+  computed with ~1e-15 relative rounding; 1e-16 with LayerNorms, see ``EXACT_LAYERNORM``), the
+  same as the interpolation floor of the input (0 for integer shifts), and the expected warp
+  (from the frame) does as well, which it cannot if the stride or offset were wrong.
+
+Merges of two grids (timm resnet18d's average-pooling shortcut) have no single frame, and a
+vision transformer's attention heads are not feature maps: both are checked to be reported so.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invariance import FeatureExtractor, extract_features, measure
+
+REASON = "torchvision and timm are not installed here: `make test-models` runs this module with them"
+tvm = pytest.importorskip("torchvision.models", reason=REASON)
+timm = pytest.importorskip("timm", reason=REASON)
+
+DT = torch.float64
+EXACT = 1e-20
+# LayerNorm with eps = 1e-6 amplifies its input's absolute rounding by up to 1 / sqrt(eps) = 1e3
+# where the channel variance is tiny (the tails of the content's receptive fields): squared errors
+# grow by up to 1e6 per LayerNorm, so networks with LayerNorms (ConvNeXt) are held to 1e-16,
+# still 13 orders below a stride or offset error (>= 1e-3 on these maps)
+EXACT_LAYERNORM = 1e-16
+
+# (library, model, layer, stride, offset, layout)
+CASES = [
+    ("torchvision", "resnet18", "layer2", 8, 0.0, "BCHW"),
+    ("torchvision", "resnet50", "layer1", 4, 0.0, "BCHW"),
+    ("torchvision", "vgg11_bn", "features.7", 4, 1.5, "BCHW"),
+    ("torchvision", "mobilenet_v3_small", "features.1", 4, 0.0, "BCHW"),
+    ("torchvision", "efficientnet_b0", "features.2", 4, 0.0, "BCHW"),
+    ("torchvision", "densenet121", "features.transition1", 8, 2.0, "BCHW"),
+    ("torchvision", "regnet_x_400mf", "trunk_output.block1", 4, 0.0, "BCHW"),
+    ("torchvision", "convnext_tiny", "features.1.0.block.1", 4, 1.5, "BHWC"),
+    ("torchvision", "convnext_tiny", "features.2", 8, 3.5, "BCHW"),
+    ("timm", "convnext_nano", "stages.1", 8, 3.5, "BCHW"),
+    ("timm", "efficientnet_b0", "blocks.1", 4, 0.0, "BCHW"),
+    ("timm", "resnet18d", "layer1", 4, 0.0, "BCHW"),
+]
+
+
+def build(library: str, name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if library == "torchvision":
+        model = getattr(tvm, name)(weights=None)
+    else:
+        model = timm.create_model(name, pretrained=False)
+    return model.eval().to(DT)
+
+
+MARGIN = 88
+
+
+def centred_images(n: int = 2, size: int = 192, margin: int = MARGIN) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(n, 3, size, size, dtype=DT)
+    x[..., margin:-margin, margin:-margin] = torch.rand(n, 3, size - 2 * margin, size - 2 * margin, generator=g,
+                                                         dtype=DT)
+    return x
+
+
+@pytest.mark.parametrize("library, name, layer, stride, offset, layout", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_frames_match_the_architecture_and_stride_shifts_align_exactly(library, name, layer, stride, offset, layout):
+    model = build(library, name)
+    x = centred_images()
+    _, frames = extract_features(model, x[:1], layer)
+    fr = frames[layer]
+    assert fr.exact, fr
+    assert fr.stride == (stride, stride) and fr.offset == (offset, offset), fr
+    assert fr.layout == layout
+    shift = (stride, -stride)  # one stride right, one up
+    assert MARGIN >= max(fr.rf_radius) + stride, "the premise of exactness: content never meets the border"
+    report = measure(model, x, f"translation:{shift[0]},{shift[1]}", layers=layer, search="translation",
+                     channels=("spatial",), n_boot=0, progress=False)
+    rec = report.records[0]
+    tol = EXACT_LAYERNORM if any(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) else EXACT
+    assert rec["n_excluded"] == 0
+    assert max(rec["per_image"]["spatial_error"]) <= rec["interpolation_floor"] + tol, rec
+    assert max(rec["per_image"]["expected_error"]) <= tol, rec
+    assert rec["best_params"]["median"] == [-shift[0], -shift[1]]
+
+
+def test_an_average_pooling_shortcut_has_no_single_frame():
+    """resnet18d's layer2 adds a 3 x 3 / 2 convolution (pixel i at 2i) and a 2 x 2 / 2 average pool
+    (pixel i at 2i + 1/2): no single frame, so it is not reported as traced."""
+    _, frames = extract_features(build("timm", "resnet18d"), centred_images(1), "layer1,layer2")
+    assert frames["layer1"].exact and not frames["layer2"].exact
+
+
+def test_vision_transformer_attention_heads_are_not_measured():
+    model = build("timm", "vit_tiny_patch16_224")
+    x = torch.rand(1, 3, 224, 224, dtype=DT)
+    ex = FeatureExtractor(model, "all")
+    feats, frames = ex(x)
+    assert list(feats) == ["patch_embed.proj"] and frames["patch_embed.proj"].stride == (16, 16)
+    assert "blocks.0.attn.q_norm" in ex.not_maps and len(ex.not_maps) == 24
+    with pytest.raises(ValueError, match="is not a spatial feature map"):
+        extract_features(model, x, "blocks.0.attn.q_norm")
