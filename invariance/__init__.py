@@ -72,6 +72,7 @@ from ._search import (
                        fit_linear,
                        masked_error,
                        region_error,
+                       search_bytes_per_image,
                        warp_valid,
 )
 from ._warp import (
@@ -108,7 +109,7 @@ __all__ = [
     "INPUT", "FeatureExtractor", "LayerFrame", "extract_features", "list_layers",
     # search and the comparison region
     "SEARCH_FAMILIES", "MIN_REGION", "PRESETS", "Alignment", "SearchConfig", "align", "aligned", "region_error",
-    "masked_error", "warp_valid", "channel_orbits", "fit_linear", "LinearFit",
+    "masked_error", "warp_valid", "channel_orbits", "fit_linear", "LinearFit", "search_bytes_per_image",
     # the measurement core and the toolkit's front end
     "INTERIOR_MIN_FRACTION", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
     "comparison_region", "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS",

@@ -49,7 +49,7 @@ from . import geometry as G
 from ._features import FeatureExtractor
 from ._metric import LayerAccumulator, LayerResult, interpolation_floor
 from ._report import Report
-from ._search import SEARCH_FAMILIES, SearchConfig
+from ._search import SEARCH_FAMILIES, SearchConfig, search_bytes_per_image
 from ._warp import warp
 from .checks import check_model_channels
 
@@ -354,7 +354,8 @@ def measure(
     transforms, channels = _checked_arguments(model, transforms, channels, search, n_boot)
     x, model = _prepared(model, images, max_image_pixels, device)
     cfg = config or SearchConfig(seed=seed)
-    plan = _plan(model, x, layers, channels, batch_size, memory_budget)
+    families = sorted({search or DEFAULT_SEARCH[t.family] for t in transforms})
+    plan = _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg)
     from tqdm.auto import tqdm
 
     n = x.shape[0]
@@ -393,15 +394,10 @@ def measure(
     return Report(records=records, calibration={"interpolation_floor": floor, "random_pair_null": null}, meta=meta)
 
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
-"""Bytes a :func:`measure` batch may use on the CPU for features and search buffers (1 GiB); on
-CUDA the default is half the device's free memory."""
-
-SEARCH_BYTES_PER_MAP = 32
-"""Search working memory per image, in multiples of the layer map's bytes (measured: 6-30x for
-maps of 0.2-3 MB under the default search; the coarse search's own ``memory_budget`` comes on top)."""
-
-_SEARCH_MIN_BYTES = 16 << 20
+DEFAULT_MEMORY_BUDGET = 768 << 20
+"""Bytes a :func:`measure` batch may use on the CPU for maps and search buffers (768 MiB: with
+the interpreter, torch and a resnet50 the process stays under 2 GB); on CUDA the default is half
+the device's free memory."""
 
 
 def parse_bytes(value, name: str = "memory_budget") -> int:
@@ -454,11 +450,11 @@ def _run(extractor: FeatureExtractor, imgs: torch.Tensor):
         raise ValueError(f"model: forward pass failed on images of shape {tuple(imgs.shape)}: {first}") from None
 
 
-def _plan(model, x, layers, channels, batch_size, memory_budget) -> _Plan:
+def _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg) -> _Plan:
     """Probe the layers with two images, then size the batches from the memory budget.
 
     An image costs its maps and its transformed image's maps at every layer of its group, plus
-    the search of one layer at a time (:data:`SEARCH_BYTES_PER_MAP` times the largest map, with
+    the search of one layer at a time (:func:`invariance.search_bytes_per_image` of its widest FFT canvas, with
     ``C x C`` cost matrices for permutations and the float64 design of the linear map). Layers
     are split into groups when two images' maps of all of them would take more than half the budget.
     """
@@ -474,10 +470,10 @@ def _plan(model, x, layers, channels, batch_size, memory_budget) -> _Plan:
     maps = {k: v[0].numel() * v.element_size() for k, v in probe.items()}
 
     def search_bytes(k):
-        c = probe[k].shape[1]
+        b, c, h, w = probe[k].shape
         extra = 4 * c * c * 8 if "permutation" in channels else 0
         extra += 4 * maps[k] * 8 // probe[k].element_size() if "linear" in channels else 0
-        return max(SEARCH_BYTES_PER_MAP * maps[k], _SEARCH_MIN_BYTES) + extra
+        return max(search_bytes_per_image(f, c, (h, w), cfg, probe[k].element_size()) for f in families) + extra
 
     groups: list[list[str]] = [[]]
     for k in names:  # consecutive layers, each group's maps of two images within half the budget
@@ -486,8 +482,8 @@ def _plan(model, x, layers, channels, batch_size, memory_budget) -> _Plan:
         groups[-1].append(k)
     per_image = max(2 * sum(maps[k] for k in g) + max(search_bytes(k) for k in g) for g in groups)
     batch = int(batch_size) if batch_size is not None else max(1, min(x.shape[0], budget // per_image))
-    pixels = x[0].numel() * x.element_size()
-    floor_batch = max(1, min(x.shape[0], budget // max(SEARCH_BYTES_PER_MAP * pixels * 2, _SEARCH_MIN_BYTES)))
+    floor_bytes = max(search_bytes_per_image(f, x.shape[1], x.shape[-2:], cfg, x.element_size()) for f in families)
+    floor_batch = max(1, min(x.shape[0], budget // floor_bytes))
     extractors = [(g, extractor if len(groups) == 1 else FeatureExtractor(model, g)) for g in groups]
     reuse = batch >= x.shape[0] and len(groups) == 1
     return _Plan(names, frames, extractors, batch, floor_batch, budget, reuse)

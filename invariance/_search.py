@@ -84,6 +84,8 @@ __all__ = [
     "masked_error",
     "warp_valid",
     "fit_linear",
+    "search_bytes_per_image",
+    "SEARCH_BYTES_PER_CANVAS_ELEMENT",
     "linear_design",
     "LinearFit",
     "channel_orbits",
@@ -521,6 +523,37 @@ def _canvas_pads(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> list[tu
     px = np.minimum(np.ceil(np.maximum(0.0, pts[:, 0] - w / 2)), int(cap * w)).astype(int)
     py = np.minimum(np.ceil(np.maximum(0.0, pts[:, 1] - h / 2)), int(cap * h)).astype(int)
     return list(zip(py.tolist(), px.tolist()))
+
+
+SEARCH_BYTES_PER_CANVAS_ELEMENT = 40
+"""Peak bytes :func:`align` holds per image, channel and element of its largest FFT canvas, for
+float32 maps (the warped canvas, its half spectrum, the reference's, products and planes);
+measured on the CPU at 23 (resnet50's layer3 maps, 1024 x 14 x 14) and 33 (the 3 x 224 x 224 input
+of its interpolation floor): a margin for the allocator's fragmentation."""
+
+
+def search_bytes_per_image(family: str, channels: int, size, config: SearchConfig | None = None,
+                           itemsize: int = 4) -> int:
+    """Estimated peak memory one image adds to :func:`align` (bytes), from its largest canvas.
+
+    The coarse search scores at least one candidate for every image of the batch at once; with a
+    translation part that is an FFT canvas of ``next_fast_len(h + 2 pad + h - 1)`` per axis, the
+    padding holding the widest candidate's warped map (a 4x zoom needs ~10x the map's side).
+    :func:`invariance.measure` sizes its batches of images from it.
+
+    >>> search_bytes_per_image("rigid", 1024, (14, 14)) // 2**20   # resnet50 layer3, 72 angles
+    79
+    """
+    cfg = config or SearchConfig()
+    h, w = (int(v) for v in size)
+    if SEARCH_FAMILIES[family][1]:
+        pads = _canvas_pads(_linear_candidates(family, cfg, torch.float64, "cpu"), h, w, cap=4.0)
+        py = -(-max(p[0] for p in pads) // 4) * 4
+        px = -(-max(p[1] for p in pads) // 4) * 4
+        canvas = next_fast_len(2 * h + 2 * py - 1, real=True) * next_fast_len(2 * w + 2 * px - 1, real=True)
+    else:
+        canvas = h * w
+    return int(SEARCH_BYTES_PER_CANVAS_ELEMENT * (channels + 1) * canvas * itemsize / 4)
 
 
 class _ShiftScorer:
