@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _fft import recorded_ffts, time_ffts  # noqa: E402
 from bench_search import candidate_matrices, loop_search, machine, smooth_maps  # noqa: E402
 
 from invariance import SearchConfig, align  # noqa: E402
@@ -54,38 +55,6 @@ def _median(xs):
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def recorded_ffts(ref, mov, mask, cfg):
-    """The (function, input shape, dtype, s) of every FFT the coarse search calls."""
-    calls = []
-    real = {"rfft2": torch.fft.rfft2, "irfft2": torch.fft.irfft2}
-
-    def spy(name):
-        def fn(x, *a, s=None, **k):
-            calls.append((name, tuple(x.shape), x.dtype, s))
-            return real[name](x, *a, s=s, **k)
-        return fn
-
-    torch.fft.rfft2, torch.fft.irfft2 = spy("rfft2"), spy("irfft2")
-    try:
-        align(ref, mov, "rigid", mask=mask, config=cfg)
-    finally:
-        torch.fft.rfft2, torch.fft.irfft2 = real["rfft2"], real["irfft2"]
-    return calls
-
-
-def time_ffts(calls, device, repeats):
-    inputs = [torch.randn(shape, dtype=dt, device=device) for _, shape, dt, _ in calls]
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        for (name, _, _, s), x in zip(calls, inputs):
-            getattr(torch.fft, name)(x, s=s)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return _median(times[1:])
 
 
 def time_align(ref, mov, mask, cfg, device, repeats):
@@ -110,7 +79,8 @@ def bench_size(name, c, s, args) -> dict:
     mask = torch.ones(s, s, device=dev)
     coarse = SearchConfig(refine_steps=0, polish_levels=0)
     default = SearchConfig()
-    calls = recorded_ffts(ref, mov, mask, coarse)
+    with recorded_ffts() as calls:
+        align(ref, mov, "rigid", mask=mask, config=coarse)
     t_fft = time_ffts(calls, dev, args.repeats)
     t_coarse, res_coarse = time_align(ref, mov, mask, coarse, dev, args.repeats)
     t_default, res_default = time_align(ref, mov, mask, default, dev, args.repeats)

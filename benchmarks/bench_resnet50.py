@@ -44,45 +44,22 @@ def smooth_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 def child(args) -> None:
     """One layer in this process: measure, then the bare FFTs it needed; prints one JSON line."""
     import torchvision
+    from _fft import recorded_ffts, time_ffts
 
     from invariance import SearchConfig, measure
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(args.device)
     x = smooth_images(args.images, args.size).to(args.device)
-    calls = []
-    real = {"rfft2": torch.fft.rfft2, "irfft2": torch.fft.irfft2}
-
-    def spy(name):
-        def fn(t, *a, s=None, **k):
-            calls.append((name, tuple(t.shape), t.dtype, s))
-            return real[name](t, *a, s=s, **k)
-        return fn
-
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.fft.rfft2, torch.fft.irfft2 = spy("rfft2"), spy("irfft2")
     t0 = time.perf_counter()
-    try:
+    with recorded_ffts() as calls:
         report = measure(model, x, "rotation:30", layers=args.layer, channels=("spatial",), n_boot=100,
                          config=SearchConfig(n_angles=args.angles), progress=False,
                          model_name="torchvision resnet50 (random weights)")
-    finally:
-        torch.fft.rfft2, torch.fft.irfft2 = real["rfft2"], real["irfft2"]
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # the bare FFTs: the same calls, alone, one input of each shape reused
-    inputs = {}
-    for _, shape, dt, _ in calls:
-        if (shape, dt) not in inputs:
-            inputs[(shape, dt)] = torch.randn(shape, dtype=dt, device=args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for name, shape, dt, s in calls:
-        getattr(torch.fft, name)(inputs[(shape, dt)], s=s)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    fft_seconds = time.perf_counter() - t0
+    fft_seconds = time_ffts(calls, args.device, repeats=0)  # the bare FFTs: the same calls, alone
     rec = report.records[0]
     print(json.dumps({
         "layer": args.layer, "images": args.images, "map": list(report.meta["frames"][args.layer]["size"]),
