@@ -127,3 +127,34 @@ def test_memory_budget_errors_name_the_argument(bad, match):
 def test_measure_checks_batch_size():
     with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
         _run(batch_size=0)
+
+
+def test_the_progress_bar_counts_images_and_layers_batch_by_batch(monkeypatch):
+    """The bar's total is transforms x images x (layers + the floor), and it advances after every
+    batch of every layer, so a long layer shows progress and an ETA; before, it advanced once per
+    (transformation, layer)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, *a, total=None, **k):
+            self.total, self.updates = total, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    _run(batch_size=2)
+    (bar,) = bars
+    assert bar.total == 2 * 5 * (2 + 1)  # 2 transformations, 5 images, 2 layers + the floor
+    assert sum(bar.updates) == bar.total
+    # per transformation: 3 batches (2 + 2 + 1 images) for each of the 2 layers, the floor in one batch
+    assert bar.updates.count(2) >= 2 * 2 * 2 and len(bar.updates) >= 2 * (3 * 2 + 1)
