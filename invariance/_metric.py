@@ -19,7 +19,7 @@ it on a trained transformer's maps. The definitions are those of docs/definition
   pixel), so the floor is the larger of the round trips on the images and on the images padded
   by one zero row and column (the other grid parity);
 * the **random-pair null** is the spatial error between an image's maps and the transformed
-  maps of another image (the next one in the batch).
+  maps of another image (image i against image i - 1, image 0 against the last, whatever the batches).
 
 ``interior``: ``True`` applies ``I``; ``False`` does not; ``None`` (default, "auto") applies it
 when the layer's frame is traced (its receptive field is known) and the interior keeps at least
