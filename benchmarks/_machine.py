@@ -18,3 +18,14 @@ def cpu_model(default: str = "unknown") -> str:
     except OSError:
         pass
     return default
+
+
+def write_results(folder, stem: str, out: dict, text: str) -> None:
+    """Write ``STEM.json`` (``out``) and ``STEM.md`` (``text``) atomically into ``folder``; print the text."""
+    from invariance.files import atomic_write_json, atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / f"{stem}.json", out)
+    atomic_write_text(folder / f"{stem}.md", text)
+    print(text)

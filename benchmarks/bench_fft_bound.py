@@ -38,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _fft import recorded_ffts, time_ffts  # noqa: E402
+from _machine import write_results  # noqa: E402
 from bench_search import candidate_matrices, loop_search, machine, smooth_maps  # noqa: E402
 
 from invariance import SearchConfig, align  # noqa: E402
 from invariance import geometry as G  # noqa: E402
-from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 SIZES = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}
 TINY = {"tiny": (8, 12)}
@@ -148,12 +148,7 @@ def main() -> None:
            "command": "python benchmarks/bench_fft_bound.py " + " ".join(sys.argv[1:]),
            "load_before": [round(x, 2) for x in load_before],
            "load_after": [round(x, 2) for x in os.getloadavg()], "results": results}
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "fft_bound" + ("_tiny" if args.tiny else "")
-    atomic_write_json(folder / f"{stem}.json", out)
-    atomic_write_text(folder / f"{stem}.md", markdown(out))
-    print(markdown(out))
+    write_results(args.out, "fft_bound" + ("_tiny" if args.tiny else ""), out, markdown(out))
 
 
 if __name__ == "__main__":

@@ -115,9 +115,9 @@ def main() -> None:
     if args.layer:
         child(args)
         return
+    from _machine import write_results
     from bench_search import machine
 
-    from invariance.files import atomic_write_json, atomic_write_text
 
     load_before = os.getloadavg()
     results = []
@@ -133,12 +133,7 @@ def main() -> None:
            "command": "python benchmarks/bench_resnet50.py " + " ".join(sys.argv[1:]),
            "load_before": [round(v, 2) for v in load_before],
            "load_after": [round(v, 2) for v in os.getloadavg()], "results": results}
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = "resnet50" + ("_tiny" if args.tiny else "")
-    atomic_write_json(folder / f"{stem}.json", out)
-    atomic_write_text(folder / f"{stem}.md", markdown(out))
-    print(markdown(out))
+    write_results(args.out, "resnet50" + ("_tiny" if args.tiny else ""), out, markdown(out))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,6 @@ class LayerAccumulator:
         self.held: list[list[torch.Tensor]] = []
         self.first_f: torch.Tensor | None = None  # image 0's maps and the last transformed maps
         self.last_fh: torch.Tensor | None = None
-        self.first_null: torch.Tensor | None = None
 
     @property
     def second_pass(self) -> bool:
