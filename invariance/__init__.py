@@ -46,15 +46,19 @@ from ._metric import (
                        transformed_valid,
 )
 from ._models import (
+                       BUILTIN_BUILDERS,
                        CHECKPOINT_FORMAT,
                        CheckpointError,
                        ModelInfo,
+                       UntrustedCheckpointError,
                        build_from_checkpoint,
                        builtin_models,
                        load_checkpoint,
                        load_model,
                        non_finite_weight,
+                       register_builder,
                        register_model,
+                       registered_builders,
                        save_checkpoint,
                        tensor_checksum,
 )
@@ -118,6 +122,7 @@ __all__ = [
     # models and checkpoints
     "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
     "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight", "tensor_checksum",
+    "UntrustedCheckpointError", "register_builder", "registered_builders", "BUILTIN_BUILDERS",
     "load_digits", "MNIST_CNN_BLOCKS", "mnist_block", "mnist_cnn", "pretrained_mnist_cnn", "random_mnist_cnn",
     "PRETRAINED_PATH",
 ]

@@ -50,14 +50,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _read_file(path: Path, source: str):
+    """The array a ``.npy`` / ``.pt`` file holds; no code from the file runs (no pickle in ``.npy``,
+    the weights-only unpickler for ``.pt``)."""
+    from .files import safe_torch_load
+
+    if path.suffix == ".pt":
+        return safe_torch_load(path, "cpu", what="images",
+                               hint="save the images as a tensor (torch.save(images, FILE)) or a .npy array")
     try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        _check_npy_header(path, source)
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if str(exc).startswith("images: "):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__}{': ' + first if first else ''})") \
+            from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__}{': ' + first if first else ''})") \
             from None
+
+
+def _check_npy_header(path: Path, source: str) -> None:
+    """Refuse an ``.npy`` file whose header claims more data than the file holds (before reading any)."""
+    with path.open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+        start = f.tell()
+    claimed = math.prod(shape) * dtype.itemsize
+    held = path.stat().st_size - start
+    if claimed > held:
+        raise ValueError(f"images: {source!r} is truncated or corrupt: its header claims an array of shape {shape} "
+                         f"({claimed:,} bytes), the file holds {held:,} bytes of data")
 
 
 def _as_float_images(arr, source: str) -> torch.Tensor:
@@ -133,6 +159,8 @@ def load_images(source: str, n: int | None = None, seed: int = 0, size: int | No
         except DatasetNotFoundError as exc:
             raise ValueError(f"images: {exc}") from None
     elif path.suffix in (".npy", ".pt"):
+        if path.is_dir():
+            raise ValueError(f"images: {source!r} is a folder, not a {path.suffix} file")
         if not path.is_file():
             raise ValueError(f"images: file {source!r} not found")
         imgs = _as_float_images(_read_file(path, source), source)
@@ -177,10 +205,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="folder for report.json, report.csv and figures")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals (positive)")
+    m.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the intervals (0: no interval)")
     m.add_argument("--max-transforms", type=int, default=MAX_TRANSFORMS,
                    help="most transformations a SPEC may give (default: %(default)s)")
     m.add_argument("--quick", action="store_true", help="coarser search grid (faster)")
+    m.add_argument("--trust-code", action="store_true",
+                   help="let a checkpoint given as --model run code: unpickle any object and call a builder that "
+                        "is not registered (only for files whose source you trust)")
     m.add_argument("--memory-budget", default=None,
                    help="memory one batch of images may use, e.g. 2GB (default: 1GiB on the CPU, half the free "
                         "GPU memory on CUDA); the images per batch follow from it")
@@ -194,19 +225,16 @@ def _parser() -> argparse.ArgumentParser:
     ly = sub.add_parser("layers", help="list a model's layers with 4-D outputs and their frames")
     ly.add_argument("--model", required=True)
     ly.add_argument("--images", default=None)
+    ly.add_argument("--trust-code", action="store_true", help="as for measure: let a checkpoint run code")
 
     sub.add_parser("models", help="list the built-in models")
     return p
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
-        raise ValueError(f"device: unknown device {name!r}; valid choices: cpu, cuda, cuda:N, auto")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device: CUDA requested but torch.cuda.is_available() is False; valid choices: cpu, auto")
-    return torch.device(name)
+    from .checks import resolve_device
+
+    return resolve_device(name)
 
 
 def _model_defaults(spec: str):
@@ -221,8 +249,9 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _check_seed(seed: int) -> None:
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed: must lie in 0..{2**32 - 1}, got {seed}")
+    from .checks import check_seed
+
+    check_seed(seed)
 
 
 def cmd_measure(a) -> int:
@@ -234,24 +263,25 @@ def cmd_measure(a) -> int:
     # every argument is checked before the model is run
     if a.out is not None:
         check_output_dir(a.out, "out")
-    if a.n_boot < 1:
-        raise ValueError(f"n_boot: must be a positive number of bootstrap resamples, got {a.n_boot}")
-    if a.max_transforms < 1:
-        raise ValueError(f"max_transforms: must be at least 1, got {a.max_transforms}")
-    if a.mask_radius is not None and not (math.isfinite(a.mask_radius) and a.mask_radius > 0):
-        raise ValueError(f"mask_radius: must be a positive number, got {a.mask_radius}")
+    from .checks import check_int, check_number
+
+    check_int(a.n_boot, "n_boot", minimum=0)  # the same rules as measure(): one message for one bad value
+    check_int(a.max_transforms, "max_transforms", minimum=1)
+    if a.mask_radius is not None:
+        check_number(a.mask_radius, "mask_radius", positive=True)
     _check_seed(a.seed)
     if a.memory_budget is not None:
         parse_bytes(a.memory_budget)
     device = _device(a.device)
     check_transform_count(a.transform, a.max_transforms)
     transforms = parse_transforms(a.transform, max_transforms=a.max_transforms)
-    model = load_model(a.model)
+    model = load_model(a.model, trust_code=a.trust_code)
     default_images, default_layers = _model_defaults(a.model)
-    images = load_images(a.images or default_images, a.n_images, seed=a.seed)
+    images = load_images(default_images if a.images is None else a.images, a.n_images, seed=a.seed)
     images = images.to(_model_dtype(model))  # e.g. float64 images through a float32 model
     cfg = SearchConfig.preset("quick" if a.quick else "default", seed=a.seed)
-    report = measure(model, images.to(device), transforms, layers=a.layers or default_layers, search=a.search,
+    report = measure(model, images.to(device), transforms, layers=default_layers if a.layers is None else a.layers,
+                     search=a.search,
                      channels=a.channels, mask_radius=a.mask_radius, config=cfg, n_boot=a.n_boot, seed=a.seed,
                      interior={"auto": None, "on": True, "off": False}[a.interior], max_image_pixels=a.max_pixels,
                      device=device, progress=True, model_name=a.model, memory_budget=a.memory_budget)
@@ -267,7 +297,7 @@ def cmd_layers(a) -> int:
     from ._models import load_model
     from .checks import check_model_channels
 
-    model = load_model(a.model)
+    model = load_model(a.model, trust_code=a.trust_code)
     default_images, _ = _model_defaults(a.model)
     conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if a.images is None and conv is not None and conv.in_channels != 1:
@@ -287,6 +317,9 @@ def cmd_layers(a) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"images: the model's forward pass failed on images of shape {tuple(images.shape)} "
                          f"({first}); pass images of the size the model takes") from None
+    if not feats:
+        raise ValueError(f"model: {a.model!r} has no layer with a (B, C, H, W) output on images of shape "
+                         f"{tuple(images.shape)}: nothing to measure (the toolkit measures 2-D feature maps)")
     print(f"{'layer':24s} {'shape':18s} {'stride':12s} {'offset':14s} frame")
     for name, f in feats.items():
         fr = frames[name]
@@ -322,14 +355,15 @@ def cmd_demo(a) -> int:
 
 _OPTION = re.compile(r"^([a-z][a-z_]*): ")
 _OPTIONS = {"model", "transform", "layers", "images", "n_images", "search", "channels", "mask_radius", "interior",
-            "out", "device", "seed", "n_boot", "max_transforms", "max_pixels"}
+            "out", "device", "seed", "n_boot", "max_transforms", "max_pixels", "memory_budget"}
 
 
 def _message(exc: BaseException) -> str:
     """One line; a leading ``name: `` that is an option becomes ``--name: `` (as typed)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     m = _OPTION.match(msg)
-    name = {"transforms": "transform", "params": "transform"}.get(m[1], m[1]) if m else None
+    name = {"transforms": "transform", "params": "transform", "max_image_pixels": "max_pixels"}.get(m[1], m[1]) \
+        if m else None
     if name in _OPTIONS:
         msg = "--" + name.replace("_", "-") + msg[m.end(1):]
     return msg

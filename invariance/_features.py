@@ -453,6 +453,9 @@ class FeatureExtractor:
         else:
             if isinstance(layers, str):
                 layers = [s.strip() for s in layers.split(",") if s.strip()]
+            if not isinstance(layers, Iterable) or not all(isinstance(n, str) for n in layers):
+                raise TypeError(f"layers: expected 'all', a comma-separated string or a list of layer names, got "
+                                f"{layers!r}"[:200])
             self.requested = list(layers)
             if not self.requested:
                 raise ValueError("layers: no layer names given; use 'all' or names such as "
@@ -535,6 +538,8 @@ class FeatureExtractor:
         handles = [m.register_forward_hook(hook(n, next(m.children(), None) is not None))
                    for n, m in self.modules.items()]
         was_training = self.model.training
+        images = x
+        x = x.clone()  # a model that modifies its input in place must not change the caller's images
         try:
             self.model.eval()
             with torch.no_grad(), tracer:
@@ -543,6 +548,9 @@ class FeatureExtractor:
                     self.model(x)
                 except _StopForward:
                     pass
+                except SystemExit as exc:  # a forward pass must not end the caller's process
+                    raise ValueError(f"model: the forward pass called sys.exit({exc.code!r}); a model measured "
+                                     f"here must return its outputs") from None
         finally:
             for h in handles:
                 h.remove()
@@ -568,7 +576,7 @@ class FeatureExtractor:
         frames = {}
         feats = {}
         if wanted is not None and INPUT in wanted:
-            feats[INPUT] = x.detach()
+            feats[INPUT] = images.detach()
             frames[INPUT] = LayerFrame.identity(size)
         for n in self.layer_names:
             t = captured[n]
@@ -579,6 +587,9 @@ class FeatureExtractor:
                 (ax, bx, rx), (ay, by, ry), exact = fr
                 frames[n] = LayerFrame((ax, ay), (bx, by), tuple(t.shape[-2:]), size, exact, (rx, ry),
                                        "BHWC" if n in channels_last else "BCHW")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"model: layer {n!r} produced NaN or infinite values on these images; a map with "
+                                 f"them has no error to measure (check the model's weights and input range)")
             feats[n] = t
         if wanted is not None:
             order_all = [n for n in self.requested]

@@ -35,6 +35,7 @@ True
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections import Counter
@@ -51,7 +52,7 @@ from ._metric import LayerAccumulator, LayerResult, interpolation_floor
 from ._report import Report
 from ._search import SEARCH_FAMILIES, SearchConfig, search_bytes_per_image
 from ._warp import warp
-from .checks import check_model_channels
+from .checks import check_int, check_model_channels
 
 __all__ = ["linear_warning",
            "Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
@@ -87,9 +88,19 @@ class Transform:
     params: tuple[float, ...]
 
     def __post_init__(self):
+        if not isinstance(self.family, str):
+            raise TypeError(f"transform: family must be a name such as 'rotation', got {type(self.family).__name__}")
         fam = G.get_family(self.family)
+        if isinstance(self.params, (str, bytes)) or not hasattr(self.params, "__len__"):
+            raise TypeError(f"transform: params of {self.family} must be a tuple of {fam.n_params} numbers, got "
+                            f"{self.params!r}")
         if len(self.params) != fam.n_params:
-            raise ValueError(f"params: {self.family} takes {fam.n_params} parameters, got {len(self.params)}")
+            raise ValueError(f"params: {self.family} takes {fam.n_params} parameters "
+                             f"({', '.join(fam.param_names)}), got {len(self.params)}")
+        params = tuple(float(p) if isinstance(p, numbers.Real) and not isinstance(p, bool) else p
+                       for p in self.params)
+        object.__setattr__(self, "params", params)
+        check_transform_params(fam.name, params)
 
     @property
     def label(self) -> str:
@@ -110,6 +121,58 @@ class Transform:
     def matrix(self, size: Sequence[int], dtype=torch.float64) -> torch.Tensor:
         """Normalised input -> output matrix of this transformation on an image of ``size``."""
         return G.centred_to_normalized(G.to_matrix(self.family, torch.tensor(self.params, dtype=dtype)), size)
+
+
+#: The range a transformation's parameters may take (beyond it an image of at most
+#: :data:`MAX_IMAGE_PIXELS` maps to under a pixel, or out of its frame, or is not representable).
+TRANSFORM_LIMITS = {"angle": 360.0, "log2_scale": 6.0, "shift": 4096.0}
+
+
+class _OutOfRange(ValueError):
+    """A transformation parsed, but with parameters outside :data:`TRANSFORM_LIMITS`."""
+
+
+def check_transform_params(family: str, params: Sequence[float]) -> None:
+    """Refuse parameters that are not finite, angles beyond +-360 degrees, scale factors (or the
+    singular values of a linear part) outside ``2**-6 .. 2**6`` (a 512 px image would map to under
+    8 px, or one pixel would fill 64), and shifts beyond 4096 px, with one line naming the
+    transformation.
+
+    >>> try:
+    ...     check_transform_params("scale", (0.0,))
+    ... except ValueError as exc:
+    ...     print(exc)
+    transform: scale:0: the scale factor must lie in 0.015625..64 (2**-6..2**6), got 0
+    """
+    fam = G.get_family(family)
+    label = f"{fam.name}:{','.join(f'{p:g}' if isinstance(p, float) else repr(p) for p in params)}"
+    if not all(isinstance(p, float) for p in params):
+        raise TypeError(f"transform: {label}: parameters must be real numbers")
+    if not all(math.isfinite(p) for p in params):
+        raise _OutOfRange(f"transform: {label}: parameters must be finite numbers (no nan or inf)")
+    values = dict(zip(fam.param_names, params))
+    lim = TRANSFORM_LIMITS
+    lo, hi = 2.0 ** -lim["log2_scale"], 2.0 ** lim["log2_scale"]
+    if "angle" in values and abs(values["angle"]) > lim["angle"]:
+        raise _OutOfRange(f"transform: {label}: the angle must lie in -360..360 degrees, got {values['angle']:g}")
+    for k in ("s", "sx", "sy"):
+        if k in values and not lo <= values[k] <= hi:
+            raise _OutOfRange(f"transform: {label}: the scale factor must lie in {lo:g}..{hi:g} (2**-6..2**6), got "
+                             f"{values[k]:g}")
+    for i in fam.translation_params:
+        if abs(params[i]) > lim["shift"]:
+            raise _OutOfRange(f"transform: {label}: shifts must lie in -4096..4096 pixels, got {params[i]:g}")
+    if fam.name in ("affine", "projective"):
+        a, b, _, d, e = params[:5]
+        sv = np.linalg.svd(np.array([[a, b], [d, e]]), compute_uv=False)
+        if sv[-1] < lo or sv[0] > hi:
+            what = "singular (it collapses the image onto a line or a point)" if sv[-1] < 1e-12 else \
+                f"too extreme (singular values {sv[0]:.3g}, {sv[-1]:.3g})"
+            raise _OutOfRange(f"transform: {label}: the linear part is {what}; its singular values must lie in "
+                             f"{lo:g}..{hi:g}")
+    if fam.name == "projective" and max(abs(params[6]), abs(params[7])) > 1.0:
+        raise _OutOfRange(f"transform: {label}: the perspective terms h31, h32 must lie in -1..1 (centred pixel "
+                         f"frame), got {params[6]:g}, {params[7]:g}")
 
 
 _SPEC_HELP = ("rotation:ANGLE, scale:FACTOR, translation:DX,DY, affine:a,b,c,d,e,f, or a sweep "
@@ -137,6 +200,7 @@ def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
     >>> check_transform_count(["rotation:-180..180:15; scale:0.5..2:5"])
     30
     """
+    cap = check_int(cap, "max_transforms", minimum=1)
     total = 0
     for chunk in specs:
         for s in (p.strip() for p in chunk.split(";")):
@@ -145,6 +209,9 @@ def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
             m = _SWEEP.fullmatch(s)
             if not m:
                 total += 1
+                if total > cap:
+                    raise ValueError(f"transform: the SPEC gives more than {cap} transformations; use fewer or "
+                                     f"raise the cap (max_transforms, or --max-transforms on the command line)")
                 continue
             name = m[1].lower()
             try:
@@ -189,6 +256,8 @@ def parse_transforms(spec: str | Iterable[str], max_transforms: int = MAX_TRANSF
     >>> parse_transforms("translation:3,-2")[0].params
     (3.0, -2.0)
     """
+    if not isinstance(spec, (str, Iterable)):
+        raise TypeError(f"transform: expected a SPEC string or a list of them, got {type(spec).__name__}")
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not all(isinstance(s, str) for s in specs):
         raise TypeError("transform: expected SPEC strings")
@@ -228,6 +297,8 @@ def _parse_one(s: str) -> list[Transform]:
         vals = tuple(float(v) for v in rest.split(","))
         return [Transform(fam, vals)]
     except ValueError as exc:
+        if isinstance(exc, _OutOfRange):  # parsed, but out of range: that message says it all
+            raise ValueError(str(exc)) from None
         detail = f" ({exc})" if str(exc) else ""
         raise ValueError(f"transform: cannot parse SPEC {s!r}{detail}; valid: {_SPEC_HELP}") from None
 
@@ -320,6 +391,11 @@ def measure(
 ) -> Report:
     """Measure invariance, expected-transform, spatial, permutation and linear alignment errors.
 
+    The model runs in eval mode (a model in training mode is put in eval mode for the measurement,
+    as BatchNorm would otherwise normalise each batch by its own statistics and dropout would
+    add noise, and handed back in its mode; ``report.meta["model_mode"]`` says so), and on a copy
+    of each batch: a model that works on its input in place never changes the caller's images.
+
     Args:
         model: any ``nn.Module`` mapping ``(B, C, H, W)`` images to outputs.
         images: ``(B, C, H, W)`` floats (or ``(B, H, W)`` / uint8, scaled to [0, 1]).
@@ -351,9 +427,11 @@ def measure(
         a :class:`invariance.Report` with one record per (layer, transformation).
     """
     t_start = time.time()
-    transforms, channels = _checked_arguments(model, transforms, channels, search, n_boot)
+    transforms, channels, cfg = _checked_arguments(
+        model, transforms, channels, search, n_boot, interior=interior, seed=seed, mask_radius=mask_radius,
+        config=config, max_image_pixels=max_image_pixels, memory_budget=memory_budget, calibrate=calibrate,
+        progress=progress, device=device)
     x, model = _prepared(model, images, max_image_pixels, device)
-    cfg = config or SearchConfig(seed=seed)
     families = sorted({search or DEFAULT_SEARCH[t.family] for t in transforms})
     plan = _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg)
     from tqdm.auto import tqdm
@@ -389,6 +467,8 @@ def measure(
     meta = _meta(model, model_name, x, plan.layers, transforms, plan.frames, search=search, channels=channels,
                  mask_radius=mask_radius, interior=interior, seed=seed, n_boot=n_boot,
                  seconds=time.time() - t_start)
+    meta["model_mode"] = ("eval (the model was in training mode: put in eval mode for the measurement and "
+                          "restored afterwards)" if model.training else "eval")
     meta["batching"] = {"images_per_batch": plan.batch, "layer_groups": len(plan.groups),
                         "memory_budget": plan.budget}
     return Report(records=records, calibration={"interpolation_floor": floor, "random_pair_null": null}, meta=meta)
@@ -539,15 +619,41 @@ def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
     return {(tr.label, k): a.result() for k, a in accs.items()}
 
 
-def _checked_arguments(model, transforms, channels, search, n_boot) -> tuple[list[Transform], tuple[str, ...]]:
-    """The transformations and channel modes of a :func:`measure` call, every argument checked."""
+def _as_transforms(transforms) -> list[Transform]:
+    """:class:`Transform` objects from a SPEC string, or a list of SPEC strings and Transforms."""
     if isinstance(transforms, str):
-        transforms = parse_transforms(transforms)
-    transforms = list(transforms)
+        return parse_transforms(transforms)
+    if isinstance(transforms, Transform):
+        return [transforms]
+    if not isinstance(transforms, Iterable):
+        raise TypeError(f"transforms: expected a SPEC string or a list of Transform / SPEC strings, got "
+                        f"{type(transforms).__name__}")
+    out: list[Transform] = []
+    for t in transforms:
+        if isinstance(t, str):
+            out.extend(parse_transforms(t))
+        elif isinstance(t, Transform):
+            out.append(t)
+        else:
+            raise TypeError(f"transforms: expected Transform objects or SPEC strings, got a {type(t).__name__}")
+    return out
+
+
+def _checked_arguments(model, transforms, channels, search, n_boot, *, interior=None, seed=0, mask_radius=None,
+                       config=None, max_image_pixels=MAX_IMAGE_PIXELS, memory_budget=None, calibrate=True,
+                       progress=None, device=None) -> tuple[list[Transform], tuple[str, ...], SearchConfig]:
+    """The transformations, channel modes and search settings of a :func:`measure` call; every
+    argument is checked here, before the model runs."""
+    from .checks import check_number, check_seed, resolve_device
+
+    transforms = _as_transforms(transforms)
     if not transforms:
         raise ValueError("transforms: no transformation given")
     channels = tuple(channels) if not isinstance(channels, str) else tuple(
         c.strip() for c in channels.split(",") if c.strip())
+    if not channels:
+        raise ValueError(f"channels: none given; valid choices: {', '.join(CHANNEL_MODES)} (spatial is always "
+                         f"computed)")
     bad = [c for c in channels if c not in CHANNEL_MODES]
     if bad:
         raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
@@ -556,9 +662,20 @@ def _checked_arguments(model, transforms, channels, search, n_boot) -> tuple[lis
         raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
-    return transforms, channels
+    check_int(n_boot, "n_boot", minimum=0)  # 0: no interval (means only)
+    seed = check_seed(seed)
+    if interior is not None and not isinstance(interior, bool):
+        raise TypeError(f"interior: expected None (auto), True or False, got {interior!r}")
+    if mask_radius is not None:
+        check_number(mask_radius, "mask_radius", positive=True)
+    check_int(max_image_pixels, "max_image_pixels", minimum=1)
+    if memory_budget is not None:
+        parse_bytes(memory_budget)
+    for name, flag in (("calibrate", calibrate), ("progress", progress)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True or False, got {flag!r}")
+    resolve_device(device)
+    return transforms, channels, SearchConfig.of(config, seed=seed)
 
 
 def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[torch.Tensor, nn.Module]:
@@ -576,6 +693,9 @@ def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[
         raise TypeError(f"images: the search runs in float32 or float64, got {x.dtype}; convert the images and "
                         "the model, e.g. images.float() and model.float()")
     if device is not None:
+        from .checks import resolve_device
+
+        device = resolve_device(device)
         x = x.to(device)
         model = model.to(device)
     check_model_channels(model, x)

@@ -177,7 +177,7 @@ def interpolation_floor(images: torch.Tensor, t_img: torch.Tensor, family: str, 
     >>> bool(interpolation_floor(x, T, "rigid").max() < 1e-9)
     True
     """
-    cfg = config or SearchConfig()
+    cfg = SearchConfig.of(config)
     centred = G.normalized_to_centred(t_img.double(), tuple(images.shape[-2:]))
 
     def round_trip(imgs, moved, valid):

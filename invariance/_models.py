@@ -16,8 +16,14 @@ was written is refused; checkpoints written before checksums existed load withou
 and refuses weights that are not finite (NaN or inf: a diverged run); :func:`save_checkpoint`
 refuses to write such weights in the first place.
 
-so that this package can rebuild a model trained by another package (for example ``stn``)
-without importing it statically: the dependency stays one way.
+Loading runs no code from the file. The file is read with the weights-only unpickler
+(:func:`invariance.files.safe_torch_load`: tensors and plain containers), and its ``builder``
+must be a *registered* builder: the package's own (:data:`BUILTIN_BUILDERS`, for example
+``stn:build_model``, so that this package rebuilds a model trained by ``stn`` without importing
+it statically: the dependency stays one way) or one registered in code with
+:func:`register_builder`. Any other name (``os:system``, a module of the file's choosing) is
+refused with :class:`UntrustedCheckpointError`, which says how to allow it:
+``trust_code=True`` (``--trust-code`` on the command line) for a file whose source you trust.
 
 The built-in models are a plain table (networks imported only when built); users add theirs with :func:`register_model`.
 """
@@ -36,17 +42,70 @@ from typing import Any
 import torch
 from torch import nn
 
-from .files import atomic_torch_save
+from .files import TRUST_HINT, UntrustedFileError, atomic_torch_save, safe_torch_load
 
 __all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model", "build_from_checkpoint",
-           "non_finite_weight",
-           "save_checkpoint", "load_checkpoint", "tensor_checksum", "CheckpointError"]
+           "non_finite_weight", "register_builder", "registered_builders", "BUILTIN_BUILDERS",
+           "save_checkpoint", "load_checkpoint", "tensor_checksum", "CheckpointError", "UntrustedCheckpointError"]
 
 CHECKPOINT_FORMAT = "invariance-checkpoint/1"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or not in the expected format."""
+
+
+class UntrustedCheckpointError(CheckpointError, UntrustedFileError):
+    """A checkpoint would run code to load (a pickled object, or a builder that is not registered)."""
+
+
+#: The builders a checkpoint may name without ``trust_code``: this distribution's own, by the
+#: names checkpoints use (including names from before the implementation modules became private).
+BUILTIN_BUILDERS: dict[str, str] = {
+    "invariance:mnist_cnn": "invariance:mnist_cnn",
+    "invariance.zoo:mnist_cnn": "invariance:mnist_cnn",
+    "stn:build_model": "stn:build_model",
+    "stn.models:build_model": "stn:build_model",
+}
+_USER_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_builder(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Allow checkpoints that name ``name`` as their builder to be rebuilt with ``builder(**config)``.
+
+    The registry is written in code, never from a file, so a checkpoint cannot widen it.
+
+    >>> register_builder("my-package:my_net", lambda width=4: torch.nn.Conv2d(1, width, 3))
+    >>> "my-package:my_net" in registered_builders()
+    True
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"name: expected a non-empty string such as 'package:function', got {name!r}")
+    if not callable(builder):
+        raise TypeError(f"builder: expected a callable returning an nn.Module, got {type(builder).__name__}")
+    _USER_BUILDERS[name] = builder
+
+
+def registered_builders() -> list[str]:
+    """The builder names a checkpoint may use without ``trust_code`` (built-in, then registered)."""
+    return [*BUILTIN_BUILDERS, *_USER_BUILDERS]
+
+
+def _builder(path, name, trust_code: bool) -> Callable[..., nn.Module]:
+    """The callable a checkpoint's ``builder`` names, if it is registered (or the file is trusted)."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: corrupt checkpoint: builder is a {type(name).__name__}, not a name")
+    if name in _USER_BUILDERS:
+        return _USER_BUILDERS[name]
+    if name in BUILTIN_BUILDERS:
+        return _import_object(BUILTIN_BUILDERS[name])
+    if not trust_code:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise UntrustedCheckpointError(
+            f"{path}: refused: the checkpoint names the builder {shown!r}, which is not registered "
+            f"(registered: {', '.join(registered_builders())}); importing and calling it could run any code; "
+            f"register it in your code with invariance.register_builder, or {TRUST_HINT}")
+    return _import_object(name)
 
 
 @dataclass
@@ -157,16 +216,24 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, builder: str, con
     return atomic_torch_save(path, obj)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`; clear errors for bad files."""
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust_code: bool = False) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; clear errors for bad files.
+
+    No code from the file runs: it is read with the weights-only unpickler, and a file holding
+    other Python objects raises :class:`UntrustedCheckpointError` unless ``trust_code`` is true.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a checkpoint file path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # truncated zip, unpickling errors, ...
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
+        obj = safe_torch_load(path, map_location, what="checkpoint", trust_code=trust_code)
+    except UntrustedFileError as exc:
+        raise UntrustedCheckpointError(str(exc).removeprefix("checkpoint: ")) from None
+    except ValueError as exc:  # truncated zip, unpickling errors, ...
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
+                              f"({str(exc).partition('(')[2].rstrip(')') or 'unreadable'})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
     for key in ("builder", "config", "state_dict"):
@@ -227,10 +294,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def build_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> nn.Module:
-    ck = load_checkpoint(path, map_location)
-    builder = _import_object(ck["builder"])
-    if not isinstance(ck["config"], dict):
+def build_from_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust_code: bool = False) -> nn.Module:
+    """The model a checkpoint describes: its registered builder called with its config, then its weights.
+
+    Without ``trust_code`` nothing from the file runs (see the module docstring)."""
+    ck = load_checkpoint(path, map_location, trust_code=trust_code)
+    builder = _builder(path, ck["builder"], trust_code)
+    if not isinstance(ck["config"], dict) or not all(isinstance(k, str) for k in ck["config"]):
         raise CheckpointError(f"{path}: config is not a dict")
     try:
         model = builder(**ck["config"])
@@ -243,23 +313,41 @@ def build_from_checkpoint(path: str | os.PathLike, map_location="cpu") -> nn.Mod
     return model
 
 
-def load_model(spec: str | nn.Module) -> nn.Module:
+def load_model(spec: str | os.PathLike | nn.Module, *, trust_code: bool = False) -> nn.Module:
     """Resolve ``spec`` to an ``nn.Module`` in eval mode.
 
     ``spec`` may be a built-in name (see :func:`builtin_models`), a checkpoint path, or
-    ``FILE.py:NAME`` / ``package.module:NAME`` naming an ``nn.Module`` or a callable returning one.
+    ``FILE.py:NAME`` / ``package.module:NAME`` naming an ``nn.Module`` or a callable returning one
+    (your own code: it is imported and run). A checkpoint runs no code from the file unless
+    ``trust_code`` is true (see the module docstring).
 
     >>> load_model("toy-wm").__class__.__name__
     'WMNet'
     """
     if isinstance(spec, nn.Module):
         return spec.eval()
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"model: expected an nn.Module, a built-in name, a checkpoint path or FILE.py:NAME, "
+                        f"got {type(spec).__name__}")
+    if not spec.strip():
+        raise ValueError("model: empty name; valid choices: a checkpoint file, FILE.py:NAME, package.module:NAME, "
+                         f"or a built-in name ({', '.join(builtin_models())})")
     models = builtin_models()
     if spec in models:
         return models[spec].build().eval()
+    if spec.endswith(".py") and Path(spec).is_file():
+        raise ValueError(f"model: {spec!r} is a Python file; name the nn.Module or the function returning one in "
+                         f"it: {spec}:NAME")
+    if Path(spec).is_dir():
+        raise ValueError(f"model: {spec!r} is a folder; valid choices: a checkpoint file, FILE.py:NAME, "
+                         f"package.module:NAME, or a built-in name ({', '.join(models)})")
     if Path(spec).is_file():
         try:
-            return build_from_checkpoint(spec).eval()
+            return build_from_checkpoint(spec, trust_code=trust_code).eval()
+        except UntrustedCheckpointError as exc:
+            raise UntrustedCheckpointError(f"model: {exc}") from None
         except CheckpointError as exc:
             raise CheckpointError(f"model: {exc}") from None
     if ":" in spec:

@@ -113,14 +113,33 @@ class Report:
         return atomic_write_text(path, buf.getvalue())
 
     @classmethod
+    def load(cls, path: str | os.PathLike) -> Report:
+        """Read a saved report: its folder or its ``report.json`` (see :meth:`from_json`).
+
+        Reports are JSON: loading one runs no code. Errors are one line naming the path."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a report folder or report.json, got {type(path).__name__}")
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        return cls.from_json(p)
+
+    @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
         """Read ``report.json``; refuses a report folder that mixes two saves (see the module docstring)."""
         path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"path: {str(path)!r} not found" + (" (no report.json in the folder)"
+                                                                  if path.parent.is_dir() else ""))
         try:
             d = json.loads(path.read_text())
             records = d["records"]
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise TypeError("records is not a list of objects")
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a report.json ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{path}: not a report.json ({type(exc).__name__}: {_first(exc)})") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
         if "files" in d:
             check_files(path.parent, d["files"], manifest=path.name)
         return cls(records=records, calibration=d.get("calibration", {}), meta=d.get("meta", {}))
@@ -128,7 +147,11 @@ class Report:
     def save(self, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, Path]:
         """Write ``report.csv``, the figures and, last, ``report.json`` (listing the others with
         their sha256) into ``out_dir``: a save killed half-way is detected by :meth:`from_json`."""
-        out = Path(out_dir)
+        from .files import check_output_dir
+
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+        out = check_output_dir(out_dir, "out_dir")
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": self.to_csv(out / "report.csv")}
         if figures:
@@ -222,6 +245,11 @@ class Report:
 
 
 _FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png")
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "unreadable"
 
 
 def _isnan(v) -> bool:

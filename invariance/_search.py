@@ -63,7 +63,7 @@ centred frame (pixels of the layer, degrees).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
     """Resolution of the coarse grid and the refinement (defaults suit 10-60 px feature maps).
 
@@ -138,7 +138,8 @@ class SearchConfig:
         log2_scales: log2 scale factors tried by ``scale`` / ``scale_translation``.
         similarity_n_angles, similarity_log2_scales: the (coarser) grid of ``similarity``.
         affine_n_angles, affine_log2_scales, affine_log2_aspects, affine_aspect_angles: the grid
-            of ``affine`` (rotation x scale x anisotropy along a direction).
+            of ``affine`` (rotation x scale x anisotropy along a direction); the last two both
+            empty: isotropic shapes only.
         max_shift: largest integer shift tried, in layer pixels (None: any shift).
         top_k: refinement starts per image, taken from distinct basins of the coarse grid.
         basin_separation, basin_shift: two coarse candidates are in distinct basins when their
@@ -187,25 +188,77 @@ class SearchConfig:
         >>> SearchConfig.preset("fast").n_angles, SearchConfig.preset("fast", seed=3).seed
         (36, 3)
         """
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"preset: unknown search preset {name!r}; valid choices: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    @classmethod
+    def of(cls, config: SearchConfig | str | None, **defaults) -> SearchConfig:
+        """The settings a ``config`` argument names: ``None`` (the defaults, with ``defaults`` such as
+        ``seed``), a preset name (:data:`PRESETS`) or a :class:`SearchConfig` (as it is).
+
+        >>> SearchConfig.of("fast").n_angles, SearchConfig.of(None, seed=2).seed
+        (36, 2)
+        """
+        if config is None:
+            return cls(**defaults)
+        if isinstance(config, str):
+            return cls.preset(config, **defaults)
+        if not isinstance(config, cls):
+            raise TypeError(f"config: expected a SearchConfig or a preset name ({', '.join(PRESETS)}), got "
+                            f"{type(config).__name__}")
+        return config
+
     def __post_init__(self):
+        """Every field checked once, here (one-line errors naming the field); frozen afterwards."""
+        from .checks import check_int, check_number, check_seed
+
         for name in ("n_angles", "similarity_n_angles", "affine_n_angles", "top_k", "shortlist", "refine_keep"):
+            check_int(getattr(self, name), name, minimum=1)
+        for name in ("polish_levels", "refine_steps", "polish_starts"):
+            check_int(getattr(self, name), name, minimum=0)
+        check_number(self.min_overlap, "min_overlap", minimum=0.0, maximum=1.0)
+        check_number(self.basin_separation, "basin_separation", positive=True)
+        check_number(self.basin_shift, "basin_shift", positive=True)
+        if self.max_shift is not None:
+            check_number(self.max_shift, "max_shift", minimum=0.0)
+        if self.chunk_size is not None:
+            check_int(self.chunk_size, "chunk_size", minimum=1)
+        check_int(self.memory_budget, "memory_budget", minimum=1)
+        check_seed(self.seed)
+        for name in ("log2_scales", "similarity_log2_scales", "affine_log2_scales", "affine_log2_aspects",
+                     "affine_aspect_angles"):
             v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        if not isinstance(self.polish_levels, (int, np.integer)) or self.polish_levels < 0:
-            raise ValueError(f"polish_levels: must be a non-negative integer, got {self.polish_levels!r}")
-        if not isinstance(self.refine_steps, (int, np.integer)) or self.refine_steps < 0:
-            raise ValueError(f"refine_steps: must be a non-negative integer, got {self.refine_steps!r}")
-        if not 0.0 <= float(self.min_overlap) <= 1.0:
-            raise ValueError(f"min_overlap: must be in [0, 1], got {self.min_overlap!r}")
-        if self.max_shift is not None and not self.max_shift >= 0:
-            raise ValueError(f"max_shift: must be >= 0 or None, got {self.max_shift!r}")
-        if len(self.log2_scales) == 0 or len(self.similarity_log2_scales) == 0:
-            raise ValueError("log2_scales: needs at least one scale")
+            may_be_empty = name in ("affine_log2_aspects", "affine_aspect_angles")  # () = isotropic shapes only
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or (len(v) == 0 and not may_be_empty):
+                raise ValueError(f"{name}: must be a non-empty sequence of numbers, got {v!r}")
+            vals = tuple(check_number(x, name) for x in v)
+            if vals and (name.endswith("log2_scales") or name.endswith("log2_aspects")):
+                if max(abs(x) for x in vals) > 6:
+                    raise ValueError(f"{name}: log2 factors must lie in -6..6, got {max(vals, key=abs):g}")
+            object.__setattr__(self, name, vals)
+        if bool(self.affine_log2_aspects) != bool(self.affine_aspect_angles):
+            empty, other = (("affine_aspect_angles", "affine_log2_aspects") if self.affine_log2_aspects
+                            else ("affine_log2_aspects", "affine_aspect_angles"))
+            raise ValueError(f"{empty}: empty while {other} is not, so no anisotropic shape would be searched; give "
+                             f"both (anisotropy along directions) or neither (isotropic shapes only)")
+
+
+def _search_config_init(init):
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - {f.name for f in fields(SearchConfig)})
+        if unknown:
+            raise TypeError(f"SearchConfig: unknown option(s) {', '.join(map(repr, unknown))}; valid choices: "
+                            f"{', '.join(f.name for f in fields(SearchConfig))}")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+SearchConfig.__init__ = _search_config_init(SearchConfig.__init__)
 
 
 @dataclass
@@ -544,7 +597,7 @@ def search_bytes_per_image(family: str, channels: int, size, config: SearchConfi
     >>> search_bytes_per_image("rigid", 1024, (14, 14)) // 2**20   # resnet50 layer3, 72 angles
     79
     """
-    cfg = config or SearchConfig()
+    cfg = SearchConfig.of(config)
     h, w = (int(v) for v in size)
     if SEARCH_FAMILIES[family][1]:
         pads = _canvas_pads(_linear_candidates(family, cfg, torch.float64, "cpu"), h, w, cap=4.0)
@@ -1040,7 +1093,7 @@ def align(
     for name, t in (("reference", reference), ("moving", moving)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
-    cfg = config or SearchConfig()
+    cfg = SearchConfig.of(config)
     # the search differentiates with respect to the warp only, never into the caller's graph
     reference, moving = reference.detach(), moving.detach()
     b = reference.shape[0]

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .checks import check_size
+
 __all__ = ["W_VERTICES", "GLYPH_SIZE", "GLYPH_HALF_STROKE", "GLYPH_EXTENT", "detector_window",
            "render_polyline", "glyph_scene", "make_glyph_images", "make_blob_images", "make_images",
            "IMAGE_SOURCES"]
@@ -83,7 +85,7 @@ def make_glyph_images(n: int, size: int | Sequence[int] = 48, seed: int = 0, *, 
     >>> imgs.shape, [len(p) for p in params]
     (torch.Size([3, 1, 48, 48]), [1, 1, 1])
     """
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = check_size((size, size) if isinstance(size, int) else size)
     if n < 1:
         raise ValueError(f"n: must be at least 1, got {n}")
     if not set(letters) <= {"W", "M"} or not letters:
@@ -134,7 +136,7 @@ def make_blob_images(n: int, size: int | Sequence[int] = 48, seed: int = 0, *, n
     >>> x.shape, bool(x[..., 0, :].abs().max() == 0)
     (torch.Size([2, 1, 32, 32]), True)
     """
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = check_size((size, size) if isinstance(size, int) else size)
     if n < 1:
         raise ValueError(f"n: must be at least 1, got {n}")
     if not 0 < content_radius <= 1:

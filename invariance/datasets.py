@@ -222,7 +222,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """
     path = Path(path)
     raw = path.read_bytes()
-    if raw[:2] == _GZIP_MAGIC:
+    compressed = raw[:2] == _GZIP_MAGIC
+    if compressed:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
@@ -231,9 +232,14 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if len(raw) < 4:
         raise IDXFormatError(path, f"truncated header: expected at least 4 bytes, found {len(raw)}")
     if raw[0] != 0 or raw[1] != 0:
+        gz = (
+            "not gzip-compressed although its name ends in .gz (no 1f 8b magic bytes), and not an IDX file either: "
+            if path.suffix == ".gz" and not compressed
+            else "not an IDX file: "
+        )
         raise IDXFormatError(
             path,
-            f"bad magic number 0x{raw[:4].hex()}: an IDX file starts with two zero bytes",
+            f"{gz}bad magic number 0x{raw[:4].hex()} (an IDX file starts with two zero bytes)",
         )
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:

@@ -11,6 +11,16 @@
   manifest with newer files (a save killed half-way) or whose files changed since.
 * :func:`check_output_dir` checks, before any computation, that an output folder can be created
   and written.
+* :func:`safe_torch_load` reads a ``torch.save`` file without running code from it: tensors and
+  plain containers only (``torch.load(weights_only=True)``); a file holding other Python objects
+  is refused with :class:`UntrustedFileError`, saying how to allow it for a file the user trusts.
+
+Threat model of loading: a checkpoint, an image file or a report from someone else is *data*.
+Reading it must never run code (pickle can: an object's ``__reduce__`` names any function to
+call), so every ``.pt`` is read with the weights-only unpickler, ``.npy`` files without pickle,
+reports as JSON, and a checkpoint may name only a registered builder
+(:func:`invariance.register_builder`). Code runs only where the user names it: ``FILE.py:NAME``
+or ``module:NAME`` on the command line, or ``trust_code=True`` / ``--trust-code``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "check_output_dir",
-           "remove_stale_temporaries", "describe_files", "check_files", "FolderError", "exit_on_sigterm"]
+           "remove_stale_temporaries", "describe_files", "check_files", "FolderError", "exit_on_sigterm",
+           "safe_torch_load", "UntrustedFileError", "TRUST_HINT"]
 
 MANIFEST = "manifest"
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -36,6 +47,14 @@ _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
 
 class FolderError(ValueError):
     """An output folder was written only in part (an interrupted save) or changed since."""
+
+
+class UntrustedFileError(ValueError):
+    """A file holds Python objects whose loading could run code, and its source was not trusted."""
+
+
+TRUST_HINT = ("load it only if you trust its source: trust_code=True in Python, --trust-code on the "
+              "command line")
 
 
 def _alive(pid: int) -> bool:
@@ -102,6 +121,69 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu", *, what: str = "file",
+                    trust_code: bool = False, hint: str = TRUST_HINT) -> Any:
+    """``torch.load`` that runs no code from the file: tensors, numbers, strings and plain
+    containers only (the weights-only unpickler), unless ``trust_code`` is true.
+
+    ``what`` starts the one-line errors (the argument the file came from), ``hint`` ends the
+    refusal of an untrusted file (how to allow it, or what to save instead). A file holding other
+    Python objects (a pickled class, a function to call) raises :class:`UntrustedFileError`;
+    a missing, truncated or foreign file raises ``ValueError``; nothing in the file runs.
+
+    >>> import io, os, torch
+    >>> class Payload:
+    ...     def __reduce__(self):
+    ...         return (os.system, ("echo pwned",))
+    >>> buf = io.BytesIO(); torch.save({"w": Payload()}, buf); _ = buf.seek(0)
+    >>> safe_torch_load(buf, what="model")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    invariance.files.UntrustedFileError: model: <...> holds Python objects other than tensors ...
+    """
+    import pickle
+    import warnings
+
+    import torch
+
+    name = path if isinstance(path, (str, os.PathLike)) else f"<{type(path).__name__}>"
+    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+        raise ValueError(f"{what}: file {str(name)!r} not found")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it reads anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=not trust_code)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not trust_code and ("Weights only load failed" in text or "weights_only" in text) and _unsafe(text):
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            detail = f" (it names {found[1]!r})" if found else ""
+            raise UntrustedFileError(f"{what}: {name} holds Python objects other than tensors and plain "
+                                     f"containers{detail}; unpickling them could run code; {hint}") from None
+        found = re.search(r"Unsupported operand (\d+)", text)
+        detail = f"byte {found[1]} is no pickle instruction" if found else f"UnpicklingError: {_first_line(text)}"
+        raise ValueError(f"{what}: {name} is corrupt, truncated or not a torch file ({detail})") from None
+    except Exception as exc:  # a truncated zip, a foreign format, an unknown storage location ...
+        raise ValueError(f"{what}: {name} is corrupt, truncated or not a torch file ({type(exc).__name__}: "
+                         f"{_first_line(str(exc))})") from None
+
+
+def _unsafe(text: str) -> bool:
+    """Whether the weights-only unpickler refused a real pickle instruction (an object to build, a
+    function to call) rather than bytes that are no pickle at all (a corrupt file)."""
+    import pickletools
+
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found is None:
+        return True  # a blocked global, a class, a reduce: the file asks for code
+    return chr(int(found[1])) in {op.code for op in pickletools.opcodes}
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0][:200] if text else "unreadable"
 
 
 def check_output_dir(path: str | os.PathLike, argument: str = "out") -> Path:

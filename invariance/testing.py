@@ -79,6 +79,7 @@ The metric alone:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ from ._metric import comparison_region, measure_layer, transformed_valid
 from ._metric import interpolation_floor as _floor
 from ._search import SEARCH_FAMILIES, SearchConfig, masked_error
 from ._warp import warp
+from .checks import check_finite, check_images, check_int, check_number, check_size
 from .toys import make_blob_images
 
 try:  # the metric and the assertions work without hypothesis; the strategies need it
@@ -166,6 +168,8 @@ def valid_radius(transform: Transform | str, size: Sequence[int], border: float 
     0.5
     """
     tr = as_transform(transform)
+    size = check_size(size)
+    border = check_number(border, "border", minimum=0, maximum=1)
     m = tr.matrix(size, torch.float64)
     smax = float(torch.linalg.matrix_norm(m[:2, :2], ord=2))
     t = float(torch.linalg.vector_norm(m[:2, 2]))
@@ -185,10 +189,13 @@ def border_band(model: nn.Module, layer: str, images: torch.Tensor) -> float:
     interior (a translation-covariant network with biases) and deviates within the band.
     Returns 0 when the output for an empty image is constant (no biases, circular padding).
     """
+    __tracebackhide__ = _hide_argument_error
+    _check_model(model, images)
+    _check_layer(model, layer)
     if layer == "input":
         return 0.0
     z = torch.zeros(1, *images.shape[1:], dtype=images.dtype, device=images.device)
-    f0 = FeatureExtractor(model, [layer])(z)[0][layer][0]
+    f0 = _layer_maps(model, layer, z)[0][0]
     h, w = f0.shape[-2:]
     centre = f0[:, h // 2, w // 2][:, None, None]
     scale = float(f0.abs().max())
@@ -204,6 +211,114 @@ def border_band(model: nn.Module, layer: str, images: torch.Tensor) -> float:
 
 def _atol(dtype: torch.dtype) -> float:
     return ATOL.get(dtype, ATOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- argument checks
+# Each raises a one-line TypeError / ValueError that names the argument and the valid range
+# (invariance.checks); the assertions call them before measuring anything.
+
+
+def _hide_argument_error(excinfo) -> bool:
+    """pytest's ``__tracebackhide__`` for the metric: hide its frame for an argument error (the
+    one-line ``TypeError`` / ``ValueError`` about the caller's input), keep it for anything else."""
+    return excinfo is not None and excinfo.errisinstance((TypeError, ValueError))
+
+
+def _check_tolerances(rtol, atol) -> None:
+    """``rtol``: the allowed relative excess over the floor, ``atol``: an absolute allowance (None:
+    :data:`ATOL` of the dtype); both finite and >= 0 (a negative one would fail a layer that aligns
+    exactly, an infinite one would pass any layer)."""
+    __tracebackhide__ = True
+    check_number(rtol, "rtol", minimum=0)
+    if atol is not None:
+        check_number(atol, "atol", minimum=0)
+
+
+def _check_mask_radius(mask_radius) -> None:
+    __tracebackhide__ = True
+    if mask_radius is not None:
+        check_number(mask_radius, "mask_radius", positive=True)
+
+
+def _check_model(model: nn.Module, images: torch.Tensor) -> None:
+    __tracebackhide__ = True
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_images(images)
+    check_finite(images, "images")
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point() and p.dtype != images.dtype:
+        raise TypeError(f"images: dtype {images.dtype} differs from the model's parameters ({p.dtype}); "
+                        f"convert one of them, e.g. model.to({images.dtype})")
+
+
+def _check_transformed(transformed, images: torch.Tensor) -> None:
+    """``transformed`` (when given) is a floating-point tensor of the images' shape and dtype."""
+    __tracebackhide__ = True
+    if transformed is None:
+        return
+    if not isinstance(transformed, torch.Tensor):
+        raise TypeError(f"transformed: expected a torch.Tensor shaped like images {tuple(images.shape)}, "
+                        f"got {type(transformed).__name__}")
+    if transformed.shape != images.shape:
+        raise ValueError(f"transformed: shape {tuple(transformed.shape)} differs from images {tuple(images.shape)}")
+    if transformed.dtype != images.dtype:
+        raise TypeError(f"transformed: dtype {transformed.dtype} differs from images ({images.dtype})")
+
+
+def _check_layer(model: nn.Module, layer) -> None:
+    """``layer`` is ``"input"`` or the name of one of ``model``'s submodules."""
+    __tracebackhide__ = True
+    if not isinstance(layer, str):
+        raise TypeError(f"layer: expected a module name (str) as in model.named_modules(), or 'input', "
+                        f"got {type(layer).__name__}")
+    if layer == "input":
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    if layer not in names:
+        choices = ["input", *names]
+        shown = ", ".join(choices[:12]) + (f", ... ({len(choices)} in all)" if len(choices) > 12 else "")
+        raise ValueError(f"layer: {type(model).__name__} has no module named {layer!r}; valid choices: {shown}")
+
+
+def _describe_output(out) -> str:
+    """What a module returned, for an error message: the type, and the keys or length of a container."""
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} (keys {', '.join(map(repr, list(out)[:6]))})"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    return f"a {type(out).__name__}"
+
+
+def _layer_maps(model: nn.Module, layer: str, x: torch.Tensor):
+    """``(maps, frame)`` of ``layer`` for ``x``; a layer whose output is not one ``(B, C, H, W)``
+    tensor (a tuple, a dict, a vector) is refused with what it returned, before the rest of the
+    forward pass runs (a hook on that module, called before the extractor's)."""
+    __tracebackhide__ = _hide_argument_error
+    if layer == "input":
+        feats, frames = FeatureExtractor(model, [layer])(x)
+        return feats[layer], frames[layer]
+    module = dict(model.named_modules())[layer]
+    first = []
+
+    def check_output(_module, _inp, out):
+        if first:
+            return  # a module called twice (a shared ReLU): its first call counts, as in the extractor
+        first.append(True)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            err = TypeError if not isinstance(out, torch.Tensor) else ValueError
+            raise err(f"layer: module {layer!r} of {type(model).__name__} returned {_describe_output(out)}, "
+                      f"not one (B, C, H, W) tensor of feature maps; choose a layer with 4-D output "
+                      f"(invariance.extract_features(model, images) lists them)")
+
+    handle = module.register_forward_hook(check_output)
+    try:
+        feats, frames = FeatureExtractor(model, [layer])(x)
+    finally:
+        handle.remove()
+    return feats[layer], frames[layer]
 
 
 @dataclass
@@ -248,6 +363,7 @@ class AlignmentErrors:
 
     def allowed(self, rtol: float = DEFAULT_RTOL, atol: float | None = None) -> torch.Tensor:
         """``floor * (1 + rtol) + atol`` per image: the largest error of an alignable layer."""
+        _check_tolerances(rtol, atol)
         return self.floor * (1 + rtol) + (_atol(self.dtype) if atol is None else atol)
 
     def table(self, bound: torch.Tensor | None = None, bound_name: str = "bound", ok=None) -> str:
@@ -309,22 +425,17 @@ def interpolation_floor(
     >>> bool((interpolation_floor(x, "scale:2") > 1e-4).all()), bool(interpolation_floor(x, "rotation:90").max() < 1e-9)
     (True, True)
     """
+    __tracebackhide__ = _hide_argument_error
+    check_images(images)
+    check_finite(images, "images")
     tr = as_transform(transform)
+    _check_mask_radius(mask_radius)
+    _check_transformed(transformed, images)
     fam = search or DEFAULT_SEARCH[tr.family]
+    if fam not in SEARCH_FAMILIES:
+        raise ValueError(f"search: unknown search family {fam!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     return _floor(images, tr.matrix(tuple(images.shape[-2:]), torch.float64), fam, mask_radius=mask_radius,
                   config=config or DEFAULT_CONFIG, transformed=transformed)
-
-
-def _check_model(model: nn.Module, images: torch.Tensor) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images: expected a floating-point (B, C, H, W) tensor, got {shape}")
-    p = next(iter(model.parameters()), None)
-    if p is not None and p.is_floating_point() and p.dtype != images.dtype:
-        raise TypeError(f"images: dtype {images.dtype} differs from the model's parameters ({p.dtype}); "
-                        f"convert one of them, e.g. model.to({images.dtype})")
 
 
 def alignment_errors(
@@ -362,13 +473,17 @@ def alignment_errors(
     Returns:
         :class:`AlignmentErrors`.
     """
+    __tracebackhide__ = _hide_argument_error
     _check_model(model, images)
+    _check_layer(model, layer)
     tr = as_transform(transform)
     fam = search or DEFAULT_SEARCH[tr.family]
     if fam not in SEARCH_FAMILIES:
         raise ValueError(f"search: unknown search family {fam!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
     if channels not in ("spatial", "permutation"):
         raise ValueError(f"channels: expected 'spatial' or 'permutation', got {channels!r}")
+    _check_mask_radius(mask_radius)
+    _check_transformed(transformed, images)
     cfg = config or DEFAULT_CONFIG
     size = tuple(images.shape[-2:])
     t_img = tr.matrix(size, torch.float64)
@@ -376,13 +491,11 @@ def alignment_errors(
     if generated:
         transformed = warp(images, t_img.to(images.dtype))
         image_valid = transformed_valid(t_img, size)
-    elif transformed.shape != images.shape:
-        raise ValueError(f"transformed: shape {tuple(transformed.shape)} differs from images {tuple(images.shape)}")
     else:
         image_valid = torch.ones(size, dtype=torch.bool)
-    feats, frames = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
+    maps, frame = _layer_maps(model, layer, torch.cat([images, transformed]))
     b = images.shape[0]
-    res = measure_layer(feats[layer][:b], feats[layer][b:], frames[layer], t_img, family=fam,
+    res = measure_layer(maps[:b], maps[b:], frame, t_img, family=fam,
                         channels=(channels,), mask_radius=mask_radius, interior=interior, image_valid=image_valid,
                         config=cfg, layer=layer, transform=tr.label)
     floor = interpolation_floor(images, tr, search=fam, mask_radius=mask_radius, config=cfg,
@@ -401,6 +514,7 @@ def alignment_errors(
 
 def _require_verdict(errs: AlignmentErrors) -> None:
     """No verdict on no signal: an image without one fails the assertion, whichever it is."""
+    __tracebackhide__ = True
     bad = [i for i, r in enumerate(errs.reasons) if r is not None] + [
         i for i in range(errs.spatial.shape[0]) if errs.floor[i].isnan() and errs.reasons[i] is None]
     if bad:
@@ -411,7 +525,32 @@ def _require_verdict(errs: AlignmentErrors) -> None:
               "use images with content inside the frame, or another layer")
 
 
+_FLOOR_NOTE = ("floor = the same search on the images themselves (interpolation_floor: what resampling alone "
+              "costs, the larger over both grid parities)")
+
+
+def _atol_note(atol: float | None, dtype: torch.dtype) -> str:
+    """``atol=...`` as used, and where it came from."""
+    if atol is not None:
+        return f"atol={atol:g} (given)"
+    name = str(dtype).replace("torch.", "")
+    return f"atol={_atol(dtype):g} (ATOL[{name}]: rounding where the floor is 0)"
+
+
+def _check_margin(margin, min_error) -> None:
+    """``margin >= 1``: the module docstring's gap (no case passes both verdicts) needs
+    ``margin * allowed >= allowed``; ``min_error``: an error is a ratio of energies, >= 0."""
+    __tracebackhide__ = True
+    try:
+        check_number(margin, "margin", minimum=1)
+    except ValueError as e:
+        raise ValueError(f"{e} (the factor on assert_spatially_alignable's bound: below 1 a layer could pass "
+                         f"both assertions, a negative one passes exactly alignable layers)") from None
+    check_number(min_error, "min_error", minimum=0)
+
+
 def _fail(errs: AlignmentErrors, headline: str, bound, bound_name, ok, note: str) -> None:
+    __tracebackhide__ = True
     raise AssertionError(f"{headline}: {errs.describe()}\n{errs.table(bound, bound_name, ok)}\n{note}")
 
 
@@ -428,16 +567,18 @@ def assert_spatially_alignable(
     """Assert that for every image ``spatial <= floor * (1 + rtol) + atol`` (atol from :data:`ATOL`).
 
     Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
+    ``rtol`` and ``atol`` must be finite and >= 0.
     """
+    __tracebackhide__ = True
+    _check_tolerances(rtol, atol)
     errs = alignment_errors(model, images, transform, layer, **kwargs)
     _require_verdict(errs)
     allowed = errs.allowed(rtol, atol)
     ok = errs.spatial <= allowed
     if not bool(ok.all()):
-        a = _atol(errs.dtype) if atol is None else atol
         _fail(errs, "not spatially alignable", allowed, "allowed", ok,
-              f"allowed = floor * (1 + rtol) + atol with rtol={rtol:g}, atol={a:g}; the best warp found "
-              f"leaves more than resampling alone explains")
+              f"allowed = floor * (1 + rtol) + atol with rtol={rtol:g}, {_atol_note(atol, errs.dtype)}; "
+              f"{_FLOOR_NOTE}; the best warp found leaves more than resampling alone explains")
     return errs
 
 
@@ -455,9 +596,14 @@ def assert_not_spatially_alignable(
 ) -> AlignmentErrors:
     """Assert that for every image ``spatial > max(margin * (floor * (1 + rtol) + atol), min_error)``.
 
-    The default ``margin = 2`` leaves a gap above the bound of :func:`assert_spatially_alignable`.
-    Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
+    The default ``margin = 2`` leaves a gap above the bound of :func:`assert_spatially_alignable`;
+    ``margin`` must be at least 1 (below 1 a layer could pass both assertions; a negative margin
+    would pass a layer that aligns exactly). ``min_error``, ``rtol`` and ``atol`` must be finite
+    and >= 0. Keyword arguments go to :func:`alignment_errors`. Returns the measured errors.
     """
+    __tracebackhide__ = True
+    _check_margin(margin, min_error)
+    _check_tolerances(rtol, atol)
     errs = alignment_errors(model, images, transform, layer, **kwargs)
     _require_verdict(errs)
     need = torch.clamp(margin * errs.allowed(rtol, atol), min=min_error)
@@ -465,8 +611,8 @@ def assert_not_spatially_alignable(
     if not bool(ok.all()):
         _fail(errs, "spatially alignable (expected not to be)", need, "required", ok,
               f"required = max(margin * (floor * (1 + rtol) + atol), min_error) with margin={margin:g}, "
-              f"rtol={rtol:g}, min_error={min_error:g}; a spatial warp aligns these maps about as well as "
-              f"it aligns the images themselves")
+              f"rtol={rtol:g}, {_atol_note(atol, errs.dtype)}, min_error={min_error:g}; {_FLOOR_NOTE}; "
+              f"a spatial warp aligns these maps about as well as it aligns the images themselves")
     return errs
 
 
@@ -488,9 +634,16 @@ def assert_invariant(
     (as in :func:`alignment_errors`): an invariant model may not change by more than resampling
     the image explains. Outputs of any shape are compared as flat vectors per image; 4-D layer
     maps on their comparison region (docs/definitions.md; within the disk of radius
-    ``mask_radius`` if given). Returns the per-image invariance errors.
+    ``mask_radius`` if given). Returns the per-image invariance errors. ``rtol`` and ``atol``
+    must be finite and >= 0; the output (or the layer) must be one tensor with the batch first.
     """
+    __tracebackhide__ = True
+    _check_tolerances(rtol, atol)
     _check_model(model, images)
+    if layer is not None:
+        _check_layer(model, layer)
+    _check_mask_radius(mask_radius)
+    _check_transformed(transformed, images)
     tr = as_transform(transform)
     size = tuple(images.shape[-2:])
     t_img = tr.matrix(size, torch.float64)
@@ -509,13 +662,20 @@ def assert_invariant(
                 out = model(torch.cat([images, transformed]))
         finally:
             model.train(was)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model: {type(model).__name__} returned {_describe_output(out)}, not one tensor; "
+                            f"assert_invariant compares the output tensor: wrap the model to return one, or "
+                            f"pass layer=")
+        if out.dim() == 0 or out.shape[0] != 2 * b:
+            raise ValueError(f"model: {type(model).__name__} returned a tensor of shape {tuple(out.shape)} for "
+                             f"{2 * b} images; the output must keep the batch dimension first")
         out = out.reshape(2 * b, -1)
         ref, mov = out[:b], out[b:]
         err = ((mov - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-30)).double()
     else:
-        feats, frames = FeatureExtractor(model, [layer])(torch.cat([images, transformed]))
-        ref, mov = feats[layer][:b], feats[layer][b:]
-        region, mvalid, _ = comparison_region(frames[layer], mask_radius=mask_radius, image_valid=image_valid,
+        maps, frame = _layer_maps(model, layer, torch.cat([images, transformed]))
+        ref, mov = maps[:b], maps[b:]
+        region, mvalid, _ = comparison_region(frame, mask_radius=mask_radius, image_valid=image_valid,
                                               device=ref.device, dtype=ref.dtype)
         err = masked_error(ref, mov, region, valid=mvalid).double()
     floor = interpolation_floor(images, tr, mask_radius=mask_radius, config=config, transformed=user_transformed)
@@ -531,7 +691,7 @@ def assert_invariant(
             f"({str(images.dtype).replace('torch.', '')}, {b} image(s))\n"
             f"{'image':>5}  {'invariance':>10}  {'floor':>10}  {'allowed':>10}\n{rows}\n"
             f"invariance = ||G(T x) - G(x)||^2 / ||G(x)||^2; allowed = floor * (1 + rtol) + atol with "
-            f"rtol={rtol:g}, atol={a:g}")
+            f"rtol={rtol:g}, {_atol_note(atol, images.dtype)}; {_FLOOR_NOTE}")
     return err.cpu()
 
 
@@ -545,6 +705,11 @@ def example_images(n: int = 4, size: int | Sequence[int] = 32, seed: int = 0, *,
     >>> example_images(2, 24).shape
     torch.Size([2, 1, 24, 24])
     """
+    n = check_int(n, "n", minimum=1)
+    size = check_int(size, "size", minimum=1) if isinstance(size, numbers.Integral) else check_size(size)
+    check_int(seed, "seed", minimum=0)
+    _check_float_dtype(dtype, "dtype")
+    content_radius = _check_content_radius(content_radius)
     return make_blob_images(n, size, seed, content_radius=content_radius, dtype=dtype,
                             sigma_range=_sigma_range(size))
 
@@ -563,14 +728,64 @@ def _hypothesis():
     return st
 
 
+# Strategies check their arguments when they are built, so that a wrong range fails at the
+# decorator with a one-line error naming the argument, not later inside hypothesis' draw.
+
+_FLOAT_DTYPES = "torch.float16, torch.bfloat16, torch.float32 or torch.float64"
+_LOG2_RANGE = (-1022.0, 1023.0)  # 2**u is then a positive, finite (normal) float64 scale factor
+
+
+def _check_float_dtype(dtype, name: str) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        got = dtype if isinstance(dtype, torch.dtype) else type(dtype).__name__
+        raise TypeError(f"{name}: expected a floating-point torch dtype ({_FLOAT_DTYPES}), got {got}")
+
+
+def _number_in(value, name: str, interval: str, ok, why: str = "") -> float:
+    """``value`` is a real number with ``ok(value)`` (False for NaN), else a one-line error that
+    gives the valid ``interval`` (for half-open ranges, which :func:`invariance.checks.check_number`
+    does not spell)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: must be a number in {interval}, got {value!r}")
+    value = float(value)
+    if not ok(value):
+        raise ValueError(f"{name}: must be a finite number in {interval}{' (' + why + ')' if why else ''}, "
+                         f"got {value!r}")
+    return value
+
+
+def _check_content_radius(content_radius) -> float:
+    return _number_in(content_radius, "content_radius", "(0, 1]", lambda v: 0 < v <= 1,
+                      "normalised units of the field of view")
+
+
+def _check_order(low: float, high: float, low_name: str, high_name: str) -> None:
+    if high < low:
+        raise ValueError(f"{high_name}: must be >= {low_name} ({low:g}), got {high:g}")
+
+
 def rotations(min_angle: float = -180.0, max_angle: float = 180.0, *, lattice: bool = False,
               min_abs: float = 0.0) -> st.SearchStrategy[Transform]:
     """Rotations about the centre (degrees, counter-clockwise as displayed).
 
     ``lattice=True`` draws from 90, 180 and 270 (exact on the pixel grid); ``min_abs`` keeps
-    ``|angle|`` (wrapped to (-180, 180]) at least that far from 0.
+    ``|angle|`` (wrapped to (-180, 180]) at least that far from 0. The bounds must be finite with
+    ``min_angle <= max_angle``, ``0 <= min_abs < 180``, and some angle of the range must keep
+    ``min_abs``.
     """
     st = _hypothesis()
+    min_angle = check_number(min_angle, "min_angle")
+    max_angle = check_number(max_angle, "max_angle")
+    _check_order(min_angle, max_angle, "min_angle", "max_angle")
+    min_abs = _number_in(min_abs, "min_abs", "[0, 180)", lambda v: 0 <= v < 180,
+                         "wrapped angles lie in (-180, 180]")
+    if min_abs > 0 and not lattice:
+        k = round(min_angle / 360.0)  # the angles within min_abs of 0 (mod 360) near min_angle
+        if abs(min_angle - 360.0 * k) < min_abs and max_angle < 360.0 * k + min_abs:
+            raise ValueError(f"min_abs: no angle in [{min_angle:g}, {max_angle:g}] is at least {min_abs:g} "
+                             f"from 0 (mod 360); lower min_abs or widen the range")
     if lattice:
         return st.sampled_from([90.0, 180.0, 270.0]).map(lambda a: Transform("rotation", (a,)))
     ang = st.floats(min_angle, max_angle, allow_nan=False, allow_infinity=False)
@@ -583,11 +798,24 @@ def scalings(min_log2: float = -1.0, max_log2: float = 1.0, *, min_abs_log2: flo
              values: Sequence[float] | None = None) -> st.SearchStrategy[Transform]:
     """Isotropic rescalings ``s = 2^u`` about the centre, ``u`` in ``[min_log2, max_log2]``, ``|u| >= min_abs_log2``.
 
-    ``values`` draws from given factors instead.
+    ``values`` draws from given factors instead (a non-empty sequence of finite factors > 0).
+    The bounds must be finite with ``min_log2 <= max_log2`` within -1022..1023 (so that ``2^u`` is
+    a positive finite float), and ``min_abs_log2 >= 0`` must leave some ``u`` of the range.
     """
     st = _hypothesis()
     if values is not None:
-        return st.sampled_from([float(v) for v in values]).map(lambda s: Transform("scale", (s,)))
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+            raise ValueError(f"values: expected a non-empty sequence of scale factors > 0, got {values!r}")
+        factors = [check_number(v, f"values[{i}]", positive=True) for i, v in enumerate(values)]
+        return st.sampled_from(factors).map(lambda s: Transform("scale", (s,)))
+    lo, hi = _LOG2_RANGE
+    min_log2 = check_number(min_log2, "min_log2", minimum=lo, maximum=hi)
+    max_log2 = check_number(max_log2, "max_log2", minimum=lo, maximum=hi)
+    _check_order(min_log2, max_log2, "min_log2", "max_log2")
+    min_abs_log2 = check_number(min_abs_log2, "min_abs_log2", minimum=0)
+    if min_abs_log2 > 0 and -min_abs_log2 < min_log2 and max_log2 < min_abs_log2:
+        raise ValueError(f"min_abs_log2: no u in [{min_log2:g}, {max_log2:g}] has |u| >= {min_abs_log2:g}; "
+                         f"lower min_abs_log2 or widen the range")
     u = st.floats(min_log2, max_log2, allow_nan=False, allow_infinity=False)
     if min_abs_log2 > 0:
         u = u.filter(lambda v: abs(v) >= min_abs_log2)
@@ -595,14 +823,21 @@ def scalings(min_log2: float = -1.0, max_log2: float = 1.0, *, min_abs_log2: flo
 
 
 def translations(max_shift: float = 4.0, *, integer: bool = True) -> st.SearchStrategy[Transform]:
-    """Translations ``(tx, ty)`` in pixels with ``|tx|, |ty| <= max_shift`` (integers by default)."""
+    """Translations ``(tx, ty)`` in pixels with ``|tx|, |ty| <= max_shift`` (integers by default).
+
+    ``max_shift`` must be finite and >= 0."""
     st = _hypothesis()
+    max_shift = check_number(max_shift, "max_shift", minimum=0)
     if integer:
         k = int(math.floor(max_shift))
         comp = st.integers(-k, k).map(float)
     else:
         comp = st.floats(-max_shift, max_shift, allow_nan=False, allow_infinity=False)
     return st.tuples(comp, comp).map(lambda t: Transform("translation", t))
+
+
+_FAMILY_OPTIONS = {"rigid": ("max_shift",), "similarity": ("max_shift", "max_log2"),
+                   "affine": ("max_shift", "max_deform")}
 
 
 def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Transform]:
@@ -612,6 +847,8 @@ def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Tra
     :func:`translations` (``kwargs`` go to them); ``rigid``: angle in [-180, 180] and shifts up
     to ``max_shift`` (default 3) px; ``similarity``: that and ``log2 s`` in [-0.5, 0.5];
     ``affine``: a linear part within ``0.2`` (``max_deform``) of a rotation, shifts up to 3 px.
+    ``max_shift`` and ``max_log2`` must be finite and >= 0; ``max_deform`` in [0, 0.5) (the
+    determinant of ``1 + D`` with ``|D_ij| <= d`` is at least ``1 - 2d``: invertible).
     """
     st = _hypothesis()
     if family == "rotation":
@@ -620,42 +857,54 @@ def transformations(family: str = "rotation", **kwargs) -> st.SearchStrategy[Tra
         return scalings(**kwargs)
     if family == "translation":
         return translations(**kwargs)
-    ms = float(kwargs.get("max_shift", 3.0))
+    if family not in _FAMILY_OPTIONS:
+        raise ValueError(f"family: expected rotation, scale, translation, rigid, similarity or affine, got {family!r}")
+    unknown = [k for k in kwargs if k not in _FAMILY_OPTIONS[family]]
+    if unknown:
+        raise TypeError(f"{unknown[0]}: not an option of family {family!r}; valid choices: "
+                        f"{', '.join(_FAMILY_OPTIONS[family])}")
+    ms = check_number(kwargs.get("max_shift", 3.0), "max_shift", minimum=0)
     shift = st.floats(-ms, ms, allow_nan=False)
     angle = st.floats(-180.0, 180.0, allow_nan=False)
     if family == "rigid":
         return st.tuples(angle, shift, shift).map(lambda p: Transform("rigid", p))
     if family == "similarity":
-        ls = float(kwargs.get("max_log2", 0.5))
+        ls = check_number(kwargs.get("max_log2", 0.5), "max_log2", minimum=0, maximum=_LOG2_RANGE[1])
         return st.tuples(angle, st.floats(-ls, ls), shift, shift).map(
             lambda p: Transform("similarity", (p[0], float(2.0 ** p[1]), p[2], p[3])))
-    if family == "affine":
-        d = float(kwargs.get("max_deform", 0.2))
-        dev = st.floats(-d, d, allow_nan=False)
+    d = _number_in(kwargs.get("max_deform", 0.2), "max_deform", "[0, 0.5)", lambda v: 0 <= v < 0.5,
+                   "the linear part's determinant is at least 1 - 2 max_deform")
+    dev = st.floats(-d, d, allow_nan=False)
 
-        def build(p):
-            a, d00, d01, d10, d11, tx, ty = p
-            c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
-            lin = torch.tensor([[c, s], [-s, c]], dtype=torch.float64) @ torch.tensor(
-                [[1 + d00, d01], [d10, 1 + d11]], dtype=torch.float64)
-            return Transform("affine", (lin[0, 0].item(), lin[0, 1].item(), tx, lin[1, 0].item(),
-                                        lin[1, 1].item(), ty))
+    def build(p):
+        a, d00, d01, d10, d11, tx, ty = p
+        c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
+        lin = torch.tensor([[c, s], [-s, c]], dtype=torch.float64) @ torch.tensor(
+            [[1 + d00, d01], [d10, 1 + d11]], dtype=torch.float64)
+        return Transform("affine", (lin[0, 0].item(), lin[0, 1].item(), tx, lin[1, 0].item(),
+                                    lin[1, 1].item(), ty))
 
-        return st.tuples(angle, dev, dev, dev, dev, shift, shift).map(build)
-    raise ValueError(f"family: expected rotation, scale, translation, rigid, similarity or affine, got {family!r}")
+    return st.tuples(angle, dev, dev, dev, dev, shift, shift).map(build)
 
 
 def image_sizes(min_size: int = 16, max_size: int = 48, *, parity: str | None = None,
                 square: bool = True) -> st.SearchStrategy[tuple[int, int]]:
-    """Image sizes ``(H, W)``: ``parity`` ``"odd"``, ``"even"`` or None (both); square by default."""
+    """Image sizes ``(H, W)``: ``parity`` ``"odd"``, ``"even"`` or None (both); square by default.
+
+    ``1 <= min_size <= max_size`` (integers), with a side of the requested parity in that range."""
     st = _hypothesis()
+    min_size = check_int(min_size, "min_size", minimum=1)
+    max_size = check_int(max_size, "max_size", minimum=1)
+    _check_order(min_size, max_size, "min_size", "max_size")
+    if parity not in (None, "odd", "even"):
+        raise ValueError(f"parity: expected 'odd', 'even' or None, got {parity!r}")
+    if parity is not None and min_size == max_size and (min_size % 2 == 1) != (parity == "odd"):
+        raise ValueError(f"parity: no {parity} size in [{min_size}, {max_size}]; widen the range")
     side = st.integers(min_size, max_size)
     if parity == "odd":
         side = side.map(lambda v: v if v % 2 else (v + 1 if v < max_size else v - 1))
     elif parity == "even":
         side = side.map(lambda v: v if v % 2 == 0 else (v + 1 if v < max_size else v - 1))
-    elif parity is not None:
-        raise ValueError(f"parity: expected 'odd', 'even' or None, got {parity!r}")
     if square:
         return side.map(lambda v: (v, v))
     return st.tuples(side, side)
@@ -664,7 +913,22 @@ def image_sizes(min_size: int = 16, max_size: int = 48, *, parity: str | None = 
 def dtypes(*choices: torch.dtype) -> st.SearchStrategy[torch.dtype]:
     """Floating-point dtypes (default float32 and float64)."""
     st = _hypothesis()
+    for c in choices:
+        _check_float_dtype(c, "choices")
     return st.sampled_from(list(choices) or [torch.float32, torch.float64])
+
+
+def _check_batch(batch) -> tuple[int, int]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(f"batch: expected an integer >= 1 or a range (low, high), got {batch!r}")
+        lo = check_int(batch[0], "batch[0]", minimum=1)
+        hi = check_int(batch[1], "batch[1]", minimum=1)
+        if hi < lo:
+            raise ValueError(f"batch[1]: must be >= batch[0] ({lo}), got {hi}")
+        return lo, hi
+    n = check_int(batch, "batch", minimum=1)
+    return n, n
 
 
 def images(batch: int | tuple[int, int] = (1, 3), *, channels: int = 1,
@@ -676,12 +940,32 @@ def images(batch: int | tuple[int, int] = (1, 3), *, channels: int = 1,
 
     ``sigma_range`` (pixels) sets the blob widths (default: 1.5 to 3.5 px on 48 px images,
     proportionally smaller on smaller ones, at least 1.2 px). Rescalings by ``s < 1`` need blobs
-    wider than ``1 / s`` px to stay resolved after the resampling."""
+    wider than ``1 / s`` px to stay resolved after the resampling.
+
+    ``batch``: an integer >= 1 or a range ``(low, high)``; ``channels >= 1``; ``sizes``: a
+    strategy of ``(H, W)`` such as :func:`image_sizes`; ``dtype``: a floating-point dtype or a
+    strategy of them (:func:`dtypes`); ``content_radius`` in (0, 1]; ``sigma_range``: finite
+    ``0 < low <= high``."""
     st = _hypothesis()
+    b_lo, b_hi = _check_batch(batch)
+    channels = check_int(channels, "channels", minimum=1)
+    if sizes is not None and not isinstance(sizes, st.SearchStrategy):
+        raise TypeError(f"sizes: expected a hypothesis strategy of (H, W) such as image_sizes(16, 48), "
+                        f"got {type(sizes).__name__}")
+    if not isinstance(dtype, st.SearchStrategy):
+        _check_float_dtype(dtype, "dtype")
+    content_radius = _check_content_radius(content_radius)
+    if sigma_range is not None:
+        if isinstance(sigma_range, (str, bytes)) or not isinstance(sigma_range, Sequence) or len(sigma_range) != 2:
+            raise ValueError(f"sigma_range: expected (low, high) in pixels, got {sigma_range!r}")
+        s_lo = check_number(sigma_range[0], "sigma_range[0]", positive=True)
+        s_hi = check_number(sigma_range[1], "sigma_range[1]", positive=True)
+        _check_order(s_lo, s_hi, "sigma_range[0]", "sigma_range[1]")
+        sigma_range = (s_lo, s_hi)
 
     @st.composite
     def draw_images(draw):
-        n = batch if isinstance(batch, int) else draw(st.integers(batch[0], batch[1]))
+        n = b_lo if b_lo == b_hi else draw(st.integers(b_lo, b_hi))
         h, w = draw(sizes if sizes is not None else image_sizes())
         dt = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
         seed = draw(st.integers(0, 2**31 - 1))

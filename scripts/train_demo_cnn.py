@@ -65,7 +65,7 @@ def main() -> None:
                     trained_by="stn.train (arch CNN, rotation protocol, mnist-10k split)",
                     train_config=cfg.to_dict(), test_error=err, stn_test_error=stn_error)
     # store the weights in float16 (the loader casts them back)
-    ck = torch.load(a.out, weights_only=False)
+    ck = torch.load(a.out, weights_only=True)
     ck["state_dict"] = half
     from invariance.files import atomic_torch_save
 

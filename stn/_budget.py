@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from invariance import save_checkpoint
-from invariance.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from invariance.datasets import DatasetNotFoundError
+from invariance.files import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
 
 from ._analysis import canonical_pose
 from ._data import TransformedDataset, get_protocol, load_transformed
@@ -204,7 +205,7 @@ def train_together(groups: dict, schedule: StepSchedule, *, batch_size: int = 25
     history: dict[str, list[dict]] = {n: [] for n in flat}
     start, elapsed = 0, 0.0
     if checkpoint is not None and Path(checkpoint).exists():
-        st = torch.load(checkpoint, map_location=dev, weights_only=False)
+        st = safe_torch_load(checkpoint, dev, what="checkpoint")
         if sorted(st["models"]) != sorted(flat) or st["schedule"] != asdict(schedule):
             raise ValueError(f"checkpoint: {checkpoint} holds another training (models or schedule differ)")
         for n, (_, m) in flat.items():
@@ -379,6 +380,24 @@ def _calibrate(budget: Budget, transform, archs, trains, family, protocol, loc, 
     return int(max(1, min(budget.max_steps[transform], budget.seconds[transform] / max(per_step, 1e-9)))), per_step
 
 
+def _fallback_reason(budget: Budget, data_root, exc: BaseException) -> str | None:
+    """Why a column runs on the 500 shipped digits instead of the data set; ``None``: it must not (re-raise).
+
+    Only the ``tiny`` budget falls back (a smoke run of the code, whose numbers mean nothing), only
+    when no data set is found at all (a malformed data file is an error), and never when
+    ``data_root`` was given: an explicit folder that lacks the data is an error, as everywhere
+    (:func:`invariance.datasets.find_dataset_dir`).
+
+    >>> _fallback_reason(BUDGETS["tiny"], None, DatasetNotFoundError("mnist test files not found; looked in: x", []))
+    'mnist test files not found; looked in: x'
+    >>> _fallback_reason(BUDGETS["gpu"], None, DatasetNotFoundError("mnist data not found", [])) is None
+    True
+    """
+    if budget.name != "tiny" or data_root is not None or not isinstance(exc, DatasetNotFoundError):
+        return None
+    return (str(exc).strip().splitlines() or [f"no {budget.data} data set found"])[0]
+
+
 def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, log) -> dict:
     """Train and evaluate one column; returns its cells and timings."""
     from invariance import load_digits
@@ -392,9 +411,10 @@ def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, lo
                                 device=dev)
         trains = {s: load_transformed(budget.data, "train", protocol, root=data_root, seed=s,
                                       limit=budget.train_limit, device=dev) for s in budget.seeds[transform]}
-        source = trains[budget.seeds[transform][0]].description
-    except Exception as exc:  # noqa: BLE001 - the tiny budget falls back to the shipped digits
-        if budget.name != "tiny":
+        source, fallback = trains[budget.seeds[transform][0]].description, None
+    except DatasetNotFoundError as exc:
+        fallback = _fallback_reason(budget, data_root, exc)
+        if fallback is None:
             raise
         imgs, labels = load_digits()  # sorted by class: split them at random
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
@@ -403,7 +423,8 @@ def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, lo
                                   description="shipped digits")
         trains = {s: TransformedDataset(imgs[tr], labels[tr], protocol, seed=s, device=dev,
                                         description="shipped digits") for s in budget.seeds[transform]}
-        source = f"the 500 shipped digits (no data set: {str(exc).splitlines()[0]})"
+        source = f"the 500 shipped digits instead of {budget.data} ({fallback})"
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused column leaves no folder behind
     n_classes = 10
     groups = {}
     for s in budget.seeds[transform]:
@@ -414,7 +435,7 @@ def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, lo
     state = out / f"{transform}.state.pt"
     tc = time.perf_counter()
     if state.exists():  # an interrupted column: resume with the steps it was sized for
-        steps = torch.load(state, map_location="cpu", weights_only=False)["schedule"]["steps"]
+        steps = safe_torch_load(state, "cpu", what="state")["schedule"]["steps"]
         per_step = float("nan")
         log(f"{transform}: resuming the interrupted column ({steps} steps)")
     else:
@@ -437,8 +458,8 @@ def _column(budget: Budget, transform: str, archs, dev, data_root, out: Path, lo
             cells[name] = {"arch": arch, "seed": s, "history": hist[name],
                            "steps": hist[name][-1]["step"] if hist[name] else 0, **ev}
     t3 = time.perf_counter()
-    return {"transform": transform, "protocol": protocol.describe(), "data": source, "steps": steps,
-            "ms_per_step": 1e3 * per_step, "cells": cells,
+    return {"transform": transform, "protocol": protocol.describe(), "data": source, "fallback": fallback,
+            "steps": steps, "ms_per_step": 1e3 * per_step, "cells": cells,
             "seconds": {"load": tc - t0, "calibrate": t1 - tc, "train": t2 - t1, "evaluate": t3 - t2}}
 
 
@@ -484,13 +505,16 @@ def _markdown(r: dict) -> str:
     from ._reproduce import ARCHS, PAPER_TABLE, SHORT, comparison_line, verdict
 
     cols = list(r["columns"])
-    lines = [f"# STN reproduction, budget `{r['budget']}`", "", r["note"], "",
-             f"Device: {r['device']} ({r['machine'].get('cuda') or r['machine']['platform']}); "
-             f"{r['seconds']:.0f} s in all.", "",
-             "Test error (%), mean over seeds and over "
-             f"{r['settings']['repeats']} fixed random transformations of each test image; paper in brackets.", "",
-             "| arch | " + " | ".join(f"{SHORT[t]} ({r['columns'][t]['steps']} steps)" for t in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    lines = [f"# STN reproduction, budget `{r['budget']}`", "", r["note"], ""]
+    if r.get("data_fallback"):
+        lines += [f"**Data: the 500 digits shipped with the package, not {r['settings']['data']}**: "
+                  f"{r['data_fallback']}", ""]
+    lines += [f"Device: {r['device']} ({r['machine'].get('cuda') or r['machine']['platform']}); "
+              f"{r['seconds']:.0f} s in all.", "",
+              "Test error (%), mean over seeds and over "
+              f"{r['settings']['repeats']} fixed random transformations of each test image; paper in brackets.", "",
+              "| arch | " + " | ".join(f"{SHORT[t]} ({r['columns'][t]['steps']} steps)" for t in cols) + " |",
+              "|---|" + "---|" * len(cols)]
     for a in ARCHS:
         if a in r["table"]:
             cells = [f"{r['table'][a][t]:.2f} ({PAPER_TABLE[a][t]:.2f})" if t in r["table"][a] else "-" for t in cols]
@@ -536,6 +560,12 @@ def reproduce_budget(budget: str = "gpu", *, out: str | os.PathLike = "runs/budg
     Writes ``results/reproduction.{json,md}`` and ``results/canonical_pose.png``; the models go
     to ``out/<transform>/<arch>-seed<s>.pt`` (invariance checkpoints) and the training state to
     ``out/<transform>.state.pt`` (a rerun resumes an interrupted column).
+
+    Data: the ``tiny`` budget runs on the 500 digits shipped with the package when no data set is
+    found (and ``data_root`` is None; see ``_fallback_reason``): it says so in a warning on stderr,
+    in the report's ``data_fallback`` (``None`` when the data set was used) and at the top of
+    ``reproduction.md``. Every other budget, and any ``data_root`` that lacks the data, raises
+    :class:`invariance.datasets.DatasetNotFoundError`.
     """
     from ._reproduce import ARCHS, TRANSFORMS, check_claims
 
@@ -547,23 +577,28 @@ def reproduce_budget(budget: str = "gpu", *, out: str | os.PathLike = "runs/budg
     b = BUDGETS[budget]
     dev = resolve_device(device)
     out, results = Path(out), Path(results)
-    out.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     columns: dict = {}
     report: dict = {}
+    fallback = None
     for t in transforms:
         log(f"column {t}: training {len(ARCHS)} architectures x seeds {b.seeds[t]} together on {dev}")
         columns[t] = _column(b, t, ARCHS, dev, data_root, out, log)
+        if columns[t]["fallback"] and fallback is None:
+            fallback = columns[t]["fallback"]
+            print(f"warning: the {b.name} budget runs on the 500 digits shipped with the package instead of "
+                  f"{b.data} (a smoke run of the code; its numbers say nothing about the paper): {fallback}",
+                  file=sys.stderr, flush=True)
         table, correct = _table(columns)
         done = [x for x in TRANSFORMS if x in columns]
         report = {"budget": b.name, "note": b.note, "device": str(dev), "machine": machine_info(),
                   "settings": {k: v for k, v in asdict(b).items() if k != "note"},
-                  "seconds": time.perf_counter() - t0, "table": table,
+                  "seconds": time.perf_counter() - t0, "data_fallback": fallback, "table": table,
                   "claims": check_claims(table, correct, done),
                   "columns": {x: {k: (v if k != "cells" else {n: {kk: vv for kk, vv in c.items() if kk != "correct"}
                                                               for n, c in v.items()})
                                   for k, v in columns[x].items()} for x in done}}
+        results.mkdir(parents=True, exist_ok=True)
         atomic_write_json(results / "reproduction.json", report)
         _figure(report["columns"], results / "canonical_pose.png")
         atomic_write_text(results / "reproduction.md", _markdown(report))

@@ -1,10 +1,12 @@
 """The ``stn`` command: ``stn train``, ``stn evaluate``, ``stn reproduce``.
 
 Run ``stn COMMAND --help`` for the options. Exit status: 0 on success, 2 for a usage error
-(unknown architecture, data set, family, ..., the message lists the valid choices; an ``--out``
-that is a file or not writable, a ``--data-root`` that is not a folder: checked before anything
-is read or trained), 1 for any other error (missing data, a corrupt checkpoint, a diverged
-training run, ...), always with a one-line message.
+(unknown architecture, data set, family, ..., the message lists the valid choices; a number out
+of its range, such as ``--gamma -1`` or ``--milestones 5,3``, the message names the flag and the
+range; an ``--out`` that is a file or not writable, a ``--data-root`` that is not a folder:
+checked before anything is read or trained), 1 for any other error (missing or malformed data
+files, a ``--resume`` with nothing to resume, a corrupt checkpoint, a diverged training run, ...),
+always with a one-line message.
 """
 
 from __future__ import annotations
@@ -41,10 +43,22 @@ def _family(value: str) -> str:
 
 
 def _milestones(value: str) -> list[int]:
+    """Parsing only; the range (increasing epochs >= 1) is checked by TrainConfig, for the API too."""
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 10,15, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole epochs >= 1 in increasing order like "
+                                         f"10,15, got {value!r}") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=1, help="test every N epochs (0: only at the end)")
     t.add_argument("--data-root", default=None, help="data folder (default: $INVARIANCE_DATA, ...)")
     t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -95,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=None,
                    help="feature-map alignment analysis (default: for STN-C architectures with depth > 0)")
-    e.add_argument("--alignment-images", type=int, default=64)
+    e.add_argument("--alignment-images", type=_positive_int, default=64)
     e.add_argument("--data-root", default=None)
     e.add_argument("--json", action="store_true", help="print the full result as JSON")
     e.add_argument("--no-write", action="store_true",
                    help="do not write evaluation.json (e.g. for a read-only run folder)")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--threads", type=_positive_int, default=None)
+    e.add_argument("--trust-code", action="store_true",
+                   help="let the checkpoint unpickle any Python object (only for files whose source you trust)")
 
     r = sub.add_parser("reproduce", help="reproduce the paper's MNIST table",
                        description="Train CNN, STN-C0, STN-C1, STN-DL1, STN-SL1 under rotation, scale and "
@@ -116,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for reproduction.md / .json (default benchmarks/results, or benchmarks/results/gpu "
                         "with --budget)")
     r.add_argument("--device", default="auto")
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--threads", type=_positive_int, default=None)
     r.add_argument("--data-root", default=None)
     r.add_argument("--no-fashion", action="store_true", help="skip the Fashion-MNIST runs")
     r.add_argument("--transforms", default=",".join(TRANSFORMS),
@@ -128,9 +144,7 @@ def _set_threads(n: int | None) -> None:
     if n is not None:
         import torch
 
-        if n < 1:
-            raise ValueError(f"threads: must be positive, got {n}")
-        torch.set_num_threads(n)
+        torch.set_num_threads(n)  # n >= 1: checked by the parser
 
 
 def _fmt_eval(res: dict) -> str:
@@ -166,6 +180,18 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
                        f"holds mnist/ and fashion-mnist/\n")
 
 
+def _flag(msg: str) -> str:
+    """``"lr: must be ..."`` (a TrainConfig field, as the API names it) -> ``"--lr: must be ..."``."""
+    from dataclasses import fields
+
+    from ._train import TrainConfig
+
+    name, sep, rest = msg.partition(": ")
+    if sep and name in {f.name for f in fields(TrainConfig)}:
+        return f"--{name.replace('_', '-')}: {rest}"
+    return msg
+
+
 def _one_line(exc: BaseException) -> str:
     msg = str(exc).strip()
     return msg.splitlines()[0] if msg else type(exc).__name__
@@ -184,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args) -> int:
     try:
         from invariance import CheckpointError
-        from invariance.datasets import DatasetNotFoundError
+        from invariance.datasets import DatasetNotFoundError, IDXFormatError
 
         from ._train import RunError, TrainConfig, evaluate, train
 
@@ -197,8 +223,8 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
                                   weight_decay=args.weight_decay, loc_lr_mult=args.loc_lr_mult,
                                   milestones=args.milestones, gamma=args.gamma, seed=args.seed, limit=args.limit,
                                   test_limit=args.test_limit, eval_every=args.eval_every, data_root=args.data_root)
-            except ValueError as exc:
-                parser.exit(2, f"stn train: error: {_one_line(exc)}\n")
+            except (TypeError, ValueError) as exc:
+                parser.exit(2, f"stn train: error: {_flag(_one_line(exc))}\n")
             m = train(cfg, args.out, resume=args.resume, device=args.device, progress=not args.no_progress)
             if m.get("test_error") is not None:
                 print(f"{args.out}: test error {100 * m['test_error']:.2f}% after {m['epochs_done']} epochs")
@@ -206,7 +232,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         if args.command == "evaluate":
             res = evaluate(args.run, device=args.device, alignment=args.alignment,
                            alignment_images=args.alignment_images, data_root=args.data_root,
-                           write=not args.no_write)
+                           write=not args.no_write, trust_code=args.trust_code)
             print(json.dumps(res, indent=2) if args.json else _fmt_eval(res))
             return 0
         if args.command == "reproduce":
@@ -226,7 +252,7 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
                       device=args.device, data_root=args.data_root, fashion=not args.no_fashion,
                       transforms=transforms)
             return 0
-    except DatasetNotFoundError as exc:
+    except (DatasetNotFoundError, IDXFormatError) as exc:
         where = "--data-root: " if getattr(args, "data_root", None) is not None else ""
         print(f"stn {args.command}: error: {where}{_one_line(exc)}", file=sys.stderr)
         return 1
@@ -234,6 +260,8 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         msg = _one_line(exc)
         if msg.startswith("run: "):
             msg = msg.removeprefix("run: ") + " (pass --no-write to evaluate without writing evaluation.json)"
+        elif msg.startswith("resume: "):
+            msg = "--" + msg
         print(f"stn {args.command}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from invariance import MNIST_CNN_BLOCKS, mnist_block
-from invariance.checks import check_size
+from invariance.checks import check_int, check_number, check_size
 
 from ._transformer import STN_FAMILIES, LocalisationHead, SpatialTransformer
 
@@ -134,8 +134,11 @@ def classifier_layers(classifier: str, in_channels: int, image_size: Sequence[in
     """
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier: unknown classifier {classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
-    h, w = check_size(image_size)
-    shapes = [(int(in_channels), h, w)]
+    in_channels = check_int(in_channels, "in_channels", minimum=1)
+    h, w = check_size(image_size, "image_size")
+    n_classes = check_int(n_classes, "n_classes", minimum=2)
+    check_number(dropout, "dropout", minimum=0, maximum=1)
+    shapes = [(in_channels, h, w)]
     layers: list[nn.Module] = []
     if classifier == "mnist":
         for c_out, k in MNIST_CNN_BLOCKS:
@@ -211,7 +214,9 @@ class STNClassifier(nn.Module):
             raise ValueError(f"classifier: unknown classifier {classifier!r}; valid choices: {', '.join(CLASSIFIERS)}")
         self.spec = parse_arch(arch, CLASSIFIERS[classifier], classifier)
         self.family = family
-        self.image_size = check_size(image_size)
+        self.image_size = check_size(image_size, "image_size")
+        for value, name in ((loc_channels, "loc_channels"), (loc_hidden, "loc_hidden"), (loc_pre_pool, "loc_pre_pool")):
+            check_int(value, name, minimum=1)
         layers, self.head, shapes = classifier_layers(classifier, in_channels, image_size, n_classes, dropout)
         self.layers = nn.ModuleList(layers)
         self.shapes = shapes
@@ -243,7 +248,24 @@ class STNClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_transforms(x)[0]
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """``x`` has the shape the model was built for, ``(B, in_channels, H, W)`` (shape only: cheap).
+
+        >>> build_model("CNN").check_images(torch.rand(2, 1, 32, 32))
+        Traceback (most recent call last):
+        ...
+        ValueError: images: expected shape (B, 1, 28, 28) (the model's in_channels and image_size), got (2, 1, 32, 32)
+        """
+        want = self.shapes[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images: expected a torch.Tensor of shape (B, {want[0]}, {want[1]}, {want[2]}), "
+                            f"got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"images: expected shape (B, {want[0]}, {want[1]}, {want[2]}) (the model's in_channels "
+                             f"and image_size), got {tuple(x.shape)}")
+
     def forward_with_transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, Transforms]:
+        self.check_images(x)
         kind = self.spec.kind
         if kind == "CNN":
             return self.head(self.features(x, len(self.layers))), Transforms([], None)
@@ -262,6 +284,7 @@ class STNClassifier(nn.Module):
         """
         if self.spec.kind != "C":
             raise ValueError(f"model: {self.spec.name} does not transform feature maps (an STN-C architecture does)")
+        self.check_images(x)
         captured: dict = {}
         logits, tr = self._forward_feature_maps(x, capture=captured)
         return logits, tr, captured
@@ -316,7 +339,7 @@ def build_model(arch: str = "CNN", **config) -> STNClassifier:
     ArchSpec(kind='C', depths=(1,))
     """
     if "image_size" in config:
-        config["image_size"] = tuple(int(s) for s in config["image_size"])
+        config["image_size"] = check_size(config["image_size"], "image_size")
     model = STNClassifier(arch, **config)
     model.config = {"arch": model.spec.name, **config}
     if "image_size" in config:

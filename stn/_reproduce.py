@@ -41,7 +41,7 @@ from invariance import CheckpointError, load_checkpoint
 from invariance.files import atomic_write_json, atomic_write_text
 
 from ._data import get_protocol
-from ._train import CHECKPOINT, EVALUATION, METRICS, TrainConfig, evaluate, machine_info, train
+from ._train import CHECKPOINT, EVALUATION, RunError, TrainConfig, evaluate, machine_info, read_metrics, train
 
 __all__ = ["PAPER_TABLE", "ARCHS", "TRANSFORMS", "MODES", "Mode", "plan", "check_claims", "reproduce"]
 
@@ -206,11 +206,12 @@ def check_claims(table: dict, correct: dict | None = None, transforms=TRANSFORMS
 
 
 def _finished(run: Path, cfg: TrainConfig) -> bool:
+    """A finished run of ``cfg`` (a missing or damaged metrics.json is not: train() rewrites it)."""
     try:
-        m = json.loads((run / METRICS).read_text())
-    except (OSError, ValueError):
+        m = read_metrics(run)
+    except (OSError, RunError):
         return False
-    return bool(m.get("finished")) and m.get("config") == cfg.to_dict()
+    return m["finished"] and m["config"] == cfg.to_dict()
 
 
 def _stale(run: Path, cfg: TrainConfig) -> Path | None:
@@ -232,7 +233,7 @@ def _evaluation(run: Path, arch: str, mode: Mode, device: str) -> dict:
     try:
         ev = json.loads(path.read_text())
         ck_mtime = (run / CHECKPOINT).stat().st_mtime
-        if ev.get("finished") and path.stat().st_mtime >= ck_mtime and \
+        if isinstance(ev, dict) and ev.get("finished") and path.stat().st_mtime >= ck_mtime and \
                 (arch != "STN-C1" or "feature_alignment" in ev):
             return ev
     except (OSError, ValueError):
@@ -267,9 +268,9 @@ def reproduce(*, quick: bool = True, out: str | os.PathLike = "runs/reproduce",
                 run.rename(stale)
                 log(f"[{i}/{len(runs)}] {name}: the existing run used other settings; moved to {stale.name}")
             log(f"[{i}/{len(runs)}] {name}: training ({cfg.epochs} epochs, {cfg.protocol.describe()})")
-            train(cfg, run, resume=True, device=device, progress=False, log=log)
+            train(cfg, run, resume=(run / CHECKPOINT).exists(), device=device, progress=False, log=log)
         ev = _evaluation(run, cfg.arch, mode, device)
-        metrics = json.loads((run / METRICS).read_text())
+        metrics = read_metrics(run)
         cells[name] = {"dataset": cfg.dataset, "transform": cfg.transform, "arch": cfg.arch,
                        "test_error": 100 * ev["test_error"], "test_error_se": 100 * ev["test_error_se"],
                        "n_test": ev["n_test"], "epochs": ev["epochs"], "train_seconds": metrics["seconds"],
@@ -279,7 +280,7 @@ def reproduce(*, quick: bool = True, out: str | os.PathLike = "runs/reproduce",
                                           ("quantity", "unit", "mean_spread", "applied_only_mean_spread")},
                        "feature_alignment": ev.get("feature_alignment"), "correct": ev["correct"],
                        "protocol": ev["protocol"], "test_data": ev["test_data"], "train_data": metrics["train_data"],
-                       "images_per_s": metrics["history"][-1]["images_per_s"] if metrics["history"] else None}
+                       "images_per_s": metrics["history"][-1].get("images_per_s") if metrics["history"] else None}
         log(f"[{i}/{len(runs)}] {name}: test error {cells[name]['test_error']:.2f}% "
             f"({time.perf_counter() - t0:.0f} s; {time.perf_counter() - t_start:.0f} s in all)")
     report = _report(mode, runs, cells, time.perf_counter() - t_start, device)

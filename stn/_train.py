@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from invariance import CheckpointError, load_checkpoint, non_finite_weight, save_checkpoint
 from invariance import geometry as G
+from invariance.checks import check_int, check_number, check_seed
 from invariance.datasets import DATASETS
 from invariance.files import atomic_write_json, check_output_dir
 
@@ -87,6 +88,11 @@ class TrainConfig:
         limit, test_limit: use only the first images of the training / test split.
         eval_every: test every that many epochs (0: only after the last one).
         data_root: data folder (default: ``$INVARIANCE_DATA`` etc., see :mod:`invariance.datasets`).
+
+    Every value is checked on construction (and again by :func:`train`): a ``ValueError`` (or a
+    ``TypeError`` for a wrong type) whose one-line message starts with the field's name and says
+    what is valid, e.g. ``gamma: must be a finite number > 0, got -1.0``; ``stn train`` prints it
+    with the field's ``--flag`` instead.
     """
 
     arch: str = "CNN"
@@ -125,12 +131,23 @@ class TrainConfig:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier: unknown classifier {self.classifier!r}; "
                              f"valid choices: {', '.join(CLASSIFIERS)}")
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.loc_lr_mult >= 0 or not self.weight_decay >= 0 or not self.momentum >= 0:
-            raise ValueError("lr must be > 0; loc_lr_mult, weight_decay and momentum must be >= 0")
-        self.milestones = sorted(int(m) for m in self.milestones)
+        # numbers: the checks of invariance.checks (one-line errors that start with the field's name,
+        # which the command line turns into its --flag); stored normalised (int / float)
+        self.epochs = check_int(self.epochs, "epochs", minimum=1)
+        self.batch_size = check_int(self.batch_size, "batch_size", minimum=1)
+        if self.size is not None:
+            self.size = check_int(self.size, "size", minimum=1)
+        self.lr = check_number(self.lr, "lr", positive=True)
+        self.gamma = check_number(self.gamma, "gamma", positive=True)
+        self.momentum = check_number(self.momentum, "momentum", minimum=0)
+        self.weight_decay = check_number(self.weight_decay, "weight_decay", minimum=0)
+        self.loc_lr_mult = check_number(self.loc_lr_mult, "loc_lr_mult", minimum=0)
+        self.milestones = _check_milestones(self.milestones)
+        self.seed = check_seed(self.seed)
+        for name in ("limit", "test_limit"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int_with_hint(getattr(self, name), name, "leave it unset for the whole split"))
+        self.eval_every = _int_with_hint(self.eval_every, "eval_every", "0: test only after the last epoch", minimum=0)
         get_protocol(self.transform, self.size)
 
     @property
@@ -156,6 +173,29 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _int_with_hint(value, name: str, hint: str, minimum: int = 1) -> int:
+    """``check_int(value, name, minimum=minimum)``, its error message followed by `` (hint)``."""
+    try:
+        return check_int(value, name, minimum=minimum)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} ({hint})") from None
+
+
+def _check_milestones(milestones) -> list[int]:
+    """Epochs after which the learning rate is multiplied by ``gamma``: strictly increasing integers >= 1."""
+    what = "strictly increasing whole epochs >= 1 (e.g. 10,15), or none"
+    if isinstance(milestones, (str, bytes)) or not hasattr(milestones, "__iter__"):
+        raise TypeError(f"milestones: must be a list of {what}, got {milestones!r}")
+    ms = list(milestones)
+    try:
+        ms = [check_int(m, "milestones") for m in ms]
+    except TypeError:
+        raise TypeError(f"milestones: must be {what}, got {ms!r}") from None
+    if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
+        raise ValueError(f"milestones: must be {what}, got {','.join(map(str, ms))}")
+    return ms
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -249,8 +289,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
 
     Args:
         resume: continue from ``out/checkpoint.pt`` (which must exist and hold the same
-            configuration, except that ``epochs`` may grow); without it an existing checkpoint
-            is an error.
+            configuration, except that ``epochs`` may grow; a folder without it is a
+            :class:`RunError`, checked before the data are read); without it an existing
+            checkpoint is an error. A ``metrics.json`` that is missing or unreadable is
+            rewritten from the checkpoint (and the log says so).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
         progress: show a tqdm bar per epoch (only on a terminal).
         stop_after: stop (as if interrupted) after this many epochs in total; for tests.
@@ -267,6 +309,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, dev
     if ck_path.exists() and not resume:
         raise RunError(f"{out}: holds a run already ({CHECKPOINT}); pass --resume to continue it "
                        f"or choose another --out")
+    if resume and not ck_path.exists():
+        raise RunError(f"resume: nothing to resume in {out} (no {CHECKPOINT}); drop --resume to start a new run")
     torch.manual_seed(cfg.seed)
     train_ds, test_ds = _datasets(cfg, dev)
     created = not out.exists()
@@ -292,7 +336,7 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
     start_epoch = 0
     data_seeds: list[int] = []
     elapsed = 0.0
-    if resume and ck_path.exists():
+    if resume:
         start_epoch, history, data_seeds, elapsed = _resume(cfg, out, model, opt, sched, train_ds, dev, log)
     steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
     for epoch in range(start_epoch, cfg.epochs):
@@ -329,10 +373,48 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
             msg += f", test error {100 * entry['test_error']:.2f}%"
         log(msg + f", {entry['images_per_s']:.0f} img/s, {secs:.1f} s")
         _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, last))
-    if history and not (out / METRICS).exists():  # e.g. interrupted between the checkpoint and metrics.json
-        done = len(history) >= cfg.epochs
-        _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, done))
-    return json.loads((out / METRICS).read_text()) if (out / METRICS).exists() else {}
+    try:
+        return read_metrics(out)
+    except FileNotFoundError:  # e.g. interrupted between the checkpoint and metrics.json
+        pass
+    except RunError as exc:  # damaged: it is a summary of the checkpoint, so write it again
+        log(f"{_one_line(exc)}; rewritten from {CHECKPOINT}")
+    if not history:
+        return {}
+    done = len(history) >= cfg.epochs
+    _write_metrics(out, cfg, history, _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, done))
+    return read_metrics(out)
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+#: What ``metrics.json`` must hold (what ``stn reproduce`` reads of it): key -> type.
+_METRICS_KEYS: dict[str, type | tuple[type, ...]] = {"config": dict, "history": list, "finished": bool,
+                                                     "seconds": (int, float), "train_data": str}
+
+
+def read_metrics(out: str | os.PathLike) -> dict:
+    """The ``metrics.json`` of a run folder, checked: a JSON object with the keys :func:`train` writes.
+
+    Raises ``FileNotFoundError`` when there is none, and :class:`RunError` with a one-line message
+    that names the file when it is not valid JSON or not of that shape.
+    """
+    path = Path(out) / METRICS
+    raw = path.read_bytes()
+    try:
+        m = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise RunError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(m, dict):
+        raise RunError(f"{path}: expected a JSON object, got a JSON {type(m).__name__}")
+    bad = [k for k, t in _METRICS_KEYS.items() if not isinstance(m.get(k), t)]
+    if bad:
+        raise RunError(f"{path}: missing or malformed entries: {', '.join(bad)}")
+    if not all(isinstance(h, dict) for h in m["history"]):
+        raise RunError(f"{path}: malformed entries: history (expected a list of objects)")
+    return m
 
 
 def _train_epoch(model, opt, train_ds, epoch: int, cfg: TrainConfig, steps: int, progress: bool):
@@ -409,17 +491,23 @@ def _metrics(cfg, model, train_ds, test_ds, dev, history, elapsed, finished) -> 
             "seconds": elapsed, "finished": finished, "test_error": last_test}
 
 
-def load_run(out: str | os.PathLike, device: str = "auto") -> tuple[STNClassifier, TrainConfig, dict]:
-    """Rebuild the model of a run folder from its checkpoint: ``(model in eval mode, config, checkpoint)``."""
+def load_run(out: str | os.PathLike, device: str = "auto", *, trust_code: bool = False
+             ) -> tuple[STNClassifier, TrainConfig, dict]:
+    """Rebuild the model of a run folder from its checkpoint: ``(model in eval mode, config, checkpoint)``.
+
+    No code from the file runs unless ``trust_code`` (see :func:`invariance.load_checkpoint`)."""
     out = Path(out)
     path = out / CHECKPOINT if out.is_dir() else out
     if out.is_dir() and not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found (is {out} an stn run folder?)")
     dev = resolve_device(device)
-    ck = load_checkpoint(path, map_location=dev)
+    ck = load_checkpoint(path, map_location=dev, trust_code=trust_code)
     if "train_config" not in ck:
         raise CheckpointError(f"{path}: not an stn training checkpoint (no train_config)")
-    cfg = TrainConfig.from_dict(ck["train_config"])
+    try:
+        cfg = TrainConfig.from_dict(ck["train_config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid training configuration ({_one_line(exc)})") from None
     model = build_model(**ck["config"]).to(dev)
     try:
         model.load_state_dict(ck["state_dict"])
@@ -440,13 +528,18 @@ def evaluation_path(out: str | os.PathLike) -> Path:
 
 
 def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | None = None,
-             alignment_images: int = 64, data_root: str | None = None, write: bool = True) -> dict:
+             alignment_images: int = 64, data_root: str | None = None, write: bool = True,
+             trust_code: bool = False) -> dict:
     """Evaluate a run folder (or a checkpoint file): test error, canonical-pose statistic and (for
     STN-C1) feature-map alignment.
 
     ``alignment=None`` runs the feature-map alignment analysis when the architecture transforms
     feature maps at depth 1 (``STN-C1``). Writes :func:`evaluation_path` when ``write``; that it
     can be written is checked before anything is evaluated.
+
+    Reads only the checkpoint (model, training configuration, epochs, whether finished) and the
+    test data; the run folder's ``metrics.json`` (a summary written for people and for
+    ``stn reproduce``) is not read, so a damaged one does not change the evaluation.
     """
     from ._analysis import canonical_pose, feature_map_alignment
 
@@ -456,7 +549,7 @@ def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | 
     target = evaluation_path(out)
     if write:
         check_output_dir(target.parent, "run")
-    model, cfg, ck = load_run(out, device)
+    model, cfg, ck = load_run(out, device, trust_code=trust_code)
     dev = next(model.parameters()).device
     if data_root is not None:
         cfg.data_root = data_root

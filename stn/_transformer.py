@@ -56,7 +56,7 @@ from torch import nn
 
 from invariance import geometry as G
 from invariance import grid_from_inverse
-from invariance.checks import check_size
+from invariance.checks import check_int, check_size
 
 __all__ = [
     "STN_FAMILIES",
@@ -71,6 +71,7 @@ __all__ = [
 STN_FAMILIES: tuple[str, ...] = tuple(G.FAMILIES)
 
 _AFFINE_ORDER = (0, 1, 2, 3, 4, 5)  # a b c d e f -> rows 0, 1 of the matrix
+
 
 
 def _check_family(family: str) -> G.Family:
@@ -175,7 +176,12 @@ class LocalisationHead(nn.Module):
     def __init__(self, in_channels: int, in_size: Sequence[int], *, channels: int = 32, n_conv: int = 2,
                  hidden: int = 32, pre_pool: int = 1) -> None:
         super().__init__()
-        h, w = check_size(in_size)
+        in_channels = check_int(in_channels, "in_channels", minimum=1)
+        h, w = check_size(in_size, "in_size")
+        channels = check_int(channels, "channels", minimum=1)
+        hidden = check_int(hidden, "hidden", minimum=1)
+        pre_pool = check_int(pre_pool, "pre_pool", minimum=1)
+        n_conv = check_int(n_conv, "n_conv", minimum=0)
         layers: list[nn.Module] = []
         if pre_pool > 1:
             layers.append(nn.MaxPool2d(pre_pool, ceil_mode=True))
@@ -217,7 +223,7 @@ class SpatialTransformer(nn.Module):
         if n_in is None:
             raise ValueError("features: give the localisation network's output width "
                              "(or an out_features attribute)")
-        self.regressor = nn.Linear(int(n_in), fam.n_params)
+        self.regressor = nn.Linear(check_int(n_in, "features", minimum=1), fam.n_params)
         self.reset_identity()
         self.mode, self.padding_mode = mode, padding_mode
 

@@ -44,6 +44,18 @@ NET = textwrap.dedent(
 
     def factory_that_raises():
         raise RuntimeError("boom in the factory")
+
+
+    class Exits(nn.Module):
+        def forward(self, x):
+            raise SystemExit(3)
+
+
+    EXITS = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Exits())
+    NAN_NET = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    with torch.no_grad():
+        NAN_NET[0].bias.fill_(float("nan"))  # a diverged network: NaN maps
+    FLAT = nn.Sequential(nn.Flatten(), nn.Linear(15 * 15, 2))  # no (B, C, H, W) output at all
     """
 )
 QUICK = ["--quick", "--n-boot", "20", "--channels", "spatial", "--layers", "1"]
@@ -73,6 +85,12 @@ def d(tmp_path_factory) -> Path:
     torch.save({"images": torch.zeros(3, 15, 15)}, d / "dict.pt")
     torch.save([torch.zeros(3, 15, 15)], d / "list.pt")
     (d / "a_file").write_text("not a folder\n")
+    (d / "folder.npy").mkdir()
+    np.save(d / "five_d.npy", np.zeros((1, 1, 1, 15, 15), np.float32))
+    with (d / "huge_header.npy").open("wb") as f:  # claims 400 GB, holds 64 bytes
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (100_000, 1000, 1000)})
+        f.write(b"\0" * 64)
     return d
 
 
@@ -136,9 +154,37 @@ BAD_MEASURE = {
     "a non-finite sweep": (lambda d: measure(d, transform="rotation:0..inf:1"), "--transform", ["finite"]),
     "more images than exist": (lambda d: measure(d, "--n-images", "10"), "--n-images", ["10", "only 3", "1..3"]),
     "negative --n-boot": (lambda d: measure(d, "--n-boot", "-5"), "--n-boot", ["-5"]),
-    "zero --n-boot": (lambda d: measure(d, "--n-boot", "0"), "--n-boot", ["positive"]),
-    "a zero --max-transforms": (lambda d: measure(d, "--max-transforms", "0"), "--max-transforms", ["at least 1"]),
-    "a NaN --mask-radius": (lambda d: measure(d, "--mask-radius", "nan"), "--mask-radius", ["positive"]),
+    "a zero --max-transforms": (lambda d: measure(d, "--max-transforms", "0"), "--max-transforms", [">= 1"]),
+    "a NaN --mask-radius": (lambda d: measure(d, "--mask-radius", "nan"), "--mask-radius", ["finite", "> 0"]),
+    "an infinite --mask-radius": (lambda d: measure(d, "--mask-radius", "inf"), "--mask-radius", ["finite"]),
+    # round 2: transformations out of range are refused where they are parsed, naming the range
+    "an angle of 1e308 degrees": (lambda d: measure(d, transform="rotation:1e308"), "--transform",
+                                  ["-360..360", "1e+308"]),
+    "a NaN angle": (lambda d: measure(d, transform="rotation:nan"), "--transform", ["finite"]),
+    "an infinite angle": (lambda d: measure(d, transform="rotation:inf"), "--transform", ["finite"]),
+    "a zero scale": (lambda d: measure(d, transform="scale:0"), "--transform", ["scale factor", "2**-6..2**6"]),
+    "a negative scale": (lambda d: measure(d, transform="scale:-1"), "--transform", ["scale factor", "-1"]),
+    "a huge scale": (lambda d: measure(d, transform="scale:1e6"), "--transform", ["scale factor"]),
+    "a huge shift": (lambda d: measure(d, transform="translation:1e9,0"), "--transform", ["-4096..4096"]),
+    "a singular affine": (lambda d: measure(d, transform="affine:1,0,0,0,0,0"), "--transform", ["singular"]),
+    "1500 single transformations": (lambda d: measure(d, transform=";".join(["rotation:1"] * 1500)), "--transform",
+                                    ["more than 1000"]),
+    "an empty --layers": (lambda d: measure(d, "--layers", ""), "--layers", ["no layer names"]),
+    "a blank --layers": (lambda d: measure(d, "--layers", " "), "--layers", ["no layer names"]),
+    "a folder named x.npy": (lambda d: measure(d, images="folder.npy"), "--images", ["is a folder"]),
+    "5-D images": (lambda d: measure(d, images="five_d.npy"), "--images", ["(B, C, H, W)"]),
+    "an .npy header claiming 400 GB": (lambda d: measure(d, images="huge_header.npy"), "--images",
+                                       ["truncated", "400,000,000,000"]),
+    "a model file without :NAME": (lambda d: measure(d, model=str(d / "net.py")), "--model", ["net.py:NAME"]),
+    "a model whose forward calls sys.exit": (
+        lambda d: measure(d, "--layers", "all", model=f"{d / 'net.py'}:EXITS"), "--model", ["sys.exit(3)"]),
+    "a model whose maps are NaN": (lambda d: measure(d, "--layers", "0", model=f"{d / 'net.py'}:NAN_NET"),
+                                   "--model", ["NaN or infinite"]),
+    "a negative --memory-budget": (lambda d: measure(d, "--memory-budget", "-1"), "--memory-budget", ["size"]),
+    "an empty --channels": (lambda d: measure(d, "--channels", ""), "--channels", ["none given", "valid choices"]),
+    "a zero --max-pixels": (lambda d: measure(d, "--max-pixels", "0"), "--max-pixels", [">= 1"]),
+    "layers of a model without maps": (lambda d: ["layers", "--model", f"{d / 'net.py'}:FLAT", "--images",
+                                                  d / "uint8.npy"], "--model", ["no layer with a (B, C, H, W)"]),
     "a negative --seed": (lambda d: measure(d, "--seed", "-1"), "--seed", ["0.."]),
     "a model file with a syntax error": (lambda d: measure(d, model=f"{d / 'syntax.py'}:f"), "--model",
                                          ["SyntaxError", "line 1"]),
@@ -506,10 +552,24 @@ def test_stn_usage_errors_are_one_line(d, capsys, argv, needle):
 
 
 def _api_cases():
-    from invariance import SearchConfig, align, as_image_batch, bootstrap_ci, fit_linear, measure, parse_transforms
+    from invariance import (
+        SearchConfig,
+        Transform,
+        align,
+        as_image_batch,
+        bootstrap_ci,
+        fit_linear,
+        load_model,
+        measure,
+        parse_transforms,
+    )
 
     x = torch.rand(2, 1, 8, 8)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+
+    def m(transforms, **kw):
+        return measure(net, x, transforms, **{"layers": "0", "channels": "spatial", "progress": False, **kw})
+
     return [
         ("int-out-of-range", lambda: as_image_batch(torch.full((1, 4, 4), 300, dtype=torch.int32)), "images", "0..255"),
         ("complex", lambda: as_image_batch(torch.ones(1, 4, 4, dtype=torch.complex64)), "images", "complex"),
@@ -519,13 +579,13 @@ def _api_cases():
         ("sweep-empty", lambda: parse_transforms("rotation:90..0:10"), "transform", "empty"),
         ("n-boot-negative", lambda: bootstrap_ci([1.0, 2.0], n_boot=-1), "n_boot", "non-negative"),
         ("measure-n-boot-negative", lambda: measure(net, x, "rotation:90", n_boot=-5, progress=False), "n_boot",
-         "non-negative"),
+         ">= 0"),
         ("float64-images-float32-model", lambda: measure(net, x.double(), "rotation:90", progress=False), "images",
          "model.to"),
         ("fit-linear-one-fold", lambda: fit_linear(x, x, torch.eye(3).expand(2, 3, 3), folds=1), "folds", ">= 2"),
         ("fit-linear-negative-ridge", lambda: fit_linear(x, x, torch.eye(3).expand(2, 3, 3), ridge=-1.0), "ridge",
          ">= 0"),
-        ("n-angles-zero", lambda: SearchConfig(n_angles=0), "n_angles", "positive integer"),
+        ("n-angles-zero", lambda: SearchConfig(n_angles=0), "n_angles", "integer >= 1"),
         ("float16-maps", lambda: align(x.half(), x.half(), "rotation"), "reference", "float32 or float64"),
         ("mask-and-radius", lambda: align(x, x, "rotation", mask=torch.ones(8, 8), mask_radius=0.5), "mask_radius",
          "not both"),
@@ -533,6 +593,38 @@ def _api_cases():
          "images", "max_image_pixels"),
         ("expected-shape", lambda: align(x, x, "rotation", expected=torch.eye(3).expand(5, 3, 3)), "expected",
          "(3, 3)"),
+        # round 2: every measure() argument checked where it enters, before the model runs
+        ("measure-seed-negative", lambda: m("rotation:90", seed=-1), "seed", "0..4294967295"),
+        ("measure-unknown-device", lambda: m("rotation:90", device="tpu"), "device", "valid choices: cpu"),
+        ("measure-config-number", lambda: m("rotation:90", config=3), "config", "SearchConfig or a preset"),
+        ("measure-config-unknown-preset", lambda: m("rotation:90", config="fastest"), "preset", "valid choices"),
+        ("measure-interior-string", lambda: m("rotation:90", interior="yes"), "interior", "True or False"),
+        ("measure-mask-radius-negative", lambda: m("rotation:90", mask_radius=-1), "mask_radius", "> 0"),
+        ("measure-mask-radius-inf", lambda: m("rotation:90", mask_radius=float("inf")), "mask_radius", "finite"),
+        ("measure-memory-budget-negative", lambda: m("rotation:90", memory_budget=-1), "memory_budget", "positive"),
+        ("measure-transforms-number", lambda: m(30), "transforms", "SPEC string"),
+        ("measure-transforms-list-of-numbers", lambda: m([30]), "transforms", "got a int"),
+        ("measure-max-image-pixels-zero", lambda: m("rotation:90", max_image_pixels=0), "max_image_pixels", ">= 1"),
+        ("search-config-unknown-option", lambda: SearchConfig(unknown=1), "SearchConfig", "valid choices: n_angles"),
+        ("search-config-nan-separation", lambda: SearchConfig(basin_separation=float("nan")), "basin_separation",
+         "finite"),
+        ("search-config-negative-budget", lambda: SearchConfig(memory_budget=-1), "memory_budget", ">= 1"),
+        ("search-config-string-overlap", lambda: SearchConfig(min_overlap="0.5"), "min_overlap", "number"),
+        ("search-config-aspects-without-angles", lambda: SearchConfig(affine_aspect_angles=()),
+         "affine_aspect_angles", "no anisotropic shape"),
+        ("parse-cap-zero", lambda: parse_transforms("rotation:90", max_transforms=0), "max_transforms", ">= 1"),
+        ("parse-scale-zero", lambda: parse_transforms("scale:0"), "transform", "scale factor"),
+        ("parse-rotation-nan", lambda: parse_transforms("rotation:nan"), "transform", "finite"),
+        ("transform-nan", lambda: Transform("rotation", (float("nan"),)), "transform", "finite"),
+        ("transform-string-param", lambda: Transform("rotation", ("30",)), "transform", "real numbers"),
+        ("load-model-number", lambda: load_model(3), "model", "got int"),
+        ("align-config-number", lambda: align(x, x, "rotation", config=3), "config", "SearchConfig or a preset"),
+        ("measure-layers-number", lambda: m("rotation:90", layers=3), "layers", "list of layer names"),
+        ("parse-none", lambda: parse_transforms(None), "transform", "got NoneType"),
+        ("load-model-empty", lambda: load_model(""), "model", "empty"),
+        ("report-load-missing", lambda: Report.load("/nonexistent/report"), "path", "not found"),
+        ("report-save-read-only", lambda: Report(records=[]).save("/proc/invariance-test-out"), "out_dir",
+         "cannot write"),
     ]
 
 
@@ -553,3 +645,60 @@ def test_integer_images_of_every_width_are_scaled_like_uint8():
     for dt in (torch.uint8, torch.int16, torch.int32, torch.int64):
         out = as_image_batch(torch.tensor([[[0, 51, 255]]], dtype=dt))
         assert out.dtype == torch.float32 and out.flatten().tolist() == pytest.approx([0.0, 0.2, 1.0]), dt
+
+
+def test_n_boot_zero_means_no_interval_through_the_api_and_the_cli(d, capsys):
+    """``n_boot=0`` is valid in both front ends alike (means without intervals): one rule, one meaning."""
+    from invariance import measure as api_measure
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    rep = api_measure(net, torch.rand(3, 1, 12, 12), "rotation:90", layers="0", channels="spatial", n_boot=0,
+                      progress=False)
+    lo, hi = rep.records[0]["spatial_error_ci"]
+    assert lo == hi == pytest.approx(rep.records[0]["spatial_error"])
+    code, out, err = call(inv_cli.main, measure(d, "--n-boot", "0"), capsys)
+    assert code == 0 and "spatial" in out, err
+
+
+def test_a_list_of_spec_strings_and_transforms_is_measured():
+    """``transforms=["rotation:30"]`` (a list of SPEC strings, possibly mixed with Transforms) used to fail
+    inside measure with an AttributeError; it is the same as the joined SPEC."""
+    from invariance import Transform
+    from invariance import measure as api_measure
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1))
+    x = torch.rand(2, 1, 12, 12)
+    kw = dict(layers="0", channels="spatial", n_boot=0, progress=False, calibrate=False)
+    a = api_measure(net, x, ["rotation:30", Transform("translation", (1.0, 0.0))], **kw)
+    b = api_measure(net, x, "rotation:30; translation:1,0", **kw)
+    assert [r["transform"] for r in a.records] == ["rotation:30", "translation:1,0"]
+    assert [r["spatial_error"] for r in a.records] == [r["spatial_error"] for r in b.records]
+
+
+def test_the_callers_images_are_never_modified():
+    """A model whose first layer works in place (``ReLU(inplace=True)``) used to overwrite the caller's
+    images (negative values clipped to 0) and so measure other images than it was given."""
+    from invariance import measure as api_measure
+
+    net = torch.nn.Sequential(torch.nn.ReLU(inplace=True), torch.nn.Conv2d(1, 2, 3, padding=1))
+    x = torch.rand(2, 1, 12, 12) - 0.5
+    before = x.clone()
+    api_measure(net, x, "rotation:90", layers="1", channels="spatial", n_boot=0, progress=False)
+    assert torch.equal(x, before)
+
+
+def test_a_model_in_training_mode_is_measured_in_eval_mode_and_restored():
+    """As documented in ``measure``: a BatchNorm in training mode would normalise each batch by its own
+    statistics (one image: a constant map); the measurement runs the model in eval mode and hands it back
+    in the mode it came in. Known answer: the same errors as the model measured in eval mode."""
+    from invariance import measure as api_measure
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU())
+    x = torch.rand(1, 1, 12, 12)
+    kw = dict(layers="2", channels="spatial", n_boot=0, progress=False)
+    trained = api_measure(net.train(), x, "rotation:90", **kw)
+    assert net.training  # restored
+    ev = api_measure(net.eval(), x, "rotation:90", **kw)
+    assert trained.records[0]["spatial_error"] == ev.records[0]["spatial_error"]
+    assert trained.meta["model_mode"].startswith("eval (the model was in training mode")
