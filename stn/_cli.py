@@ -51,6 +51,18 @@ def _milestones(value: str) -> list[int]:
                                          f"10,15, got {value!r}") from None
 
 
+def _protocols(value: str) -> str:
+    """Comma-separated protocol names, each one of :data:`stn.TRANSFORMS` (a usage error otherwise)."""
+    from ._reproduce import TRANSFORMS
+
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TRANSFORMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown protocol(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                                         f"valid choices: {', '.join(TRANSFORMS)}")
+    return value
+
+
 def _positive_int(value: str) -> int:
     try:
         n = int(value)
@@ -135,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=_positive_int, default=None)
     r.add_argument("--data-root", default=None)
     r.add_argument("--no-fashion", action="store_true", help="skip the Fashion-MNIST runs")
-    r.add_argument("--transforms", default=",".join(TRANSFORMS),
+    r.add_argument("--transforms", type=_protocols, default=",".join(TRANSFORMS),
                    help="comma-separated protocols to run (default: all of %(default)s)")
     return p
 

@@ -406,3 +406,13 @@ def test_a_malformed_idx_file_is_one_line_naming_the_file(tmp_path, capsys, kind
     line = one_line(err)
     assert line == f"stn train: error: --data-root: {msg}", line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["shear", "rotation,bogus", ","])
+def test_an_unknown_reproduce_protocol_is_a_usage_error(value, tmp_path, capsys):
+    """``stn reproduce --transforms shear`` used to exit 1 from inside the run; an unknown protocol is a
+    usage error (exit 2) naming the flag and the valid choices, and nothing is created."""
+    code, out, err = call(["reproduce", "--transforms", value, "--out", tmp_path / "runs"], capsys)
+    line = one_line(err)
+    assert code == 2 and "--transforms" in line and "valid choices: rotation, scale, translation" in line, line
+    assert not (tmp_path / "runs").exists()
