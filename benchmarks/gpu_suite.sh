@@ -75,7 +75,9 @@ part() {  # part NAME COMMAND...: run, log to NAME.log, record the result
 }
 
 export HYPOTHESIS_PROFILE=ci
-part cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_warp.py tests/test_cuda.py -k "cuda or device"
+# every numeric test that takes the `device` fixture (tests/conftest.py), on CUDA, and the CUDA tests
+part cuda-tests "$py" -m pytest -q -p no:cacheprovider tests/test_warp.py tests/test_search.py tests/test_geometry.py \
+  tests/test_metric.py tests/test_region.py tests/test_cuda.py -k "cuda or device"
 part search-bench "$py" benchmarks/bench_search.py "${search_args[@]}" --out "$out"
 part fft-bound "$py" benchmarks/bench_fft_bound.py "${fft_args[@]}" --out "$out"
 part train-bench "$py" benchmarks/bench_train.py "${train_args[@]}" --out "$out"

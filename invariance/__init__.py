@@ -16,8 +16,9 @@ whose names start with ``_`` are the implementation and may change without notic
 >>> images = torch.nn.functional.pad(torch.rand(4, 1, 16, 16), (6, 6, 6, 6))  # zero margin
 >>> rep = invariance.measure(net, images, "translation:3,-2", layers="1",
 ...                         channels="spatial", n_boot=50, progress=False)
->>> rep.records[0]["spatial_error"] < 1e-6, rep.records[0]["best_params"]["median"]
-(True, [-3.0, 2.0])
+>>> rec = rep.records[0]
+>>> rec.errors.spatial.mean < 1e-6, rec.best_warp.median
+(True, (-3.0, 2.0))
 """
 
 from . import checks, datasets, files, geometry, reference, testing, toys
@@ -27,14 +28,10 @@ from ._measure import (
                        DEFAULT_MEMORY_BUDGET,
                        DEFAULT_SEARCH,
                        MAX_IMAGE_PIXELS,
-                       MAX_TRANSFORMS,
-                       Transform,
+                       MeasureOptions,
                        as_image_batch,
-                       bootstrap_ci,
-                       check_transform_count,
                        measure,
                        parse_bytes,
-                       parse_transforms,
 )
 from ._metric import (
                        INTERIOR_MIN_FRACTION,
@@ -62,6 +59,18 @@ from ._models import (
                        save_checkpoint,
                        tensor_checksum,
 )
+from ._record import (
+                       ERROR_KINDS,
+                       SCHEMA,
+                       BestWarp,
+                       Calibration,
+                       ChannelMatch,
+                       Comparison,
+                       Errors,
+                       Estimate,
+                       LayerRecord,
+                       bootstrap_ci,
+)
 from ._report import Report
 from ._search import (
                        MIN_REGION,
@@ -79,6 +88,7 @@ from ._search import (
                        search_bytes_per_image,
                        warp_valid,
 )
+from ._transform import MAX_TRANSFORMS, Transform, check_transform_count, parse_transforms
 from ._warp import (
                        MODES,
                        PADDING_MODES,
@@ -118,7 +128,10 @@ __all__ = [
     "INTERIOR_MIN_FRACTION", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
     "comparison_region", "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS",
     "Transform", "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
-    "DEFAULT_MEMORY_BUDGET", "parse_bytes",
+    "DEFAULT_MEMORY_BUDGET", "parse_bytes", "MeasureOptions",
+    # the typed record of a measurement (docs/report-schema.md)
+    "SCHEMA", "ERROR_KINDS", "LayerRecord", "Estimate", "Errors", "BestWarp", "Comparison", "Calibration",
+    "ChannelMatch",
     # models and checkpoints
     "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
     "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight", "tensor_checksum",

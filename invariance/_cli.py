@@ -24,6 +24,7 @@ argument or input, 1 for any other failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._measure import MAX_IMAGE_PIXELS, MAX_TRANSFORMS
+from ._measure import DEFAULT_MEMORY_BUDGET, MAX_IMAGE_PIXELS, MeasureOptions
+from ._transform import MAX_TRANSFORMS
 
 __all__ = ["main", "load_images", "IMAGE_SOURCES", "DEFAULT_N_IMAGES"]
 
@@ -213,8 +215,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="let a checkpoint given as --model run code: unpickle any object and call a builder that "
                         "is not registered (only for files whose source you trust)")
     m.add_argument("--memory-budget", default=None,
-                   help="memory one batch of images may use, e.g. 2GB (default: 1GiB on the CPU, half the free "
-                        "GPU memory on CUDA); the images per batch follow from it")
+                   help=f"memory one batch of images may use, e.g. 2GB (default: {DEFAULT_MEMORY_BUDGET >> 20} MiB "
+                        f"on the CPU, half the free GPU memory on CUDA); the images per batch follow from it")
 
     d = sub.add_parser("demo", help="the paper's central result on an embedded default (offline)")
     d.add_argument("--out", default="demo-report")
@@ -254,37 +256,36 @@ def _check_seed(seed: int) -> None:
     check_seed(seed)
 
 
+def measure_options(a) -> MeasureOptions:
+    """The :class:`invariance.MeasureOptions` of ``invariance measure``'s arguments: the same object,
+    and so the same checks and messages, as :func:`invariance.measure`'s keyword arguments."""
+    return MeasureOptions(channels=a.channels, search=a.search, mask_radius=a.mask_radius,
+                          interior={"auto": None, "on": True, "off": False}[a.interior],
+                          config="quick" if a.quick else "default", n_boot=a.n_boot, seed=a.seed, device=a.device,
+                          progress=True, max_image_pixels=a.max_pixels, memory_budget=a.memory_budget)
+
+
 def cmd_measure(a) -> int:
-    from ._measure import check_transform_count, measure, parse_bytes, parse_transforms
+    from ._measure import measure
     from ._models import load_model
-    from ._search import SearchConfig
+    from ._transform import check_transform_count, parse_transforms
+    from .checks import check_int
     from .files import check_output_dir
 
     # every argument is checked before the model is run
     if a.out is not None:
         check_output_dir(a.out, "out")
-    from .checks import check_int, check_number
-
-    check_int(a.n_boot, "n_boot", minimum=0)  # the same rules as measure(): one message for one bad value
+    opts = measure_options(a)
     check_int(a.max_transforms, "max_transforms", minimum=1)
-    if a.mask_radius is not None:
-        check_number(a.mask_radius, "mask_radius", positive=True)
-    _check_seed(a.seed)
-    if a.memory_budget is not None:
-        parse_bytes(a.memory_budget)
-    device = _device(a.device)
     check_transform_count(a.transform, a.max_transforms)
     transforms = parse_transforms(a.transform, max_transforms=a.max_transforms)
     model = load_model(a.model, trust_code=a.trust_code)
     default_images, default_layers = _model_defaults(a.model)
     images = load_images(default_images if a.images is None else a.images, a.n_images, seed=a.seed)
     images = images.to(_model_dtype(model))  # e.g. float64 images through a float32 model
-    cfg = SearchConfig.preset("quick" if a.quick else "default", seed=a.seed)
-    report = measure(model, images.to(device), transforms, layers=default_layers if a.layers is None else a.layers,
-                     search=a.search,
-                     channels=a.channels, mask_radius=a.mask_radius, config=cfg, n_boot=a.n_boot, seed=a.seed,
-                     interior={"auto": None, "on": True, "off": False}[a.interior], max_image_pixels=a.max_pixels,
-                     device=device, progress=True, model_name=a.model, memory_budget=a.memory_budget)
+    report = measure(model, images.to(opts.device), transforms,
+                     layers=default_layers if a.layers is None else a.layers, model_name=a.model,
+                     **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
     print(report.table())
     if a.out:
         paths = report.save(a.out)
@@ -354,18 +355,33 @@ def cmd_demo(a) -> int:
 
 
 _OPTION = re.compile(r"^([a-z][a-z_]*): ")
-_OPTIONS = {"model", "transform", "layers", "images", "n_images", "search", "channels", "mask_radius", "interior",
-            "out", "device", "seed", "n_boot", "max_transforms", "max_pixels", "memory_budget"}
+#: API names whose command-line option has another name (``measure(max_image_pixels=)`` is ``--max-pixels``).
+_API_TO_DEST = {"transforms": "transform", "params": "transform", "max_image_pixels": "max_pixels"}
+
+
+def flag_table(parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
+    """``{argument name: --flag}`` of every option of every subcommand, read from the parser itself
+    (so a new option is named in messages without a list to keep)."""
+    parser = parser or _parser()
+    table: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action.choices, dict):  # the subcommands: their parsers by name
+            for sub in action.choices.values():
+                table.update(flag_table(sub))
+        elif action.option_strings and action.dest != "help":
+            table[action.dest] = next(o for o in action.option_strings if o.startswith("--"))
+    return table
 
 
 def _message(exc: BaseException) -> str:
-    """One line; a leading ``name: `` that is an option becomes ``--name: `` (as typed)."""
+    """One line; a leading ``name: `` that is an option becomes its ``--flag: `` (as typed)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     m = _OPTION.match(msg)
-    name = {"transforms": "transform", "params": "transform", "max_image_pixels": "max_pixels"}.get(m[1], m[1]) \
-        if m else None
-    if name in _OPTIONS:
-        msg = "--" + name.replace("_", "-") + msg[m.end(1):]
+    if m:
+        flags = flag_table()
+        name = _API_TO_DEST.get(m[1], m[1])
+        if name in flags:
+            msg = flags[name] + msg[m.end(1):]
     return msg
 
 

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._measure import measure, parse_transforms
+from ._measure import measure
 from ._models import load_model
+from ._record import SCHEMA
 from ._report import Report
 from ._search import SearchConfig
+from ._transform import parse_transforms
 from .files import atomic_write, atomic_write_json, atomic_write_text, check_output_dir, describe_files
 
 __all__ = ["run_demo", "WM_SPATIAL_MIN", "WM_PERMUTATION_MAX", "CNN_TRANSFORMS"]
@@ -89,15 +91,14 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
     # leaves a folder that Report.from_json refuses instead of a silent mix of two runs
     written = [*wm.save(out / "toy-wm").values(), *rep.save(out / "cnn").values()]
     merged = {
-        "records": [dict(r, model="toy-wm") for r in wm.to_dict()["records"]]
-        + [dict(r, model=cnn_name) for r in rep.to_dict()["records"]],
-        "calibration": {"toy-wm": wm.calibration, "cnn": rep.calibration},
-        "meta": {"toy-wm": wm.meta, "cnn": rep.meta, "quick": quick, "seconds": round(time.time() - t0, 1)},
+        "schema": SCHEMA,
+        "reports": {"toy-wm": wm.to_dict(), "cnn": rep.to_dict()},  # each as its own report.json holds it
+        "meta": {"quick": quick, "seconds": round(time.time() - t0, 1)},
         "verdicts": verdicts,
     }
-    from ._report import json_safe
+    from ._report import json_safe, write_csv
 
-    written.append(Report(records=merged["records"]).to_csv(out / "report.csv"))
+    written.append(write_csv(out / "report.csv", [wm, rep]))
     written.append(_figure(wm, rep, wm_model, scenes, out / "demo.png"))
     written.append(atomic_write_text(out / "summary.md",
                                      _summary(wm, rep, verdicts, cnn_name, quick, time.time() - t0)))
@@ -110,33 +111,30 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
 
 
 def _verdicts(wm: Report, rep: Report) -> dict:
-    after = [r for r in wm.records if r["layer"] in ("rectify", "pool")]
+    after = [r for r in wm.records if r.layer in ("rectify", "pool")]
     v = {
         "wm_spatial": {
             "claim": f"toy-wm, rotation 180: spatial error >= {WM_SPATIAL_MIN} after the detectors",
-            "holds": all(r["spatial_error"] >= WM_SPATIAL_MIN for r in after),
-            "values": {r["layer"]: r["spatial_error"] for r in after},
+            "holds": bool(after) and all(r.errors.spatial.mean >= WM_SPATIAL_MIN for r in after),
+            "values": {r.layer: r.errors.spatial.mean for r in after},
         },
         "wm_permutation": {
             "claim": f"toy-wm, rotation 180: permutation error <= {WM_PERMUTATION_MAX} (W <-> M swap)",
-            "holds": all(r["permutation_error"] <= WM_PERMUTATION_MAX and r["channel_orbits"] == [[0, 1]]
-                         for r in after),
-            "values": {r["layer"]: r["permutation_error"] for r in after},
+            "holds": bool(after) and all(r.errors.permutation.mean <= WM_PERMUTATION_MAX
+                                         and r.channels.orbits == ((0, 1),) for r in after),
+            "values": {r.layer: r.errors.permutation.mean for r in after},
         },
     }
-    by = {(r["transform"], r["layer"]): r for r in rep.records}
     deep = "relu2"
-    t_lab = [t for t in {r["transform"] for r in rep.records} if t.startswith("translation")][0]
-    r_lab = [t for t in {r["transform"] for r in rep.records} if t.startswith("rotation")][0]
-    s_lab = [t for t in {r["transform"] for r in rep.records} if t.startswith("scale")][0]
-    floor = rep.calibration["interpolation_floor"]
+    at = {r.transform.family: r for r in rep.records if r.layer == deep}  # one transformation per family
+    moved = at["translation"].errors.spatial
     v["cnn_rotation_scale"] = {
         "claim": f"CNN, deepest layer ({deep}): rotation and scaling leave a spatial error above the "
                  "translation's and the interpolation floor",
-        "holds": all(by[(lab, deep)]["spatial_error_ci"][0] > max(by[(t_lab, deep)]["spatial_error_ci"][1],
-                                                                  floor[lab]["mean"])
-                     for lab in (r_lab, s_lab)),
-        "values": {lab: by[(lab, deep)]["spatial_error"] for lab in (r_lab, s_lab, t_lab)},
+        # written so that a NaN (no verdict) anywhere makes the claim fail, never hold
+        "holds": all(at[f].errors.spatial.ci[0] > moved.ci[1]
+                     and at[f].errors.spatial.ci[0] > at[f].calibration.floor.mean for f in ("rotation", "scale")),
+        "values": {at[f].transform.label: at[f].errors.spatial.mean for f in ("rotation", "scale", "translation")},
     }
     return v
 
@@ -187,11 +185,11 @@ def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> Path:
         ax.axis("off")
     # bottom left: W/M errors per layer
     ax = fig.add_subplot(gs[1, :2])
-    layers = [r["layer"] for r in wm.records]
+    layers = [r.layer for r in wm.records]
     xs = np.arange(len(layers))
-    for j, (key, lab) in enumerate((("spatial_error", "spatial warp"), ("permutation_error", "warp + channel swap"))):
-        vals = [r[key] for r in wm.records]
-        ci = np.array([r[key + "_ci"] for r in wm.records]).T
+    for j, (kind, lab) in enumerate((("spatial", "spatial warp"), ("permutation", "warp + channel swap"))):
+        vals = [getattr(r.errors, kind).mean for r in wm.records]
+        ci = np.array([getattr(r.errors, kind).ci for r in wm.records]).T
         ax.bar(xs + (j - 0.5) * 0.38, vals, 0.38, label=lab,
                yerr=[np.array(vals) - ci[0], ci[1] - np.array(vals)], capsize=3)
     ax.axhline(WM_SPATIAL_MIN, color="k", ls=":", lw=1, label=f"verdict: spatial >= {WM_SPATIAL_MIN:g}")
@@ -201,17 +199,16 @@ def _figure(wm: Report, rep: Report, wm_model, scenes, path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     # bottom right: CNN spatial error by layer for R, S, T
     ax = fig.add_subplot(gs[1, 2:])
-    transforms = list(dict.fromkeys(r["transform"] for r in rep.records))
-    for tr in transforms:
+    for tr in rep.transforms:
         recs = rep.select(transform=tr)
         xs = np.arange(len(recs))
-        ys = [r["spatial_error"] for r in recs]
-        ci = np.array([r["spatial_error_ci"] for r in recs]).T
-        line, = ax.plot(xs, ys, marker="o", label=f"{tr}: best warp")
+        ys = [r.errors.spatial.mean for r in recs]
+        ci = np.array([r.errors.spatial.ci for r in recs]).T
+        line, = ax.plot(xs, ys, marker="o", label=f"{tr.label}: best warp")
         ax.fill_between(xs, ci[0], ci[1], color=line.get_color(), alpha=0.2)
-        ax.plot(xs, [r["random_pair_null"] for r in recs], color=line.get_color(), ls=":", lw=1)
+        ax.plot(xs, [r.calibration.null.mean for r in recs], color=line.get_color(), ls=":", lw=1)
     ax.plot([], [], color="grey", ls=":", label="random-pair null")
-    ax.set_xticks(np.arange(len(recs)), [r["layer"] for r in recs])
+    ax.set_xticks(np.arange(len(recs)), [r.layer for r in recs])
     ax.set_ylabel("spatial alignment error")
     ax.set_title("CNN on MNIST digits: only the translation aligns in depth")
     ax.legend(fontsize=8)

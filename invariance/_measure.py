@@ -28,17 +28,15 @@ Example
 >>> images = torch.rand(6, 1, 24, 24)
 >>> report = measure(net, images, parse_transforms("rotation:90"), layers="0,1",
 ...                  channels=("spatial",), n_boot=100, progress=False)
->>> round(report.records[0]["spatial_error"], 6) <= round(report.records[0]["expected_error"], 6)
+>>> errors = report.records[0].errors
+>>> round(errors.spatial.mean, 6) <= round(errors.expected.mean, 6)
 True
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,19 +44,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import geometry as G
 from ._features import FeatureExtractor
 from ._metric import LayerAccumulator, LayerResult, interpolation_floor
+from ._record import Estimate, LayerRecord
 from ._report import Report
 from ._search import SEARCH_FAMILIES, SearchConfig, search_bytes_per_image
+from ._transform import Transform, parse_transforms
 from ._warp import warp
 from .checks import check_int, check_model_channels
 
-__all__ = ["linear_warning",
-           "Transform", "parse_transforms", "check_transform_count", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS", "measure",
-           "CHANNEL_MODES",
-           "DEFAULT_SEARCH",
-           "bootstrap_ci", "as_image_batch", "DEFAULT_MEMORY_BUDGET", "parse_bytes"]
+__all__ = ["MAX_IMAGE_PIXELS", "measure", "MeasureOptions", "CHANNEL_MODES", "DEFAULT_SEARCH", "as_image_batch",
+           "DEFAULT_MEMORY_BUDGET", "parse_bytes"]
 
 CHANNEL_MODES = ("spatial", "permutation", "linear")
 
@@ -75,254 +71,8 @@ DEFAULT_SEARCH = {
 }
 """The search family used for each transformation family when none is given."""
 
-
-@dataclass(frozen=True)
-class Transform:
-    """An image transformation: family parameters in the image's centred frame (pixels, degrees).
-
-    >>> Transform("rotation", (30.0,)).label
-    'rotation:30'
-    """
-
-    family: str
-    params: tuple[float, ...]
-
-    def __post_init__(self):
-        if not isinstance(self.family, str):
-            raise TypeError(f"transform: family must be a name such as 'rotation', got {type(self.family).__name__}")
-        fam = G.get_family(self.family)
-        if isinstance(self.params, (str, bytes)) or not hasattr(self.params, "__len__"):
-            raise TypeError(f"transform: params of {self.family} must be a tuple of {fam.n_params} numbers, got "
-                            f"{self.params!r}")
-        if len(self.params) != fam.n_params:
-            raise ValueError(f"params: {self.family} takes {fam.n_params} parameters "
-                             f"({', '.join(fam.param_names)}), got {len(self.params)}")
-        params = tuple(float(p) if isinstance(p, numbers.Real) and not isinstance(p, bool) else p
-                       for p in self.params)
-        object.__setattr__(self, "params", params)
-        check_transform_params(fam.name, params)
-
-    @property
-    def label(self) -> str:
-        return f"{self.family}:{','.join(f'{p:g}' for p in self.params)}"
-
-    @property
-    def magnitude(self) -> float:
-        """Angle (degrees), log2 scale, or shift length (pixels); NaN for other families."""
-        p = self.params
-        if self.family == "rotation":
-            return p[0]
-        if self.family == "scale":
-            return math.log2(p[0])
-        if self.family == "translation":
-            return math.hypot(*p)
-        return float("nan")
-
-    def matrix(self, size: Sequence[int], dtype=torch.float64) -> torch.Tensor:
-        """Normalised input -> output matrix of this transformation on an image of ``size``."""
-        return G.centred_to_normalized(G.to_matrix(self.family, torch.tensor(self.params, dtype=dtype)), size)
-
-
-#: The range a transformation's parameters may take (beyond it an image of at most
-#: :data:`MAX_IMAGE_PIXELS` maps to under a pixel, or out of its frame, or is not representable).
-TRANSFORM_LIMITS = {"angle": 360.0, "log2_scale": 6.0, "shift": 4096.0}
-
-
-class _OutOfRange(ValueError):
-    """A transformation parsed, but with parameters outside :data:`TRANSFORM_LIMITS`."""
-
-
-def check_transform_params(family: str, params: Sequence[float]) -> None:
-    """Refuse parameters that are not finite, angles beyond +-360 degrees, scale factors (or the
-    singular values of a linear part) outside ``2**-6 .. 2**6`` (a 512 px image would map to under
-    8 px, or one pixel would fill 64), and shifts beyond 4096 px, with one line naming the
-    transformation.
-
-    >>> try:
-    ...     check_transform_params("scale", (0.0,))
-    ... except ValueError as exc:
-    ...     print(exc)
-    transform: scale:0: the scale factor must lie in 0.015625..64 (2**-6..2**6), got 0
-    """
-    fam = G.get_family(family)
-    label = f"{fam.name}:{','.join(f'{p:g}' if isinstance(p, float) else repr(p) for p in params)}"
-    if not all(isinstance(p, float) for p in params):
-        raise TypeError(f"transform: {label}: parameters must be real numbers")
-    if not all(math.isfinite(p) for p in params):
-        raise _OutOfRange(f"transform: {label}: parameters must be finite numbers (no nan or inf)")
-    values = dict(zip(fam.param_names, params))
-    lim = TRANSFORM_LIMITS
-    lo, hi = 2.0 ** -lim["log2_scale"], 2.0 ** lim["log2_scale"]
-    if "angle" in values and abs(values["angle"]) > lim["angle"]:
-        raise _OutOfRange(f"transform: {label}: the angle must lie in -360..360 degrees, got {values['angle']:g}")
-    for k in ("s", "sx", "sy"):
-        if k in values and not lo <= values[k] <= hi:
-            raise _OutOfRange(f"transform: {label}: the scale factor must lie in {lo:g}..{hi:g} (2**-6..2**6), got "
-                             f"{values[k]:g}")
-    for i in fam.translation_params:
-        if abs(params[i]) > lim["shift"]:
-            raise _OutOfRange(f"transform: {label}: shifts must lie in -4096..4096 pixels, got {params[i]:g}")
-    if fam.name in ("affine", "projective"):
-        a, b, _, d, e = params[:5]
-        sv = np.linalg.svd(np.array([[a, b], [d, e]]), compute_uv=False)
-        if sv[-1] < lo or sv[0] > hi:
-            what = "singular (it collapses the image onto a line or a point)" if sv[-1] < 1e-12 else \
-                f"too extreme (singular values {sv[0]:.3g}, {sv[-1]:.3g})"
-            raise _OutOfRange(f"transform: {label}: the linear part is {what}; its singular values must lie in "
-                             f"{lo:g}..{hi:g}")
-    if fam.name == "projective" and max(abs(params[6]), abs(params[7])) > 1.0:
-        raise _OutOfRange(f"transform: {label}: the perspective terms h31, h32 must lie in -1..1 (centred pixel "
-                         f"frame), got {params[6]:g}, {params[7]:g}")
-
-
-_SPEC_HELP = ("rotation:ANGLE, scale:FACTOR, translation:DX,DY, affine:a,b,c,d,e,f, or a sweep "
-              "rotation:START..STOP:STEP, scale:START..STOP:COUNT (log-spaced), translation:START..STOP:STEP (x)")
-_SPEC_FAMILIES = {"rotation": "rotation", "scale": "scale", "translation": "translation", "affine": "affine",
-                  "similarity": "similarity", "rigid": "rigid", "projective": "projective",
-                  "anisotropic_scale": "anisotropic_scale"}
-
-
 MAX_IMAGE_PIXELS = 512 * 512
 """Default cap on the image size (pixels) :func:`measure` accepts (``max_image_pixels`` overrides)."""
-
-MAX_TRANSFORMS = 1000
-"""Default cap on the number of transformations one SPEC may give (``max_transforms`` overrides)."""
-
-_SWEEP = re.compile(r"\s*([A-Za-z_]+)\s*:\s*([-+0-9.eEinfINFaA]+)\s*\.\.\s*([-+0-9.eEinfINFaA]+)\s*:\s*"
-                    r"([-+0-9.eEinfINFaA]+)\s*")
-
-
-def check_transform_count(specs: list[str], cap: int = MAX_TRANSFORMS) -> int:
-    """Count the transformations of SPEC strings without building them; sweeps with a fractional
-    COUNT, an empty range, non-finite numbers, or more than ``cap`` transformations in all are
-    refused (``ValueError("transform: ...")``) before anything is allocated.
-
-    >>> check_transform_count(["rotation:-180..180:15; scale:0.5..2:5"])
-    30
-    """
-    cap = check_int(cap, "max_transforms", minimum=1)
-    total = 0
-    for chunk in specs:
-        for s in (p.strip() for p in chunk.split(";")):
-            if not s:
-                continue
-            m = _SWEEP.fullmatch(s)
-            if not m:
-                total += 1
-                if total > cap:
-                    raise ValueError(f"transform: the SPEC gives more than {cap} transformations; use fewer or "
-                                     f"raise the cap (max_transforms, or --max-transforms on the command line)")
-                continue
-            name = m[1].lower()
-            try:
-                a, b, c = (float(v) for v in m.groups()[1:])
-            except ValueError:
-                total += 1  # the SPEC parser reports it
-                continue
-            if not all(math.isfinite(v) for v in (a, b, c)):
-                raise ValueError(f"transform: the sweep {s!r} needs finite START, STOP and STEP / COUNT")
-            if name == "scale":
-                if c != int(c) or c < 1:
-                    raise ValueError(f"transform: the COUNT of the sweep {s!r} must be a whole number >= 1, got "
-                                     f"{c:g} (scale:START..STOP:COUNT gives COUNT log-spaced factors)")
-                n = int(c)
-            elif name in ("rotation", "translation"):
-                if c <= 0:
-                    total += 1  # the SPEC parser reports it
-                    continue
-                if b < a:
-                    raise ValueError(f"transform: the sweep {s!r} is empty: STOP {b:g} is below START {a:g}")
-                n = math.floor((b - a) / c + 1e-9) + 1
-            else:
-                n = 1
-            total += n
-            if total > cap:
-                raise ValueError(f"transform: {s!r} gives {n:.4g} transformations"
-                                 f"{' (with the others, ' + format(total, '.4g') + ')' if total != n else ''}, "
-                                 f"above the cap of {cap}; use a coarser STEP, or raise the cap "
-                                 f"(max_transforms, or --max-transforms on the command line)")
-    return total
-
-
-def parse_transforms(spec: str | Iterable[str], max_transforms: int = MAX_TRANSFORMS) -> list[Transform]:
-    """Parse SPEC strings (several may be joined with ``;``) into :class:`Transform` objects.
-
-    Sweeps are counted first (:func:`check_transform_count`): more than ``max_transforms`` in
-    all, a fractional scale COUNT, an empty or non-finite range are refused before anything is
-    built.
-
-    >>> [t.label for t in parse_transforms("rotation:0..90:45; scale:0.5..2:3")]
-    ['rotation:0', 'rotation:45', 'rotation:90', 'scale:0.5', 'scale:1', 'scale:2']
-    >>> parse_transforms("translation:3,-2")[0].params
-    (3.0, -2.0)
-    """
-    if not isinstance(spec, (str, Iterable)):
-        raise TypeError(f"transform: expected a SPEC string or a list of them, got {type(spec).__name__}")
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    if not all(isinstance(s, str) for s in specs):
-        raise TypeError("transform: expected SPEC strings")
-    check_transform_count(specs, max_transforms)
-    out: list[Transform] = []
-    for chunk in specs:
-        for s in (p.strip() for p in chunk.split(";")):
-            if s:
-                out.extend(_parse_one(s))
-    if not out:
-        raise ValueError(f"transform: empty SPEC; expected {_SPEC_HELP}")
-    return out
-
-
-def _parse_one(s: str) -> list[Transform]:
-    name, sep, rest = s.partition(":")
-    name = name.strip().lower()
-    if not sep or name not in _SPEC_FAMILIES:
-        raise ValueError(f"transform: unknown SPEC {s!r}; valid: {_SPEC_HELP}")
-    fam = _SPEC_FAMILIES[name]
-    m = re.fullmatch(r"\s*([-+0-9.eE]+)\s*\.\.\s*([-+0-9.eE]+)\s*:\s*([-+0-9.eE]+)\s*", rest)
-    try:
-        if m:
-            a, b, c = (float(v) for v in m.groups())
-            if fam == "scale":
-                n = int(c)
-                if n < 1 or a <= 0 or b <= 0:
-                    raise ValueError
-                vals = np.exp(np.linspace(math.log(a), math.log(b), n)) if n > 1 else np.array([a])
-                return [Transform("scale", (float(round(v, 10)),)) for v in vals]
-            if c <= 0 or fam not in ("rotation", "translation"):
-                raise ValueError
-            vals = np.arange(a, b + 1e-9 * max(1.0, abs(b)), c)
-            if fam == "rotation":
-                return [Transform("rotation", (float(round(v, 10)),)) for v in vals]
-            return [Transform("translation", (float(round(v, 10)), 0.0)) for v in vals]
-        vals = tuple(float(v) for v in rest.split(","))
-        return [Transform(fam, vals)]
-    except ValueError as exc:
-        if isinstance(exc, _OutOfRange):  # parsed, but out of range: that message says it all
-            raise ValueError(str(exc)) from None
-        detail = f" ({exc})" if str(exc) else ""
-        raise ValueError(f"transform: cannot parse SPEC {s!r}{detail}; valid: {_SPEC_HELP}") from None
-
-
-def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean over images (NaNs dropped).
-
-    >>> lo, hi = bootstrap_ci(np.arange(100.0))
-    >>> lo < 49.5 < hi
-    True
-    """
-    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot: must be a non-negative integer (0: no interval), got {n_boot!r}")
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (float("nan"), float("nan"))
-    if v.size == 1 or n_boot <= 0:
-        return (float(v.mean()), float(v.mean()))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, v.size, size=(n_boot, v.size))
-    means = v[idx].mean(1)
-    a = (1 - level) / 2
-    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
 
 
 def as_image_batch(images, dtype=torch.float32) -> torch.Tensor:
@@ -359,13 +109,6 @@ def as_image_batch(images, dtype=torch.float32) -> torch.Tensor:
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images: contain NaN or infinite values")
     return images
-
-
-def _stat(values: torch.Tensor, n_boot: int, seed: int) -> tuple[float, list[float], list[float]]:
-    v = values.detach().double().cpu().numpy()
-    finite = v[np.isfinite(v)]
-    mean = float(finite.mean()) if finite.size else float("nan")
-    return mean, list(bootstrap_ci(v, n_boot, seed=seed)), v.tolist()
 
 
 def measure(
@@ -427,11 +170,18 @@ def measure(
         a :class:`invariance.Report` with one record per (layer, transformation).
     """
     t_start = time.time()
-    transforms, channels, cfg = _checked_arguments(
-        model, transforms, channels, search, n_boot, interior=interior, seed=seed, mask_radius=mask_radius,
-        config=config, max_image_pixels=max_image_pixels, memory_budget=memory_budget, calibrate=calibrate,
-        progress=progress, device=device)
-    x, model = _prepared(model, images, max_image_pixels, device)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    transforms = list(dict.fromkeys(_as_transforms(transforms)))  # equal by parameters: measured once
+    if not transforms:
+        raise ValueError("transforms: no transformation given")
+    o = MeasureOptions(channels=channels, search=search, mask_radius=mask_radius, interior=interior, config=config,
+                       n_boot=n_boot, seed=seed, batch_size=batch_size, device=device, calibrate=calibrate,
+                       progress=progress, max_image_pixels=max_image_pixels, memory_budget=memory_budget)
+    channels, search, mask_radius, interior, cfg = o.channels, o.search, o.mask_radius, o.interior, o.config
+    calibrate, progress, memory_budget, batch_size, n_boot, seed = (o.calibrate, o.progress, o.memory_budget,
+                                                                     o.batch_size, o.n_boot, o.seed)
+    x, model = _prepared(model, images, o.max_image_pixels, o.device)
     families = sorted({search or DEFAULT_SEARCH[t.family] for t in transforms})
     plan = _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg)
     from tqdm.auto import tqdm
@@ -440,30 +190,18 @@ def measure(
     steps = len(transforms) * n * (len(plan.layers) + (1 if calibrate else 0))
     bar = tqdm(total=steps, desc="measuring", unit="img", disable=(None if progress is None else not progress),
                leave=False)
-    results: dict[tuple[str, str], LayerResult] = {}
-    floor: dict[str, dict] = {}
+    results: dict[tuple[Transform, str], LayerResult] = {}
+    floor: dict[Transform, Estimate] = {}
     opts = {"channels": channels, "mask_radius": mask_radius, "interior": interior, "config": cfg, "seed": seed,
             "null": calibrate}
     for tr in transforms:
         if calibrate:
-            floor[tr.label] = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar)
+            floor[tr] = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar)
         for group in plan.groups:
             results.update(_measure_group(tr, x, group, plan, search, opts, bar))
     bar.close()
-    records = []
-    for tr in transforms:
-        for depth, name in enumerate(plan.layers):
-            res = results[(tr.label, name)]
-            rec = {"layer": name, "depth": depth, "transform": tr.label, "family": tr.family,
-                   "magnitude": tr.magnitude, "search": res.search, **_record(res, n_boot, seed)}
-            if calibrate:
-                rec["interpolation_floor"] = floor[tr.label]["mean"]
-            records.append(rec)
-    null: dict = {}
-    for r in records:
-        if "random_pair_null" in r:
-            null.setdefault(r["layer"], {})[r["transform"]] = {"mean": r["random_pair_null"],
-                                                                 "ci": r["random_pair_null_ci"]}
+    records = [LayerRecord.build(results[(tr, name)], tr, depth, n_boot, seed, floor=floor.get(tr))
+               for tr in transforms for depth, name in enumerate(plan.layers)]
     meta = _meta(model, model_name, x, plan.layers, transforms, plan.frames, search=search, channels=channels,
                  mask_radius=mask_radius, interior=interior, seed=seed, n_boot=n_boot,
                  seconds=time.time() - t_start)
@@ -471,7 +209,7 @@ def measure(
                           "restored afterwards)" if model.training else "eval")
     meta["batching"] = {"images_per_batch": plan.batch, "layer_groups": len(plan.groups),
                         "memory_budget": plan.budget}
-    return Report(records=records, calibration={"interpolation_floor": floor, "random_pair_null": null}, meta=meta)
+    return Report(records=records, meta=meta)
 
 
 DEFAULT_MEMORY_BUDGET = 768 << 20
@@ -538,9 +276,6 @@ def _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg) 
     ``C x C`` cost matrices for permutations and the float64 design of the linear map). Layers
     are split into groups when two images' maps of all of them would take more than half the budget.
     """
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size: must be a positive integer (images per batch), got {batch_size!r}")
     budget = parse_bytes(memory_budget) if memory_budget is not None else _default_budget(x.device)
     extractor = FeatureExtractor(model, layers)
     probe, frames = _run(extractor, x[:2])  # two images: a BatchNorm in training mode needs them
@@ -569,7 +304,7 @@ def _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg) 
     return _Plan(names, frames, extractors, batch, floor_batch, budget, reuse)
 
 
-def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar) -> dict:
+def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar) -> Estimate:
     """The interpolation floor of one transformation, batch by batch."""
     fam = search or DEFAULT_SEARCH[tr.family]
     t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
@@ -578,8 +313,7 @@ def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar) -> dict:
     for i in range(0, x.shape[0], batch):
         parts.append(interpolation_floor(x[i : i + batch], t_img, fam, mask_radius=mask_radius, config=cfg))
         bar.update(parts[-1].shape[0])
-    mean, ci, _ = _stat(torch.cat(parts), n_boot, seed)
-    return {"mean": mean, "ci": ci}
+    return Estimate.of(torch.cat(parts), n_boot, seed)
 
 
 def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
@@ -616,7 +350,7 @@ def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
             f, fh = maps(sl)
             for k in names:
                 accs[k].score(f[k], fh[k], sl)
-    return {(tr.label, k): a.result() for k, a in accs.items()}
+    return {(tr, k): a.result() for k, a in accs.items()}
 
 
 def _as_transforms(transforms) -> list[Transform]:
@@ -639,43 +373,75 @@ def _as_transforms(transforms) -> list[Transform]:
     return out
 
 
-def _checked_arguments(model, transforms, channels, search, n_boot, *, interior=None, seed=0, mask_radius=None,
-                       config=None, max_image_pixels=MAX_IMAGE_PIXELS, memory_budget=None, calibrate=True,
-                       progress=None, device=None) -> tuple[list[Transform], tuple[str, ...], SearchConfig]:
-    """The transformations, channel modes and search settings of a :func:`measure` call; every
-    argument is checked here, before the model runs."""
-    from .checks import check_number, check_seed, resolve_device
+@dataclass(frozen=True)
+class MeasureOptions:
+    """The options of :func:`measure`, each checked once, here, when the object is made (one-line
+    errors naming the option); the command line builds the same object, so a bad value gets the
+    same message through both (the command line writes the option as its ``--flag``).
 
-    transforms = _as_transforms(transforms)
-    if not transforms:
-        raise ValueError("transforms: no transformation given")
-    channels = tuple(channels) if not isinstance(channels, str) else tuple(
-        c.strip() for c in channels.split(",") if c.strip())
-    if not channels:
-        raise ValueError(f"channels: none given; valid choices: {', '.join(CHANNEL_MODES)} (spatial is always "
-                         f"computed)")
-    bad = [c for c in channels if c not in CHANNEL_MODES]
-    if bad:
-        raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
-                         f"valid choices: {', '.join(CHANNEL_MODES)}")
-    if search is not None and search not in SEARCH_FAMILIES:
-        raise ValueError(f"search: unknown search family {search!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    check_int(n_boot, "n_boot", minimum=0)  # 0: no interval (means only)
-    seed = check_seed(seed)
-    if interior is not None and not isinstance(interior, bool):
-        raise TypeError(f"interior: expected None (auto), True or False, got {interior!r}")
-    if mask_radius is not None:
-        check_number(mask_radius, "mask_radius", positive=True)
-    check_int(max_image_pixels, "max_image_pixels", minimum=1)
-    if memory_budget is not None:
-        parse_bytes(memory_budget)
-    for name, flag in (("calibrate", calibrate), ("progress", progress)):
-        if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{name}: expected True or False, got {flag!r}")
-    resolve_device(device)
-    return transforms, channels, SearchConfig.of(config, seed=seed)
+    >>> MeasureOptions(mask_radius=0.5).mask_radius
+    0.5
+    >>> MeasureOptions(n_boot=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: n_boot: must be an integer >= 0, got -1
+    """
+
+    channels: tuple[str, ...] = CHANNEL_MODES
+    search: str | None = None
+    mask_radius: float | None = None
+    interior: bool | None = None
+    config: SearchConfig | None = None
+    n_boot: int = 1000
+    seed: int = 0
+    batch_size: int | None = None
+    device: torch.device | None = None
+    calibrate: bool = True
+    progress: bool | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    memory_budget: int | None = None
+
+    def __post_init__(self):
+        from .checks import check_number, check_seed, resolve_device
+
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        ch = self.channels
+        if isinstance(ch, str):
+            ch = tuple(c.strip() for c in ch.split(",") if c.strip())
+        elif isinstance(ch, Iterable):
+            ch = tuple(ch)
+        else:
+            raise TypeError(f"channels: expected names such as 'spatial,permutation', got {ch!r}")
+        if not ch:
+            raise ValueError(f"channels: none given; valid choices: {', '.join(CHANNEL_MODES)} (spatial is always "
+                             f"computed)")
+        bad = [str(c) for c in ch if c not in CHANNEL_MODES]
+        if bad:
+            raise ValueError(f"channels: unknown channel matching {', '.join(bad)}; "
+                             f"valid choices: {', '.join(CHANNEL_MODES)}")
+        put("channels", ch)
+        if self.search is not None and self.search not in SEARCH_FAMILIES:
+            raise ValueError(f"search: unknown search family {self.search!r}; valid choices: "
+                             f"{', '.join(SEARCH_FAMILIES)}")
+        if self.mask_radius is not None:
+            put("mask_radius", check_number(self.mask_radius, "mask_radius", positive=True))
+        if self.interior is not None and not isinstance(self.interior, bool):
+            raise TypeError(f"interior: expected None (auto), True or False, got {self.interior!r}")
+        check_int(self.n_boot, "n_boot", minimum=0)  # 0: no interval (means only)
+        put("seed", check_seed(self.seed))
+        put("config", SearchConfig.of(self.config, seed=self.seed))
+        if self.batch_size is not None:
+            put("batch_size", check_int(self.batch_size, "batch_size", minimum=1))
+        put("device", resolve_device(self.device))
+        for name in ("calibrate", "progress"):
+            flag = getattr(self, name)
+            if not isinstance(flag, bool) and not (name == "progress" and flag is None):
+                raise TypeError(f"{name}: expected True or False, got {flag!r}")
+        put("max_image_pixels", check_int(self.max_image_pixels, "max_image_pixels", minimum=1))
+        if self.memory_budget is not None:
+            put("memory_budget", parse_bytes(self.memory_budget))
 
 
 def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[torch.Tensor, nn.Module]:
@@ -693,9 +459,6 @@ def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[
         raise TypeError(f"images: the search runs in float32 or float64, got {x.dtype}; convert the images and "
                         "the model, e.g. images.float() and model.float()")
     if device is not None:
-        from .checks import resolve_device
-
-        device = resolve_device(device)
         x = x.to(device)
         model = model.to(device)
     check_model_channels(model, x)
@@ -727,83 +490,3 @@ def _meta(model, model_name, x, layer_names, transforms, frames, *, search, chan
                        "layout": f.layout}
                    for k, f in frames.items()},
     }
-
-
-def _median_params(params: np.ndarray, names) -> np.ndarray:
-    """Per-parameter median over images; angles as a circular median (about the circular mean)."""
-    out = np.median(params, 0)
-    for i, n in enumerate(names):
-        if n == "angle" and params.shape[0]:
-            a = np.deg2rad(params[:, i])
-            centre = np.arctan2(np.sin(a).mean(), np.cos(a).mean())
-            dev = np.angle(np.exp(1j * (a - centre)))
-            out[i] = float(np.rad2deg(np.angle(np.exp(1j * (centre + np.median(dev))))))
-    return out
-
-
-def _record(res: LayerResult, n_boot: int, seed: int) -> dict:
-    """The report record of one :class:`invariance.LayerResult` (means over the images with
-    a verdict, bootstrap intervals, per-image values, the best warps and channel orbits)."""
-    out: dict = {"per_image": {}}
-    keys = [("invariance_error", res.invariance), ("expected_error", res.expected), ("spatial_error", res.spatial),
-            ("permutation_error", res.permutation), ("linear_error", res.linear),
-            ("linear_fit_error", res.linear_fit)]
-    for key, vals in keys:
-        if vals is None:
-            out[key], out[key + "_ci"] = float("nan"), [float("nan")] * 2
-            continue
-        mean, ci, per = _stat(vals, n_boot, seed)
-        out[key], out[key + "_ci"] = mean, ci
-        out["per_image"][key] = per
-    out["n_excluded"] = res.n_excluded
-    out["excluded_reasons"] = sorted({r for r in res.reasons if r is not None})
-    ov = res.overlap[torch.isfinite(res.spatial)]
-    out["overlap"] = float(ov.mean()) if ov.numel() else float("nan")
-    out["interior"] = res.interior
-    out["region_size"] = res.region_size
-    out["best_params"] = {
-        "family": res.param_family,
-        "frame": "image centred frame (pixels, degrees); the warp applied to the transformed maps",
-        "param_names": list(res.param_names),
-        "median": _median_params(res.params.numpy(), res.param_names).round(4).tolist(),
-        "per_image": res.params.numpy().round(4).tolist(),
-    }
-    if res.permutations is not None:
-        perms = [tuple(p) for p in res.permutations.tolist()]
-        modal, count = Counter(perms).most_common(1)[0]
-        out["permutation"] = list(modal)
-        out["permutation_agreement"] = count / len(perms)
-    out["channel_orbits"] = res.orbits
-    if res.null is not None:
-        mean, ci, _ = _stat(res.null, n_boot, seed)
-        out["random_pair_null"], out["random_pair_null_ci"] = mean, ci
-    warning = linear_warning(out["linear_error"], out["spatial_error"], out.get("random_pair_null", float("nan")))
-    if warning:  # in the record and marked in the table (not a Python warning: reports are the interface)
-        out["linear_warning"] = warning
-    return out
-
-
-def linear_warning(linear: float, spatial: float, null: float) -> str | None:
-    """Why a held-out linear error cannot be trusted, or None.
-
-    The linear maps include the identity, so a map that generalises does no worse than the
-    spatial error on held-out images (up to sampling noise), and never worse than predicting
-    zero (error 1). A held-out error above 1, or above both the spatial error and the
-    random-pair null, means the ``C x C`` map was fitted to noise: too few images for its
-    ``C^2`` coefficients.
-
-    >>> "above the spatial error 0.161 and the random-pair null 0.316" in linear_warning(0.348, 0.161, 0.316)
-    True
-    >>> linear_warning(0.10, 0.161, 0.316) is None
-    True
-    """
-    if not math.isfinite(linear):
-        return None
-    if linear > 1.0:
-        why = "above 1 (worse than predicting zero)"
-    elif math.isfinite(spatial) and math.isfinite(null) and linear > max(spatial, null):
-        why = f"above the spatial error {spatial:.3g} and the random-pair null {null:.3g}"
-    else:
-        return None
-    return (f"held-out linear error {linear:.3g} is {why}: the channel map is overfitted (too few images for its "
-            f"C x C coefficients); use more images or a larger ridge")

@@ -1,13 +1,14 @@
-"""The result of :func:`invariance.measure`: a table, JSON/CSV export and figures.
+"""The result of :func:`invariance.measure`: typed records, a table, JSON/CSV export and figures.
 
-``report.json`` holds ``records`` (one object per (layer, transformation) with the five
-errors, their ``*_ci`` bootstrap intervals, ``best_params`` and the channel orbits),
-``calibration`` (``interpolation_floor`` per transformation and ``random_pair_null`` per layer
-and transformation) and ``meta`` (how it was measured).
+A :class:`Report` holds :class:`invariance.LayerRecord` values (one per (layer, transformation),
+see ``invariance/_record.py`` and ``docs/report-schema.md``) and ``meta`` (how it was measured).
+The table, the CSV and the figures read the records' fields; JSON exists only at
+:meth:`Report.save` / :meth:`Report.load` (``report.json``, schema :data:`invariance.SCHEMA`;
+reports of schema 1 still load).
 
 A saved report folder is written as a whole: :meth:`Report.save` writes ``report.json`` last,
 with ``files``, the size and sha256 of every file written before it (CSV, figures), and
-:meth:`Report.from_json` refuses a folder whose files differ from that list (a save killed
+:meth:`Report.load` refuses a folder whose files differ from that list (a save killed
 half-way leaves the old ``report.json`` beside newer files) with a one-line
 :class:`invariance.files.FolderError` (a ``ValueError``).
 """
@@ -20,66 +21,131 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._record import ERROR_KINDS, SCHEMA, Estimate, LayerRecord, schema_markdown
 from .files import atomic_write, atomic_write_json, atomic_write_text, check_files, describe_files
 
-__all__ = ["Report", "ERROR_KEYS"]
+__all__ = ["Report", "ERROR_KEYS", "CSV_COLUMNS"]
 
-ERROR_KEYS = ("invariance_error", "expected_error", "spatial_error", "permutation_error", "linear_error")
-_SHORT = {"invariance_error": "invariance", "expected_error": "expected", "spatial_error": "spatial",
-          "permutation_error": "permutation", "linear_error": "linear"}
+#: The errors the table shows, in order (``linear_fit``, the in-sample linear error, is in the CSV only).
+TABLE_KINDS = ("invariance", "expected", "spatial", "permutation", "linear")
+#: Schema-1 names of the errors (the deprecated mapping access and the CSV's columns).
+ERROR_KEYS = tuple(k + "_error" for k in TABLE_KINDS)
+
+#: The columns of ``report.csv``, one row per record (``*_lo`` / ``*_hi``: the 95% interval).
+CSV_COLUMNS = ["model", "layer", "depth", "transform", "family", "params", "magnitude", "search"]
+for _name in (*(k + "_error" for k in ERROR_KINDS), "random_pair_null"):
+    CSV_COLUMNS += [_name, _name + "_lo", _name + "_hi"]
+CSV_COLUMNS += ["interpolation_floor", "overlap", "interior", "region_size", "n_excluded", "best_params",
+                "channel_orbits"]
+CSV_COLUMNS = tuple(CSV_COLUMNS)
 
 
 def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-@dataclass
-class Report:
-    """Records, calibration and metadata of a measurement (see the module docstring)."""
+def _mean(e: Estimate | None) -> float:
+    return float("nan") if e is None else e.mean
 
-    records: list[dict]
-    calibration: dict = field(default_factory=dict)
-    meta: dict = field(default_factory=dict)
+
+def _ci(e: Estimate | None) -> tuple[float, float]:
+    return (float("nan"), float("nan")) if e is None else e.ci
+
+
+class Report:
+    """Typed records and metadata of a measurement (see the module docstring).
+
+    ``records`` are :class:`invariance.LayerRecord` values; records in the flat layout of schema 1
+    (dicts) are converted on the way in (``calibration`` then supplies their interpolation floors).
+    """
+
+    def __init__(self, records: list, calibration: dict | None = None, meta: dict | None = None):
+        floors = (calibration or {}).get("interpolation_floor", {})
+        self.records: list[LayerRecord] = [r if isinstance(r, LayerRecord) else LayerRecord.from_legacy(r, floors)
+                                           for r in records]
+        self.meta: dict = dict(meta or {})
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.records)} records, model={self.meta.get('model', '?')!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Report) and self.records == other.records and self.meta == other.meta
+
+    @staticmethod
+    def schema_markdown() -> str:
+        """``docs/report-schema.md``: the JSON layout of ``report.json``, generated from the record's types."""
+        return schema_markdown()
 
     # ------------------------------------------------------------------ views
-    def to_dict(self, per_image: bool = True) -> dict:
-        recs = self.records if per_image else [{k: v for k, v in r.items() if k != "per_image"}
-                                               for r in self.records]
-        return {"records": recs, "calibration": self.calibration, "meta": self.meta}
+    @property
+    def transforms(self) -> list:
+        """The transformations measured, in order (:class:`invariance.Transform` values)."""
+        return list(dict.fromkeys(r.transform for r in self.records))
 
-    def select(self, layer: str | None = None, transform: str | None = None) -> list[dict]:
-        return [r for r in self.records if (layer is None or r["layer"] == layer)
-                and (transform is None or r["transform"] == transform)]
+    @property
+    def calibration(self) -> dict:
+        """``{"interpolation_floor": {label: {"mean", "ci"}}, "random_pair_null": {layer: {label: {...}}}}``,
+        read from the records (each record carries its own :class:`invariance.Calibration`)."""
+        floor, null = {}, {}
+        for r in self.records:
+            if r.calibration.floor is not None:
+                floor[r.transform.label] = {"mean": r.calibration.floor.mean, "ci": list(r.calibration.floor.ci)}
+            if r.calibration.null is not None:
+                null.setdefault(r.layer, {})[r.transform.label] = {"mean": r.calibration.null.mean,
+                                                                  "ci": list(r.calibration.null.ci)}
+        return {"interpolation_floor": floor, "random_pair_null": null}
+
+    def to_dict(self, per_image: bool = True) -> dict:
+        """The report as schema-2 JSON (what ``report.json`` holds, less its ``files``)."""
+        recs = [r.to_json() for r in self.records]
+        if not per_image:
+            for js in recs:
+                for e in js["errors"].values():
+                    e.pop("per_image", None)
+                js["best_warp"].pop("per_image", None)
+                js["best_warp"].pop("matrices", None)
+        return {"schema": SCHEMA, "records": recs, "calibration": json_safe(self.calibration),
+                "meta": self.meta}
+
+    def select(self, layer: str | None = None, transform=None) -> list[LayerRecord]:
+        """The records of one layer and/or one transformation (a :class:`invariance.Transform`, or
+        its label)."""
+        def same(r):
+            return transform is None or (r.transform == transform if not isinstance(transform, str)
+                                         else r.transform.label == transform)
+
+        return [r for r in self.records if (layer is None or r.layer == layer) and same(r)]
 
     def table(self) -> str:
         """A plain-text table: one row per (transformation, layer), errors as mean [95% CI]."""
-        keys = [k for k in ERROR_KEYS if any(not _isnan(r.get(k)) for r in self.records)]
-        excluded = any(r.get("n_excluded") for r in self.records)
-        head = ["transform", "layer"] + [_SHORT[k] for k in keys] + ["null", "floor", "orbits"]
+        kinds = [k for k in TABLE_KINDS
+                 if any(not _isnan(_mean(getattr(r.errors, k))) for r in self.records)]
+        excluded = any(r.n_excluded for r in self.records)
+        head = ["transform", "layer"] + list(kinds) + ["null", "floor", "orbits"]
         head += ["excluded"] if excluded else []
         rows = []
         for r in self.records:
-            row = [r["transform"], r["layer"]]
-            for k in keys:
-                lo, hi = r.get(k + "_ci", [float("nan")] * 2)
-                flag = "!" if k == "linear_error" and r.get("linear_warning") else ""
-                row.append(f"{_fmt(r.get(k))}{flag} [{_fmt(lo)},{_fmt(hi)}]")
-            row += [_fmt(r.get("random_pair_null")), _fmt(r.get("interpolation_floor")),
-                    orbits_text(r.get("channel_orbits", []))]
-            row += [str(r.get("n_excluded", 0))] if excluded else []
+            row = [r.transform.label, r.layer]
+            for k in kinds:
+                e = getattr(r.errors, k)
+                lo, hi = _ci(e)
+                flag = "!" if k == "linear" and r.linear_warning else ""
+                row.append(f"{_fmt(_mean(e))}{flag} [{_fmt(lo)},{_fmt(hi)}]")
+            row += [_fmt(_mean(r.calibration.null)), _fmt(_mean(r.calibration.floor)),
+                    orbits_text(r.channels.orbits)]
+            row += [str(r.n_excluded)] if excluded else []
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-        reasons = sorted({x for r in self.records for x in r.get("excluded_reasons", [])})
+        reasons = sorted({x for r in self.records for x in r.excluded_reasons})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
         for r in self.records:
-            if r.get("linear_warning"):
-                out.append(f"! {r['transform']}, {r['layer']}: {r['linear_warning']}")
+            if r.linear_warning:
+                out.append(f"! {r.transform.label}, {r.layer}: {r.linear_warning}")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -89,28 +155,29 @@ class Report:
     def to_json(self, path: str | os.PathLike) -> Path:
         return atomic_write_json(path, json_safe(self.to_dict()))
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        cols = ["layer", "depth", "transform", "family", "magnitude", "search"]
-        for k in (*ERROR_KEYS, "linear_fit_error", "random_pair_null"):
-            cols += [k, k + "_lo", k + "_hi"]
-        cols += ["interpolation_floor", "best_params", "channel_orbits"]
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(cols)
+    def csv_rows(self) -> list[dict]:
+        """One dict per record, with the keys of :data:`CSV_COLUMNS`."""
+        rows = []
+        model = self.meta.get("model", "")
         for r in self.records:
-            row = []
-            for c in cols:
-                if c.endswith("_lo") or c.endswith("_hi"):
-                    ci = r.get(c[:-3] + "_ci") or [float("nan")] * 2
-                    row.append(ci[0] if c.endswith("_lo") else ci[1])
-                elif c == "best_params":
-                    row.append(json.dumps(r.get("best_params", {}).get("median")))
-                elif c == "channel_orbits":
-                    row.append(json.dumps(r.get("channel_orbits", [])))
-                else:
-                    row.append(r.get(c, ""))
-            w.writerow(row)
-        return atomic_write_text(path, buf.getvalue())
+            row = {"model": model, "layer": r.layer, "depth": r.depth, "transform": r.transform.label,
+                   "family": r.transform.family, "params": json.dumps(list(r.transform.params)),
+                   "magnitude": r.transform.magnitude, "search": r.search}
+            for k in ERROR_KINDS:
+                e = getattr(r.errors, k)
+                row[k + "_error"], (row[k + "_error_lo"], row[k + "_error_hi"]) = _mean(e), _ci(e)
+            row["random_pair_null"] = _mean(r.calibration.null)
+            row["random_pair_null_lo"], row["random_pair_null_hi"] = _ci(r.calibration.null)
+            row["interpolation_floor"] = _mean(r.calibration.floor)
+            row.update(overlap=r.comparison.overlap, interior=r.comparison.interior,
+                       region_size=r.comparison.region_size, n_excluded=r.n_excluded,
+                       best_params=json.dumps(list(r.best_warp.median)),
+                       channel_orbits=json.dumps([list(c) for c in r.channels.orbits]))
+            rows.append(row)
+        return rows
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        return write_csv(path, [self])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
@@ -126,7 +193,8 @@ class Report:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> Report:
-        """Read ``report.json``; refuses a report folder that mixes two saves (see the module docstring)."""
+        """Read ``report.json`` (schema 2, or schema 1 of earlier releases); refuses a report folder
+        that mixes two saves (see the module docstring)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"path: {str(path)!r} not found" + (" (no report.json in the folder)"
@@ -136,17 +204,24 @@ class Report:
             records = d["records"]
             if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
                 raise TypeError("records is not a list of objects")
+            schema = d.get("schema")
+            if schema is None:  # schema 1: flat records, floors in the calibration
+                report = cls(records=records, calibration=d.get("calibration") or {}, meta=d.get("meta") or {})
+            elif schema == SCHEMA:
+                report = cls(records=[LayerRecord.from_json(r) for r in records], meta=d.get("meta") or {})
+            else:
+                raise ValueError(f"unknown schema {schema!r}; this version reads {SCHEMA} and schema 1")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a report.json ({type(exc).__name__}: {_first(exc)})") from None
         except OSError as exc:
             raise ValueError(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
         if "files" in d:
             check_files(path.parent, d["files"], manifest=path.name)
-        return cls(records=records, calibration=d.get("calibration", {}), meta=d.get("meta", {}))
+        return report
 
     def save(self, out_dir: str | os.PathLike, figures: bool = True) -> dict[str, Path]:
         """Write ``report.csv``, the figures and, last, ``report.json`` (listing the others with
-        their sha256) into ``out_dir``: a save killed half-way is detected by :meth:`from_json`."""
+        their sha256) into ``out_dir``: a save killed half-way is detected by :meth:`load`."""
         from .files import check_output_dir
 
         if not isinstance(out_dir, (str, os.PathLike)):
@@ -173,41 +248,46 @@ class Report:
         fig = self.plot_layers()
         paths["layers"] = _save_fig(fig, out / "errors_by_layer.png")
         plt.close(fig)
-        sweepable = [r for r in self.records if not _isnan(r.get("magnitude"))]
-        if len({r["transform"] for r in sweepable}) > 1:
+        sweepable = {r.transform for r in self.records if not _isnan(r.transform.magnitude)}
+        if len(sweepable) > 1:
             fig = self.plot_sweep()
             paths["sweep"] = _save_fig(fig, out / "errors_by_magnitude.png")
             plt.close(fig)
         return paths
 
     # ------------------------------------------------------------------ figures
-    def plot_layers(self, transforms: list[str] | None = None, keys=ERROR_KEYS):
-        """Error against layer depth, one panel per transformation (with floor and null)."""
+    def plot_layers(self, transforms: list | None = None, kinds=TABLE_KINDS, *, keys=None):
+        """Error against layer depth, one panel per transformation (with floor and null).
+
+        ``kinds``: which errors (:data:`invariance.ERROR_KINDS` names); ``keys`` (schema-1 names such
+        as ``"spatial_error"``) is accepted for one minor version, deprecated."""
         import matplotlib.pyplot as plt
 
-        transforms = transforms or list(dict.fromkeys(r["transform"] for r in self.records))
+        if keys is not None:
+            kinds = tuple(k.removesuffix("_error") for k in keys)
+
+        transforms = transforms or self.transforms
         transforms = transforms[:6]
         fig, axes = plt.subplots(1, len(transforms), figsize=(4.2 * len(transforms), 3.6), squeeze=False,
                                  sharey=True)
         for ax, tr in zip(axes[0], transforms):
             recs = self.select(transform=tr)
             xs = list(range(len(recs)))
-            for k in keys:
-                ys = [r.get(k, float("nan")) for r in recs]
+            for k in kinds:
+                es = [getattr(r.errors, k) for r in recs]
+                ys = [_mean(e) for e in es]
                 if all(_isnan(y) for y in ys):
                     continue
-                lo = [r.get(k + "_ci", [float("nan")] * 2)[0] for r in recs]
-                hi = [r.get(k + "_ci", [float("nan")] * 2)[1] for r in recs]
-                ax.plot(xs, ys, marker="o", label=_SHORT[k])
-                ax.fill_between(xs, lo, hi, alpha=0.2)
-            null = [r.get("random_pair_null", float("nan")) for r in recs]
+                ax.plot(xs, ys, marker="o", label=k)
+                ax.fill_between(xs, [_ci(e)[0] for e in es], [_ci(e)[1] for e in es], alpha=0.2)
+            null = [_mean(r.calibration.null) for r in recs]
             if not all(_isnan(v) for v in null):
                 ax.plot(xs, null, color="grey", ls=":", label="random-pair null")
-            floor = self.calibration.get("interpolation_floor", {}).get(tr, {}).get("mean")
+            floor = recs[0].calibration.floor if recs else None
             if floor is not None:
-                ax.axhline(floor, color="black", ls="--", lw=1, label="interpolation floor")
-            ax.set_xticks(xs, [r["layer"] for r in recs], rotation=45, ha="right", fontsize=8)
-            ax.set_title(tr)
+                ax.axhline(floor.mean, color="black", ls="--", lw=1, label="interpolation floor")
+            ax.set_xticks(xs, [r.layer for r in recs], rotation=45, ha="right", fontsize=8)
+            ax.set_title(tr if isinstance(tr, str) else tr.label)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("normalised squared error")
@@ -215,33 +295,46 @@ class Report:
         fig.tight_layout()
         return fig
 
-    def plot_sweep(self, layers: list[str] | None = None, key: str = "spatial_error"):
-        """``key`` against the transformation's magnitude, one line per layer."""
+    def plot_sweep(self, layers: list[str] | None = None, kind: str = "spatial", *, key: str | None = None):
+        """The ``kind`` error against the transformation's magnitude, one line per layer (``key``, a
+        schema-1 name such as ``"spatial_error"``, is accepted for one minor version, deprecated)."""
         import matplotlib.pyplot as plt
 
-        layers = layers or list(dict.fromkeys(r["layer"] for r in self.records))
-        families = list(dict.fromkeys(r["family"] for r in self.records if not _isnan(r.get("magnitude"))))
+        kind = (key or kind).removesuffix("_error")
+        layers = layers or list(dict.fromkeys(r.layer for r in self.records))
+        sweep = [r for r in self.records if not _isnan(r.transform.magnitude)]
+        families = list(dict.fromkeys(r.transform.family for r in sweep))
         fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.6), squeeze=False)
         for ax, fam in zip(axes[0], families):
             for layer in layers:
-                recs = sorted((r for r in self.records if r["layer"] == layer and r["family"] == fam
-                               and not _isnan(r.get("magnitude"))), key=lambda r: r["magnitude"])
+                recs = sorted((r for r in sweep if r.layer == layer and r.transform.family == fam),
+                              key=lambda r: r.transform.magnitude)
                 if not recs:
                     continue
-                ax.plot([r["magnitude"] for r in recs], [r.get(key) for r in recs], marker=".", label=layer)
-            floor = self.calibration.get("interpolation_floor", {})
-            pts = sorted((r["magnitude"], floor[r["transform"]]["mean"]) for r in self.records
-                         if r["family"] == fam and r["transform"] in floor and not _isnan(r.get("magnitude")))
+                ax.plot([r.transform.magnitude for r in recs], [_mean(getattr(r.errors, kind)) for r in recs],
+                        marker=".", label=layer)
+            pts = sorted({(r.transform.magnitude, r.calibration.floor.mean) for r in sweep
+                          if r.transform.family == fam and r.calibration.floor is not None})
             if pts:
                 ax.plot(*zip(*pts), color="black", ls="--", lw=1, label="interpolation floor")
             unit = {"rotation": "angle (degrees)", "scale": "log2 scale", "translation": "shift (pixels)"}
             ax.set_xlabel(unit.get(fam, "magnitude"))
-            ax.set_ylabel(_SHORT.get(key, key) + " error")
+            ax.set_ylabel(kind + " error")
             ax.set_title(fam)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.tight_layout()
         return fig
+
+
+def write_csv(path: str | os.PathLike, reports: list[Report]) -> Path:
+    """``report.csv`` of one or more reports (their rows one after another, :data:`CSV_COLUMNS`)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for rep in reports:
+        w.writerows(rep.csv_rows())
+    return atomic_write_text(path, buf.getvalue())
 
 
 _FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png")

@@ -410,7 +410,7 @@ def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Ten
     tensor([1., 1.])
     """
     m = torch.ones(reference.shape[-2:], dtype=reference.dtype, device=reference.device) \
-        if mask is None else mask.to(reference.dtype)
+        if mask is None else mask.to(device=reference.device, dtype=reference.dtype)
     ref = reference if aligned.dim() == reference.dim() else reference.unsqueeze(1)
     r = m if valid is None else m * valid.to(reference.dtype)
     r = r.unsqueeze(-3)
@@ -684,12 +684,44 @@ def _auto_chunk(cfg: SearchConfig, b: int, c: int, h: int, w: int, itemsize: int
     return max(1, int(cfg.memory_budget // max(per_candidate, 1)))
 
 
-def _coarse(reference, moving, region, mvalid, family, cfg, size, required):
+@dataclass(frozen=True)
+class _Problem:
+    """One search, as its stages (:func:`_coarse`, :func:`_refine`, :func:`_polish`) see it.
+
+    Attributes:
+        reference, moving: the maps ``(B, C, H, W)`` (``moving`` is warped onto ``reference``).
+        region: ``M * I``, ``(H, W)`` or ``(B, 1, H, W)``; mvalid: the moving map's valid region.
+        size: ``(H, W)``; family: the search family; cfg: the :class:`SearchConfig`.
+        required: the minimum overlap rule (:class:`_Overlap`); perm: per-image channel
+            permutations applied to ``moving`` (``(B, C)``), or None.
+    """
+
+    reference: torch.Tensor
+    moving: torch.Tensor
+    region: torch.Tensor
+    mvalid: torch.Tensor
+    size: tuple[int, int]
+    family: str
+    cfg: SearchConfig
+    required: _Overlap
+    perm: torch.Tensor | None = None
+
+    def select(self, images: slice) -> _Problem:
+        """The same search for some of the images."""
+        return replace(self, reference=self.reference[images], moving=self.moving[images],
+                       mvalid=self.mvalid[images] if self.mvalid.dim() == 3 else self.mvalid,
+                       required=self.required.select(images),
+                       perm=None if self.perm is None else self.perm[images])
+
+
+def _coarse(prob: _Problem):
     """Exhaustive coarse search. Returns (errors (B, K), centred matrices (B, K, 3, 3)).
 
     With a translation part, candidates are grouped by the canvas they need (rounded up to a
     multiple of 4 pixels), so that every candidate is scored exactly and small ones stay cheap.
     """
+    reference, moving, region, mvalid, family, cfg, size, required = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.family, prob.cfg, prob.size, prob.required)
     b, c, h, w = reference.shape
     lin = _linear_candidates(family, cfg, reference.dtype, reference.device)  # (K,3,3) centred
     has_t = SEARCH_FAMILIES[family][1]
@@ -813,28 +845,29 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
     return torch.cat(errs, 1), torch.cat(cnts, 1)
 
 
-def _refine(reference, moving, centred, region, mvalid, size, family, cfg, required, perm=None):
+def _refine(prob: _Problem, centred: torch.Tensor):
     """:func:`_refine_batch` on groups of images whose per-step tensors stay small (see ``_STEP_BYTES``)."""
     b, k = centred.shape[:2]
-    per_image = k * (moving.shape[1] + 1) * size[0] * size[1] * moving.element_size()
+    per_image = k * (prob.moving.shape[1] + 1) * prob.size[0] * prob.size[1] * prob.moving.element_size()
     n = max(1, int(_STEP_BYTES // max(per_image, 1)))
     if n >= b:
-        return _refine_batch(reference, moving, centred, region, mvalid, size, family, cfg, required, perm)
+        return _refine_batch(prob, centred)
     out = []
     for i in range(0, b, n):
         sl = slice(i, i + n)
-        mv = mvalid[sl] if mvalid.dim() == 3 else mvalid
-        out.append(_refine_batch(reference[sl], moving[sl], centred[sl], region, mv, size, family, cfg,
-                                 required.select(sl), None if perm is None else perm[sl]))
+        out.append(_refine_batch(prob.select(sl), centred[sl]))
     return torch.cat(out)
 
 
-def _refine_batch(reference, moving, centred, region, mvalid, size, family, cfg, required, perm=None):
+def _refine_batch(prob: _Problem, centred: torch.Tensor):
     """Adam on the family parameters, per (image, start). Returns refined centred matrices.
 
     The loss is the region error of docs/definitions.md (``V_g`` follows the warp; no gradient
     flows through the region itself); the best *feasible* iterate is kept.
     """
+    reference, moving, region, mvalid, size, family, cfg, required, perm = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required,
+        prob.perm)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     if cfg.refine_steps <= 0:
         return centred
@@ -891,7 +924,7 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
     return best_z, best_e
 
 
-def _polish(reference, moving, centred, errors, region, mvalid, size, family, cfg, required, perm=None):
+def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     """Derivative-free pattern search from per-image seeds ``(B, S, 3, 3)`` (errors ``(B, S)``) on the exact error.
 
     A compass search (each parameter +- a step in the refinement's units, halving the step
@@ -900,6 +933,9 @@ def _polish(reference, moving, centred, errors, region, mvalid, size, family, cf
     weights change slope as a sample crosses a pixel). Never worse than its seeds. Returns
     the best of all seeds per image: (matrices (B, 3, 3), errors (B,), overlap counts (B,)).
     """
+    reference, moving, region, mvalid, size, family, cfg, required, perm = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required,
+        prob.perm)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     b, s = centred.shape[:2]
     z = _to_free(fam, G.from_matrix(fam, centred))  # (B, S, P)
@@ -998,7 +1034,8 @@ def _align_permutation(reference, moving, region, mvalid, family, cfg, size, spa
         sr, sm = _summaries(reference), _summaries(moving)
         # put both summary channels on the same footing
         scale = sr.pow(2).mean((0, 2, 3), keepdim=True).clamp_min(1e-30).sqrt()
-        e, mats = _coarse(sr / scale, sm / scale, region, mvalid, family, cfg, size, required)
+        prob = _Problem(reference, moving, region, mvalid, size, family, cfg, required)
+        e, mats = _coarse(replace(prob, reference=sr / scale, moving=sm / scale))
         idx = _distinct_starts(e, mats, cfg.shortlist, cfg)
         short = torch.gather(mats, 1, idx[..., None, None].expand(-1, -1, 3, 3))
         short = torch.cat([short, G.normalized_to_centred(spatial.matrices, size)[:, None], extras], 1)
@@ -1007,7 +1044,7 @@ def _align_permutation(reference, moving, region, mvalid, family, cfg, size, spa
         ar = torch.arange(b, device=reference.device)
         best_m, best_p = short[ar, j], perms[ar, j]
     # refine the warp for the chosen permutation, then re-assign at the refined warp
-    refined = _refine(reference, moving, best_m[:, None], region, mvalid, size, family, cfg, required, perm=best_p)
+    refined = _refine(replace(prob, perm=best_p), best_m[:, None])
     with torch.no_grad():
         _, rperm = _assign(reference, moving, refined, region, mvalid, size, required)
         old, old_n = _exact(reference, moving, best_m[:, None], region, mvalid, size, required, perm=best_p)
@@ -1122,9 +1159,10 @@ def align(
             det_exp = _det(exp_c[:, 0])
     required = _Overlap(cfg.min_overlap, base, det_exp)
 
+    prob = _Problem(reference, moving, region, mvalid, size, family, cfg, required)
     # 1. coarse search (exhaustive over the grid x all integer shifts)
     with torch.no_grad():
-        coarse_e, coarse_m = _coarse(reference, moving, region, mvalid, family, cfg, size, required)
+        coarse_e, coarse_m = _coarse(prob)
         coarse_best = coarse_e.min(1).values
         # distinct basins at two separations: across the grid, and near the best
         fine = replace(cfg, basin_separation=cfg.basin_separation / 2, basin_shift=cfg.basin_shift / 2)
@@ -1132,7 +1170,7 @@ def align(
                          _distinct_starts(coarse_e, coarse_m, 3, fine)[:, 1:]], 1)
         starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
     # 2. refinement through the sampler
-    refined = _refine(reference, moving, starts, region, mvalid, size, family, cfg, required)
+    refined = _refine(prob, starts)
     extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
     for m in (exp_c, _as_centred_batch(extra_candidates, b, size, dtype, device, "extra_candidates")):
         if m is not None:
@@ -1154,7 +1192,7 @@ def align(
             picked = torch.gather(refined, 1, order[..., None, None].expand(-1, -1, 3, 3))
             seeds_m = torch.cat([best_m[:, None], picked], 1)
             seeds_e = torch.cat([best_e[:, None], torch.gather(exact[:, k:2 * k], 1, order)], 1)
-            pm, pe, pn = _polish(reference, moving, seeds_m, seeds_e, region, mvalid, size, family, cfg, required)
+            pm, pe, pn = _polish(prob, seeds_m, seeds_e)
             better = pe < best_e
             best_m = torch.where(better[:, None, None], pm, best_m)
             best_n = torch.where(better, pn, best_n)

@@ -95,10 +95,11 @@ def check_int(value, name: str, *, minimum: int | None = None, maximum: int | No
     ...
     ValueError: n_boot: must be an integer >= 1, got 0
     """
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()
+            and value.dtype != torch.bool):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: must be an integer{_range(minimum, maximum)}, got {value!r}")
+        raise TypeError(f"{name}: must be an integer{_range(minimum, maximum)}, got {_show(value)}")
     value = int(value)
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name}: must be an integer{_range(minimum, maximum)}, got {value}")
@@ -117,17 +118,31 @@ def check_number(value, name: str, *, minimum: float | None = None, maximum: flo
     ...
     ValueError: mask_radius: must be a finite number > 0, got nan
     """
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: must be a number{_range(minimum, maximum, positive)}, got {value!r}")
-    value = float(value)
+        raise TypeError(f"{name}: must be a number{_range(minimum, maximum, positive)}, got {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: must be a finite number{_range(minimum, maximum, positive)}, got a number "
+                         f"too large for a float") from None
     bad = value != value or value in (float("inf"), float("-inf"))
     bad = bad or (positive and value <= 0)
     bad = bad or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
     if bad:
         raise ValueError(f"{name}: must be a finite number{_range(minimum, maximum, positive)}, got {value!r}")
     return value
+
+
+def _show(value) -> str:
+    """A value for a one-line message: its repr on one line, shortened (tensors and arrays by type and shape)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return repr(value.item())
+    if isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray":
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _range(minimum, maximum, positive: bool = False) -> str:
@@ -170,7 +185,7 @@ def resolve_device(device, name: str = "device") -> torch.device | None:
     elif isinstance(device, str):
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:(?:0|[1-9][0-9]{0,3})", device, flags=re.ASCII):
             raise ValueError(f"{name}: unknown device {device!r}; valid choices: cpu, cuda, cuda:N, auto")
         dev = torch.device(device)
     else:

@@ -130,7 +130,9 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu", *, what: str = 
 
     ``what`` starts the one-line errors (the argument the file came from), ``hint`` ends the
     refusal of an untrusted file (how to allow it, or what to save instead). A file holding other
-    Python objects (a pickled class, a function to call) raises :class:`UntrustedFileError`;
+    Python objects (a pickled class, a function to call) raises :class:`UntrustedFileError`, and so
+    does a value torch's weights-only unpickler does not read (``b''``, a ``frozenset``, a file
+    written with pickle protocol 4 or 5): only what that unpickler reads is read;
     a missing, truncated or foreign file raises ``ValueError``; nothing in the file runs.
 
     >>> import io, os, torch
@@ -161,7 +163,8 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu", *, what: str = 
             found = re.search(r"GLOBAL ([\w.]+)", text)
             detail = f" (it names {found[1]!r})" if found else ""
             raise UntrustedFileError(f"{what}: {name} holds Python objects other than tensors and plain "
-                                     f"containers{detail}; unpickling them could run code; {hint}") from None
+                                     f"containers{detail}, which the weights-only unpickler does not read; "
+                                     f"unpickling them could run code; {hint}") from None
         found = re.search(r"Unsupported operand (\d+)", text)
         detail = f"byte {found[1]} is no pickle instruction" if found else f"UnpicklingError: {_first_line(text)}"
         raise ValueError(f"{what}: {name} is corrupt, truncated or not a torch file ({detail})") from None

@@ -276,8 +276,9 @@ def _random_cnn(seed: int = 0) -> torch.nn.Module:
 
 def _case(name, net, images, spec, layer, family) -> BatteryCase:
     from ._features import extract_features
-    from ._measure import DEFAULT_SEARCH, parse_transforms
+    from ._measure import DEFAULT_SEARCH
     from ._metric import comparison_region, transformed_valid
+    from ._transform import parse_transforms
 
     tr = parse_transforms(spec)[0]
     size = tuple(images.shape[-2:])

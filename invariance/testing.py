@@ -88,10 +88,11 @@ from torch import nn
 
 from . import geometry as G
 from ._features import FeatureExtractor
-from ._measure import DEFAULT_SEARCH, Transform, parse_transforms
+from ._measure import DEFAULT_SEARCH
 from ._metric import comparison_region, measure_layer, transformed_valid
 from ._metric import interpolation_floor as _floor
 from ._search import SEARCH_FAMILIES, SearchConfig, masked_error
+from ._transform import Transform, parse_transforms
 from ._warp import warp
 from .checks import check_finite, check_images, check_int, check_number, check_size
 from .toys import make_blob_images

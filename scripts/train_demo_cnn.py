@@ -64,11 +64,14 @@ def main() -> None:
     save_checkpoint(a.out, obj_model, builder="invariance:mnist_cnn", config={},
                     trained_by="stn.train (arch CNN, rotation protocol, mnist-10k split)",
                     train_config=cfg.to_dict(), test_error=err, stn_test_error=stn_error)
-    # store the weights in float16 (the loader casts them back)
-    ck = torch.load(a.out, weights_only=True)
-    ck["state_dict"] = half
+    # store the weights in float16 (the loader casts them back), with the checksum of what is stored
+    from invariance import tensor_checksum
     from invariance.files import atomic_torch_save
 
+    ck = torch.load(a.out, weights_only=True)
+    ck["state_dict"] = half
+    ck.pop("checksum", None)
+    ck["checksum"] = tensor_checksum(ck)
     atomic_torch_save(a.out, ck)
     print(f"wrote {a.out}: rotated-MNIST test error {100 * err:.2f}% ({len(test)} images)")
 

@@ -38,16 +38,14 @@ aligned by a spatial warp); for translations it does not.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from invariance import (
     DEFAULT_SEARCH,
+    Estimate,
     LayerFrame,
     SearchConfig,
-    bootstrap_ci,
     comparison_region,
     interpolation_floor,
     masked_error,
@@ -143,7 +141,11 @@ def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, 
                           depth: int | None = None, config: SearchConfig | None = None, batch: int = 32) -> dict:
     """Feature-map alignment errors of an STN-C model's transformer at ``depth`` (default: the first > 0).
 
-    See the module docstring. Returns means, bootstrap 95% intervals and the search family.
+    See the module docstring. Returns a dict: ``arch``, ``depth``, ``search_family``, ``n_images``,
+    ``n_excluded``, ``mask``, ``protocol``, and for each of ``stn_error``, ``spatial_error``,
+    ``expected_error``, ``invariance_error`` and ``input_floor`` an :class:`invariance.Estimate`
+    (mean over the pairs with a verdict, bootstrap 95% interval, per-pair values), the same type
+    as the errors of :func:`invariance.measure`'s records.
     """
     spec = model.spec
     if spec.kind != "C" or not [d for d in spec.depths if d > 0]:
@@ -187,8 +189,5 @@ def feature_map_alignment(model: STNClassifier, dataset: TransformedDataset, *, 
                  "mask": "comparison region (docs/definitions.md): where both maps are defined",
                  "protocol": proto.describe()}
     for k, v in rows.items():
-        t = torch.cat(v).double()
-        t = t[torch.isfinite(t)]
-        out[k] = {"mean": float(t.mean()) if len(t) else math.nan,
-                  "ci95": list(bootstrap_ci(t.double().cpu().numpy())) if len(t) else None}
+        out[k] = Estimate.of(torch.cat(v).double(), n_boot=1000, seed=0)
     return out

@@ -48,7 +48,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from invariance import save_checkpoint
@@ -58,7 +57,16 @@ from invariance.files import atomic_torch_save, atomic_write_json, atomic_write_
 from ._analysis import canonical_pose
 from ._data import TransformedDataset, get_protocol, load_transformed
 from ._models import STNClassifier, build_model
-from ._train import BUILDER, DEFAULT_FAMILY, DivergedError, evaluate_model, machine_info, resolve_device
+from ._train import (
+    BUILDER,
+    DEFAULT_FAMILY,
+    DivergedError,
+    evaluate_model,
+    machine_info,
+    make_optimizer,
+    resolve_device,
+    train_step,
+)
 
 __all__ = ["StepSchedule", "Budget", "BUDGETS", "train_together", "evaluate_repeats", "reproduce_budget"]
 
@@ -119,14 +127,6 @@ class StepSchedule:
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def _optimizer(model: STNClassifier, lr: float, loc_lr_mult: float, momentum: float, weight_decay: float):
-    groups = [{"params": model.classifier_parameters(), "lr": lr, "base_lr": lr}]
-    loc = model.localisation_parameters()
-    if loc:
-        groups.append({"params": loc, "lr": lr * loc_lr_mult, "base_lr": lr * loc_lr_mult})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def batch_at_step(ds: TransformedDataset, step: int, batch_size: int):
@@ -199,7 +199,7 @@ def train_together(groups: dict, schedule: StepSchedule, *, batch_size: int = 25
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for _, m in flat.values():
         m.to(memory_format=fmt).train()
-    opts = {n: _optimizer(m, schedule.lr, loc_lr_mult, momentum, weight_decay) for n, (_, m) in flat.items()}
+    opts = {n: make_optimizer(m, schedule.lr, loc_lr_mult, momentum, weight_decay) for n, (_, m) in flat.items()}
     has_t = {n: bool(m.localisation_parameters()) for n, (_, m) in flat.items()}
     takeoff: dict[str, int | None] = {n: None for n in flat}
     history: dict[str, list[dict]] = {n: [] for n in flat}
@@ -239,12 +239,7 @@ def train_together(groups: dict, schedule: StepSchedule, *, batch_size: int = 25
                 f = schedule.factor(step, takeoff[n], has_transformer=has_t[n])
                 for g in opts[n].param_groups:
                     g["lr"] = g["base_lr"] * f
-                with autocast:
-                    logits = m(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opts[n].zero_grad(set_to_none=True)
-                loss.backward()
-                opts[n].step()
+                loss, logits = train_step(m, opts[n], x, y, autocast=autocast)
                 with torch.no_grad():
                     sums[n] += torch.stack([loss.detach() * len(y), (logits.argmax(1) != y).sum().to(loss.dtype)])
         seen += len(y)

@@ -24,6 +24,7 @@ Example (needs the data)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ from tqdm import tqdm
 from invariance import CheckpointError, load_checkpoint, non_finite_weight, save_checkpoint
 from invariance import geometry as G
 from invariance.checks import check_int, check_number, check_seed
+from invariance.checks import resolve_device as _resolve_device
 from invariance.datasets import DATASETS
 from invariance.files import atomic_write_json, check_output_dir
 
@@ -69,7 +71,7 @@ class DivergedError(RunError):
     is not saved (the run folder keeps the last finite checkpoint, if any)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (stored in the checkpoint and metrics.json).
 
@@ -133,21 +135,23 @@ class TrainConfig:
                              f"valid choices: {', '.join(CLASSIFIERS)}")
         # numbers: the checks of invariance.checks (one-line errors that start with the field's name,
         # which the command line turns into its --flag); stored normalised (int / float)
-        self.epochs = check_int(self.epochs, "epochs", minimum=1)
-        self.batch_size = check_int(self.batch_size, "batch_size", minimum=1)
+        object.__setattr__(self, "epochs", check_int(self.epochs, "epochs", minimum=1))
+        object.__setattr__(self, "batch_size", check_int(self.batch_size, "batch_size", minimum=1))
         if self.size is not None:
-            self.size = check_int(self.size, "size", minimum=1)
-        self.lr = check_number(self.lr, "lr", positive=True)
-        self.gamma = check_number(self.gamma, "gamma", positive=True)
-        self.momentum = check_number(self.momentum, "momentum", minimum=0)
-        self.weight_decay = check_number(self.weight_decay, "weight_decay", minimum=0)
-        self.loc_lr_mult = check_number(self.loc_lr_mult, "loc_lr_mult", minimum=0)
-        self.milestones = _check_milestones(self.milestones)
-        self.seed = check_seed(self.seed)
+            object.__setattr__(self, "size", check_int(self.size, "size", minimum=1))
+        object.__setattr__(self, "lr", check_number(self.lr, "lr", positive=True))
+        object.__setattr__(self, "gamma", check_number(self.gamma, "gamma", positive=True))
+        object.__setattr__(self, "momentum", check_number(self.momentum, "momentum", minimum=0))
+        object.__setattr__(self, "weight_decay", check_number(self.weight_decay, "weight_decay", minimum=0))
+        object.__setattr__(self, "loc_lr_mult", check_number(self.loc_lr_mult, "loc_lr_mult", minimum=0))
+        object.__setattr__(self, "milestones", _check_milestones(self.milestones))
+        object.__setattr__(self, "seed", check_seed(self.seed))
         for name in ("limit", "test_limit"):
             if getattr(self, name) is not None:
-                setattr(self, name, _int_with_hint(getattr(self, name), name, "leave it unset for the whole split"))
-        self.eval_every = _int_with_hint(self.eval_every, "eval_every", "0: test only after the last epoch", minimum=0)
+                object.__setattr__(self, name, _int_with_hint(getattr(self, name), name,
+                                                              "leave it unset for the whole split"))
+        object.__setattr__(self, "eval_every", _int_with_hint(self.eval_every, "eval_every",
+                                                              "0: test only after the last epoch", minimum=0))
         get_protocol(self.transform, self.size)
 
     @property
@@ -199,16 +203,10 @@ def _check_milestones(milestones) -> list[int]:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: unknown device {device!r}; valid choices: auto, cpu, cuda, cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was asked for but is not available (use --device auto or cpu)")
-    return dev
+    """``auto`` -> CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``
+    that exists on this machine. The one resolver of the project
+    (:func:`invariance.checks.resolve_device`), with ``auto`` as the default."""
+    return _resolve_device("auto" if device is None else device)
 
 
 def _datasets(cfg: TrainConfig, device: torch.device) -> tuple[TransformedDataset, TransformedDataset]:
@@ -220,12 +218,32 @@ def _datasets(cfg: TrainConfig, device: torch.device) -> tuple[TransformedDatase
     return train_ds, test_ds
 
 
-def _optimizer(model: STNClassifier, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [{"params": model.classifier_parameters(), "lr": cfg.lr, "name": "classifier"}]
+def make_optimizer(model: STNClassifier, lr: float, loc_lr_mult: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """The one optimiser of ``stn`` (per-run and budgeted training): SGD with two parameter groups,
+    the classifier at ``lr`` and the localisation networks at ``lr * loc_lr_mult``; each group keeps
+    its ``base_lr`` for schedules that scale it."""
+    groups = [{"params": model.classifier_parameters(), "lr": lr, "base_lr": lr, "name": "classifier"}]
     loc = model.localisation_parameters()
     if loc:
-        groups.append({"params": loc, "lr": cfg.lr * cfg.loc_lr_mult, "name": "localisation"})
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups.append({"params": loc, "lr": lr * loc_lr_mult, "base_lr": lr * loc_lr_mult, "name": "localisation"})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(model: STNClassifier, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               autocast=None, before_step: Callable[[torch.Tensor], None] | None = None):
+    """The one SGD step of ``stn``: forward (under ``autocast`` when given), cross-entropy in float32,
+    backward, step. ``before_step(loss)`` runs before the weights change and may raise (a diverged
+    loss then leaves them as they were). Returns ``(loss, logits)``, detached."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    if before_step is not None:
+        before_step(loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -330,7 +348,7 @@ def _train(cfg: TrainConfig, out: Path, train_ds, test_ds, dev, *, resume, progr
     n_classes = max(n_classes, 10)
     model_cfg = cfg.model_config(n_classes)
     model = build_model(**model_cfg).to(dev)
-    opt = _optimizer(model, cfg)
+    opt = make_optimizer(model, cfg.lr, cfg.loc_lr_mult, cfg.momentum, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=cfg.gamma)
     history: list[dict] = []
     start_epoch = 0
@@ -424,17 +442,19 @@ def _train_epoch(model, opt, train_ds, epoch: int, cfg: TrainConfig, steps: int,
     bar = tqdm(total=steps, desc=f"{model.spec.name} epoch {epoch + 1}/{cfg.epochs}",
                disable=None if progress else True, leave=False, file=sys.stderr)
     for step, (x, y, _) in enumerate(train_ds.batches(epoch, cfg.batch_size)):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        value = loss.item()
-        if not math.isfinite(value):
-            bar.close()
-            raise DivergedError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                                f"(lr {opt.param_groups[0]['lr']:g}); epoch {epoch + 1} was not saved"
-                                f"{_kept(epoch)}; lower --lr and train again")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        seen_loss: list[float] = []
+
+        def check(loss, step=step, seen_loss=seen_loss):
+            value = loss.item()
+            if not math.isfinite(value):
+                bar.close()
+                raise DivergedError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
+                                    f"(lr {opt.param_groups[0]['lr']:g}); epoch {epoch + 1} was not saved"
+                                    f"{_kept(epoch)}; lower --lr and train again")
+            seen_loss.append(value)
+
+        _, logits = train_step(model, opt, x, y, before_step=check)
+        value = seen_loss[0]
         with torch.no_grad():
             loss_sum += value * len(y)
             wrong += int((logits.argmax(1) != y).sum())
@@ -516,6 +536,17 @@ def load_run(out: str | os.PathLike, device: str = "auto", *, trust_code: bool =
     return model.eval(), cfg, ck
 
 
+def _alignment_json(v):
+    """An :class:`invariance.Estimate` of ``feature_map_alignment`` as ``evaluation.json`` keeps it:
+    ``{"mean", "ci95"}`` (``ci95`` null when no pair has a verdict); other values as they are."""
+    from invariance import Estimate
+
+    if not isinstance(v, Estimate):
+        return v
+    finite = math.isfinite(v.mean)
+    return {"mean": v.mean, "ci95": list(v.ci) if finite else None}
+
+
 def evaluation_path(out: str | os.PathLike) -> Path:
     """Where :func:`evaluate` writes: ``DIR/evaluation.json`` for a run folder (or its
     ``checkpoint.pt``), ``NAME.evaluation.json`` beside any other checkpoint file ``NAME.pt``."""
@@ -552,7 +583,7 @@ def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | 
     model, cfg, ck = load_run(out, device, trust_code=trust_code)
     dev = next(model.parameters()).device
     if data_root is not None:
-        cfg.data_root = data_root
+        cfg = replace(cfg, data_root=data_root)
     test_ds = load_transformed(cfg.dataset, "test", cfg.protocol, root=cfg.data_root, seed=cfg.seed,
                                limit=cfg.test_limit, device=dev)
     t0 = time.perf_counter()
@@ -570,7 +601,8 @@ def evaluate(out: str | os.PathLike, *, device: str = "auto", alignment: bool | 
     if alignment is None:
         alignment = model.spec.kind == "C" and 1 in model.spec.depths
     if alignment:
-        result["feature_alignment"] = feature_map_alignment(model, test_ds, n_images=alignment_images)
+        fa = feature_map_alignment(model, test_ds, n_images=alignment_images)
+        result["feature_alignment"] = {k: _alignment_json(v) for k, v in fa.items()}
     result["seconds"] = time.perf_counter() - t0
     if write:
         atomic_write_json(target, result)

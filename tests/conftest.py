@@ -1,4 +1,4 @@
-"""Shared test configuration: hypothesis profiles and data-set fixtures.
+"""Shared test configuration: hypothesis profiles, the ``device`` fixture and data-set fixtures.
 
 Profiles: ``ci`` (derandomised, no deadline: CI never flakes; the default under ``make test``),
 ``dev`` (random, fewer examples) and ``thorough``. Choose with ``HYPOTHESIS_PROFILE``; rerun the
@@ -41,3 +41,20 @@ def data_root():
     if not root or not os.path.isdir(root):
         pytest.skip("data set not available: set INVARIANCE_DATA to a folder with mnist/ and fashion-mnist/")
     return root
+
+
+@pytest.fixture(scope="module", params=[
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")),
+])
+def device(request) -> torch.device:
+    """The device a numeric test computes on: ``cpu`` always, ``cuda`` where a GPU is present (skipped
+    with the reason otherwise). Inputs are built on the CPU as before and moved with ``.to(device)``,
+    so the CPU case computes the very same numbers; results come back with ``.cpu()`` for the
+    comparisons.
+
+    Module scope: a ``torch.device`` is immutable, so sharing it across a module's tests is safe, and
+    hypothesis ``@given`` tests can take it without the function-scoped-fixture health check (the
+    value is the same for every example). Pytest groups a module's tests by device (all CPU cases,
+    then all CUDA cases)."""
+    return torch.device(request.param)

@@ -10,6 +10,7 @@ seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -270,7 +271,7 @@ def test_float64_and_float16_images_run_in_the_models_dtype(d, tmp_path, capsys,
         code, _, err = call(inv_cli.main, measure(d, "--out", out, images=name, transform="translation:2,0"),
                             capsys)
         assert code == 0, err
-        reports[name] = json.loads((out / "report.json").read_text())["records"][0]["spatial_error"]
+        reports[name] = Report.load(out).records[0].errors.spatial.mean
     tol = 1e-5 if images == "float64.npy" else 2e-2
     assert abs(reports[images] - reports["uint8.npy"]) <= tol + 1e-6, reports
 
@@ -296,14 +297,15 @@ def test_a_report_folder_mixing_two_saves_is_refused(tmp_path):
     rep = small_report()
     rep.save(tmp_path, figures=False)
     assert Report.from_json(tmp_path / "report.json").records == rep.records
-    newer = small_report()
-    newer.records[0]["spatial_error"] = 0.2
+    rec = rep.records[0]
+    newer = Report(records=[dataclasses.replace(rec, errors=dataclasses.replace(
+        rec.errors, spatial=dataclasses.replace(rec.errors.spatial, mean=0.2)))])
     newer.to_csv(tmp_path / "report.csv")  # what a killed save leaves: the new CSV, the old report.json
     with pytest.raises(FolderError) as info:
         Report.from_json(tmp_path / "report.json")
     assert "report.csv" in str(info.value) and "\n" not in str(info.value)
     newer.save(tmp_path, figures=False)  # saving again repairs it
-    assert Report.from_json(tmp_path / "report.json").records[0]["spatial_error"] == 0.2
+    assert Report.from_json(tmp_path / "report.json").records[0].errors.spatial.mean == 0.2
 
 
 def test_a_report_json_that_is_not_one_is_a_one_line_error(tmp_path):

@@ -125,7 +125,7 @@ def test_memory_budget_errors_name_the_argument(bad, match):
 
 
 def test_measure_checks_batch_size():
-    with pytest.raises(ValueError, match="batch_size: must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size: must be an integer >= 1"):
         _run(batch_size=0)
 
 

@@ -9,7 +9,6 @@ set of valid values, listing them.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from invariance import Report, Transform
 from invariance._cli import main
 
 MODEL_SRC = textwrap.dedent(
@@ -80,15 +80,15 @@ def test_measure_writes_the_report_with_the_known_answer(files, tmp_path, capsys
     assert main(measure_args(files, "--out", str(out))) == 0  # default layers of a file model: all 4-D ones
     stdout = capsys.readouterr().out
     assert "translation:2,-1" in stdout and "wrote" in stdout
-    data = json.loads((out / "report.json").read_text())
-    assert [r["layer"] for r in data["records"]] == ["conv", "relu"]
-    for r in data["records"]:
-        assert r["spatial_error"] < 1e-8
-        np.testing.assert_allclose(r["best_params"]["median"], [-2.0, 1.0], atol=1e-4)
-    assert data["meta"]["n_images"] == 3 and data["meta"]["image_size"] == [15, 15]
-    assert data["meta"]["model"] == f"{files['model']}:NET"
+    data = Report.load(out)
+    assert [r.layer for r in data.records] == ["conv", "relu"]
+    for r in data.records:
+        assert r.errors.spatial.mean < 1e-8
+        np.testing.assert_allclose(r.best_warp.median, [-2.0, 1.0], atol=1e-4)
+    assert data.meta["n_images"] == 3 and data.meta["image_size"] == [15, 15]
+    assert data.meta["model"] == f"{files['model']}:NET"
     lines = (out / "report.csv").read_text().strip().splitlines()
-    assert len(lines) == 1 + len(data["records"])
+    assert len(lines) == 1 + len(data.records)
 
 
 def test_sweep_spec_gives_five_transforms_and_all_layers(files, tmp_path, capsys):
@@ -99,12 +99,12 @@ def test_sweep_spec_gives_five_transforms_and_all_layers(files, tmp_path, capsys
                         transform="rotation:-90..90:45")
     assert main(argv) == 0
     capsys.readouterr()
-    data = json.loads((out / "report.json").read_text())
-    assert data["meta"]["transforms"] == ["rotation:-90", "rotation:-45", "rotation:0", "rotation:45", "rotation:90"]
-    assert data["meta"]["layers"] == ["relu"]
-    assert len(data["records"]) == 5
-    zero = [r for r in data["records"] if r["transform"] == "rotation:0"]
-    assert all(r["invariance_error"] < 1e-10 and r["spatial_error"] < 1e-10 for r in zero)
+    data = Report.load(out)
+    assert data.meta["transforms"] == ["rotation:-90", "rotation:-45", "rotation:0", "rotation:45", "rotation:90"]
+    assert data.meta["layers"] == ["relu"]
+    assert [r.transform.params for r in data.records] == [(-90.0,), (-45.0,), (0.0,), (45.0,), (90.0,)]
+    (zero,) = data.select(transform=Transform("rotation", (0.0,)))
+    assert zero.errors.invariance.mean < 1e-10 and zero.errors.spatial.mean < 1e-10
     assert (out / "errors_by_magnitude.png").stat().st_size > 0
 
 
@@ -116,9 +116,9 @@ def test_console_script_in_a_subprocess(files, tmp_path):
     proc = subprocess.run([str(exe), *measure_args(files, "--layers", "relu", "--out", str(out))],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads((out / "report.json").read_text())
-    assert [r["layer"] for r in data["records"]] == ["relu"]
-    assert data["records"][0]["spatial_error"] < 1e-8
+    data = Report.load(out)
+    assert [r.layer for r in data.records] == ["relu"]
+    assert data.records[0].errors.spatial.mean < 1e-8
     assert (out / "report.csv").is_file()
 
 

@@ -13,6 +13,10 @@ Every comparison is done in float64. Property tests use hypothesis (profiles are
 ``conftest.py``); the ranges of the strategies are: angles in (-179, 179) degrees, scales in
 [0.25, 4], translations in [-20, 20] pixels, affine maps with ``|det| >= 1/16`` and projective
 maps with ``|h31|, |h32| <= 0.01`` (and a determinant bounded away from 0).
+
+The tests of tensor computations run on every device of the ``device`` fixture (``conftest.py``):
+parameters and matrices are built on the CPU as before (or drawn by hypothesis there) and moved with
+``.to(device)``; results are compared on the CPU.
 """
 
 from __future__ import annotations
@@ -30,16 +34,17 @@ DT = torch.float64
 FAMILY_NAMES = sorted(G.FAMILIES)
 
 
-def T(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=DT)
+def T(*values, device="cpu") -> torch.Tensor:
+    return torch.tensor(values, dtype=DT, device=device)
 
 
-def M(family: str, *params) -> torch.Tensor:
-    return G.to_matrix(family, T(*params))
+def M(family: str, *params, device="cpu") -> torch.Tensor:
+    return G.to_matrix(family, T(*params, device=device))
 
 
 def check(actual, expected, atol=1e-9, rtol=1e-9):
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+    """``assert_close`` on the CPU: results computed on another device come back first."""
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), atol=atol, rtol=rtol)
 
 
 EYE = torch.eye(3, dtype=DT)
@@ -149,28 +154,29 @@ def test_get_family():
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_identity_params_give_identity_matrix(family):
-    p = G.identity_params(family, dtype=DT)
-    assert p.dtype == DT and p.shape == (G.FAMILIES[family].n_params,)
-    assert torch.equal(G.to_matrix(family, p), EYE)
+def test_identity_params_give_identity_matrix(family, device):
+    p = G.identity_params(family, dtype=DT, device=device)
+    assert p.dtype == DT and p.shape == (G.FAMILIES[family].n_params,) and p.device.type == device.type
+    assert torch.equal(G.to_matrix(family, p).cpu(), EYE)
     # and back again
-    check(G.from_matrix(family, EYE), p)
+    check(G.from_matrix(family, EYE.to(device)), p)
 
 
-def test_identity_params_dtype_device_default():
+def test_identity_params_dtype_device_default(device):
     assert G.identity_params("rotation").dtype == torch.get_default_dtype()
     assert G.identity_params("rotation", dtype=torch.float32).dtype == torch.float32
     assert G.identity_params("rotation", device="cpu").device.type == "cpu"
+    assert G.identity_params("rotation", device=device).device.type == device.type
     check(G.identity_params("similarity", dtype=DT), T(0.0, 1.0, 0.0, 0.0))
 
 
-def test_identity_matrix_shapes():
-    assert torch.equal(G.identity_matrix(dtype=DT), EYE)
-    i = G.identity_matrix(2, 5, dtype=DT)
-    assert i.shape == (2, 5, 3, 3) and torch.equal(i, EYE.expand(2, 5, 3, 3))
+def test_identity_matrix_shapes(device):
+    assert torch.equal(G.identity_matrix(dtype=DT, device=device).cpu(), EYE)
+    i = G.identity_matrix(2, 5, dtype=DT, device=device)
+    assert i.shape == (2, 5, 3, 3) and i.device.type == device.type and torch.equal(i.cpu(), EYE.expand(2, 5, 3, 3))
     i[0, 0, 0, 0] = 7.0  # a real copy, not an expanded view
     assert i[1, 1, 0, 0] == 1.0
-    assert G.identity_matrix(4, dtype=torch.float32).dtype == torch.float32
+    assert G.identity_matrix(4, dtype=torch.float32, device=device).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- group laws, every family
@@ -178,8 +184,8 @@ def test_identity_matrix_shapes():
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @given(data=st.data())
-def test_inverse_law(family, data):
-    A = G.to_matrix(family, data.draw(family_params(family)))
+def test_inverse_law(family, data, device):
+    A = G.to_matrix(family, data.draw(family_params(family)).to(device))
     Ai = G.inverse(A)
     check(G.compose(A, Ai), EYE, atol=1e-9, rtol=0)
     check(G.compose(Ai, A), EYE, atol=1e-9, rtol=0)
@@ -188,17 +194,18 @@ def test_inverse_law(family, data):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @given(data=st.data())
-def test_identity_law(family, data):
-    A = G.to_matrix(family, data.draw(family_params(family)))
-    assert torch.equal(G.compose(EYE, A), A)
-    assert torch.equal(G.compose(A, EYE), A)
+def test_identity_law(family, data, device):
+    A = G.to_matrix(family, data.draw(family_params(family)).to(device))
+    eye = EYE.to(device)
+    assert torch.equal(G.compose(eye, A), A)
+    assert torch.equal(G.compose(A, eye), A)
     assert torch.equal(G.compose(A), A)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @given(data=st.data())
-def test_compose_associative(family, data):
-    A, B, C = (G.to_matrix(family, data.draw(family_params(family))) for _ in range(3))
+def test_compose_associative(family, data, device):
+    A, B, C = (G.to_matrix(family, data.draw(family_params(family)).to(device)) for _ in range(3))
     left = G.compose(G.compose(A, B), C)
     right = G.compose(A, G.compose(B, C))
     check(left, right, atol=1e-9, rtol=1e-9)
@@ -206,7 +213,8 @@ def test_compose_associative(family, data):
 
 
 @given(A=any_matrix(), B=any_matrix(), C=any_matrix())
-def test_compose_associative_across_families(A, B, C):
+def test_compose_associative_across_families(A, B, C, device):
+    A, B, C = A.to(device), B.to(device), C.to(device)
     check(G.compose(G.compose(A, B), C), G.compose(A, G.compose(B, C)), atol=1e-9, rtol=1e-9)
     # inverse of a product reverses the order
     check(G.inverse(G.compose(A, B)), G.compose(G.inverse(B), G.inverse(A)), atol=1e-8, rtol=1e-8)
@@ -214,10 +222,10 @@ def test_compose_associative_across_families(A, B, C):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @given(data=st.data())
-def test_family_closed_under_compose_and_inverse(family, data):
+def test_family_closed_under_compose_and_inverse(family, data, device):
     """Each family is a group: products and inverses stay in it (from_matrix/to_matrix reproduces them)."""
-    A = G.to_matrix(family, data.draw(family_params(family)))
-    B = G.to_matrix(family, data.draw(family_params(family)))
+    A = G.to_matrix(family, data.draw(family_params(family)).to(device))
+    B = G.to_matrix(family, data.draw(family_params(family)).to(device))
     for m in (G.compose(A, B), G.inverse(A)):
         m = m / m[2, 2]
         check(G.to_matrix(family, G.from_matrix(family, m)), m, atol=1e-8, rtol=1e-8)
@@ -228,12 +236,12 @@ def test_family_closed_under_compose_and_inverse(family, data):
 
 @pytest.mark.parametrize("family", families())
 @given(data=st.data())
-def test_params_matrix_round_trip(family, data):
-    p = data.draw(family_params(family))
+def test_params_matrix_round_trip(family, data, device):
+    p = data.draw(family_params(family)).to(device)
     A = G.to_matrix(family, p)
-    assert A.shape == (3, 3) and A.dtype == DT
+    assert A.shape == (3, 3) and A.dtype == DT and A.device.type == device.type
     if family != "projective":
-        assert torch.equal(A[2], T(0.0, 0.0, 1.0))  # the affine families give affine matrices
+        assert torch.equal(A[2].cpu(), T(0.0, 0.0, 1.0))  # the affine families give affine matrices
         assert G.is_affine(A)
     check(G.from_matrix(family, A), p, atol=1e-9, rtol=1e-9)
     check(G.to_matrix(family, G.from_matrix(family, A)), A, atol=1e-9, rtol=1e-9)
@@ -241,9 +249,9 @@ def test_params_matrix_round_trip(family, data):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 @given(data=st.data())
-def test_params_matrix_batched(family, data):
+def test_params_matrix_batched(family, data, device):
     """Batch dimensions of params carry through to (..., 3, 3) and back."""
-    ps = torch.stack([data.draw(family_params(family)) for _ in range(6)]).reshape(2, 3, -1)
+    ps = torch.stack([data.draw(family_params(family)) for _ in range(6)]).reshape(2, 3, -1).to(device)
     A = G.to_matrix(family, ps)
     assert A.shape == (2, 3, 3, 3)
     for i in range(2):
@@ -253,26 +261,27 @@ def test_params_matrix_batched(family, data):
 
 
 @given(p=family_params("projective"), lam=st.floats(0.1, 10.0) | st.floats(-10.0, -0.1))
-def test_projective_from_matrix_normalises_scale(p, lam):
+def test_projective_from_matrix_normalises_scale(p, lam, device):
+    p = p.to(device)
     A = G.to_matrix("projective", p)
     check(G.from_matrix("projective", lam * A), p, atol=1e-9, rtol=1e-9)
 
 
-def test_from_matrix_rotation_angle_range_at_plus_180():
-    check(G.from_matrix("rotation", M("rotation", 180.0)), T(180.0))
-    check(G.from_matrix("rotation", M("rotation", 270.0)), T(-90.0))
-    check(G.from_matrix("rotation", M("rotation", -270.0)), T(90.0))
-    check(G.from_matrix("rigid", M("rigid", 540.0, 1.0, 2.0)), T(180.0, 1.0, 2.0))
+def test_from_matrix_rotation_angle_range_at_plus_180(device):
+    check(G.from_matrix("rotation", M("rotation", 180.0, device=device)), T(180.0))
+    check(G.from_matrix("rotation", M("rotation", 270.0, device=device)), T(-90.0))
+    check(G.from_matrix("rotation", M("rotation", -270.0, device=device)), T(90.0))
+    check(G.from_matrix("rigid", M("rigid", 540.0, 1.0, 2.0, device=device)), T(180.0, 1.0, 2.0))
 
 
-def test_from_matrix_rotation_angle_range_at_minus_180():
-    angle = G.from_matrix("rotation", M("rotation", -180.0))
+def test_from_matrix_rotation_angle_range_at_minus_180(device):
+    angle = G.from_matrix("rotation", M("rotation", -180.0, device=device))
     assert -180.0 < float(angle) <= 180.0
 
 
 @given(a=st.floats(-1000.0, 1000.0))
-def test_from_matrix_angle_is_wrapped(a):
-    got = float(G.from_matrix("rotation", M("rotation", a)))
+def test_from_matrix_angle_is_wrapped(a, device):
+    got = float(G.from_matrix("rotation", M("rotation", a, device=device)))
     assume(abs(abs(got) - 180.0) > 1e-6)  # the +-180 edge is covered by the tests above
     assert -180.0 < got <= 180.0
     assert math.isclose(math.remainder(got - a, 360.0), 0.0, abs_tol=1e-8)
@@ -281,87 +290,95 @@ def test_from_matrix_angle_is_wrapped(a):
 # ----------------------------------------------------------------------------- known answers
 
 
-def test_rotation_matrix_known_answer():
+def test_rotation_matrix_known_answer(device):
     # [[cos, sin], [-sin, cos]] in the centred frame (y down): counter-clockwise as displayed
-    check(M("rotation", 90.0), T([0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]), atol=1e-15, rtol=0)
+    check(M("rotation", 90.0, device=device), T([0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]), atol=1e-15,
+          rtol=0)
     c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
-    check(M("rotation", 30.0), T([c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]))
+    check(M("rotation", 30.0, device=device), T([c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]))
 
 
-def test_rotation_direction_on_points():
+def test_rotation_direction_on_points(device):
     """rotation(+90): right -> up (y smaller), down -> right, up -> left.
 
     Fails if the sign of the angle is flipped (right would go down) or if x and y are swapped
     (the matrix applied to (y, x) sends right to down as well).
     """
-    R = M("rotation", 90.0)
-    pts = T([1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [2.0, 3.0])
+    R = M("rotation", 90.0, device=device)
+    pts = T([1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [2.0, 3.0], device=device)
     check(G.apply_to_points(R, pts), T([0.0, -1.0], [1.0, 0.0], [-1.0, 0.0], [3.0, -2.0]), atol=1e-12, rtol=0)
     # a small positive angle moves the right-hand point slightly up (negative y), still to the right
-    q = G.apply_to_points(M("rotation", 10.0), T([1.0, 0.0]))[0]
+    q = G.apply_to_points(M("rotation", 10.0, device=device), T([1.0, 0.0], device=device))[0].cpu()
     assert q[0] > 0.9 and q[1] < -0.1
 
 
-def test_translation_and_scale_known_answers():
+def test_translation_and_scale_known_answers(device):
+    d = device
     # tx acts on x (first coordinate), ty on y; fails if swapped
-    check(G.apply_to_points(M("translation", 2.0, -1.0), T([0.0, 0.0], [1.0, 5.0])), T([2.0, -1.0], [3.0, 4.0]))
-    check(M("translation", 2.0, -1.0), T([1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]))
+    check(G.apply_to_points(M("translation", 2.0, -1.0, device=d), T([0.0, 0.0], [1.0, 5.0], device=d)),
+          T([2.0, -1.0], [3.0, 4.0]))
+    check(M("translation", 2.0, -1.0, device=d), T([1.0, 0.0, 2.0], [0.0, 1.0, -1.0], [0.0, 0.0, 1.0]))
     # sx acts on x, sy on y
-    check(G.apply_to_points(M("anisotropic_scale", 2.0, 3.0), T([1.0, 1.0])), T([2.0, 3.0]))
-    check(G.apply_to_points(M("scale", 2.5), T([1.0, -2.0])), T([2.5, -5.0]))
-    check(M("affine", 1, 2, 3, 4, 5, 6), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 1.0]))
-    check(M("projective", 1, 2, 3, 4, 5, 6, 7, 8), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 1.0]))
+    check(G.apply_to_points(M("anisotropic_scale", 2.0, 3.0, device=d), T([1.0, 1.0], device=d)), T([2.0, 3.0]))
+    check(G.apply_to_points(M("scale", 2.5, device=d), T([1.0, -2.0], device=d)), T([2.5, -5.0]))
+    check(M("affine", 1, 2, 3, 4, 5, 6, device=d), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 1.0]))
+    check(M("projective", 1, 2, 3, 4, 5, 6, 7, 8, device=d), T([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 1.0]))
 
 
 @given(a=angles, s=scales, tx=shifts, ty=shifts)
-def test_composite_families_decompose(a, s, tx, ty):
+def test_composite_families_decompose(a, s, tx, ty, device):
     """rigid = T R, scale_translation = T S (rotate or scale, then translate)."""
-    Tm, R, S = M("translation", tx, ty), M("rotation", a), M("scale", s)
-    check(M("rigid", a, tx, ty), G.compose(Tm, R))
-    check(M("scale_translation", s, tx, ty), G.compose(Tm, S))
+    d = device
+    Tm, R, S = M("translation", tx, ty, device=d), M("rotation", a, device=d), M("scale", s, device=d)
+    check(M("rigid", a, tx, ty, device=d), G.compose(Tm, R))
+    check(M("scale_translation", s, tx, ty, device=d), G.compose(Tm, S))
 
 
 @given(a=angles, s=scales.filter(lambda v: abs(v - 1.0) > 1e-3), tx=shifts, ty=shifts)
-def test_similarity_decomposes(a, s, tx, ty):
+def test_similarity_decomposes(a, s, tx, ty, device):
     """similarity = T R S (scale, rotate, then translate); isotropic scaling commutes with R."""
-    Tm, R, S = M("translation", tx, ty), M("rotation", a), M("scale", s)
-    check(M("similarity", a, s, tx, ty), G.compose(Tm, R, S))
-    check(M("similarity", a, s, tx, ty), G.compose(Tm, S, R))
+    d = device
+    Tm, R, S = M("translation", tx, ty, device=d), M("rotation", a, device=d), M("scale", s, device=d)
+    check(M("similarity", a, s, tx, ty, device=d), G.compose(Tm, R, S))
+    check(M("similarity", a, s, tx, ty, device=d), G.compose(Tm, S, R))
 
 
-def test_similarity_known_answer():
+def test_similarity_known_answer(device):
     """similarity(0, 2, 3, 0): (1, 0) -> 2 * (1, 0) + (3, 0) = (5, 0); the matrix is affine."""
-    A = M("similarity", 0.0, 2.0, 3.0, 0.0)
+    A = M("similarity", 0.0, 2.0, 3.0, 0.0, device=device)
     check(A, T([2.0, 0.0, 3.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]))
-    check(G.apply_to_points(A, T([1.0, 0.0])), T([5.0, 0.0]))
+    check(G.apply_to_points(A, T([1.0, 0.0], device=device)), T([5.0, 0.0]))
 
 
-def test_similarity_with_unit_scale_is_rigid():
+def test_similarity_with_unit_scale_is_rigid(device):
     """With s = 1 the similarity family does agree with rigid (the part that is not affected by the bug)."""
-    check(M("similarity", 33.0, 1.0, 2.0, -5.0), M("rigid", 33.0, 2.0, -5.0))
+    check(M("similarity", 33.0, 1.0, 2.0, -5.0, device=device), M("rigid", 33.0, 2.0, -5.0, device=device))
 
 
 @given(a=angles, b=angles, t1=st.tuples(shifts, shifts), t2=st.tuples(shifts, shifts), s1=scales, s2=scales)
-def test_one_parameter_groups(a, b, t1, t2, s1, s2):
-    check(G.compose(M("rotation", a), M("rotation", b)), M("rotation", a + b))
-    check(G.inverse(M("rotation", a)), M("rotation", -a))
-    check(G.compose(M("translation", *t1), M("translation", *t2)), M("translation", t1[0] + t2[0], t1[1] + t2[1]))
-    check(G.inverse(M("translation", *t1)), M("translation", -t1[0], -t1[1]))
-    check(G.compose(M("scale", s1), M("scale", s2)), M("scale", s1 * s2))
-    check(G.inverse(M("scale", s1)), M("scale", 1.0 / s1))
+def test_one_parameter_groups(a, b, t1, t2, s1, s2, device):
+    def Md(family, *params):
+        return M(family, *params, device=device)
+
+    check(G.compose(Md("rotation", a), Md("rotation", b)), M("rotation", a + b))
+    check(G.inverse(Md("rotation", a)), M("rotation", -a))
+    check(G.compose(Md("translation", *t1), Md("translation", *t2)), M("translation", t1[0] + t2[0], t1[1] + t2[1]))
+    check(G.inverse(Md("translation", *t1)), M("translation", -t1[0], -t1[1]))
+    check(G.compose(Md("scale", s1), Md("scale", s2)), M("scale", s1 * s2))
+    check(G.inverse(Md("scale", s1)), M("scale", 1.0 / s1))
 
 
-def test_compose_order():
+def test_compose_order(device):
     """compose(A, B) applies B first."""
-    Tm, R = M("translation", 5.0, 0.0), M("rotation", 90.0)
-    p = T([1.0, 0.0])
+    Tm, R = M("translation", 5.0, 0.0, device=device), M("rotation", 90.0, device=device)
+    p = T([1.0, 0.0], device=device)
     check(G.apply_to_points(G.compose(Tm, R), p), T([5.0, -1.0]), atol=1e-12, rtol=0)  # rotate, then shift
     check(G.apply_to_points(G.compose(R, Tm), p), T([0.0, -6.0]), atol=1e-12, rtol=0)  # shift, then rotate
 
 
-def test_compose_broadcasts():
-    A = G.to_matrix("rotation", T(10.0, 20.0, 30.0)[:, None])  # (3, 3, 3)
-    Tm = M("translation", 1.0, 2.0)
+def test_compose_broadcasts(device):
+    A = G.to_matrix("rotation", T(10.0, 20.0, 30.0, device=device)[:, None])  # (3, 3, 3)
+    Tm = M("translation", 1.0, 2.0, device=device)
     out = G.compose(A, Tm)
     assert out.shape == (3, 3, 3)
     for k in range(3):
@@ -369,47 +386,49 @@ def test_compose_broadcasts():
     assert G.compose(A[None], A[:, None]).shape == (3, 3, 3, 3)
 
 
-def test_apply_to_points_perspective_divide_and_batching():
-    P = M("projective", 1, 0, 0, 0, 1, 0, 0.5, 0)
+def test_apply_to_points_perspective_divide_and_batching(device):
+    P = M("projective", 1, 0, 0, 0, 1, 0, 0.5, 0, device=device)
     # (2, 4, 1) -> (2, 4, 0.5 * 2 + 1 = 2) -> (1, 2)
-    check(G.apply_to_points(P, T([2.0, 4.0])), T([1.0, 2.0]))
-    pts = torch.randn(4, 7, 2, dtype=DT)
-    A = G.to_matrix("rotation", T(10.0, 20.0, 30.0, 40.0)[:, None])
+    check(G.apply_to_points(P, T([2.0, 4.0], device=device)), T([1.0, 2.0]))
+    pts = torch.randn(4, 7, 2, dtype=DT).to(device)
+    A = G.to_matrix("rotation", T(10.0, 20.0, 30.0, 40.0, device=device)[:, None])
     out = G.apply_to_points(A, pts)
     assert out.shape == (4, 7, 2)
     check(out[2], pts[2] @ A[2, :2, :2].T)
 
 
 @given(A=any_matrix())
-def test_apply_to_points_is_a_group_action(A):
-    pts = torch.linspace(-10, 10, 12, dtype=DT).reshape(6, 2)
-    B = M("similarity", 33.0, 1.3, 2.0, -1.0)
+def test_apply_to_points_is_a_group_action(A, device):
+    A = A.to(device)
+    pts = torch.linspace(-10, 10, 12, dtype=DT).reshape(6, 2).to(device)
+    B = M("similarity", 33.0, 1.3, 2.0, -1.0, device=device)
     check(G.apply_to_points(G.compose(A, B), pts), G.apply_to_points(A, G.apply_to_points(B, pts)),
           atol=1e-8, rtol=1e-8)
     check(G.apply_to_points(G.inverse(A), G.apply_to_points(A, pts)), pts, atol=1e-8, rtol=1e-8)
 
 
-def test_is_affine():
-    assert G.is_affine(M("rigid", 10.0, 3.0, 4.0))
-    assert G.is_affine(M("scale_translation", 2.0, 3.0, 4.0))
-    assert G.is_affine(G.to_matrix("affine", torch.randn(5, 6, dtype=DT)))
-    assert not G.is_affine(M("projective", 1, 0, 0, 0, 1, 0, 1e-3, 0))
-    assert G.is_affine(M("projective", 1, 0, 0, 0, 1, 0, 1e-3, 0), atol=1e-2)
-    mixed = torch.stack([EYE, M("projective", 1, 0, 0, 0, 1, 0, 0, 1e-3)])
+def test_is_affine(device):
+    d = device
+    assert G.is_affine(M("rigid", 10.0, 3.0, 4.0, device=d))
+    assert G.is_affine(M("scale_translation", 2.0, 3.0, 4.0, device=d))
+    assert G.is_affine(G.to_matrix("affine", torch.randn(5, 6, dtype=DT).to(d)))
+    assert not G.is_affine(M("projective", 1, 0, 0, 0, 1, 0, 1e-3, 0, device=d))
+    assert G.is_affine(M("projective", 1, 0, 0, 0, 1, 0, 1e-3, 0, device=d), atol=1e-2)
+    mixed = torch.stack([EYE.to(d), M("projective", 1, 0, 0, 0, 1, 0, 0, 1e-3, device=d)])
     assert not G.is_affine(mixed)
 
 
-def test_wrap_angle_and_angle_grid():
-    check(G.wrap_angle(T(0.0, 180.0, -180.0, 190.0, -190.0, 540.0, 359.0)),
+def test_wrap_angle_and_angle_grid(device):
+    check(G.wrap_angle(T(0.0, 180.0, -180.0, 190.0, -190.0, 540.0, 359.0, device=device)),
           T(0.0, 180.0, 180.0, -170.0, 170.0, 180.0, -1.0))
-    check(G.angle_grid(4, dtype=DT), T(0.0, 90.0, 180.0, 270.0))
-    assert G.angle_grid(7, dtype=torch.float32).dtype == torch.float32
+    check(G.angle_grid(4, dtype=DT, device=device), T(0.0, 90.0, 180.0, 270.0))
+    assert G.angle_grid(7, dtype=torch.float32, device=device).dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- frames
 
 
-def test_pixel_to_normalized_documented_numbers():
+def test_pixel_to_normalized_documented_numbers(device):
     """(H, W) = (2, 4): x_n = (2x + 1)/W - 1, y_n = (2y + 1)/H - 1.
 
     Fails if x and y are swapped (x would be divided by H = 2: pixel x = 3 -> 2.5, not 0.75).
@@ -417,95 +436,102 @@ def test_pixel_to_normalized_documented_numbers():
     size = (2, 4)
     px = T([0.0, 0.0], [3.0, 1.0], [1.5, 0.5], [-0.5, -0.5], [3.5, 1.5], [1.0, 0.0])
     nrm = T([-0.75, -0.5], [0.75, 0.5], [0.0, 0.0], [-1.0, -1.0], [1.0, 1.0], [-0.25, -0.5])
-    check(G.pixel_to_normalized(px, size), nrm, atol=1e-15, rtol=0)
-    check(G.normalized_to_pixel(nrm, size), px, atol=1e-15, rtol=0)
-    check(G.normalized_to_pixel(T([-1.0, 1.0]), size), T([-0.5, 1.5]))
-    check(G.frame_matrix(size, frm="pixel", to="normalized", dtype=DT),
+    check(G.pixel_to_normalized(px.to(device), size), nrm, atol=1e-15, rtol=0)
+    check(G.normalized_to_pixel(nrm.to(device), size), px, atol=1e-15, rtol=0)
+    check(G.normalized_to_pixel(T([-1.0, 1.0], device=device), size), T([-0.5, 1.5]))
+    check(G.frame_matrix(size, frm="pixel", to="normalized", dtype=DT, device=device),
           T([0.5, 0.0, -0.75], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]))
 
 
 @given(size=sizes)
-def test_frames_known_points(size):
+def test_frames_known_points(size, device):
     h, w = size
+    d = device
     # the image centre is the origin of the centred and normalised frames
-    centre = T([(w - 1) / 2, (h - 1) / 2])
-    check(G.apply_to_points(G.frame_matrix(size, frm="pixel", to="centred", dtype=DT), centre), T([0.0, 0.0]))
+    centre = T([(w - 1) / 2, (h - 1) / 2], device=d)
+    check(G.apply_to_points(G.frame_matrix(size, frm="pixel", to="centred", dtype=DT, device=d), centre),
+          T([0.0, 0.0]))
     check(G.pixel_to_normalized(centre, size), T([0.0, 0.0]))
     # the corners of the field of view (pixel edges) are +-1
-    check(G.pixel_to_normalized(T([-0.5, -0.5], [w - 0.5, h - 0.5]), size), T([-1.0, -1.0], [1.0, 1.0]))
+    check(G.pixel_to_normalized(T([-0.5, -0.5], [w - 0.5, h - 0.5], device=d), size), T([-1.0, -1.0], [1.0, 1.0]))
     # one pixel is 2/W in normalised x and 2/H in normalised y; the centred frame has pixel units
-    C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT)
+    C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT, device=d)
     check(C, T([2.0 / w, 0.0, 0.0], [0.0, 2.0 / h, 0.0], [0.0, 0.0, 1.0]))
 
 
 @given(size=sizes, pts=st.lists(st.tuples(st.floats(-50, 50), st.floats(-50, 50)), min_size=1, max_size=5))
-def test_frame_round_trips_and_chain(size, pts):
+def test_frame_round_trips_and_chain(size, pts, device):
     p = torch.tensor(pts, dtype=DT)
-    check(G.normalized_to_pixel(G.pixel_to_normalized(p, size), size), p)
+    check(G.normalized_to_pixel(G.pixel_to_normalized(p.to(device), size), size), p)
     frames = ("pixel", "centred", "normalized")
+    kw = dict(dtype=DT, device=device)
     for a in frames:
         for b in frames:
-            fab = G.frame_matrix(size, frm=a, to=b, dtype=DT)
-            check(fab @ G.frame_matrix(size, frm=b, to=a, dtype=DT), EYE)
+            fab = G.frame_matrix(size, frm=a, to=b, **kw)
+            check(fab @ G.frame_matrix(size, frm=b, to=a, **kw), EYE)
             for c in frames:
-                check(G.frame_matrix(size, frm=b, to=c, dtype=DT) @ fab, G.frame_matrix(size, frm=a, to=c, dtype=DT))
-    check(G.frame_matrix(size, frm="pixel", to="pixel", dtype=DT), EYE)
+                check(G.frame_matrix(size, frm=b, to=c, **kw) @ fab, G.frame_matrix(size, frm=a, to=c, **kw))
+    check(G.frame_matrix(size, frm="pixel", to="pixel", **kw), EYE)
 
 
-def test_frame_matrix_dtype():
-    assert G.frame_matrix((3, 5), frm="pixel", to="centred", dtype=torch.float32).dtype == torch.float32
+def test_frame_matrix_dtype(device):
+    f32 = G.frame_matrix((3, 5), frm="pixel", to="centred", dtype=torch.float32, device=device)
+    assert f32.dtype == torch.float32 and f32.device.type == device.type
     assert G.frame_matrix((3, 5), frm="pixel", to="centred").dtype == torch.get_default_dtype()
-    assert G.pixel_to_normalized(torch.zeros(1, 2, dtype=DT), (3, 5)).dtype == DT
+    pts = G.pixel_to_normalized(torch.zeros(1, 2, dtype=DT, device=device), (3, 5))
+    assert pts.dtype == DT and pts.device.type == device.type
 
 
-def test_centred_to_normalized_translation_by_half_width_is_one():
+def test_centred_to_normalized_translation_by_half_width_is_one(device):
     """A shift of W/2 pixels is 1.0 in normalised x; H/2 pixels is 1.0 in normalised y.
 
     Fails if x and y are swapped (W/2 = 5 px would become 5 * 2/H = 5/3).
     """
     size = (6, 10)
-    N = G.centred_to_normalized(M("translation", 5.0, 0.0), size)
+    N = G.centred_to_normalized(M("translation", 5.0, 0.0, device=device), size)
     check(N, T([1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]))
-    N = G.centred_to_normalized(M("translation", 0.0, 3.0), size)
+    N = G.centred_to_normalized(M("translation", 0.0, 3.0, device=device), size)
     check(N, T([1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]))
     # the doctest: 7 px of a 28-pixel-wide image is 0.5
-    check(G.centred_to_normalized(M("translation", 7.0, 0.0), (28, 28))[0, 2], torch.tensor(0.5, dtype=DT))
+    check(G.centred_to_normalized(M("translation", 7.0, 0.0, device=device), (28, 28))[0, 2],
+          torch.tensor(0.5, dtype=DT))
 
 
-def test_centred_to_normalized_rotation_non_square():
+def test_centred_to_normalized_rotation_non_square(device):
     """Square grids keep rotations; for H != W the normalised matrix is [[c, s H/W], [-s W/H, c]]."""
     a = 30.0
     c, s = math.cos(math.radians(a)), math.sin(math.radians(a))
-    R = M("rotation", a)
+    R = M("rotation", a, device=device)
     check(G.centred_to_normalized(R, (16, 16)), R)
     h, w = 10, 20
     check(G.centred_to_normalized(R, (h, w)), T([c, s * h / w, 0.0], [-s * w / h, c, 0.0], [0.0, 0.0, 1.0]))
-    check(G.centred_to_normalized(M("scale", 1.7), (h, w)), M("scale", 1.7))
+    check(G.centred_to_normalized(M("scale", 1.7, device=device), (h, w)), M("scale", 1.7))
 
 
-def test_normalised_frame_is_shared_across_resolutions():
+def test_normalised_frame_is_shared_across_resolutions(device):
     """A 2-pixel shift of a 8x12 image is the same normalised map as a 1-pixel shift of its 4x6 half."""
-    check(G.centred_to_normalized(M("translation", 2.0, -4.0), (8, 12)),
-          G.centred_to_normalized(M("translation", 1.0, -2.0), (4, 6)))
-    A = M("affine", 1.1, 0.2, 0.0, -0.3, 0.9, 0.0)
+    check(G.centred_to_normalized(M("translation", 2.0, -4.0, device=device), (8, 12)),
+          G.centred_to_normalized(M("translation", 1.0, -2.0, device=device), (4, 6)))
+    A = M("affine", 1.1, 0.2, 0.0, -0.3, 0.9, 0.0, device=device)
     check(G.centred_to_normalized(A, (8, 12)), G.centred_to_normalized(A, (4, 6)))
 
 
 @given(A=any_matrix(), size=sizes)
-def test_centred_normalized_round_trip_and_point_consistency(A, size):
+def test_centred_normalized_round_trip_and_point_consistency(A, size, device):
+    A = A.to(device)
     N = G.centred_to_normalized(A, size)
-    assert N.dtype == DT
+    assert N.dtype == DT and N.device.type == device.type
     back = G.normalized_to_centred(N, size)
     check(back, A / A[2, 2], atol=1e-8, rtol=1e-8)
     # the same point map seen in two frames: C (A p) == N (C p)
-    C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT)
-    p = T([1.5, -2.0], [-3.0, 4.0], [0.0, 0.0])
+    C = G.frame_matrix(size, frm="centred", to="normalized", dtype=DT, device=device)
+    p = T([1.5, -2.0], [-3.0, 4.0], [0.0, 0.0], device=device)
     check(G.apply_to_points(C, G.apply_to_points(A, p)), G.apply_to_points(N, G.apply_to_points(C, p)),
           atol=1e-9, rtol=1e-9)
 
 
-def test_centred_to_normalized_batched():
-    A = G.to_matrix("rigid", torch.tensor([[10.0, 1.0, 2.0], [20.0, -3.0, 0.5]], dtype=DT))
+def test_centred_to_normalized_batched(device):
+    A = G.to_matrix("rigid", torch.tensor([[10.0, 1.0, 2.0], [20.0, -3.0, 0.5]], dtype=DT, device=device))
     N = G.centred_to_normalized(A, (7, 9))
     assert N.shape == (2, 3, 3)
     check(N[1], G.centred_to_normalized(A[1], (7, 9)))
@@ -516,13 +542,12 @@ def test_centred_to_normalized_batched():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_outputs_follow_params_dtype(family, dtype):
-    p = G.identity_params(family, dtype=dtype)
+def test_outputs_follow_params_dtype(family, dtype, device):
+    p = G.identity_params(family, dtype=dtype, device=device)
     A = G.to_matrix(family, p)
-    assert A.dtype == dtype and A.device == p.device
-    assert G.from_matrix(family, A).dtype == dtype
-    assert G.inverse(A).dtype == dtype
-    assert G.centred_to_normalized(A, (5, 7)).dtype == dtype
+    assert A.dtype == dtype and A.device == p.device and p.device.type == device.type
+    for out in (G.from_matrix(family, A), G.inverse(A), G.centred_to_normalized(A, (5, 7))):
+        assert out.dtype == dtype and out.device == p.device
 
 
 def test_to_matrix_accepts_lists_in_default_dtype():
@@ -532,13 +557,13 @@ def test_to_matrix_accepts_lists_in_default_dtype():
 
 
 @pytest.mark.parametrize("family", ["rotation", "similarity", "affine", "projective"])
-def test_to_matrix_and_inverse_gradcheck(family):
+def test_to_matrix_and_inverse_gradcheck(family, device):
     p = {
         "rotation": T(17.3),
         "similarity": T(17.3, 1.3, 0.37, -1.2),
         "affine": T(1.1, 0.2, 0.37, -0.3, 0.9, -1.2),
         "projective": T(1.1, 0.2, 0.37, -0.3, 0.9, -1.2, 0.01, -0.02),
-    }[family].requires_grad_()
+    }[family].to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda q: G.inverse(G.to_matrix(family, q)), (p,))
     assert torch.autograd.gradcheck(lambda q: G.centred_to_normalized(G.to_matrix(family, q), (8, 10)), (p,))
 
@@ -600,16 +625,17 @@ def test_singular_matrix_inverse():
         G.inverse(torch.full((3, 3), float("nan"), dtype=DT))
 
 
-def test_inverse_of_well_conditioned_matrices_in_float64():
+def test_inverse_of_well_conditioned_matrices_in_float64(device):
     # a 30 px shift, a 0.01 scale and a 200 px shift are all well-conditioned
     for A in (M("translation", 30.0, 0.0), M("scale", 0.01), M("rigid", 45.0, 200.0, -150.0)):
+        A = A.to(device)
         check(G.compose(A, G.inverse(A)), EYE, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("family,params", [("translation", (25.0, 0.0)), ("scale", (0.01,))])
-def test_inverse_of_well_conditioned_matrices_in_float32(family, params):
-    A = G.to_matrix(family, torch.tensor(params, dtype=torch.float32))
-    torch.testing.assert_close(G.compose(A, G.inverse(A)), torch.eye(3), atol=1e-5, rtol=0)
+def test_inverse_of_well_conditioned_matrices_in_float32(family, params, device):
+    A = G.to_matrix(family, torch.tensor(params, dtype=torch.float32, device=device))
+    torch.testing.assert_close(G.compose(A, G.inverse(A)).cpu(), torch.eye(3), atol=1e-5, rtol=0)
 
 
 def test_bad_matrix_shapes():

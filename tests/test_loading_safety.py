@@ -100,7 +100,7 @@ def test_a_checkpoint_naming_os_system_is_refused_by_the_cli(tmp_path, marker, c
     assert code == 2 and "--trust-code" in one_line(err)
 
 
-def test_a_registered_builder_is_allowed_and_trust_code_allows_any(tmp_path):
+def test_a_registered_builder_is_allowed_and_trust_code_allows_any(tmp_path, monkeypatch):
     """The registry is the package's builders plus those registered in code; trust_code opens the rest."""
     net = torch.nn.Conv2d(1, 3, 3)
     ck = save_checkpoint(tmp_path / "conv.pt", net, builder="torch.nn:Conv2d",
@@ -109,6 +109,9 @@ def test_a_registered_builder_is_allowed_and_trust_code_allows_any(tmp_path):
         load_model(str(ck))
     rebuilt = load_model(str(ck), trust_code=True)
     assert torch.equal(rebuilt.weight, net.weight)
+    from invariance import _models
+
+    monkeypatch.setattr(_models, "_USER_BUILDERS", {})  # the registration ends with this test
     register_builder("tests:conv", lambda **cfg: torch.nn.Conv2d(**cfg))
     ck2 = save_checkpoint(tmp_path / "conv2.pt", net, builder="tests:conv",
                           config={"in_channels": 1, "out_channels": 3, "kernel_size": 3})

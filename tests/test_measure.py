@@ -361,9 +361,9 @@ def report() -> Report:
     return run(net, rand(4, 1, 11, 13, seed=7), "rotation:90; rotation:180", layers="0,2", config=SMALL)
 
 
-RECORD_KEYS = {"layer", "transform", "invariance_error", "expected_error", "spatial_error", "permutation_error",
-               "linear_error", "invariance_error_ci", "expected_error_ci", "spatial_error_ci",
-               "permutation_error_ci", "linear_error_ci", "best_params"}
+RECORD_KEYS = {"layer", "depth", "transform", "errors", "best_warp", "comparison", "calibration", "channels",
+               "linear_warning"}  # schema 2 (docs/report-schema.md)
+ERROR_NAMES = ("invariance", "expected", "spatial", "permutation", "linear")
 
 
 def strict_json(path):
@@ -377,12 +377,14 @@ def test_report_json_csv_figures(report, tmp_path):
     paths = report.save(tmp_path)
     data = strict_json(tmp_path / "report.json")
     assert len(data["records"]) == 4  # 2 layers x 2 transformations
+    assert data["schema"] == "invariance-report/2"
     for rec in data["records"]:
-        assert RECORD_KEYS <= set(rec), RECORD_KEYS - set(rec)
-        for k in ("invariance_error", "expected_error", "spatial_error", "permutation_error", "linear_error"):
-            lo, hi = rec[k + "_ci"]
-            assert lo - 1e-12 <= rec[k] <= hi + 1e-12, (k, rec[k], lo, hi)
-        assert rec["best_params"]["family"] == "rigid" and len(rec["best_params"]["median"]) == 3
+        assert RECORD_KEYS == set(rec), RECORD_KEYS ^ set(rec)
+        for k in ERROR_NAMES:
+            e = rec["errors"][k]
+            lo, hi = e["ci"]
+            assert lo - 1e-12 <= e["mean"] <= hi + 1e-12, (k, e, lo, hi)
+        assert rec["best_warp"]["family"] == "rigid" and len(rec["best_warp"]["median"]) == 3
     cal = data["calibration"]
     assert set(cal["interpolation_floor"]) == {"rotation:90", "rotation:180"}
     assert set(cal["random_pair_null"]) == {"0", "2"}
@@ -390,8 +392,10 @@ def test_report_json_csv_figures(report, tmp_path):
     with open(tmp_path / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(data["records"])
-    assert [(r["layer"], r["transform"]) for r in rows] == [(r["layer"], r["transform"]) for r in data["records"]]
-    assert float(rows[0]["spatial_error"]) == pytest.approx(data["records"][0]["spatial_error"], rel=1e-12)
+    assert [(r["layer"], r["transform"]) for r in rows] == [(r["layer"], r["transform"]["label"])
+                                                            for r in data["records"]]
+    assert float(rows[0]["spatial_error"]) == pytest.approx(data["records"][0]["errors"]["spatial"]["mean"],
+                                                            rel=1e-12)
     for name in ("errors_by_layer.png", "errors_by_magnitude.png"):
         png = tmp_path / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -473,11 +477,12 @@ def test_single_image_report_has_nan_as_null(tmp_path):
     net = nn.Sequential(conv(1, 2, 3, padding=1), nn.ReLU())
     rep = run(net, rand(1, 1, 9, 9), "rotation:90", layers="0,1", config=SMALL)
     r = rep.records[0]
-    assert math.isnan(r["random_pair_null"]) and math.isnan(r["linear_error"])
-    assert math.isfinite(r["spatial_error"]) and math.isfinite(r["linear_fit_error"])
+    assert math.isnan(r.calibration.null.mean) and math.isnan(r.errors.linear.mean)
+    assert math.isfinite(r.errors.spatial.mean) and math.isfinite(r.errors.linear_fit.mean)
     rep.save(tmp_path)
     data = strict_json(tmp_path / "report.json")
-    assert data["records"][0]["random_pair_null"] is None and data["records"][0]["linear_error"] is None
+    rec = data["records"][0]
+    assert rec["calibration"]["null"]["mean"] is None and rec["errors"]["linear"]["mean"] is None
     assert "-" in rep.table()
 
 

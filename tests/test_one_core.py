@@ -8,13 +8,11 @@ order could differ.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from invariance import SearchConfig, extract_features, measure, measure_layer, parse_transforms, warp
+from invariance import Report, SearchConfig, extract_features, measure, measure_layer, parse_transforms, warp
 from invariance import testing as it
 from invariance._cli import main
 from invariance.reference import battery, brute_force_align, run_battery
@@ -35,12 +33,12 @@ def test_cli_measure_kit_and_core_agree(tmp_path):
     out = tmp_path / "rep"
     assert main(["measure", "--model", "toy-p4", "--images", str(tmp_path / "x.npy"), "--transform", "rotation:30",
                  "--layers", "relu", "--channels", "spatial", "--quick", "--n-boot", "10", "--out", str(out)]) == 0
-    cli = json.loads((out / "report.json").read_text())["records"][0]["per_image"]["spatial_error"]
+    cli = list(Report.load(out).records[0].errors.spatial.per_image)
     cfg = SearchConfig(seed=0, n_angles=36, refine_steps=20, log2_scales=tuple(np.arange(-2, 2.01, 0.25)))
     net = P4Net().eval()
     rep = measure(net, images, "rotation:30", layers="relu", channels=("spatial",), config=cfg, n_boot=10,
                   progress=False)
-    py = rep.records[0]["per_image"]["spatial_error"]
+    py = list(rep.records[0].errors.spatial.per_image)
     kit = it.alignment_errors(net, images, "rotation:30", "relu", config=cfg).spatial.tolist()
     t = parse_transforms("rotation:30")[0].matrix((28, 28))
     f, frames = extract_features(net, images, "relu")
@@ -74,8 +72,8 @@ def test_stn_analysis_calls_the_core():
     valid = transformed_valid(t, f.shape[-2:])
     with torch.enable_grad():
         core = measure_layer(fmap, fhmap, frame, t, family="rigid", config=CFG, image_valid=valid)
-    assert out["spatial_error"]["mean"] == pytest.approx(float(core.spatial.nanmean()), rel=1e-12)
-    assert out["expected_error"]["mean"] == pytest.approx(float(core.expected.nanmean()), rel=1e-12)
+    assert out["spatial_error"].mean == pytest.approx(float(core.spatial.nanmean()), rel=1e-12)
+    assert out["expected_error"].mean == pytest.approx(float(core.expected.nanmean()), rel=1e-12)
 
 
 def test_brute_force_reference_finds_known_answers():

@@ -9,10 +9,14 @@
 * C4-equivariant networks with biases under 90°: the permutation error is rounding and the
   channel orbits are 4-cycles; under 45° (not in C4) it is not.
 * No signal, no verdict: dead layers, empty images and 1×1 maps give NaN with a reason.
+
+Every test runs on every device of the ``device`` fixture (``conftest.py``): images are built on the
+CPU as before and moved with ``.to(device)``, networks with ``.to(device)``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -90,35 +94,35 @@ def spatial_records(net, images, spec, **kw):
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
-def test_biased_stack_aligns_integer_translations_exactly(padding_mode):
+def test_biased_stack_aligns_integer_translations_exactly(padding_mode, device):
     """Zero-margin content that stays inside the frame; default region (interior auto: on here, the
     receptive field of radius 4 leaves 24 x 32 of 32 x 40)."""
-    images = blobs(3, 32, 40, (12, 16))
-    for rec in spatial_records(conv_stack(padding_mode), images, "translation:3,-2"):
+    images = blobs(3, 32, 40, (12, 16)).to(device)
+    for rec in spatial_records(conv_stack(padding_mode).to(device), images, "translation:3,-2"):
         assert rec["interior"] is True, rec["layer"]
         assert max(rec["per_image"]["spatial_error"]) <= EXACT, (rec["layer"], rec["per_image"]["spatial_error"])
         assert rec["best_params"]["per_image"] == [[-3.0, 2.0]] * 3, rec["layer"]
         assert rec["n_excluded"] == 0
 
 
-def test_biased_stack_with_the_interior_aligns_when_content_leaves_the_frame():
+def test_biased_stack_with_the_interior_aligns_when_content_leaves_the_frame(device):
     """Full-field content: a shift pushes part of it out of the frame and pulls zeros in. With the
     receptive-field interior on, only positions computed from pixels present in both images are
     compared, so the known answer is still exact; up to the border (interior off) it is not."""
-    images = blobs(3, 32, 40, (32, 40))
-    for rec in spatial_records(conv_stack("zeros"), images, "translation:3,-2", interior=True):
+    images = blobs(3, 32, 40, (32, 40)).to(device)
+    for rec in spatial_records(conv_stack("zeros").to(device), images, "translation:3,-2", interior=True):
         assert max(rec["per_image"]["spatial_error"]) <= EXACT, (rec["layer"], rec["per_image"]["spatial_error"])
         assert rec["best_params"]["per_image"] == [[-3.0, 2.0]] * 3, rec["layer"]
-    off = spatial_records(conv_stack("zeros"), images, "translation:3,-2", interior=False)
+    off = spatial_records(conv_stack("zeros").to(device), images, "translation:3,-2", interior=False)
     assert max(r["spatial_error"] for r in off) > 1e-3
 
 
-def test_residual_network_with_batchnorm_aligns_translations_by_its_strides():
+def test_residual_network_with_batchnorm_aligns_translations_by_its_strides(device):
     """BatchNorm (eval), two stride-2 blocks with 1x1 shortcuts, a 48 x 64 input: a shift by
     (4, -8) is a multiple of every layer's stride (at most 4), so every layer aligns exactly and
     the found shift, in the image frame, is (-4, 8)."""
-    images = blobs(2, 48, 64, (16, 24))
-    recs = spatial_records(resnet(), images, "translation:4,-8")
+    images = blobs(2, 48, 64, (16, 24)).to(device)
+    recs = spatial_records(resnet().to(device), images, "translation:4,-8")
     assert len(recs) >= 10
     for rec in recs:
         assert max(rec["per_image"]["spatial_error"]) <= EXACT, (rec["layer"], rec["per_image"]["spatial_error"])
@@ -164,12 +168,13 @@ class RegularC4(nn.Module):
 @pytest.mark.parametrize("net, layers", [(T.P4Net().double(), ["lift", "relu"]),
                                          (RegularC4(), ["lift", "relu1", "gconv", "relu2"])],
                          ids=["toy-p4", "regular-c4"])
-def test_c4_networks_align_by_a_channel_permutation_under_90_degrees(net, layers):
+def test_c4_networks_align_by_a_channel_permutation_under_90_degrees(net, layers, device):
     """90° rotations of a square image are lattice maps, so the rotated maps are exactly the
     rotated, channel-cycled maps: permutation error is rounding, and each orbit is a 4-cycle.
     At 45° (not a symmetry of C4, and off the lattice) no permutation undoes the rotation: the
     error stays above 1e-2, four orders of magnitude above the exact bound."""
-    images = blobs(2, 29, 29, (13, 13), seed=1)
+    images = blobs(2, 29, 29, (13, 13), seed=1).to(device)
+    net = copy.deepcopy(net).to(device)  # the parametrised network is shared by the devices' cases
     rep = measure(net, images, "rotation:90; rotation:45", layers=layers, channels=("spatial", "permutation"),
                   config=CFG, calibrate=False, n_boot=0, progress=False)
     for rec in rep.select(transform="rotation:90"):
@@ -181,12 +186,13 @@ def test_c4_networks_align_by_a_channel_permutation_under_90_degrees(net, layers
         assert min(rec["per_image"]["permutation_error"]) > 1e-2, (rec["layer"], rec["per_image"])
 
 
-def test_generic_filters_under_90_degrees_stay_near_the_random_pair_null():
+def test_generic_filters_under_90_degrees_stay_near_the_random_pair_null(device):
     """Random filters (biases included) have no rotation structure: after a 90° rotation the best
     warp aligns an image's maps about as badly as it aligns another image's (the random-pair
     null): at least half the null, where an equivariant layer reads ~0."""
-    images = blobs(6, 29, 29, (15, 15), seed=2)
-    rep = measure(conv_stack("zeros", seed=3), images, "rotation:90", layers=["3", "5"], channels=("spatial",),
+    images = blobs(6, 29, 29, (15, 15), seed=2).to(device)
+    net = conv_stack("zeros", seed=3).to(device)
+    rep = measure(net, images, "rotation:90", layers=["3", "5"], channels=("spatial",),
                   config=CFG, n_boot=0, progress=False)
     for rec in rep.records:
         assert rec["spatial_error"] >= 0.5 * rec["random_pair_null"], rec
@@ -195,11 +201,12 @@ def test_generic_filters_under_90_degrees_stay_near_the_random_pair_null():
 # ----------------------------------------------------------------------------- no signal, no verdict
 
 
-def test_dead_layer_gives_nan_with_a_reason():
+def test_dead_layer_gives_nan_with_a_reason(device):
     net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()).double()
     with torch.no_grad():
         net[0].bias.fill_(-100.0)  # every response below zero: the ReLU output is all zeros
-    rep = measure(net, blobs(3, 20, 20, (8, 8)), "rotation:30", layers="1", channels=("spatial", "permutation",
+    images = blobs(3, 20, 20, (8, 8)).to(device)
+    rep = measure(net.to(device), images, "rotation:30", layers="1", channels=("spatial", "permutation",
                   "linear"), config=CFG, n_boot=10, progress=False)
     (rec,) = rep.records
     for key in ("spatial_error", "permutation_error", "linear_error", "expected_error", "invariance_error"):
@@ -207,13 +214,13 @@ def test_dead_layer_gives_nan_with_a_reason():
     assert rec["n_excluded"] == 3 and "zero on the region" in rec["excluded_reasons"][0]
 
 
-def test_empty_images_give_nan_and_the_rest_are_averaged():
+def test_empty_images_give_nan_and_the_rest_are_averaged(device):
     """An all-zero image through a biased convolution gives constant maps (the bias): nothing to
     align. It is left out of the mean and counted; the other images are measured as usual."""
     images = blobs(3, 20, 20, (8, 8))
     images[1] = 0
-    net = conv_stack("zeros")
-    rep = measure(net, images, "translation:2,0", layers="1", channels=("spatial",), config=CFG,
+    net = conv_stack("zeros").to(device)
+    rep = measure(net, images.to(device), "translation:2,0", layers="1", channels=("spatial",), config=CFG,
                   n_boot=10, progress=False)
     (rec,) = rep.records
     per = rec["per_image"]["spatial_error"]
@@ -222,11 +229,11 @@ def test_empty_images_give_nan_and_the_rest_are_averaged():
     assert rec["spatial_error"] == pytest.approx((per[0] + per[2]) / 2, rel=1e-12)
 
 
-def test_one_by_one_maps_give_nan():
-    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1)).double()
-    x = blobs(2, 12, 12, (6, 6))
+def test_one_by_one_maps_give_nan(device):
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1)).double().to(device)
+    x = blobs(2, 12, 12, (6, 6)).to(device)
     f, frames = extract_features(net, x, "1")
-    t = parse_transforms("rotation:90")[0].matrix((12, 12))
+    t = parse_transforms("rotation:90")[0].matrix((12, 12)).to(device)
     fh, _ = extract_features(net, warp(x, t.to(x)), "1")
     res = measure_layer(f["1"], fh["1"], frames["1"], t, family="rigid", config=CFG)
     assert bool(res.spatial.isnan().all()) and all("MIN_REGION" in r for r in res.reasons)

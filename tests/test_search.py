@@ -19,7 +19,9 @@ Known answers:
   ``spatial <= identity`` and ``spatial <= any extra candidate``.
 
 Float64 throughout except where a test is about float32. The search is run with a reduced
-:class:`SearchConfig` (36 angles, 15 refinement steps) to keep the suite fast.
+:class:`SearchConfig` (36 angles, 15 refinement steps) to keep the suite fast. The numeric tests
+run on every device of the ``device`` fixture (``conftest.py``): inputs are built on the CPU as
+before and moved with ``.to(device)``; results are compared on the CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from invariance._search import (
     SearchConfig,
     _coarse,
     _Overlap,
+    _Problem,
     _ShiftScorer,
     align,
     channel_orbits,
@@ -64,25 +67,26 @@ def region_err(ref, mov, mats, m=None) -> torch.Tensor:
     """The definition (docs/definitions.md), written out: ``sum R_g ||W_g mov - ref||^2 / sum R_g ||ref||^2``
     with ``R_g = m * V_g``, ``V_g`` the share of each position's bilinear footprint that lies inside
     ``mov``'s frame and ``W_g mov`` the zero-filled warp renormalised by that share."""
-    ones = torch.ones(1, 1, *ref.shape[-2:], dtype=ref.dtype)
+    ones = torch.ones(1, 1, *ref.shape[-2:], dtype=ref.dtype, device=ref.device)
     share = warp(ones.expand(ref.shape[0], 1, -1, -1), mats)[..., 0, :, :]
     share = torch.where(share > 1e-6, share, torch.zeros_like(share))
     vals = warp(mov, mats) / share.clamp_min(1e-6).unsqueeze(-3)
     return masked_error(ref, vals, m, valid=share)
 
 
-def no_overlap_rule(b: int) -> _Overlap:
+def no_overlap_rule(b: int, device="cpu") -> _Overlap:
     """A minimum overlap of 0 (every candidate feasible), for tests of the formulas."""
-    return _Overlap(0.0, torch.ones(b, dtype=DT), torch.ones(b, dtype=DT))
+    return _Overlap(0.0, torch.ones(b, dtype=DT, device=device), torch.ones(b, dtype=DT, device=device))
 
 
 def rand(*shape, seed=0) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
-def nmat(family, params, size, dtype=DT) -> torch.Tensor:
-    """Centred-frame family parameters -> the normalised matrix that ``warp`` consumes."""
-    return G.centred_to_normalized(G.to_matrix(family, torch.tensor(params, dtype=dtype)), size)
+def nmat(family, params, size, dtype=DT, device="cpu") -> torch.Tensor:
+    """Centred-frame family parameters -> the normalised matrix that ``warp`` consumes (computed on
+    the CPU, then moved to ``device``)."""
+    return G.centred_to_normalized(G.to_matrix(family, torch.tensor(params, dtype=dtype)), size).to(device)
 
 
 def blob_image(h: int, w: int, f: float = 1.0) -> torch.Tensor:
@@ -102,6 +106,9 @@ def blob_image(h: int, w: int, f: float = 1.0) -> torch.Tensor:
 
 
 def angle_diff(a, b) -> float:
+    """Largest wrapped difference of two angles (tensors on any device, or numbers), in degrees."""
+    a = a.cpu() if isinstance(a, torch.Tensor) else a
+    b = b.cpu() if isinstance(b, torch.Tensor) else b
     return float(G.wrap_angle(torch.as_tensor(a - b, dtype=DT)).abs().max())
 
 
@@ -112,7 +119,7 @@ SHIFTS = [(3, -2), (-9, 13), (10, -14), (0, -14)]
 
 
 @pytest.mark.parametrize("dy, dx", SHIFTS)
-def test_translation_finds_integer_shifts_exactly(dy, dx):
+def test_translation_finds_integer_shifts_exactly(dy, dx, device):
     """Content 9 x 13 in a zero margin of 10 (rows) / 14 (cols) px, so ``torch.roll`` by up to
     that much is the zero-filled shift the warp applies, and the optimum is exact: shifts
     negative and larger than half the map (14 of 41 columns) included. Answer ``(-dx, -dy)``.
@@ -120,14 +127,14 @@ def test_translation_finds_integer_shifts_exactly(dy, dx):
     the whole map when no expected warp is given), which is therefore lowered to 25%."""
     ref = F.pad(rand(2, 3, 9, 13), (14, 14, 10, 10))  # 29 x 41, non-square
     mov = torch.roll(ref, (dy, dx), dims=(-2, -1))
-    a = align(ref, mov, "translation", config=replace(CFG, min_overlap=0.25))
-    torch.testing.assert_close(a.params, torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=1e-9, rtol=0)
+    a = align(ref.to(device), mov.to(device), "translation", config=replace(CFG, min_overlap=0.25))
+    torch.testing.assert_close(a.params.cpu(), torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=1e-9, rtol=0)
     assert float(a.errors.max()) < EXACT64
     assert a.matrices.dtype == DT and a.params.dtype == DT and a.errors.dtype == DT
 
 
 @pytest.mark.parametrize("dy, dx", [(-9, 13), (10, -14)])
-def test_fft_coarse_error_equals_the_exact_error_at_the_planted_shift(dy, dx):
+def test_fft_coarse_error_equals_the_exact_error_at_the_planted_shift(dy, dx, device):
     """With noise added (relative energy ~3%), the optimum stays at the planted shift but its error
     is not zero, so the FFT expression ``E(t) = corr(M, sum G^2) - 2 corr(M F, G) + sum M F^2`` is
     compared with the exact ``grid_sample`` error of that shift on a real value, not on 0 = 0.
@@ -136,13 +143,14 @@ def test_fft_coarse_error_equals_the_exact_error_at_the_planted_shift(dy, dx):
     ref = F.pad(rand(2, 3, 9, 13), (14, 14, 10, 10))
     noise = 0.1 * rand(2, 3, 29, 41, seed=9)
     mov = torch.roll(ref, (dy, dx), dims=(-2, -1)) + noise
+    ref, mov = ref.to(device), mov.to(device)
     # these shifts keep 47% of the map in common: below the default minimum overlap of 50%
     a = align(ref, mov, "translation", config=SearchConfig(refine_steps=0, min_overlap=0.25))
-    torch.testing.assert_close(a.params, torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=0, rtol=0)
-    direct = region_err(ref, mov, nmat("translation", [-dx, -dy], (29, 41)))
+    torch.testing.assert_close(a.params.cpu(), torch.tensor([[-dx, -dy]] * 2, dtype=DT), atol=0, rtol=0)
+    direct = region_err(ref, mov, nmat("translation", [-dx, -dy], (29, 41), device=device)).cpu()
     assert float(direct.min()) > 1e-3
-    torch.testing.assert_close(a.coarse_errors, direct, atol=1e-10, rtol=0)
-    torch.testing.assert_close(a.errors, direct, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.coarse_errors.cpu(), direct, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a.errors.cpu(), direct, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("family, cfg", [
@@ -153,23 +161,24 @@ def test_fft_coarse_error_equals_the_exact_error_at_the_planted_shift(dy, dx):
     pytest.param("scale_translation", SearchConfig(refine_steps=0),
                  id="default-scale-grid"),
 ])
-def test_coarse_errors_equal_exact_grid_sample_errors(family, cfg):
+def test_coarse_errors_equal_exact_grid_sample_errors(family, cfg, device):
     """For every linear candidate of the coarse grid, the FFT's best-shift error equals the exact
     ``grid_sample`` error of the returned matrix (candidate then shift): this validates the FFT
     formula, the canvas offset bookkeeping and the sign of the shift for every candidate at once.
     Random maps, non-square (9 x 14), disk mask of radius 0.8; 1e-9 is float64 FFT rounding."""
     gen = torch.Generator().manual_seed(0)
     ref, mov = torch.rand(2, 3, 9, 14, generator=gen, dtype=DT), torch.rand(2, 3, 9, 14, generator=gen, dtype=DT)
-    m = disk_mask((9, 14), 0.8, dtype=DT).to(DT)
-    ones = torch.ones(9, 14, dtype=DT)
-    e, mats = _coarse(ref, mov, m, ones, family, cfg, (9, 14), no_overlap_rule(2))
+    ref, mov = ref.to(device), mov.to(device)
+    m = disk_mask((9, 14), 0.8, dtype=DT).to(DT).to(device)
+    ones = torch.ones(9, 14, dtype=DT, device=device)
+    e, mats = _coarse(_Problem(ref, mov, m, ones, (9, 14), family, cfg, no_overlap_rule(2, device)))
     direct = region_err(ref, mov, G.centred_to_normalized(mats, (9, 14)), m)
     assert e.shape == direct.shape and e.shape[1] >= 1
-    torch.testing.assert_close(e, direct, atol=1e-9, rtol=0)
+    torch.testing.assert_close(e.cpu(), direct.cpu(), atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("pad", [(0, 0), (2, 3)])
-def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad):
+def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad, device):
     """``_ShiftScorer`` evaluates every integer shift of a (canvas of the) moving map at once by
     FFT. Restricting it to one shift at a time (all others marked invalid) must give the exact
     ``grid_sample`` error of that shift, for shifts of both signs, along both axes and up to the
@@ -177,8 +186,8 @@ def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad):
     is the moving map embedded at the offset, so the numbers are the same. 1e-10: float64 FFT
     rounding."""
     h, w = 9, 14
-    ref, mov = rand(2, 3, h, w, seed=10), rand(2, 3, h, w, seed=11)
-    m = disk_mask((h, w), 0.9, dtype=DT).to(DT)
+    ref, mov = rand(2, 3, h, w, seed=10).to(device), rand(2, 3, h, w, seed=11).to(device)
+    m = disk_mask((h, w), 0.9, dtype=DT).to(DT).to(device)
     py, px = pad
     scorer = _ShiftScorer(ref, m, pad, None)
     canvas = F.pad(mov, (px, px, py, py))
@@ -186,21 +195,22 @@ def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad):
         only = torch.ones_like(scorer.invalid)
         only[(scorer.ty == ty).nonzero().item(), (scorer.tx == tx).nonzero().item()] = False
         scorer.invalid = only
-        valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py))[None, None]
-        e, shift = scorer(canvas[:, None], valid, torch.zeros(2, 1, dtype=DT))
-        direct = region_err(ref, mov, nmat("translation", [tx, ty], (h, w)), m)
+        valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py))[None, None].to(device)
+        e, shift = scorer(canvas[:, None], valid, torch.zeros(2, 1, dtype=DT, device=device))
+        direct = region_err(ref, mov, nmat("translation", [tx, ty], (h, w), device=device), m).cpu()
         if bool(direct.isnan().all()):  # the shift leaves no position of the mask to compare
             assert bool(torch.isinf(e).all())
             continue
         assert shift[:, 0].tolist() == [[tx, ty]] * 2
-        torch.testing.assert_close(e[:, 0], direct, atol=1e-10, rtol=0)
+        torch.testing.assert_close(e[:, 0].cpu(), direct, atol=1e-10, rtol=0)
 
 
-def test_max_shift_bounds_the_coarse_shift():
+def test_max_shift_bounds_the_coarse_shift(device):
     """A planted shift of (5, 5) px is out of reach with ``max_shift=2``: the coarse answer stays
     within the radius (and is then not exact)."""
     ref = F.pad(rand(2, 2, 7, 9), (6, 6, 6, 6))
     mov = torch.roll(ref, (5, 5), dims=(-2, -1))
+    ref, mov = ref.to(device), mov.to(device)
     a = align(ref, mov, "translation", config=SearchConfig(max_shift=2.0, refine_steps=0))
     assert float(a.params.norm(dim=-1).max()) <= 2.0
     assert float(a.errors.min()) > 0.05
@@ -208,17 +218,18 @@ def test_max_shift_bounds_the_coarse_shift():
     assert float(free.errors.max()) < EXACT64
 
 
-def test_float32_translation_is_exact_to_float32_precision():
+def test_float32_translation_is_exact_to_float32_precision(device):
     ref = F.pad(rand(2, 3, 9, 11), (8, 8, 8, 8)).float()
     mov = torch.roll(ref, (-5, 7), dims=(-2, -1))
-    a = align(ref, mov, "translation", config=CFG)
+    a = align(ref.to(device), mov.to(device), "translation", config=CFG)
     assert a.matrices.dtype == torch.float32 and a.params.dtype == torch.float32
     assert a.errors.dtype == torch.float64
-    torch.testing.assert_close(a.params.double(), torch.tensor([[-7.0, 5.0]] * 2, dtype=DT), atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.params.double().cpu(), torch.tensor([[-7.0, 5.0]] * 2, dtype=DT), atol=1e-4,
+                               rtol=0)
     assert float(a.errors.max()) < EXACT32
 
 
-def test_circular_network_and_roll_is_found_exactly_on_the_valid_interior():
+def test_circular_network_and_roll_is_found_exactly_on_the_valid_interior(device):
     """A stack of stride-1 convolutions with circular padding commutes with ``torch.roll``:
     ``F_h = roll(F, t)`` exactly. The search's warp is a *zero-filled* shift, so ``W_{-t} F_h(x)
     = F_h(x + t) = F(x)`` only where ``x + t`` lies inside the map; elsewhere the warp brings in
@@ -231,19 +242,20 @@ def test_circular_network_and_roll_is_found_exactly_on_the_valid_interior():
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), torch.nn.ReLU(),
         torch.nn.Conv2d(4, 3, 5, padding=2, padding_mode="circular"),
-    ).double()
-    x = rand(2, 1, 16, 21, seed=3)
+    ).double().to(device)
+    x = rand(2, 1, 16, 21, seed=3).to(device)
     ty, tx = 3, -4
     with torch.no_grad():
         f = net(x)
         fh = net(torch.roll(x, (ty, tx), dims=(-2, -1)))
-    torch.testing.assert_close(fh, torch.roll(f, (ty, tx), dims=(-2, -1)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(fh.cpu(), torch.roll(f, (ty, tx), dims=(-2, -1)).cpu(), atol=1e-12, rtol=0)
     mask = torch.zeros(16, 21, dtype=DT)
     mask[abs(ty): 16 - abs(ty), abs(tx): 21 - abs(tx)] = 1
-    a = align(f, fh, "translation", mask=mask, config=CFG)
-    torch.testing.assert_close(a.params, torch.tensor([[-tx, -ty]] * 2, dtype=DT), atol=1e-9, rtol=0)
+    a = align(f, fh, "translation", mask=mask.to(device), config=CFG)
+    torch.testing.assert_close(a.params.cpu(), torch.tensor([[-tx, -ty]] * 2, dtype=DT), atol=1e-9, rtol=0)
     assert float(a.errors.max()) < EXACT64
-    at_truth_disk = masked_error(f, warp(fh, nmat("translation", [-tx, -ty], (16, 21))), disk_mask((16, 21)))
+    at_truth_disk = masked_error(f, warp(fh, nmat("translation", [-tx, -ty], (16, 21), device=device)),
+                                 disk_mask((16, 21), device=device))
     assert float(at_truth_disk.min()) > 1e-3
 
 
@@ -251,20 +263,20 @@ def test_circular_network_and_roll_is_found_exactly_on_the_valid_interior():
 
 
 @pytest.mark.parametrize("k, angle", [(1, -90.0), (2, 180.0), (3, 90.0)])
-def test_rotation_family_finds_quarter_turns_exactly(k, angle):
+def test_rotation_family_finds_quarter_turns_exactly(k, angle, device):
     """``moving = rot90(reference, k)`` (counter-clockwise by 90k); the warp back is ``-90k``
     (wrapped to (-180, 180]). The 36-angle grid contains the multiples of 90, where bilinear
     sampling is a lattice permutation on a square map: error ~0, angle exact."""
     ref = rand(3, 2, 15, 15)
-    a = align(ref, torch.rot90(ref, k, (-2, -1)), "rotation", config=CFG)
+    a = align(ref.to(device), torch.rot90(ref, k, (-2, -1)).to(device), "rotation", config=CFG)
     assert angle_diff(a.params[:, 0], angle) < 1e-6
     assert float(a.errors.max()) < EXACT64
 
 
-def test_rotation_180_on_a_non_square_map():
+def test_rotation_180_on_a_non_square_map(device):
     """180 degrees about the centre maps the pixel centres of any H x W grid onto themselves."""
     ref = rand(2, 3, 15, 22)
-    a = align(ref, torch.rot90(ref, 2, (-2, -1)), "rotation", config=CFG)
+    a = align(ref.to(device), torch.rot90(ref, 2, (-2, -1)).to(device), "rotation", config=CFG)
     assert angle_diff(a.params[:, 0], 180.0) < 1e-6
     assert float(a.errors.max()) < EXACT64
 
@@ -279,31 +291,31 @@ CFG_RIGID = SearchConfig(n_angles=72, refine_steps=15)
 @settings(max_examples=4)
 @given(angle=st.floats(-175, 175), tx=st.floats(-3, 3), ty=st.floats(-3, 3),
        size=st.sampled_from([(32, 32), (30, 38)]))
-def test_rigid_recovers_rotation_and_shift_of_a_blob(angle, tx, ty, size):
+def test_rigid_recovers_rotation_and_shift_of_a_blob(angle, tx, ty, size, device):
     """``moving = T reference`` with T a rotation by ``angle`` then a shift; the answer is
     ``T^-1`` = rotation by ``-angle``, shift ``-R^-1 t``. The error landscape of the smooth blob
     has its minimum at ``T^-1`` (checked: +-0.2 degree costs 5 % more error); 15 refinement
     steps land within ~0.5 degree / 0.05 px of it. The grid alone is up to 2.5 degrees off, a
     sign error 2 * angle: 1 degree and 0.3 px fail for both."""
     h, w = size
-    ref = blob_image(h, w)
+    ref = blob_image(h, w).to(device)
     T = G.to_matrix("rigid", torch.tensor([angle, tx, ty], dtype=DT))
-    mov = warp(ref, G.centred_to_normalized(T, size))
+    mov = warp(ref, G.centred_to_normalized(T, size).to(device))
     a = align(ref, mov, "rigid", config=CFG_RIGID)
     want = G.from_matrix("rigid", G.inverse(T))
-    got = a.params[0]
+    got = a.params[0].cpu()
     assert angle_diff(got[0], want[0]) < 1.0, (got, want)
     assert float((got[1:] - want[1:]).abs().max()) < 0.3, (got, want)
     assert float(a.errors[0]) < 0.01
 
 
 @pytest.mark.parametrize("size", [(32, 32), (30, 38)])
-def test_scale_translation_recovers_a_sqrt2_zoom(size):
+def test_scale_translation_recovers_a_sqrt2_zoom(size, device):
     """``moving`` = the blob (f = 0.7) enlarged by ``sqrt(2)``, content still inside the view; the
     warp back shrinks by ``2^-0.5``, shift 0. The log2 grid (step 1/8) contains -0.5 exactly and
     shrinking an enlarged smooth image loses nothing: |log2 s + 0.5| < 0.02 (1.4 %) and
     shift < 0.3 px fail for the neighbouring grid points (0.125 away) or a wrong direction."""
-    ref = blob_image(*size, f=0.7)
+    ref = blob_image(*size, f=0.7).to(device)
     mov = transform_images(ref, "scale", [2**0.5])
     a = align(ref, mov, "scale_translation", config=CFG)
     s, t = a.params[0, 0], a.params[0, 1:]
@@ -315,19 +327,19 @@ def test_scale_translation_recovers_a_sqrt2_zoom(size):
 @pytest.mark.parametrize("family", [
     "scale_translation", "affine", "scale", "similarity",
 ])
-def test_zoom_is_found_and_params_match_matrices(family):
+def test_zoom_is_found_and_params_match_matrices(family, device):
     """Every family that contains scalings finds the sqrt(2) zoom back (isotropic scale factor
     ``sqrt(det)`` within 1.4 % of 2^-0.5, error < 0.01 as for ``scale_translation`` above), and
     the reported parameters describe the returned matrix: ``to_matrix(params)`` equals the
     centred-frame matrix (1e-9)."""
-    ref = blob_image(32, 32, f=0.7)
+    ref = blob_image(32, 32, f=0.7).to(device)
     mov = transform_images(ref, "scale", [2**0.5])
     cfg = SearchConfig(n_angles=36, refine_steps=15, affine_n_angles=4, similarity_n_angles=12,
                        log2_scales=(-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5))
     a = align(ref, mov, family, config=cfg)
-    centred = G.normalized_to_centred(a.matrices, (32, 32))
+    centred = G.normalized_to_centred(a.matrices, (32, 32)).cpu()
     fam = SEARCH_FAMILIES[family][0]
-    torch.testing.assert_close(G.to_matrix(fam, a.params), centred, atol=1e-9, rtol=0)
+    torch.testing.assert_close(G.to_matrix(fam, a.params).cpu(), centred, atol=1e-9, rtol=0)
     s = float(torch.det(centred[0, :2, :2]).sqrt())
     assert abs(math.log2(s) + 0.5) < 0.02
     assert float(a.errors[0]) < 0.01
@@ -337,42 +349,43 @@ def test_zoom_is_found_and_params_match_matrices(family):
 
 
 @pytest.mark.parametrize("channels", ["spatial", "permutation"])
-def test_results_do_not_depend_on_chunk_size(channels):
+def test_results_do_not_depend_on_chunk_size(channels, device):
     """``chunk_size`` only bounds memory: errors, matrices and permutations are identical."""
-    ref, mov = rand(2, 3, 9, 12, seed=1), rand(2, 3, 9, 12, seed=2)
+    ref, mov = rand(2, 3, 9, 12, seed=1).to(device), rand(2, 3, 9, 12, seed=2).to(device)
     cfg = SearchConfig(n_angles=8, refine_steps=3)
     base = align(ref, mov, "rigid", config=cfg, channels=channels)
     for cs in (1, 3):
         other = align(ref, mov, "rigid", channels=channels,
                       config=SearchConfig(n_angles=8, refine_steps=3, chunk_size=cs))
-        torch.testing.assert_close(other.errors, base.errors, atol=1e-12, rtol=0)
-        torch.testing.assert_close(other.matrices, base.matrices, atol=1e-9, rtol=0)
+        torch.testing.assert_close(other.errors.cpu(), base.errors.cpu(), atol=1e-12, rtol=0)
+        torch.testing.assert_close(other.matrices.cpu(), base.matrices.cpu(), atol=1e-9, rtol=0)
         if channels == "permutation":
-            assert torch.equal(other.permutations, base.permutations)
+            assert torch.equal(other.permutations.cpu(), base.permutations.cpu())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("family", sorted(SEARCH_FAMILIES))
-def test_dtype_follows_the_inputs(family, dtype):
-    ref, mov = rand(1, 2, 8, 10, seed=1).to(dtype), rand(1, 2, 8, 10, seed=2).to(dtype)
+def test_dtype_follows_the_inputs(family, dtype, device):
+    ref, mov = rand(1, 2, 8, 10, seed=1).to(dtype).to(device), rand(1, 2, 8, 10, seed=2).to(dtype).to(device)
     cfg = SearchConfig(n_angles=8, refine_steps=2, similarity_n_angles=4, affine_n_angles=4,
                        log2_scales=(-0.5, 0.0, 0.5), similarity_log2_scales=(0.0,), affine_log2_scales=(0.0,))
     a = align(ref, mov, family, config=cfg)
     assert a.matrices.dtype == dtype and a.params.dtype == dtype
+    assert a.matrices.device.type == device.type and a.params.device.type == device.type
     assert a.errors.dtype == torch.float64
     assert a.params.shape == (1, G.get_family(SEARCH_FAMILIES[family][0]).n_params)
     # the returned error is the exact error of the returned matrix
     direct = region_err(ref.double(), mov.double(), a.matrices.double()[:, None])[:, 0]
     tol = 1e-10 if dtype == DT else 1e-5
-    torch.testing.assert_close(a.errors, direct, atol=tol, rtol=tol)
+    torch.testing.assert_close(a.errors.cpu(), direct.cpu(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 2, 2), (1, 1, 1, 7), (2, 1, 3, 5), (1, 3, 2, 3)])
 @pytest.mark.parametrize("family", ["translation", "rigid", "scale_translation"])
-def test_tiny_maps_batch_one_single_channel(shape, family):
+def test_tiny_maps_batch_one_single_channel(shape, family, device):
     """B = 1, C = 1 and maps down to 1 x 1 work, and the identity bound holds:
     the search can never be worse than not moving at all."""
-    ref, mov = rand(*shape, seed=1), rand(*shape, seed=2)
+    ref, mov = rand(*shape, seed=1).to(device), rand(*shape, seed=2).to(device)
     a = align(ref, mov, family, config=SearchConfig(n_angles=8, refine_steps=3), channels="permutation")
     ident = masked_error(ref, mov)
     assert a.errors.shape == (shape[0],)
@@ -381,7 +394,7 @@ def test_tiny_maps_batch_one_single_channel(shape, family):
         assert bool(torch.isnan(a.errors).all()) and all("MIN_REGION" in r for r in a.reasons)
         return
     assert torch.isfinite(a.errors).all()
-    assert bool((a.errors <= ident + 1e-12).all())
+    assert bool((a.errors.cpu() <= ident.cpu() + 1e-12).all())
     assert a.permutations.shape == shape[:2]
 
 
@@ -390,7 +403,7 @@ def test_tiny_maps_batch_one_single_channel(shape, family):
 
 @settings(max_examples=6)
 @given(perm=st.permutations(range(5)), k=st.sampled_from([0, 2]))
-def test_planted_permutation_is_recovered(perm, k):
+def test_planted_permutation_is_recovered(perm, k, device):
     """``moving[:, c] = rot180^k(reference[:, sigma[c]])``. With the convention
     ``aligned[:, c] = warped_moving[:, perm[c]]`` the answer is ``perm = sigma^-1`` (argsort), the
     error ~0, and ``channel_orbits`` are the cycles of ``sigma^-1`` (the same sets as the cycles
@@ -398,27 +411,29 @@ def test_planted_permutation_is_recovered(perm, k):
     sigma = torch.tensor(perm)
     ref = rand(2, 5, 9, 11, seed=4)
     mov = torch.rot90(ref[:, sigma], k, (-2, -1))
-    a = align(ref, mov, "rotation", config=SearchConfig(n_angles=36, refine_steps=3), channels="permutation")
+    a = align(ref.to(device), mov.to(device), "rotation", config=SearchConfig(n_angles=36, refine_steps=3),
+              channels="permutation")
     want = torch.argsort(sigma)
-    assert torch.equal(a.permutations, want.expand(2, 5))
+    perms = a.permutations.cpu()
+    assert torch.equal(perms, want.expand(2, 5))
     assert float(a.errors.max()) < EXACT64
     assert angle_diff(a.params[:, 0], 180.0 if k else 0.0) < 1e-6
-    orbits = channel_orbits(a.permutations[0])
+    orbits = channel_orbits(perms[0])
     cycles = {frozenset(c) for c in channel_orbits(sigma)}
     assert {frozenset(c) for c in orbits} == cycles
     assert all(len(c) > 1 for c in orbits)
     for cyc in orbits:  # each orbit follows perm
         for i, c in enumerate(cyc):
-            assert int(a.permutations[0, c]) == cyc[(i + 1) % len(cyc)]
+            assert int(perms[0, c]) == cyc[(i + 1) % len(cyc)]
 
 
-def test_planted_permutation_with_a_shift_uses_the_fft_path():
+def test_planted_permutation_with_a_shift_uses_the_fft_path(device):
     sigma = torch.tensor([2, 0, 1, 4, 3])
     ref = F.pad(rand(3, 5, 9, 11, seed=5), (4, 4, 4, 4))
     mov = torch.roll(ref, (3, -2), (-2, -1))[:, sigma]
-    a = align(ref, mov, "translation", config=CFG, channels="permutation")
-    assert torch.equal(a.permutations, torch.argsort(sigma).expand(3, 5))
-    torch.testing.assert_close(a.params, torch.tensor([[2.0, -3.0]] * 3, dtype=DT), atol=1e-9, rtol=0)
+    a = align(ref.to(device), mov.to(device), "translation", config=CFG, channels="permutation")
+    assert torch.equal(a.permutations.cpu(), torch.argsort(sigma).expand(3, 5))
+    torch.testing.assert_close(a.params.cpu(), torch.tensor([[2.0, -3.0]] * 3, dtype=DT), atol=1e-9, rtol=0)
     assert float(a.errors.max()) < EXACT64
     assert float(a.spatial.errors.min()) > 0.05  # without the permutation: no fit
 
@@ -432,7 +447,7 @@ def test_channel_orbits_known_answers():
 # ----------------------------------------------------------------------------- linear maps
 
 
-def test_fit_linear_recovers_a_planted_channel_mixing():
+def test_fit_linear_recovers_a_planted_channel_mixing(device):
     """``moving = B rot180(reference)`` with an invertible random ``B`` and the known warp: the
     held-out (cross-fitted) error and the in-sample fit are ~0 and the map is ``B^-1``.
     With ``ridge=1e-12`` the only error is the solve's rounding (condition number of the 5x5
@@ -440,28 +455,29 @@ def test_fit_linear_recovers_a_planted_channel_mixing():
     ref = rand(6, 5, 11, 13, seed=6)
     B = torch.randn(5, 5, generator=torch.Generator().manual_seed(7), dtype=DT) + 2 * torch.eye(5, dtype=DT)
     mov = torch.einsum("cd,bdhw->bchw", B, torch.rot90(ref, 2, (-2, -1)))
-    R = nmat("rotation", [180.0], (11, 13)).expand(6, 3, 3)
-    out = fit_linear(ref, mov, R, ridge=1e-12)
+    R = nmat("rotation", [180.0], (11, 13), device=device).expand(6, 3, 3)
+    out = fit_linear(ref.to(device), mov.to(device), R, ridge=1e-12)
     assert float(out["held_out"].max()) < 1e-16
     assert float(out["fit"].max()) < 1e-16
-    torch.testing.assert_close(out["matrix"], torch.linalg.inv(B), atol=1e-8, rtol=0)
+    torch.testing.assert_close(out["matrix"].cpu(), torch.linalg.inv(B), atol=1e-8, rtol=0)
 
 
-def test_fit_linear_default_ridge_bias_is_small():
+def test_fit_linear_default_ridge_bias_is_small(device):
     """The default ridge ``1e-4 tr(Sxx)/C`` shrinks the map by a relative ~1e-4 * cond: the
     held-out error of an exact linear relation is <= ~1e-6, far below the O(1) spatial error."""
     ref = rand(4, 3, 10, 10, seed=8)
     B = torch.tensor([[0.0, 1, 0], [0.6, 0, 0.8], [0.8, 0, -0.6]], dtype=DT)
     mov = torch.einsum("cd,bdhw->bchw", B, ref)
-    out = fit_linear(ref, mov, torch.eye(3, dtype=DT).expand(4, 3, 3))
+    ref, mov = ref.to(device), mov.to(device)
+    out = fit_linear(ref, mov, torch.eye(3, dtype=DT, device=device).expand(4, 3, 3))
     assert float(out["held_out"].max()) < 1e-6
-    assert float(masked_error(ref, mov, disk_mask((10, 10))).min()) > 0.1
+    assert float(masked_error(ref, mov, disk_mask((10, 10), device=device)).min()) > 0.1
 
 
-def test_fit_linear_single_image_has_no_held_out_error():
+def test_fit_linear_single_image_has_no_held_out_error(device):
     """Cross-fitting needs two images: with B = 1 ``held_out`` is NaN, the in-sample fit exists."""
-    ref = rand(1, 2, 6, 6, seed=1)
-    out = fit_linear(ref, ref.flip(1), torch.eye(3, dtype=DT)[None])
+    ref = rand(1, 2, 6, 6, seed=1).to(device)
+    out = fit_linear(ref, ref.flip(1), torch.eye(3, dtype=DT, device=device)[None])
     assert torch.isnan(out["held_out"]).all()
     assert float(out["fit"][0]) < 1e-20
 
@@ -470,7 +486,7 @@ def test_fit_linear_single_image_has_no_held_out_error():
 @given(seed=st.integers(0, 10_000), c=st.integers(1, 4), b=st.integers(1, 3),
        family=st.sampled_from(["translation", "rotation", "rigid"]),
        dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_ordering_spatial_permutation_linear(seed, c, b, family, dtype):
+def test_ordering_spatial_permutation_linear(seed, c, b, family, dtype, device):
     """For any maps: ``identity >= spatial >= permutation >= linear fit`` per image, on fitted
     data. The identity is always a candidate; the spatial optimum with the identity permutation
     is a candidate of the permutation search; the per-image least-squares map can reproduce any
@@ -478,23 +494,25 @@ def test_ordering_spatial_permutation_linear(seed, c, b, family, dtype):
     Hungarian costs are expanded sums (rounding ~1e-7 of O(1) errors), so 1e-6."""
     ref = rand(b, c, 9, 10, seed=seed).to(dtype)
     mov = 0.5 * ref.flip(1) + rand(b, c, 9, 10, seed=seed + 1).to(dtype)  # partly related, partly not
+    ref, mov = ref.to(device), mov.to(device)
     cfg = SearchConfig(n_angles=12, refine_steps=5)
     p = align(ref, mov, family, config=cfg, channels="permutation")
     sp = p.spatial
     ident = masked_error(ref.double(), mov.double())
     lin = fit_linear(ref, mov, p.matrices, permutations=p.permutations)
     tol = 1e-9 if dtype == DT else 1e-6
-    assert bool((sp.errors <= ident + tol).all())
-    assert bool((p.errors <= sp.errors + tol).all())
-    assert bool((lin["fit"] <= p.errors + tol).all())
+    spatial, perm, fit = sp.errors.cpu(), p.errors.cpu(), lin["fit"].cpu()
+    assert bool((spatial <= ident.cpu() + tol).all())
+    assert bool((perm <= spatial + tol).all())
+    assert bool((fit <= perm + tol).all())
 
 
-def test_extra_candidates_bound_the_error():
+def test_extra_candidates_bound_the_error(device):
     """A user-supplied candidate (here the true inverse of a 37-degree rotation, off the 10-degree
     grid and, with refinement disabled, unreachable otherwise) is scored exactly, so the result is
     at least as good as it."""
-    ref = blob_image(24, 24, f=0.8)
-    T = nmat("rotation", [37.0], (24, 24))
+    ref = blob_image(24, 24, f=0.8).to(device)
+    T = nmat("rotation", [37.0], (24, 24), device=device)
     mov = warp(ref, T)
     inv = G.inverse(T)
     a = align(ref, mov, "rotation", config=SearchConfig(n_angles=36, refine_steps=0), extra_candidates=inv)
@@ -506,7 +524,7 @@ def test_extra_candidates_bound_the_error():
 # ----------------------------------------------------------------------------- masks and errors
 
 
-def test_custom_mask_is_used():
+def test_custom_mask_is_used(device):
     """Only the masked pixels count: a mask selecting the left half makes a map that differs only
     on the right half perfectly aligned at the identity."""
     ref = rand(1, 1, 8, 10, seed=2)
@@ -514,14 +532,14 @@ def test_custom_mask_is_used():
     mov[..., 5:] += 1.0
     mask = torch.zeros(8, 10)
     mask[:, :4] = 1
-    a = align(ref, mov, "rotation", mask=mask, config=CFG)
+    a = align(ref.to(device), mov.to(device), "rotation", mask=mask.to(device), config=CFG)
     assert float(a.errors[0]) < EXACT64
 
 
-def test_empty_mask_is_not_a_perfect_alignment():
-    ref, mov = rand(2, 1, 5, 5, seed=1), rand(2, 1, 5, 5, seed=2)
+def test_empty_mask_is_not_a_perfect_alignment(device):
+    ref, mov = rand(2, 1, 5, 5, seed=1).to(device), rand(2, 1, 5, 5, seed=2).to(device)
     try:
-        a = align(ref, mov, "translation", mask=torch.zeros(5, 5), config=CFG)
+        a = align(ref, mov, "translation", mask=torch.zeros(5, 5, device=device), config=CFG)
     except ValueError:
         return
     assert not bool((a.errors == 0).any()), a.errors
@@ -551,7 +569,7 @@ def test_bad_inputs():
         align(ref[:0], ref[:0], "translation")
 
 
-def test_permutation_search_examines_the_extra_candidates():
+def test_permutation_search_examines_the_extra_candidates(device):
     """An extra candidate is examined with the channel assignment too, not only as a spatial candidate.
 
     Known answer: ``reference = (A, rot90 A)`` for a random map ``A``, ``moving = rot90(reference)`` with its
@@ -565,9 +583,10 @@ def test_permutation_search_examines_the_extra_candidates():
     mov = torch.rot90(ref, 1, (-2, -1))[:, [1, 0]]
     cfg = SearchConfig(n_angles=2, refine_steps=0)
     back = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([-90.0], dtype=DT)), (12, 12))
-    found = align(ref, mov, "rotation", config=cfg, channels="permutation", extra_candidates=back)
+    found = align(ref.to(device), mov.to(device), "rotation", config=cfg, channels="permutation",
+                  extra_candidates=back.to(device))
     assert float(found.spatial.errors.min()) > 0.1          # the extra is not the spatial optimum
     assert angle_diff(found.spatial.params[:, 0], -90.0) > 1.0
     assert float(found.errors.max()) < EXACT64
-    assert torch.equal(found.permutations, torch.tensor([[1, 0]] * 2))
+    assert torch.equal(found.permutations.cpu(), torch.tensor([[1, 0]] * 2))
     assert angle_diff(found.params[:, 0], -90.0) < 1e-6

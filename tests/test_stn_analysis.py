@@ -41,7 +41,7 @@ def alignment_numbers(result, *, n_images: int, search_family: str, depth: int =
     assert result["depth"] == depth and result["arch"] == "STN-C1" and result["n_excluded"] == 0
     means = {}
     for k in ERRORS:
-        mean, (lo, hi) = result[k]["mean"], result[k]["ci95"]
+        mean, (lo, hi) = result[k].mean, result[k].ci
         assert math.isfinite(mean) and lo <= mean <= hi, (k, result[k])
         means[k] = mean
     return means

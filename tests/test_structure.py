@@ -176,3 +176,41 @@ def test_public_api_is_exactly_all():
         missing = [n for n in pkg.__all__ if not hasattr(pkg, n)]
         assert not missing, f"{pkg.__name__}: {missing}"
         assert len(set(pkg.__all__)) == len(pkg.__all__)
+
+
+RECORD_READERS = [ROOT / "invariance" / "_report.py", ROOT / "invariance" / "_demo.py",
+                  *sorted((ROOT / "stn").glob("*.py"))]
+_SCHEMA1_KEYS = r"(?:(?:invariance|expected|spatial|permutation|linear|linear_fit)_error(?:_ci)?|best_params|" \
+                r"channel_orbits|random_pair_null(?:_ci)?|interpolation_floor|per_image|excluded_reasons|" \
+                r"permutation_agreement|linear_warning|region_size)"
+_RECORD = r"\b(?:r|rec|record|records?\[[^\]]+\])"  # the names records go by in these modules
+_BY_KEY = re.compile(_RECORD + r"""\s*(?:\[\s*|\.get\(\s*)["']""" + _SCHEMA1_KEYS + r"""["']""")
+
+
+@pytest.mark.parametrize("path", RECORD_READERS, ids=lambda p: p.name)
+def test_no_module_reads_a_record_by_string_key(path):
+    """Records are typed (``invariance.LayerRecord``): the report, the demo and ``stn`` read their fields
+    (``record.errors.spatial.mean``), never the deprecated schema-1 keys (``record["spatial_error"]``)."""
+    bad = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
+           if _BY_KEY.search(line)]
+    assert not bad, "\n".join(bad)
+
+
+def _test_map() -> dict[str, list[str]]:
+    """``{module path: [test files]}`` from the first table of tests/README.md."""
+    text = (ROOT / "tests" / "README.md").read_text()
+    rows = re.findall(r"^\| `((?:invariance|stn)/[\w/]+\.py)` \| (.+) \|$", text, flags=re.M)
+    return {mod: re.findall(r"`(test_\w+\.py)`", tests) for mod, tests in rows}
+
+
+def test_every_module_has_its_test_modules_in_the_map():
+    """tests/README.md maps each module of both packages to the test modules that test it: every
+    module has a row, every file named exists, and every test module is named somewhere."""
+    mapping = _test_map()
+    modules = sorted(p.relative_to(ROOT).as_posix() for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py"))
+    assert sorted(mapping) == modules, sorted(set(modules) ^ set(mapping))
+    missing = sorted({t for ts in mapping.values() for t in ts if not (ROOT / "tests" / t).is_file()})
+    assert not missing, missing
+    named = set(re.findall(r"`(test_\w+\.py)`", (ROOT / "tests" / "README.md").read_text()))
+    unnamed = sorted(p.name for p in (ROOT / "tests").glob("test_*.py") if p.name not in named)
+    assert not unnamed, unnamed

@@ -13,7 +13,9 @@ Three independent references pin the whole chain:
 * asymmetric inputs (H != W, an off-centre blob, a known direction), each written so that it
   fails if x and y are swapped or if a sign is flipped.
 
-All comparisons are in float64 unless a test is about another dtype.
+All comparisons are in float64 unless a test is about another dtype. The numeric tests run on
+every device of the ``device`` fixture (``conftest.py``): the inputs are built on the CPU as
+before and moved with ``.to(device)``, the results are compared on the CPU.
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ TOL = dict(atol=1e-10, rtol=0.0)
 
 
 
-def T(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=DT)
+def T(*values, device="cpu") -> torch.Tensor:
+    return torch.tensor(values, dtype=DT, device=device)
 
 
 def check(actual, expected, **kw):
-    torch.testing.assert_close(actual, expected, **(kw or TOL))
+    """``assert_close`` on the CPU: results computed on another device come back first."""
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), **(kw or TOL))
 
 
 def rand(*shape, seed=0) -> torch.Tensor:
@@ -74,14 +77,14 @@ def blob(h, w, row, col, sigma=None) -> torch.Tensor:
 
 
 def argmax2d(img: torch.Tensor) -> tuple[int, int]:
-    img = img.reshape(img.shape[-2:])
+    img = img.reshape(img.shape[-2:]).cpu()
     i = int(img.argmax())
     return divmod(i, img.shape[-1])
 
 
 def centroid(img: torch.Tensor) -> tuple[float, float]:
-    """(row, col) centre of mass of a non-negative image."""
-    img = img.reshape(img.shape[-2:])
+    """(row, col) centre of mass of a non-negative image (computed on the CPU)."""
+    img = img.reshape(img.shape[-2:]).cpu()
     h, w = img.shape
     rows = torch.arange(h, dtype=img.dtype)[:, None]
     cols = torch.arange(w, dtype=img.dtype)[None, :]
@@ -89,9 +92,10 @@ def centroid(img: torch.Tensor) -> tuple[float, float]:
     return float((img * rows).sum() / m), float((img * cols).sum() / m)
 
 
-def centred(family, *params, size) -> torch.Tensor:
-    """A centred-frame (pixel) family transform as the normalised matrix that ``warp`` consumes."""
-    return G.centred_to_normalized(G.to_matrix(family, T(*params)), size)
+def centred(family, *params, size, device="cpu") -> torch.Tensor:
+    """A centred-frame (pixel) family transform as the normalised matrix that ``warp`` consumes
+    (computed on the CPU, then moved to ``device``)."""
+    return G.centred_to_normalized(G.to_matrix(family, T(*params)), size).to(device)
 
 
 # ----------------------------------------------------------------------------- the oracle
@@ -155,16 +159,18 @@ def bilinear_zero_pad(img: np.ndarray, x: float, y: float) -> float:
 @pytest.mark.parametrize("n", [6, 7])
 @pytest.mark.parametrize("k", [-1, 1, 2, 3, 4])
 @pytest.mark.parametrize("mode", W.MODES)
-def test_rotation_90k_equals_rot90(n, k, mode):
+def test_rotation_90k_equals_rot90(n, k, mode, device):
     """Square images, even and odd size: rotation(90 k) is torch.rot90(x, k, dims=(-2, -1))."""
     x = rand(2, 3, n, n)
     expected = torch.rot90(x, k, dims=(-2, -1))
-    check(W.transform_images(x, "rotation", [90.0 * k], mode=mode), expected, atol=1e-9, rtol=0)
-    check(W.warp(x, centred("rotation", 90.0 * k, size=(n, n)), mode=mode), expected, atol=1e-9, rtol=0)
+    xd = x.to(device)
+    check(W.transform_images(xd, "rotation", [90.0 * k], mode=mode), expected, atol=1e-9, rtol=0)
+    check(W.warp(xd, centred("rotation", 90.0 * k, size=(n, n), device=device), mode=mode), expected, atol=1e-9,
+          rtol=0)
 
 
 @pytest.mark.parametrize("size", [(7, 11), (6, 10), (11, 5)])
-def test_rotation_90_non_square_is_a_lattice_permutation(size):
+def test_rotation_90_non_square_is_a_lattice_permutation(size, device):
     """H != W of equal parity: the centre maps pixel centres to pixel centres; content outside is 0.
 
     Output pixel (r, c) reads input pixel (row, col) = (cy + (c - cx), cx - (r - cy)), the inverse
@@ -179,15 +185,16 @@ def test_rotation_90_non_square_is_a_lattice_permutation(size):
             row, col = cy + (c - cx), cx - (r - cy)
             if 0 <= row < h and 0 <= col < w and row == int(row) and col == int(col):
                 expected[..., r, c] = x[..., int(row), int(col)]
-    check(W.transform_images(x, "rotation", [90.0]), expected, atol=1e-9, rtol=0)
+    check(W.transform_images(x.to(device), "rotation", [90.0]), expected, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(5, 8), (6, 9), (7, 4), (1, 6)])
 @pytest.mark.parametrize("mode", W.MODES)
-def test_rotation_180_non_square_flips_both_axes(size, mode):
+def test_rotation_180_non_square_flips_both_axes(size, mode, device):
     x = rand(2, 3, *size)
-    check(W.transform_images(x, "rotation", [180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
-    check(W.transform_images(x, "rotation", [-180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    xd = x.to(device)
+    check(W.transform_images(xd, "rotation", [180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    check(W.transform_images(xd, "rotation", [-180.0], mode=mode), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
 
 
 def shifted_like_roll(x: torch.Tensor, tx: int, ty: int) -> torch.Tensor:
@@ -207,22 +214,24 @@ def shifted_like_roll(x: torch.Tensor, tx: int, ty: int) -> torch.Tensor:
 
 @given(tx=st.integers(-8, 8), ty=st.integers(-8, 8), size=st.sampled_from([(7, 10), (9, 6), (8, 8)]),
        mode=st.sampled_from(W.MODES))
-def test_integer_translation_equals_roll(tx, ty, size, mode):
+def test_integer_translation_equals_roll(tx, ty, size, mode, device):
     """translation(tx, ty) with integers: torch.roll(x, (ty, tx)) where not wrapped, zeros elsewhere."""
     x = rand(2, 2, *size, seed=tx * 31 + ty)
-    out = W.transform_images(x, "translation", [float(tx), float(ty)], mode=mode)
+    out = W.transform_images(x.to(device), "translation", [float(tx), float(ty)], mode=mode)
     check(out, shifted_like_roll(x, tx, ty), atol=1e-9, rtol=0)
 
 
-def test_sequential_lattice_warps_compose():
+def test_sequential_lattice_warps_compose(device):
     """warp by B then by A equals one warp by compose(A, B) on the lattice (here: 90 + 90 = 180, shifts)."""
     size = (9, 9)
     x = rand(1, 2, *size)
-    R = centred("rotation", 90.0, size=size)
-    check(W.warp(W.warp(x, R), R), W.warp(x, G.compose(R, R)), atol=1e-9, rtol=0)
-    check(W.warp(x, G.compose(R, R)), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
-    A, B = centred("translation", 2.0, 0.0, size=size), centred("translation", 0.0, -3.0, size=size)
-    check(W.warp(W.warp(x, B), A), W.warp(x, G.compose(A, B)), atol=1e-9, rtol=0)
+    xd = x.to(device)
+    R = centred("rotation", 90.0, size=size, device=device)
+    check(W.warp(W.warp(xd, R), R), W.warp(xd, G.compose(R, R)), atol=1e-9, rtol=0)
+    check(W.warp(xd, G.compose(R, R)), torch.flip(x, dims=(-2, -1)), atol=1e-9, rtol=0)
+    A = centred("translation", 2.0, 0.0, size=size, device=device)
+    B = centred("translation", 0.0, -3.0, size=size, device=device)
+    check(W.warp(W.warp(xd, B), A), W.warp(xd, G.compose(A, B)), atol=1e-9, rtol=0)
 
 
 # ----------------------------------------------------------------------------- the scipy oracle
@@ -244,11 +253,11 @@ def affine_centred(draw):
 
 
 @given(A=affine_centred(), size=st.sampled_from([(13, 17), (16, 11)]))
-def test_affine_agrees_with_scipy_in_the_interior(A, size):
+def test_affine_agrees_with_scipy_in_the_interior(A, size, device):
     """Interior of non-square images: scipy's order-1 affine_transform (mode='constant') and warp agree."""
     x = rand(1, 1, *size)
     N = G.centred_to_normalized(A, size)
-    out = W.warp(x, N)[0, 0].numpy()
+    out = W.warp(x.to(device), N.to(device))[0, 0].cpu().numpy()
     ref, src = scipy_affine(x[0, 0].numpy(), N, mode="constant")
     inside = interior(src, size)
     assume(inside.sum() >= 10)  # a large shift of a shrunk image can leave almost no interior
@@ -258,12 +267,12 @@ def test_affine_agrees_with_scipy_in_the_interior(A, size):
 @pytest.mark.parametrize("padding_mode,scipy_mode", [("zeros", "grid-constant"), ("border", "nearest"),
                                                      ("reflection", "reflect")])
 @given(A=affine_centred())
-def test_affine_agrees_with_scipy_everywhere(padding_mode, scipy_mode, A):
+def test_affine_agrees_with_scipy_everywhere(padding_mode, scipy_mode, A, device):
     """Whole image, every padding mode, against the matching scipy boundary rule."""
     size = (12, 19)
     x = rand(1, 1, *size, seed=1)
     N = G.centred_to_normalized(A, size)
-    out = W.warp(x, N, padding_mode=padding_mode)[0, 0].numpy()
+    out = W.warp(x.to(device), N.to(device), padding_mode=padding_mode)[0, 0].cpu().numpy()
     ref, _ = scipy_affine(x[0, 0].numpy(), N, mode=scipy_mode)
     np.testing.assert_allclose(out, ref, atol=1e-9, rtol=0)
 
@@ -284,107 +293,107 @@ H9, W13 = 9, 13
 CY, CX = 4, 6
 
 
-def test_rotation_plus_90_moves_right_of_centre_to_above():
+def test_rotation_plus_90_moves_right_of_centre_to_above(device):
     """A pixel 3 columns right of the centre goes to 3 rows *above* it (smaller row index).
 
     A flipped angle sign sends it below, to (7, 6); applying the matrix to (row, col) instead of
     (x, y) (an x/y swap) also sends it to (7, 6); swapping H and W in the frame moves the centre
     (the non-square image makes that visible).
     """
-    x = blob(H9, W13, CY, CX + 3)
+    x = blob(H9, W13, CY, CX + 3).to(device)
     out = W.transform_images(x, "rotation", [90.0])
     assert argmax2d(out) == (CY - 3, CX)
     check(out, blob(H9, W13, CY - 3, CX), atol=1e-9, rtol=0)
 
 
-def test_rotation_plus_90_top_right_quadrant_goes_to_top_left():
+def test_rotation_plus_90_top_right_quadrant_goes_to_top_left(device):
     """Gaussian blob in the top-right quadrant at centred (x, y) = (3, -2) -> (y, -x) = (-2, -3).
 
     Sign flip: it would go to the bottom-right (2, 3); x/y swap: to the bottom-right as well.
     """
-    x = blob(H9, W13, CY - 2, CX + 3, sigma=0.8)
+    x = blob(H9, W13, CY - 2, CX + 3, sigma=0.8).to(device)
     r, c = centroid(W.transform_images(x, "rotation", [90.0]))
     assert r < CY and c < CX
     assert abs(r - (CY - 3)) < 0.05 and abs(c - (CX - 2)) < 0.05
 
 
-def test_rotation_small_positive_angle_moves_right_point_up():
+def test_rotation_small_positive_angle_moves_right_point_up(device):
     """rotation(+30): a blob right of the centre by 5 px ends at (row, col) = (cy - 5 sin 30, cx + 5 cos 30)."""
     size = (21, 31)
     cy, cx = 10, 15
-    x = blob(*size, cy, cx + 5, sigma=1.2)
+    x = blob(*size, cy, cx + 5, sigma=1.2).to(device)
     r, c = centroid(W.transform_images(x, "rotation", [30.0]))
     assert abs(r - (cy - 2.5)) < 0.1 and abs(c - (cx + 5 * math.cos(math.radians(30)))) < 0.1
 
 
-def test_translation_x_moves_to_larger_column():
+def test_translation_x_moves_to_larger_column(device):
     """translation(+2, 0): same row, column + 2. An x/y swap moves the row; a sign flip moves it left."""
-    x = blob(H9, W13, 1, 9)
+    x = blob(H9, W13, 1, 9).to(device)
     out = W.transform_images(x, "translation", [2.0, 0.0])
     assert argmax2d(out) == (1, 11)
     check(out, blob(H9, W13, 1, 11), atol=1e-9, rtol=0)
 
 
-def test_translation_y_moves_to_larger_row():
+def test_translation_y_moves_to_larger_row(device):
     """translation(0, +3): row + 3, same column (rows are y, pointing down). Swap / sign flip both fail."""
-    x = blob(H9, W13, 1, 9)
+    x = blob(H9, W13, 1, 9).to(device)
     out = W.transform_images(x, "translation", [0.0, 3.0])
     assert argmax2d(out) == (4, 9)
     check(out, blob(H9, W13, 4, 9), atol=1e-9, rtol=0)
 
 
-def test_scale_2_doubles_the_offset_from_the_centre():
+def test_scale_2_doubles_the_offset_from_the_centre(device):
     """scale(2): a pixel at (dx, dy) = (+2, -1) from the centre goes to (+4, -2), i.e. (row 2, col 10).
 
     Passing A instead of A^{-1} (a flipped exponent) would halve the offset; a centre taken at
     ((H-1)/2, (W-1)/2) in the wrong axes (x/y swap of the frame) puts the blob elsewhere.
     """
-    x = blob(H9, W13, CY - 1, CX + 2)
+    x = blob(H9, W13, CY - 1, CX + 2).to(device)
     out = W.transform_images(x, "scale", [2.0])
     assert argmax2d(out) == (CY - 2, CX + 4)
     assert abs(float(out[0, 0, CY - 2, CX + 4]) - 1.0) < 1e-9
     # a Gaussian's centroid also moves twice as far from the centre
-    g = blob(H9 * 3, W13 * 3, 13 - 2, 19 + 3, sigma=1.0)
+    g = blob(H9 * 3, W13 * 3, 13 - 2, 19 + 3, sigma=1.0).to(device)
     r, c = centroid(W.transform_images(g, "scale", [2.0]))
     assert abs(r - (13 - 4)) < 0.05 and abs(c - (19 + 6)) < 0.05
 
 
-def test_anisotropic_scale_acts_on_columns_then_rows():
+def test_anisotropic_scale_acts_on_columns_then_rows(device):
     """anisotropic_scale(sx=2, sy=1) stretches along columns (x) only; (1, 2) along rows (y) only."""
-    x = blob(H9, W13, CY - 1, CX + 2)
+    x = blob(H9, W13, CY - 1, CX + 2).to(device)
     assert argmax2d(W.transform_images(x, "anisotropic_scale", [2.0, 1.0])) == (CY - 1, CX + 4)
     assert argmax2d(W.transform_images(x, "anisotropic_scale", [1.0, 2.0])) == (CY - 2, CX + 2)
 
 
-def test_similarity_scale_2_matches_scale_family():
-    x = blob(H9, W13, CY - 1, CX + 2)
+def test_similarity_scale_2_matches_scale_family(device):
+    x = blob(H9, W13, CY - 1, CX + 2).to(device)
     check(W.transform_images(x, "similarity", [0.0, 2.0, 0.0, 0.0]), W.transform_images(x, "scale", [2.0]),
           atol=1e-9, rtol=0)
 
 
-def test_similarity_with_unit_scale_matches_rigid():
-    x = rand(1, 2, H9, W13)
+def test_similarity_with_unit_scale_matches_rigid(device):
+    x = rand(1, 2, H9, W13).to(device)
     check(W.transform_images(x, "similarity", [90.0, 1.0, 2.0, -1.0]),
           W.transform_images(x, "rigid", [90.0, 2.0, -1.0]), atol=1e-9, rtol=0)
 
 
-def test_warp_takes_input_to_output_normalised_matrices():
+def test_warp_takes_input_to_output_normalised_matrices(device):
     """A normalised shift of +4/W in x (two pixels) moves content two columns to the right.
 
     If warp handed A itself (rather than A^{-1}) to affine_grid the blob would move left; if it
     read the matrix in (row, col) order it would move down.
     """
-    x = blob(H9, W13, 2, 5)
-    N = T([1.0, 0.0, 4.0 / W13], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    x = blob(H9, W13, 2, 5).to(device)
+    N = T([1.0, 0.0, 4.0 / W13], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], device=device)
     assert argmax2d(W.warp(x, N)) == (2, 7)
-    N = T([1.0, 0.0, 0.0], [0.0, 1.0, 2.0 / H9], [0.0, 0.0, 1.0])
+    N = T([1.0, 0.0, 0.0], [0.0, 1.0, 2.0 / H9], [0.0, 0.0, 1.0], device=device)
     assert argmax2d(W.warp(x, N)) == (3, 5)
 
 
-def test_warp_docstring_example():
+def test_warp_docstring_example(device):
     x = torch.zeros(1, 1, 4, 4, dtype=DT)
     x[0, 0, 0, 3] = 1  # top-right pixel
-    out = W.warp(x, G.to_matrix("rotation", T(90.0)))  # square: centred == normalised
+    out = W.warp(x.to(device), G.to_matrix("rotation", T(90.0)).to(device))  # square: centred == normalised
     check(out, blob(4, 4, 0, 0), atol=1e-9, rtol=0)
 
 
@@ -402,30 +411,31 @@ def forward_maps(draw):
 
 
 @given(fm=forward_maps(), offset=st.tuples(st.integers(-4, 4), st.integers(-4, 4)))
-def test_content_at_p_ends_up_at_A_p(fm, offset):
+def test_content_at_p_ends_up_at_A_p(fm, offset, device):
     """The matrix is a forward map: a Gaussian blob at centred point p has its centroid at A p."""
     family, A = fm
     size = (31, 41)
     cy, cx = 15, 20
     dx, dy = offset
-    x = blob(*size, cy + dy, cx + dx, sigma=1.2)
-    out = W.transform_images(x, family, G.from_matrix(family, A))
+    x = blob(*size, cy + dy, cx + dx, sigma=1.2).to(device)
+    out = W.transform_images(x, family, G.from_matrix(family, A).to(device))
     qx, qy = G.apply_to_points(A, T([float(dx), float(dy)]))[0].tolist()
     r, c = centroid(out)
     assert abs(c - (cx + qx)) < 0.1 and abs(r - (cy + qy)) < 0.1
 
 
-def test_normalised_frame_commutes_with_pooling():
+def test_normalised_frame_commutes_with_pooling(device):
     """One normalised matrix moves a map and its 2x2-pooled version alike (same field of view)."""
-    x = rand(1, 3, 8, 12)
-    for N in (centred("rotation", 180.0, size=(8, 12)), centred("translation", 2.0, -4.0, size=(8, 12))):
+    x = rand(1, 3, 8, 12).to(device)
+    for N in (centred("rotation", 180.0, size=(8, 12), device=device),
+              centred("translation", 2.0, -4.0, size=(8, 12), device=device)):
         check(W.warp(F.avg_pool2d(x, 2), N), F.avg_pool2d(W.warp(x, N), 2), atol=1e-9, rtol=0)
 
 
-def test_output_size_keeps_the_field_of_view():
+def test_output_size_keeps_the_field_of_view(device):
     """warp to another size samples the same field of view: identity to 2x == bilinear upsampling."""
     x = rand(2, 3, 5, 7)
-    out = W.warp(x, torch.eye(3, dtype=DT), size=(10, 14), padding_mode="border")
+    out = W.warp(x.to(device), torch.eye(3, dtype=DT, device=device), size=(10, 14), padding_mode="border")
     ref = F.interpolate(x, size=(10, 14), mode="bilinear", align_corners=False)
     check(out, ref, atol=1e-12, rtol=0)
 
@@ -433,20 +443,20 @@ def test_output_size_keeps_the_field_of_view():
 # ----------------------------------------------------------------------------- projective
 
 
-def test_projective_with_zero_perspective_equals_affine():
-    x = rand(2, 2, 11, 14)
+def test_projective_with_zero_perspective_equals_affine(device):
+    x = rand(2, 2, 11, 14).to(device)
     p = [1.1, 0.2, 1.5, -0.3, 0.9, -2.0]
     affine = W.transform_images(x, "affine", p)
     check(W.transform_images(x, "projective", p + [0.0, 0.0]), affine, atol=0, rtol=0)
 
 
-def test_homogeneous_path_equals_affine_path():
+def test_homogeneous_path_equals_affine_path(device):
     """Batched with a genuinely projective matrix, an affine one goes through the homogeneous grid;
     so does a rescaled affine matrix (last row (0, 0, 3)). Both agree with the affine_grid path."""
     size = (11, 14)
-    x = rand(2, 2, *size)
-    A = centred("affine", 1.1, 0.2, 1.5, -0.3, 0.9, -2.0, size=size)
-    P = centred("projective", 1.0, 0.1, 0.5, 0.0, 1.0, 0.0, 0.02, -0.01, size=size)
+    x = rand(2, 2, *size).to(device)
+    A = centred("affine", 1.1, 0.2, 1.5, -0.3, 0.9, -2.0, size=size, device=device)
+    P = centred("projective", 1.0, 0.1, 0.5, 0.0, 1.0, 0.0, 0.02, -0.01, size=size, device=device)
     affine = W.warp(x, A)
     check(W.warp(x, torch.stack([A, P]))[:, 0], affine, atol=1e-12, rtol=0)
     check(W.warp(x, 3.0 * A), affine, atol=1e-12, rtol=0)
@@ -457,7 +467,7 @@ def test_homogeneous_path_equals_affine_path():
 PROJ = [1.05, 0.1, 0.8, -0.05, 0.95, -0.6, 0.012, -0.009]
 
 
-def test_projective_sampling_points_and_values_by_direct_computation():
+def test_projective_sampling_points_and_values_by_direct_computation(device):
     """A few output pixels: the sampling point is the dehomogenised A_pix^{-1} q; the value is the
     bilinear interpolation there, computed here from scratch."""
     size = (11, 14)
@@ -465,8 +475,8 @@ def test_projective_sampling_points_and_values_by_direct_computation():
     x = rand(1, 1, *size, seed=3)
     N = centred("projective", *PROJ, size=size)
     assert not G.is_affine(N)
-    out = W.warp(x, N)[0, 0]
-    grid = W.sampling_grid(N[None], size)[0]
+    out = W.warp(x.to(device), N.to(device))[0, 0].cpu()
+    grid = W.sampling_grid(N[None].to(device), size)[0].cpu()
     # the same map, written out directly in the centred frame: p = A^{-1} q (dehomogenised)
     A_inv = torch.linalg.inv(G.to_matrix("projective", T(*PROJ)))
     img = x[0, 0].numpy()
@@ -478,7 +488,7 @@ def test_projective_sampling_points_and_values_by_direct_computation():
         assert abs(float(out[r, c]) - bilinear_zero_pad(img, px, py)) < 1e-12
 
 
-def test_projective_agrees_with_scipy_geometric_transform():
+def test_projective_agrees_with_scipy_geometric_transform(device):
     """Whole image, zero padding: scipy.ndimage.geometric_transform with the inverse map as oracle."""
     size = (11, 14)
     x = rand(1, 1, *size, seed=4)
@@ -490,7 +500,7 @@ def test_projective_agrees_with_scipy_geometric_transform():
         return v[1] / v[2], v[0] / v[2]
 
     ref = ndimage.geometric_transform(x[0, 0].numpy(), mapping, order=1, mode="grid-constant", cval=0.0)
-    np.testing.assert_allclose(W.warp(x, N)[0, 0].numpy(), ref, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(W.warp(x.to(device), N.to(device))[0, 0].cpu().numpy(), ref, atol=1e-9, rtol=0)
 
 
 # ----------------------------------------------------------------------------- batching and shapes
@@ -506,9 +516,9 @@ def random_normalised(k, seed=0, size=(9, 12)) -> torch.Tensor:
     return G.centred_to_normalized(torch.stack(mats), size)
 
 
-def test_shared_matrices_equal_a_loop():
-    x = rand(3, 2, 9, 12)
-    mats = random_normalised(5)
+def test_shared_matrices_equal_a_loop(device):
+    x = rand(3, 2, 9, 12).to(device)
+    mats = random_normalised(5).to(device)
     out = W.warp(x, mats)
     assert out.shape == (3, 5, 2, 9, 12)
     for k in range(5):
@@ -517,9 +527,9 @@ def test_shared_matrices_equal_a_loop():
             check(out[b, k], W.warp(x[b: b + 1], mats[k])[0], atol=1e-12, rtol=0)
 
 
-def test_per_image_matrices_equal_a_loop():
-    x = rand(3, 2, 9, 12)
-    mats = random_normalised(12).reshape(3, 4, 3, 3)
+def test_per_image_matrices_equal_a_loop(device):
+    x = rand(3, 2, 9, 12).to(device)
+    mats = random_normalised(12).reshape(3, 4, 3, 3).to(device)
     out = W.warp(x, mats)
     assert out.shape == (3, 4, 2, 9, 12)
     for b in range(3):
@@ -528,17 +538,17 @@ def test_per_image_matrices_equal_a_loop():
 
 
 @pytest.mark.parametrize("per_image", [False, True])
-def test_chunk_size_does_not_change_the_output(per_image):
-    x = rand(2, 3, 9, 12)
-    mats = random_normalised(14).reshape(2, 7, 3, 3) if per_image else random_normalised(7)
+def test_chunk_size_does_not_change_the_output(per_image, device):
+    x = rand(2, 3, 9, 12).to(device)
+    mats = (random_normalised(14).reshape(2, 7, 3, 3) if per_image else random_normalised(7)).to(device)
     ref = W.warp(x, mats, chunk_size=None)
     for cs in (1, 3, 7, 100):
         assert torch.equal(W.warp(x, mats, chunk_size=cs), ref)
 
 
-def test_warp_chunks_yields_consecutive_slices():
-    x = rand(2, 3, 8, 8)
-    mats = random_normalised(7, size=(8, 8))
+def test_warp_chunks_yields_consecutive_slices(device):
+    x = rand(2, 3, 8, 8).to(device)
+    mats = random_normalised(7, size=(8, 8)).to(device)
     full = W.warp(x, mats)
     parts = list(W.warp_chunks(x, mats, chunk_size=3))
     assert [sl for sl, _ in parts] == [slice(0, 3), slice(3, 6), slice(6, 7)]
@@ -547,9 +557,9 @@ def test_warp_chunks_yields_consecutive_slices():
         assert torch.equal(p, full[:, sl])
 
 
-def test_warp_output_shapes():
-    x = rand(2, 3, 6, 9)
-    eye = torch.eye(3, dtype=DT)
+def test_warp_output_shapes(device):
+    x = rand(2, 3, 6, 9).to(device)
+    eye = torch.eye(3, dtype=DT, device=device)
     assert W.warp(x, eye).shape == (2, 3, 6, 9)
     assert W.warp(x, eye[None]).shape == (2, 1, 3, 6, 9)
     assert W.warp(x, eye.expand(4, 3, 3)).shape == (2, 4, 3, 6, 9)
@@ -561,16 +571,16 @@ def test_warp_output_shapes():
     check(W.warp(x, eye[None])[:, 0], x, atol=1e-12, rtol=0)
 
 
-def test_transform_images_shape_rules():
-    x = rand(3, 2, 7, 10)
+def test_transform_images_shape_rules(device):
+    x = rand(3, 2, 7, 10).to(device)
     assert W.transform_images(x, "rotation", [30.0]).shape == (3, 2, 7, 10)  # (n,): one for all
-    assert W.transform_images(x, "rotation", T(30.0)).shape == (3, 2, 7, 10)
-    per = T([10.0], [20.0], [30.0])  # (B, n): one per image
+    assert W.transform_images(x, "rotation", T(30.0, device=device)).shape == (3, 2, 7, 10)
+    per = T([10.0], [20.0], [30.0], device=device)  # (B, n): one per image
     out = W.transform_images(x, "rotation", per)
     assert out.shape == (3, 2, 7, 10)
     for b in range(3):
         check(out[b], W.transform_images(x[b: b + 1], "rotation", per[b])[0], atol=1e-12, rtol=0)
-    many = T([10.0], [20.0], [30.0], [40.0], [50.0])  # (K, n), K != B: every one to every image
+    many = T([10.0], [20.0], [30.0], [40.0], [50.0], device=device)  # (K, n), K != B: every one to every image
     out = W.transform_images(x, "rotation", many)
     assert out.shape == (3, 5, 2, 7, 10)
     for k in range(5):
@@ -579,8 +589,8 @@ def test_transform_images_shape_rules():
         W.transform_images(x, "rotation", torch.zeros(2, 2, 1, dtype=DT))
 
 
-def test_sampling_grid_identity():
-    g = W.sampling_grid(torch.eye(3, dtype=DT)[None], (2, 3))
+def test_sampling_grid_identity(device):
+    g = W.sampling_grid(torch.eye(3, dtype=DT, device=device)[None], (2, 3))
     assert g.shape == (1, 2, 3, 2)
     # (x, y) order: x varies along columns (W = 3), y along rows (H = 2)
     check(g[0, 0, :, 0], T(-2 / 3, 0.0, 2 / 3), atol=1e-12, rtol=0)
@@ -591,15 +601,15 @@ def test_sampling_grid_identity():
 
 
 @pytest.mark.parametrize("size", [(8, 8), (7, 12), (12, 5)])
-def test_valid_mask_identity_and_zero_shift(size):
-    m = W.valid_mask(torch.eye(3, dtype=DT), size)
+def test_valid_mask_identity_and_zero_shift(size, device):
+    m = W.valid_mask(torch.eye(3, dtype=DT, device=device), size)
     assert m.shape == (1, *size) and m.dtype == torch.bool and bool(m.all())
-    assert bool(W.valid_mask(centred("translation", 0.0, 0.0, size=size)[None], size).all())
+    assert bool(W.valid_mask(centred("translation", 0.0, 0.0, size=size, device=device)[None], size).all())
 
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 24)])
-def test_valid_mask_scale_half_is_a_quarter(size):
-    m = W.valid_mask(centred("scale", 0.5, size=size), size)[0]
+def test_valid_mask_scale_half_is_a_quarter(size, device):
+    m = W.valid_mask(centred("scale", 0.5, size=size, device=device), size)[0].cpu()
     h, w = size
     assert int(m.sum()) == (h // 2) * (w // 2)  # exactly a quarter for even sizes
     assert abs(float(m.double().mean()) - 0.25) < 1e-12
@@ -607,32 +617,34 @@ def test_valid_mask_scale_half_is_a_quarter(size):
     assert bool(m[h // 4: 3 * h // 4, w // 4: 3 * w // 4].all())
 
 
-def test_valid_mask_integer_shift_vacates_columns_and_rows():
+def test_valid_mask_integer_shift_vacates_columns_and_rows(device):
     size = (7, 10)
     mats = torch.stack([centred("translation", 3.0, 0.0, size=size), centred("translation", 0.0, -2.0, size=size)])
-    m = W.valid_mask(mats, size)
+    m = W.valid_mask(mats.to(device), size).cpu()
     assert m.shape == (2, 7, 10)
     assert not m[0, :, :3].any() and bool(m[0, :, 3:].all())  # +3 in x: the 3 left columns are vacated
     assert not m[1, -2:, :].any() and bool(m[1, :-2, :].all())  # -2 in y: the 2 bottom rows are vacated
 
 
-def test_valid_mask_agrees_with_warped_content():
+def test_valid_mask_agrees_with_warped_content(device):
     """Where the mask is True, warping an all-ones image gives 1; elsewhere the output lost mass."""
     size = (10, 13)
-    mats = random_normalised(4, size=size)
-    m = W.valid_mask(mats, size)
-    ones = W.warp(torch.ones(1, 1, *size, dtype=DT), mats)[0, :, 0]
+    mats = random_normalised(4, size=size).to(device)
+    m = W.valid_mask(mats, size).cpu()
+    ones = W.warp(torch.ones(1, 1, *size, dtype=DT, device=device), mats)[0, :, 0].cpu()
     assert bool((ones[m] > 0.999).all()) and bool((ones[~m] < 0.999).all())
 
 
 @pytest.mark.parametrize("size", [(4, 4), (9, 16), (16, 9), (10, 7)])
 @pytest.mark.parametrize("radius", [1.0, 0.5, 0.8])
-def test_disk_mask_symmetric_and_sized(size, radius):
-    m = W.disk_mask(size, radius)
+def test_disk_mask_symmetric_and_sized(size, radius, device):
+    m = W.disk_mask(size, radius, device=device)
+    assert m.device.type == device.type
+    m = m.cpu()
     h, w = size
     assert m.shape == size and m.dtype == torch.bool
     assert torch.equal(m, m.flip(0)) and torch.equal(m, m.flip(1))
-    assert torch.equal(W.disk_mask((w, h), radius), m.T)  # (H, W) <-> (W, H) transposes
+    assert torch.equal(W.disk_mask((w, h), radius, device=device).cpu(), m.T)  # (H, W) <-> (W, H) transposes
     # an ellipse in pixels: about pi r^2 / 4 of the field of view
     if min(size) >= 9:
         assert abs(float(m.double().mean()) - math.pi * radius**2 / 4) < 0.08
@@ -643,17 +655,18 @@ def test_disk_mask_symmetric_and_sized(size, radius):
     assert int(m[:, w // 2].sum()) == int((ys**2 + xs[w // 2] ** 2 <= radius**2).sum())
 
 
-def test_disk_mask_known_answers():
-    assert W.disk_mask((4, 4)).int().tolist() == [[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]]
+def test_disk_mask_known_answers(device):
+    assert W.disk_mask((4, 4), device=device).int().tolist() == [[0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1],
+                                                                 [0, 1, 1, 0]]
     # for H != W it spans the full width in the middle rows and the full height in the middle columns
-    m = W.disk_mask((8, 16))
+    m = W.disk_mask((8, 16), device=device).cpu()
     assert bool(m[3].all()) and bool(m[4].all()) and bool(m[:, 7].all()) and bool(m[:, 8].all())
     assert not m[0, 0] and not m[0, 15] and not m[7, 0] and not m[7, 15]
-    assert bool(W.disk_mask((2, 4)).all())
+    assert bool(W.disk_mask((2, 4), device=device).all())
     # rotations about the centre keep the unit disk inside the valid region (square image)
     size = (21, 21)
-    d = W.disk_mask(size, 0.9)
-    v = W.valid_mask(centred("rotation", 37.0, size=size), size)[0]
+    d = W.disk_mask(size, 0.9, device=device)
+    v = W.valid_mask(centred("rotation", 37.0, size=size, device=device), size)[0]
     assert bool(v[d].all())
 
 
@@ -669,45 +682,45 @@ GRAD_PARAMS = {
 
 
 @pytest.mark.parametrize("family", sorted(GRAD_PARAMS))
-def test_gradcheck_wrt_parameters(family):
-    x = smooth(1, 1, 8, 10, seed=5)
-    p = T(*GRAD_PARAMS[family]).requires_grad_()
+def test_gradcheck_wrt_parameters(family, device):
+    x = smooth(1, 1, 8, 10, seed=5).to(device)
+    p = T(*GRAD_PARAMS[family], device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda q: W.transform_images(x, family, q), (p,))
 
 
 @pytest.mark.parametrize("family", ["rotation", "projective"])
-def test_gradcheck_wrt_image(family):
-    x = smooth(1, 2, 8, 10, seed=6).requires_grad_()
-    p = T(*GRAD_PARAMS[family])
+def test_gradcheck_wrt_image(family, device):
+    x = smooth(1, 2, 8, 10, seed=6).to(device).requires_grad_()
+    p = T(*GRAD_PARAMS[family], device=device)
     assert torch.autograd.gradcheck(lambda img: W.transform_images(img, family, p), (x,))
 
 
-def test_gradcheck_wrt_affine_entries_of_normalised_matrices():
+def test_gradcheck_wrt_affine_entries_of_normalised_matrices(device):
     """Per-image (B, K, 3, 3) matrices; the derivative w.r.t. the top two rows (the affine part)."""
-    x = smooth(2, 1, 8, 10, seed=7)
-    mats = random_normalised(2, size=(8, 10)).reshape(2, 1, 3, 3)
+    x = smooth(2, 1, 8, 10, seed=7).to(device)
+    mats = random_normalised(2, size=(8, 10)).reshape(2, 1, 3, 3).to(device)
     top, last = mats[..., :2, :].clone().requires_grad_(), mats[..., 2:, :]
     assert torch.autograd.gradcheck(lambda t: W.warp(x, torch.cat([t, last], dim=-2)), (top,), fast_mode=True)
 
 
-def test_gradcheck_wrt_full_projective_matrix():
+def test_gradcheck_wrt_full_projective_matrix(device):
     """Away from the affine case every entry (perspective row included) has the right derivative."""
-    x = smooth(1, 1, 8, 10, seed=8)
-    N = centred("projective", *GRAD_PARAMS["projective"], size=(8, 10)).clone().requires_grad_()
+    x = smooth(1, 1, 8, 10, seed=8).to(device)
+    N = centred("projective", *GRAD_PARAMS["projective"], size=(8, 10), device=device).clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda m: W.warp(x, m), (N,), fast_mode=True)
 
 
 
 
-def test_gradcheck_projective_parameters_at_zero_perspective():
-    x = smooth(1, 1, 8, 10, seed=5)
-    p = T(*GRAD_PARAMS["projective"][:6], 0.0, 0.0).requires_grad_()
+def test_gradcheck_projective_parameters_at_zero_perspective(device):
+    x = smooth(1, 1, 8, 10, seed=5).to(device)
+    p = T(*GRAD_PARAMS["projective"][:6], 0.0, 0.0, device=device).requires_grad_()
     assert torch.autograd.gradcheck(lambda q: W.transform_images(x, "projective", q), (p,), fast_mode=True)
 
 
-def test_gradcheck_wrt_full_affine_matrix():
-    x = smooth(1, 1, 8, 10, seed=8)
-    N = centred("affine", *GRAD_PARAMS["affine"], size=(8, 10)).clone().requires_grad_()
+def test_gradcheck_wrt_full_affine_matrix(device):
+    x = smooth(1, 1, 8, 10, seed=8).to(device)
+    N = centred("affine", *GRAD_PARAMS["affine"], size=(8, 10), device=device).clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda m: W.warp(x, m), (N,), fast_mode=True)
 
 
@@ -715,19 +728,26 @@ def test_gradcheck_wrt_full_affine_matrix():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_outputs_follow_input_dtype(dtype):
-    x = rand(2, 3, 7, 9).to(dtype)
-    assert W.warp(x, torch.eye(3, dtype=torch.float64)).dtype == dtype  # matrices are cast to the images
-    assert W.warp(x, torch.eye(3, dtype=torch.float32)[None]).dtype == dtype
-    assert W.transform_images(x, "rigid", [10.0, 1.0, 2.0]).dtype == dtype
-    assert W.transform_images(x, "rigid", torch.tensor([10.0, 1.0, 2.0], dtype=torch.float64)).dtype == dtype
-    assert W.sampling_grid(torch.eye(3, dtype=dtype)[None], (3, 4)).dtype == dtype
-    assert W.disk_mask((3, 4), dtype=dtype).dtype == torch.bool
-    assert W.valid_mask(torch.eye(3, dtype=dtype), (3, 4)).dtype == torch.bool
+def test_outputs_follow_input_dtype(dtype, device):
+    """Outputs take the images' dtype and device; CPU matrices and parameters are cast and moved to them."""
+    x = rand(2, 3, 7, 9).to(dtype).to(device)
+    outs = [
+        W.warp(x, torch.eye(3, dtype=torch.float64)),  # matrices are cast to the images
+        W.warp(x, torch.eye(3, dtype=torch.float32)[None]),
+        W.transform_images(x, "rigid", [10.0, 1.0, 2.0]),
+        W.transform_images(x, "rigid", torch.tensor([10.0, 1.0, 2.0], dtype=torch.float64)),
+        W.sampling_grid(torch.eye(3, dtype=dtype, device=device)[None], (3, 4)),
+    ]
+    for out in outs:
+        assert out.dtype == dtype and out.device.type == device.type
+    masks = [W.disk_mask((3, 4), dtype=dtype, device=device), W.valid_mask(torch.eye(3, dtype=dtype, device=device),
+                                                                           (3, 4))]
+    for m in masks:
+        assert m.dtype == torch.bool and m.device.type == device.type
 
 
-def test_float32_agrees_with_float64():
-    x = rand(2, 3, 9, 12)
+def test_float32_agrees_with_float64(device):
+    x = rand(2, 3, 9, 12).to(device)
     p = [23.0, 1.5, -0.7]
     out64 = W.transform_images(x, "rigid", p)
     out32 = W.transform_images(x.float(), "rigid", p)
