@@ -66,9 +66,10 @@ def child(args) -> None:
         "seconds": seconds, "seconds_per_image": seconds / args.images, "fft_seconds": fft_seconds,
         "fft_calls": len(calls), "over_fft": seconds / fft_seconds,
         "peak_rss_gib": peak / 2**20, "rss_before_measure_gib": base / 2**20,
-        "batching": report.meta["batching"], "spatial_error": rec["spatial_error"],
-        "expected_error": rec["expected_error"], "null": rec.get("random_pair_null"),
-        "floor": rec.get("interpolation_floor"),
+        "batching": report.meta["batching"], "spatial_error": rec.errors.spatial.mean,
+        "expected_error": rec.errors.expected.mean,
+        "null": None if rec.calibration.null is None else rec.calibration.null.mean,
+        "floor": None if rec.calibration.floor is None else rec.calibration.floor.mean,
     }))
 
 

@@ -262,6 +262,28 @@ class LayerRecord:
         return self.errors.spatial.n_excluded
 
     @property
+    def ratio_to_null(self) -> float:
+        """The spatial error over the random-pair null (NaN without a null): near 1, the best warp
+        aligns the transformed maps no better than it aligns another image's."""
+        null = self.calibration.null
+        if null is None or not null.mean > 0:
+            return NAN
+        return self.errors.spatial.mean / null.mean
+
+    @property
+    def mark(self) -> str:
+        """``"at floor"`` when the spatial error's interval reaches the interpolation floor's (the
+        instrument cannot tell it from interpolation), ``"at null"`` when it reaches the random-pair
+        null's (no better than another image), else ``""``. A NaN anywhere marks nothing."""
+        lo, hi = self.errors.spatial.ci
+        floor, null = self.calibration.floor, self.calibration.null
+        if floor is not None and lo <= max(floor.ci[1], floor.mean):
+            return "at floor"
+        if null is not None and hi >= min(null.ci[0], null.mean):
+            return "at null"
+        return ""
+
+    @property
     def excluded_reasons(self) -> tuple[str, ...]:
         """Why images have no verdict, over every error of the record."""
         return tuple(sorted({r for _, e in self.errors.items() for r in e.reasons}))
@@ -320,6 +342,7 @@ class LayerRecord:
                          "agreement": self.channels.agreement,
                          "orbits": [list(c) for c in self.channels.orbits]},
             "linear_warning": self.linear_warning,
+            "derived": {"spatial_over_null": _nan_to_none(self.ratio_to_null), "mark": self.mark},
         }
 
     @classmethod
@@ -540,7 +563,9 @@ def schema_markdown() -> str:
            '  "files": {NAME: {"bytes": N, "sha256": HEX}}   // the files saved before report.json',
            "}", "```", "",
            "NaN is written as `null`. A transformation is written as `{\"family\", \"params\", \"label\"}`; it is "
-           "identified by its family and parameters, never by its label.", "",
+           "identified by its family and parameters, never by its label. Each record also carries `\"derived\": "
+           "{\"spatial_over_null\", \"mark\"}` (`LayerRecord.ratio_to_null` and `LayerRecord.mark`), computed from "
+           "its fields when saved and recomputed, not read, when loaded.", "",
            "## Types", ""]
     for cls in (LayerRecord, Errors, Estimate, BestWarp, Comparison, Calibration, ChannelMatch, Transform):
         out += table(cls)

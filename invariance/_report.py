@@ -37,13 +37,21 @@ ERROR_KEYS = tuple(k + "_error" for k in TABLE_KINDS)
 CSV_COLUMNS = ["model", "layer", "depth", "transform", "family", "params", "magnitude", "search"]
 for _name in (*(k + "_error" for k in ERROR_KINDS), "random_pair_null"):
     CSV_COLUMNS += [_name, _name + "_lo", _name + "_hi"]
-CSV_COLUMNS += ["interpolation_floor", "overlap", "interior", "region_size", "n_excluded", "best_params",
-                "channel_orbits"]
+CSV_COLUMNS += ["interpolation_floor", "interpolation_floor_lo", "interpolation_floor_hi", "spatial_over_null",
+                "mark", "overlap", "interior", "region_size", "n_excluded", "best_params", "channel_orbits"]
 CSV_COLUMNS = tuple(CSV_COLUMNS)
 
 
-def _fmt(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _cell(e: Estimate | None, flag: str = "") -> str:
+    """``mean [lo,hi]`` of an Estimate for the table (``-`` when absent)."""
+    if e is None:
+        return "-"
+    lo, hi = e.ci
+    return f"{_fmt(e.mean)}{flag} [{_fmt(lo)},{_fmt(hi)}]"
 
 
 def _mean(e: Estimate | None) -> float:
@@ -123,23 +131,27 @@ class Report:
         kinds = [k for k in TABLE_KINDS
                  if any(not _isnan(_mean(getattr(r.errors, k))) for r in self.records)]
         excluded = any(r.n_excluded for r in self.records)
-        head = ["transform", "layer"] + list(kinds) + ["null", "floor", "orbits"]
+        head = ["transform", "layer"] + list(kinds) + ["null", "floor", "sp/null", "overlap", "positions", "mark",
+                                                       "orbits"]
         head += ["excluded"] if excluded else []
         rows = []
         for r in self.records:
             row = [r.transform.label, r.layer]
             for k in kinds:
                 e = getattr(r.errors, k)
-                lo, hi = _ci(e)
                 flag = "!" if k == "linear" and r.linear_warning else ""
-                row.append(f"{_fmt(_mean(e))}{flag} [{_fmt(lo)},{_fmt(hi)}]")
-            row += [_fmt(_mean(r.calibration.null)), _fmt(_mean(r.calibration.floor)),
+                row.append(_cell(e, flag))
+            row += [_cell(r.calibration.null), _cell(r.calibration.floor), _fmt(r.ratio_to_null, ".2f"),
+                    _fmt(r.comparison.overlap, ".2f"), str(r.comparison.region_size), r.mark or "-",
                     orbits_text(r.channels.orbits)]
             row += [str(r.n_excluded)] if excluded else []
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+        out.append("sp/null: spatial error over the random-pair null; overlap: share of the region the best warp "
+                   "keeps; positions: of the region M*I; mark: the spatial interval reaches the floor's ('at floor') "
+                   "or the null's ('at null')")
         reasons = sorted({x for r in self.records for x in r.excluded_reasons})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
@@ -169,6 +181,8 @@ class Report:
             row["random_pair_null"] = _mean(r.calibration.null)
             row["random_pair_null_lo"], row["random_pair_null_hi"] = _ci(r.calibration.null)
             row["interpolation_floor"] = _mean(r.calibration.floor)
+            row["interpolation_floor_lo"], row["interpolation_floor_hi"] = _ci(r.calibration.floor)
+            row["spatial_over_null"], row["mark"] = r.ratio_to_null, r.mark
             row.update(overlap=r.comparison.overlap, interior=r.comparison.interior,
                        region_size=r.comparison.region_size, n_excluded=r.n_excluded,
                        best_params=json.dumps(list(r.best_warp.median)),
@@ -256,8 +270,10 @@ class Report:
         return paths
 
     # ------------------------------------------------------------------ figures
-    def plot_layers(self, transforms: list | None = None, kinds=TABLE_KINDS, *, keys=None):
-        """Error against layer depth, one panel per transformation (with floor and null).
+    def plot_layers(self, transforms: list | None = None, kinds=TABLE_KINDS, *, keys=None, ncols: int = 4):
+        """Error against layer depth, one panel per transformation (every one: a grid of ``ncols``
+        columns when there are many), each error with its 95% interval, the random-pair null with
+        its interval and the interpolation floor with its interval.
 
         ``kinds``: which errors (:data:`invariance.ERROR_KINDS` names); ``keys`` (schema-1 names such
         as ``"spatial_error"``) is accepted for one minor version, deprecated."""
@@ -265,12 +281,14 @@ class Report:
 
         if keys is not None:
             kinds = tuple(k.removesuffix("_error") for k in keys)
-
-        transforms = transforms or self.transforms
-        transforms = transforms[:6]
-        fig, axes = plt.subplots(1, len(transforms), figsize=(4.2 * len(transforms), 3.6), squeeze=False,
-                                 sharey=True)
-        for ax, tr in zip(axes[0], transforms):
+        transforms = list(transforms or self.transforms)
+        n = max(1, len(transforms))
+        cols = min(ncols, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+        for ax in axes.flat[len(transforms):]:
+            ax.set_visible(False)
+        for ax, tr in zip(axes.flat, transforms):
             recs = self.select(transform=tr)
             xs = list(range(len(recs)))
             for k in kinds:
@@ -278,45 +296,63 @@ class Report:
                 ys = [_mean(e) for e in es]
                 if all(_isnan(y) for y in ys):
                     continue
-                ax.plot(xs, ys, marker="o", label=k)
-                ax.fill_between(xs, [_ci(e)[0] for e in es], [_ci(e)[1] for e in es], alpha=0.2)
-            null = [_mean(r.calibration.null) for r in recs]
-            if not all(_isnan(v) for v in null):
-                ax.plot(xs, null, color="grey", ls=":", label="random-pair null")
+                line, = ax.plot(xs, ys, marker="o", label=k)
+                ax.fill_between(xs, [_ci(e)[0] for e in es], [_ci(e)[1] for e in es], alpha=0.2,
+                                color=line.get_color())
+            nulls = [r.calibration.null for r in recs]
+            if any(e is not None and not _isnan(e.mean) for e in nulls):
+                ax.plot(xs, [_mean(e) for e in nulls], color="grey", ls=":", label="random-pair null")
+                ax.fill_between(xs, [_ci(e)[0] for e in nulls], [_ci(e)[1] for e in nulls], color="grey", alpha=0.12)
             floor = recs[0].calibration.floor if recs else None
-            if floor is not None:
+            if floor is not None and not _isnan(floor.mean):
                 ax.axhline(floor.mean, color="black", ls="--", lw=1, label="interpolation floor")
+                ax.axhspan(floor.ci[0], floor.ci[1], color="black", alpha=0.08)
             ax.set_xticks(xs, [r.layer for r in recs], rotation=45, ha="right", fontsize=8)
             ax.set_title(tr if isinstance(tr, str) else tr.label)
             ax.set_xlabel("layer")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("normalised squared error")
-        axes[0][-1].legend(fontsize=7, loc="best")
+        for row in axes:
+            row[0].set_ylabel("normalised squared error")
+        axes.flat[0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         return fig
 
     def plot_sweep(self, layers: list[str] | None = None, kind: str = "spatial", *, key: str | None = None):
-        """The ``kind`` error against the transformation's magnitude, one line per layer (``key``, a
-        schema-1 name such as ``"spatial_error"``, is accepted for one minor version, deprecated)."""
+        """The ``kind`` error against the transformation's magnitude, one line per layer with its 95%
+        interval and its random-pair null (dotted), and the interpolation floor with its interval
+        (``key``, a schema-1 name such as ``"spatial_error"``, is accepted for one minor version,
+        deprecated)."""
         import matplotlib.pyplot as plt
 
         kind = (key or kind).removesuffix("_error")
         layers = layers or list(dict.fromkeys(r.layer for r in self.records))
         sweep = [r for r in self.records if not _isnan(r.transform.magnitude)]
         families = list(dict.fromkeys(r.transform.family for r in sweep))
-        fig, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, max(1, len(families)), figsize=(4.5 * max(1, len(families)), 3.6),
+                                 squeeze=False)
         for ax, fam in zip(axes[0], families):
             for layer in layers:
                 recs = sorted((r for r in sweep if r.layer == layer and r.transform.family == fam),
                               key=lambda r: r.transform.magnitude)
                 if not recs:
                     continue
-                ax.plot([r.transform.magnitude for r in recs], [_mean(getattr(r.errors, kind)) for r in recs],
-                        marker=".", label=layer)
-            pts = sorted({(r.transform.magnitude, r.calibration.floor.mean) for r in sweep
-                          if r.transform.family == fam and r.calibration.floor is not None})
-            if pts:
-                ax.plot(*zip(*pts), color="black", ls="--", lw=1, label="interpolation floor")
+                xs = [r.transform.magnitude for r in recs]
+                es = [getattr(r.errors, kind) for r in recs]
+                line, = ax.plot(xs, [_mean(e) for e in es], marker=".", label=layer)
+                ax.fill_between(xs, [_ci(e)[0] for e in es], [_ci(e)[1] for e in es], color=line.get_color(),
+                                alpha=0.15)
+                nulls = [r.calibration.null for r in recs]
+                if any(e is not None for e in nulls):
+                    ax.plot(xs, [_mean(e) for e in nulls], color=line.get_color(), ls=":", lw=1)
+            floors = sorted({(r.transform.magnitude, r.calibration.floor) for r in sweep
+                             if r.transform.family == fam and r.calibration.floor is not None}, key=lambda p: p[0])
+            if floors:
+                xs = [m for m, _ in floors]
+                ax.plot(xs, [f.mean for _, f in floors], color="black", ls="--", lw=1, label="interpolation floor")
+                ax.fill_between(xs, [f.ci[0] for _, f in floors], [f.ci[1] for _, f in floors], color="black",
+                                alpha=0.08)
+            if any(r.calibration.null is not None for r in sweep):
+                ax.plot([], [], color="grey", ls=":", lw=1, label="random-pair null (per layer)")
             unit = {"rotation": "angle (degrees)", "scale": "log2 scale", "translation": "shift (pixels)"}
             ax.set_xlabel(unit.get(fam, "magnitude"))
             ax.set_ylabel(kind + " error")

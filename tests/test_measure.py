@@ -362,7 +362,7 @@ def report() -> Report:
 
 
 RECORD_KEYS = {"layer", "depth", "transform", "errors", "best_warp", "comparison", "calibration", "channels",
-               "linear_warning"}  # schema 2 (docs/report-schema.md)
+               "linear_warning", "derived"}  # schema 2 (docs/report-schema.md)
 ERROR_NAMES = ("invariance", "expected", "spatial", "permutation", "linear")
 
 

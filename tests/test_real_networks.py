@@ -99,10 +99,10 @@ def test_frames_match_the_architecture_and_stride_shifts_align_exactly(library, 
                      channels=("spatial",), n_boot=0, progress=False)
     rec = report.records[0]
     tol = EXACT_LAYERNORM if any(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) else EXACT
-    assert rec["n_excluded"] == 0
-    assert max(rec["per_image"]["spatial_error"]) <= rec["interpolation_floor"] + tol, rec
-    assert max(rec["per_image"]["expected_error"]) <= tol, rec
-    assert rec["best_params"]["median"] == [-shift[0], -shift[1]]
+    assert rec.n_excluded == 0
+    assert max(rec.errors.spatial.per_image) <= rec.calibration.floor.mean + tol, rec
+    assert max(rec.errors.expected.per_image) <= tol, rec
+    assert list(rec.best_warp.median) == [-shift[0], -shift[1]]
 
 
 def test_an_average_pooling_shortcut_has_no_single_frame():

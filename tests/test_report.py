@@ -159,3 +159,82 @@ def test_no_verdict_is_nan_with_a_reason_in_the_record():
                   progress=False)
     rec = rep.records[0]
     assert math.isnan(rec.errors.spatial.mean) and rec.n_excluded == 2 and rec.excluded_reasons
+
+
+# ----------------------------------------------------------------------------- calibration at a glance
+
+def hand_made(transforms: list[str], layers=("a", "b"), spatial=0.3, null=0.5, floor=0.02) -> Report:
+    """Records with known numbers: spatial ``spatial * (depth + 1)`` with interval +-0.05, the null
+    and the floor with intervals +-0.01."""
+    recs = []
+    for t in transforms:
+        fam = t.split(":")[0]
+        for depth, layer in enumerate(layers):
+            sp = spatial * (depth + 1)
+            recs.append({"layer": layer, "depth": depth, "transform": t, "family": fam, "search": "rigid",
+                         "spatial_error": sp, "spatial_error_ci": [sp - 0.05, sp + 0.05],
+                         "invariance_error": 0.9, "invariance_error_ci": [0.85, 0.95],
+                         "expected_error": 0.8, "expected_error_ci": [0.75, 0.85],
+                         "random_pair_null": null, "random_pair_null_ci": [null - 0.01, null + 0.01],
+                         "best_params": {"median": [0.0, 0.0, 0.0]}, "channel_orbits": [], "overlap": 0.9,
+                         "region_size": 100})
+    floors = {t: {"mean": floor, "ci": [floor - 0.01, floor + 0.01]} for t in transforms}
+    return Report(records=recs, calibration={"interpolation_floor": floors})
+
+
+def test_the_layer_figure_shows_every_transformation_with_floor_null_and_intervals():
+    """Nine transformations (the figure used to keep the first six): nine panels, each plotting the
+    errors it was given, its intervals, the null and the floor (read back from the figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"rotation:{a}" for a in range(10, 100, 10)]
+    rep = hand_made(labels)
+    fig = rep.plot_layers()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == labels
+    for ax in panels:
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        assert list(lines["spatial"].get_ydata()) == pytest.approx([0.3, 0.6])
+        assert list(lines["random-pair null"].get_ydata()) == pytest.approx([0.5, 0.5])
+        assert list(lines["interpolation floor"].get_ydata()) == pytest.approx([0.02, 0.02])
+        bands = [c.get_paths()[0].vertices[:, 1] for c in ax.collections]  # the intervals, as filled bands
+        assert any(min(b) == pytest.approx(0.25) and max(b) == pytest.approx(0.65) for b in bands)
+        assert any(min(b) == pytest.approx(0.49) and max(b) == pytest.approx(0.51) for b in bands)
+    plt.close(fig)
+
+
+def test_the_sweep_figure_shows_the_floor_and_each_layers_null_and_interval():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = hand_made(["rotation:0", "rotation:45", "rotation:90"])
+    fig = rep.plot_sweep()
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    by_label = {ln.get_label(): ln for ln in lines}
+    assert list(by_label["a"].get_xdata()) == [0.0, 45.0, 90.0] and list(by_label["a"].get_ydata()) == [0.3] * 3
+    assert list(by_label["b"].get_ydata()) == pytest.approx([0.6] * 3)
+    assert list(by_label["interpolation floor"].get_ydata()) == [0.02] * 3
+    nulls = [ln for ln in lines if ln.get_linestyle() == ":" and len(ln.get_xdata())]
+    assert len(nulls) == 2 and all(list(ln.get_ydata()) == [0.5] * 3 for ln in nulls)
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("spatial, floor, null, mark", [
+    (0.30, 0.02, 0.50, ""),          # between the floor and the null: a verdict
+    (0.05, 0.02, 0.50, "at floor"),  # interval [0.00, 0.10] reaches the floor's [0.01, 0.03]
+    (0.47, 0.02, 0.50, "at null"),   # interval [0.42, 0.52] reaches the null's [0.49, 0.51]
+])
+def test_the_table_marks_errors_at_the_floor_or_the_null(spatial, floor, null, mark):
+    rep = hand_made(["rotation:30"], layers=("a",), spatial=spatial, floor=floor, null=null)
+    rec = rep.records[0]
+    assert rec.mark == mark and rec.ratio_to_null == pytest.approx(spatial / null)
+    row = rep.table().splitlines()[2]
+    assert f"{null:.3f} [{null - 0.01:.3f},{null + 0.01:.3f}]" in row   # the null with its interval
+    assert f"{floor:.3f} [{floor - 0.01:.3f},{floor + 0.01:.3f}]" in row
+    assert f"{spatial / null:.2f}" in row and (mark or " - ") in row and "0.90" in row and "100" in row
