@@ -224,9 +224,13 @@ def _run(parser: argparse.ArgumentParser, args) -> int:
         from invariance import CheckpointError
         from invariance.datasets import DatasetNotFoundError, IDXFormatError
 
-        from ._train import RunError, TrainConfig, evaluate, train
+        from ._train import RunError, TrainConfig, evaluate, resolve_device, train
 
         _set_threads(args.threads)
+        try:  # a usage error, before anything is read or trained
+            resolve_device(args.device)
+        except ValueError as exc:
+            parser.exit(2, f"stn {args.command}: error: --{_one_line(exc)}\n")
         if args.command == "train":
             try:
                 cfg = TrainConfig(arch=args.arch, dataset=args.dataset, transform=args.transform, epochs=args.epochs,

@@ -416,3 +416,17 @@ def test_an_unknown_reproduce_protocol_is_a_usage_error(value, tmp_path, capsys)
     line = one_line(err)
     assert code == 2 and "--transforms" in line and "valid choices: rotation, scale, translation" in line, line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "reproduce"])
+def test_an_unknown_device_is_a_usage_error_naming_the_flag(command, tmp_path, capsys):
+    """``--device tpu`` used to end as a run error (exit 1) naming ``device:``; it is a usage error
+    (exit 2) naming ``--device``, found before any data is read, by the project's one resolver."""
+    argv = {"train": ["train", "--arch", "CNN", "--dataset", "mnist", "--transform", "rotation", "--epochs", "1",
+                      "--out", tmp_path / "r"],
+            "evaluate": ["evaluate", tmp_path],
+            "reproduce": ["reproduce", "--quick", "--out", tmp_path / "runs"]}[command]
+    code, out, err = call([*argv, "--device", "tpu"], capsys)
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"stn {command}: error: --device: unknown device 'tpu'"), line
+    assert "valid choices: cpu, cuda, cuda:N, auto" in line and not (tmp_path / "r").exists()
