@@ -60,11 +60,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if docs/api.md is out of date")
     a = p.parse_args()
-    path = ROOT / "docs" / "api.md"
-    text = page()
-    if a.check:
-        if not path.exists() or path.read_text() != text:
-            print("docs/api.md is out of date: run python scripts/api_page.py", file=sys.stderr)
+    return write_or_check(ROOT / "docs" / "api.md", page(), a.check, "scripts/api_page.py")
+
+
+def write_or_check(path: Path, text: str, check: bool, script: str) -> int:
+    """Write a generated page atomically, or with ``check`` exit status 1 when it differs from ``text``."""
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            print(f"{path.relative_to(ROOT)} is out of date: run python {script}", file=sys.stderr)
             return 1
         return 0
     from invariance.files import atomic_write_text

@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from api_page import write_or_check  # noqa: E402  (scripts/, the script's own folder)
+
 from invariance import Report  # noqa: E402
 
 PAGE = ROOT / "docs" / "report-schema.md"
@@ -25,17 +27,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if docs/report-schema.md is out of date")
     a = p.parse_args()
-    text = Report.schema_markdown()
-    if a.check:
-        if not PAGE.is_file() or PAGE.read_text() != text:
-            print(f"{PAGE} is out of date: run python scripts/report_schema.py", file=sys.stderr)
-            return 1
-        return 0
-    from invariance.files import atomic_write_text
-
-    atomic_write_text(PAGE, text)
-    print(f"wrote {PAGE}")
-    return 0
+    return write_or_check(PAGE, Report.schema_markdown(), a.check, "scripts/report_schema.py")
 
 
 if __name__ == "__main__":

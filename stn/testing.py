@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_fake_dataset"]
+__all__ = ["write_fake_dataset", "train_argv"]
 
 
 def _idx(array: np.ndarray) -> bytes:
@@ -52,3 +52,15 @@ def write_fake_dataset(root: str | os.PathLike, name: str = "mnist", n: int = 60
         (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images)))
         (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
     return Path(root)
+
+
+def train_argv(out, root, *extra) -> list:
+    """``stn train`` arguments for the smallest run that trains and tests (a CNN, one epoch, 32
+    training and 16 test images of a fake data set under ``root``, on the CPU), plus ``extra``.
+
+    >>> train_argv("runs/x", "data")[:3]
+    ['train', '--arch', 'CNN']
+    """
+    return ["train", "--arch", "CNN", "--dataset", "mnist", "--transform", "rotation", "--epochs", "1",
+            "--out", out, "--limit", "32", "--test-limit", "16", "--batch-size", "16", "--data-root", root,
+            "--device", "cpu", "--no-progress", *extra]

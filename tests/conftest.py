@@ -58,3 +58,23 @@ def device(request) -> torch.device:
     value is the same for every example). Pytest groups a module's tests by device (all CPU cases,
     then all CUDA cases)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory) -> str:
+    """A fake MNIST of 40 digits (stn.testing.write_fake_dataset); modules that need another size
+    define their own."""
+    from stn.testing import write_fake_dataset
+
+    return str(write_fake_dataset(tmp_path_factory.mktemp("data"), n=40))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, fake_root):
+    """A finished one-epoch ``stn train`` run folder (stn.testing.train_argv) on ``fake_root``."""
+    from stn import _cli as stn_cli
+    from stn.testing import train_argv
+
+    out = tmp_path_factory.mktemp("runs") / "cnn"
+    assert stn_cli.main([str(a) for a in train_argv(out, fake_root)]) == 0
+    return out

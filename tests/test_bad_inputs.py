@@ -30,7 +30,7 @@ from invariance import _cli as inv_cli
 from invariance.files import FolderError, atomic_write, remove_stale_temporaries
 from stn import _cli as stn_cli
 from stn import load_run
-from stn.testing import write_fake_dataset
+from stn.testing import train_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -382,22 +382,7 @@ def test_a_failed_write_removes_its_temporary_file(tmp_path):
 
 # ----------------------------------------------------------------------------- stn
 
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory) -> str:
-    return str(write_fake_dataset(tmp_path_factory.mktemp("data"), n=40))
-
-
-def train_argv(out, root, *extra) -> list:
-    return ["train", "--arch", "CNN", "--dataset", "mnist", "--transform", "rotation", "--epochs", "1",
-            "--out", out, "--limit", "32", "--test-limit", "16", "--batch-size", "16", "--data-root", root,
-            "--device", "cpu", "--no-progress", *extra]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fake_root) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "cnn"
-    assert stn_cli.main([str(a) for a in train_argv(out, fake_root)]) == 0
-    return out
+# fake_root (40 fake digits) and run_dir (a trained one-epoch CNN run) are fixtures of conftest.py
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:

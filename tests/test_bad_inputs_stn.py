@@ -22,7 +22,7 @@ from invariance import datasets
 from invariance.datasets import DatasetNotFoundError, IDXFormatError, load_split, read_idx
 from stn import LocalisationHead, RunError, STNClassifier, TrainConfig, build_model, evaluate, train
 from stn import _cli as stn_cli
-from stn.testing import write_fake_dataset
+from stn.testing import train_argv, write_fake_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -44,22 +44,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory) -> str:
-    return str(write_fake_dataset(tmp_path_factory.mktemp("data"), n=40))
-
-
-def train_argv(out, root, *extra) -> list:
-    return ["train", "--arch", "CNN", "--dataset", "mnist", "--transform", "rotation", "--epochs", "1",
-            "--out", out, "--limit", "32", "--test-limit", "16", "--batch-size", "16", "--data-root", root,
-            "--device", "cpu", "--no-progress", *extra]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, fake_root) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "cnn"
-    assert stn_cli.main([str(a) for a in train_argv(out, fake_root)]) == 0
-    return out
+# fake_root (40 fake digits) and run_dir (a trained one-epoch CNN run) are fixtures of conftest.py
 
 
 def _cfg(root, **kw) -> TrainConfig:

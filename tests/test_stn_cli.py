@@ -17,7 +17,6 @@ import pytest
 
 from stn import TrainConfig
 from stn import _cli as cli
-from stn.testing import write_fake_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (see conftest.py)
 
@@ -42,11 +41,6 @@ def call(argv, capsys) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory) -> str:
-    return str(write_fake_dataset(tmp_path_factory.mktemp("data"), n=40))
 
 
 # ----------------------------------------------------------------------------- the parser
