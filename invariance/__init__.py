@@ -34,7 +34,7 @@ from ._measure import (
                        parse_bytes,
 )
 from ._metric import (
-                       INTERIOR_MIN_FRACTION,
+                       RF_COVERS_IMAGE,
                        LayerAccumulator,
                        LayerResult,
                        comparison_region,
@@ -125,7 +125,7 @@ __all__ = [
     "SEARCH_FAMILIES", "MIN_REGION", "PRESETS", "Alignment", "SearchConfig", "align", "aligned", "region_error",
     "masked_error", "warp_valid", "channel_orbits", "fit_linear", "LinearFit", "search_bytes_per_image",
     # the measurement core and the toolkit's front end
-    "INTERIOR_MIN_FRACTION", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
+    "RF_COVERS_IMAGE", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
     "comparison_region", "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS",
     "Transform", "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
     "DEFAULT_MEMORY_BUDGET", "parse_bytes", "MeasureOptions",

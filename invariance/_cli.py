@@ -6,7 +6,7 @@
         [--out DIR] [--device cpu|cuda] [--seed S] [--n-boot B] [--max-transforms M] [--quick]
         [--memory-budget SIZE]
     invariance demo [--out DIR] [--quick]
-    invariance layers --model MODEL [--images SOURCE]
+    invariance layers --model MODEL [--images SOURCE] [--all]
     invariance models
 
 Every argument is checked before any computation: ``--out`` must be (or be creatable as) a
@@ -203,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help=f"largest image size in pixels (default {MAX_IMAGE_PIXELS})")
     m.add_argument("--interior", default="auto", choices=("auto", "on", "off"),
-                   help="compare only where the receptive field lies inside the image (default: auto)")
+                   help="compare only where the receptive field lies inside the image (default auto: wherever the "
+                        "frame is traced; a layer whose receptive field covers the image has no verdict)")
     m.add_argument("--out", default=None, help="folder for report.json, report.csv and figures")
     m.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     m.add_argument("--seed", type=int, default=0)
@@ -224,8 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--seed", type=int, default=0)
 
-    ly = sub.add_parser("layers", help="list a model's layers with 4-D outputs and their frames")
+    ly = sub.add_parser("layers", help="list a model's spatial feature maps (what --layers all measures) and "
+                                       "their frames")
     ly.add_argument("--model", required=True)
+    ly.add_argument("--all", action="store_true", dest="show_all",
+                    help="also list the 4-D outputs that are not measured (1x1 maps, identity/dropout duplicates)")
     ly.add_argument("--images", default=None)
     ly.add_argument("--trust-code", action="store_true", help="as for measure: let a checkpoint run code")
 
@@ -321,12 +325,25 @@ def cmd_layers(a) -> int:
     if not feats:
         raise ValueError(f"model: {a.model!r} has no layer with a (B, C, H, W) output on images of shape "
                          f"{tuple(images.shape)}: nothing to measure (the toolkit measures 2-D feature maps)")
-    print(f"{'layer':24s} {'shape':18s} {'stride':12s} {'offset':14s} frame")
+    print(f"{'layer':24s} {'shape':18s} {'stride':12s} {'offset':14s} {'interior':9s} frame")
     for name, f in feats.items():
         fr = frames[name]
-        print(f"{name:24s} {str(tuple(f.shape[1:])):18s} {str(fr.stride):12s} {str(fr.offset):14s} "
+        # positions whose receptive field sees only the image (the comparison's default region)
+        inside = str(int(fr.valid_positions(interior=True).sum())) if fr.exact and fr.rf_radius is not None else "-"
+        print(f"{name:24s} {str(tuple(f.shape[1:])):18s} {str(fr.stride):12s} {str(fr.offset):14s} {inside:9s} "
               f"{'traced' if fr.exact else 'assumed'}"
               + (" (channels last, transposed)" if fr.layout == "BHWC" else ""))
+    print("(interior: positions whose receptive field sees only the image; under MIN_REGION = 4 a layer has "
+          "no verdict by default)")
+    if extractor.not_spatial:
+        left = extractor.not_spatial
+        if a.show_all:
+            print(f"\nnot measured ({len(left)}): 4-D outputs that are not spatial maps of their own")
+            for name, why in left.items():
+                print(f"  {name:22s} {why}")
+        else:
+            print(f"\n{len(left)} other 4-D output(s) left out (1x1 maps, identity/dropout duplicates); "
+                  "--all lists them")
     if extractor.not_maps:
         names = list(extractor.not_maps)
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")

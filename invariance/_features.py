@@ -412,9 +412,38 @@ class _StopForward(Exception):
     accept the input size, e.g. a classifier head on larger images)."""
 
 
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                 nn.FeatureAlphaDropout)
+
+
+def _spatial_only(order: list[str], captured: dict, modules: dict) -> tuple[list[str], dict[str, str]]:
+    """The spatial maps among the 4-D outputs ``order`` (what ``"all"`` measures), and why the others are not:
+    fewer than ``MIN_REGION`` positions (1x1 squeeze-excitation gates, pooled vectors, classifier heads
+    on them) or a duplicate of the map before it (identity and dropout modules, or any output equal to
+    its predecessor's)."""
+    from ._search import MIN_REGION
+
+    keep, left_out = [], {}
+    prev = None
+    for n in order:
+        t = captured[n]
+        if t.shape[-1] * t.shape[-2] < MIN_REGION:
+            left_out[n] = f"{t.shape[-2]}x{t.shape[-1]} map, fewer than MIN_REGION = {MIN_REGION} positions"
+            continue
+        if prev is not None and (isinstance(modules.get(n), _PASS_THROUGH) or (
+                captured[prev].shape == t.shape and torch.equal(captured[prev], t))):
+            left_out[n] = f"the same map as {prev}"
+            continue
+        keep.append(n)
+        prev = n
+    return keep, left_out
+
+
 def list_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the modules whose output is a 4-D tensor, in execution order (deepest name kept
-    when a container returns its last child's tensor), preceded by ``"input"``.
+    """Names of the modules whose output is a spatial feature map, in execution order (deepest name
+    kept when a container returns its last child's tensor), preceded by ``"input"``. Outputs of
+    fewer than ``MIN_REGION`` positions and duplicates of the map before them (identity, dropout)
+    are left out (:attr:`FeatureExtractor.not_spatial` says why).
 
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
     >>> list_layers(net, torch.rand(1, 1, 8, 8))
@@ -430,7 +459,9 @@ class FeatureExtractor:
 
     Args:
         model: any ``nn.Module`` taking a ``(B, C, H, W)`` tensor.
-        layers: ``"all"`` (every module with a 4-D output), or an iterable of module names as in
+        layers: ``"all"`` (every module whose output is a spatial map: 4-D, at least
+            ``MIN_REGION`` positions, not a duplicate of the map before it; the others are in
+            ``not_spatial``, with the reason), or an iterable of module names as in
             ``model.named_modules()``; ``"input"`` names the input itself.
 
     The model is put in eval mode during the call (BatchNorm uses its running statistics,
@@ -468,6 +499,7 @@ class FeatureExtractor:
                 )
         self.layer_names: list[str] = []
         self.not_maps: dict[str, tuple] = {}  # 4-D outputs without a spatial frame (tokens), by name
+        self.not_spatial: dict[str, str] = {}  # "all": 4-D outputs left out, and why (see _spatial_only)
 
     def __call__(self, images: torch.Tensor, batch_size: int | None = None):
         """Return ``(features, frames)``: dicts layer name -> ``(B, C, h, w)`` tensor / :class:`LayerFrame`."""
@@ -570,7 +602,10 @@ class FeatureExtractor:
                 raise ValueError(f"layers: layer(s) {', '.join(missing)} did not run in the forward pass")
         # keep only the deepest name for a tensor returned by several containers (hooks of
         # inner modules fire first, so the first name seen is the deepest)
-        self.layer_names = order if wanted is None else [n for n in self.requested if n != INPUT]
+        if wanted is None:
+            self.layer_names, self.not_spatial = _spatial_only(order, captured, self.modules)
+        else:
+            self.layer_names = [n for n in self.requested if n != INPUT]
         self.not_maps = tokens
         size = tuple(x.shape[-2:])
         frames = {}

@@ -143,15 +143,17 @@ def measure(
         model: any ``nn.Module`` mapping ``(B, C, H, W)`` images to outputs.
         images: ``(B, C, H, W)`` floats (or ``(B, H, W)`` / uint8, scaled to [0, 1]).
         transforms: :class:`Transform` objects or a SPEC string (see :func:`parse_transforms`).
-        layers: ``"all"`` (every module with a 4-D output) or names (list or comma-separated);
+        layers: ``"all"`` (every module whose output is a spatial map, as ``invariance layers``
+            lists them) or names (list or comma-separated);
             ``"input"`` is the input itself.
         search: search family (:data:`invariance.SEARCH_FAMILIES`); default per
             transformation family, :data:`DEFAULT_SEARCH`.
         channels: which of ``spatial``, ``permutation``, ``linear`` to compute (spatial always is).
         mask_radius: radius of an evaluation disk in each layer's normalised coordinates
             (default: none, the whole map).
-        interior: apply the receptive-field interior (default: where it keeps at least a quarter
-            of the map, :data:`invariance.INTERIOR_MIN_FRACTION`).
+        interior: apply the receptive-field interior (default: wherever the layer's frame is
+            traced; a layer whose receptive field covers the image has no verdict, the reason
+            :data:`invariance.RF_COVERS_IMAGE`).
         config: :class:`invariance.SearchConfig` (grid resolution, refinement).
         n_boot: bootstrap resamples for the confidence intervals.
         seed: seeds the bootstrap, the linear-map folds and the refinement jitter.

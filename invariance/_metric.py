@@ -22,9 +22,12 @@ it on a trained transformer's maps. The definitions are those of docs/definition
   maps of another image (image i against image i - 1, image 0 against the last, whatever the batches).
 
 ``interior``: ``True`` applies ``I``; ``False`` does not; ``None`` (default, "auto") applies it
-when the layer's frame is traced (its receptive field is known) and the interior keeps at least
-:data:`INTERIOR_MIN_FRACTION` of the map, and otherwise compares up to the border (deep layers
-whose receptive field covers most of the image). :attr:`LayerResult.interior` records which.
+whenever the layer's frame is traced (its receptive field is known). Where the interior keeps
+fewer than :data:`invariance.MIN_REGION` positions (a deep layer whose receptive field covers the
+image), every image gets no verdict with the reason :data:`RF_COVERS_IMAGE`: comparing the band
+that sees the padding instead would score the padding, not the image. Untraced frames (the
+receptive field unknown) are compared up to the border. :attr:`LayerResult.interior` records
+which.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from . import geometry as G
 from ._features import LayerFrame
 from ._search import (
+    MIN_REGION,
     SEARCH_FAMILIES,
     Alignment,
     LinearFit,
@@ -51,11 +55,12 @@ from ._search import (
 )
 from ._warp import disk_mask, warp
 
-__all__ = ["INTERIOR_MIN_FRACTION", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
+__all__ = ["RF_COVERS_IMAGE", "LayerResult", "measure_layer", "interpolation_floor", "comparison_region",
            "transformed_valid", "LayerAccumulator"]
 
-INTERIOR_MIN_FRACTION = 0.25
-"""``interior=None`` applies the receptive-field interior only where it keeps this much of the map."""
+RF_COVERS_IMAGE = ("the receptive field covers the image (fewer than MIN_REGION positions see only the image; "
+                   "interior=False compares the padding band too)")
+"""The reason of every image of a layer whose receptive-field interior is too small for a verdict."""
 
 
 @dataclass
@@ -70,6 +75,8 @@ class LayerResult:
         linear, linear_fit: held-out and in-sample errors of a linear channel map on top of the
             warp (None unless asked).
         overlap: the comparison region kept by the best warp, as a fraction of ``M * I``.
+        positions, signal: the same region in positions, and the share of the reference's signal on
+            ``M * I`` it carries (docs/definitions.md, "What a verdict needs").
         reasons: per image, None or why its errors are NaN.
         params, param_names, param_family: the best spatial warp per image in the image's centred
             frame (pixels, degrees), as applied to the transformed image's maps.
@@ -103,6 +110,8 @@ class LayerResult:
     linear_fit: torch.Tensor | None = None
     floor: torch.Tensor | None = None
     null: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    signal: torch.Tensor | None = None
 
     @property
     def n_images(self) -> int:
@@ -144,10 +153,7 @@ def comparison_region(frame: LayerFrame, *, mask_radius: float | None = None, in
     """
     size = tuple(frame.size)
     inside = frame.valid_positions(interior=True) if frame.rf_radius is not None else None
-    if interior is None:
-        use = inside is not None and frame.exact and float(inside.double().mean()) >= INTERIOR_MIN_FRACTION
-    else:
-        use = bool(interior)
+    use = (inside is not None and frame.exact) if interior is None else bool(interior)
     m = torch.ones(size, dtype=torch.bool) if mask_radius is None else disk_mask(size, mask_radius)
     iv = None if image_valid is None else image_valid.cpu()
     ref = m & (inside if inside is not None else frame.valid_positions(interior=True)) if use else m
@@ -305,6 +311,8 @@ class LayerAccumulator:
             image_valid = transformed_valid(t_img, frame.input_size)
         self.region, self.mvalid, self.used = comparison_region(frame, mask_radius=mask_radius, interior=interior,
                                                                 image_valid=image_valid, device=device, dtype=dtype)
+        # the interior is on and too small for a verdict: say why, rather than compare the padding band
+        self.rf_covers = self.used and float(self.region.sum()) < MIN_REGION
         self.expected = frame.to_layer(G.inverse(t_img)).to(dtype=dtype, device=device)
         self.parts: list[dict] = []
         self.fits: list[LinearFit] = []  # one per warp choice (spatial, expected, permutation)
@@ -330,12 +338,15 @@ class LayerAccumulator:
         res = align(f, fh, self.family, mask=self.region, moving_mask=mvalid, config=self.config, expected=expected,
                     channels="permutation" if self.want_perm else "spatial")
         sp: Alignment = res.spatial if self.want_perm else res
+        if self.rf_covers:
+            sp.reasons = [RF_COVERS_IMAGE] * len(sp.reasons)
         with torch.no_grad():
             e_inv = masked_error(f, fh, self.region, valid=mvalid)
             e_exp = region_error(f, fh, expected, mask=self.region, moving_mask=mvalid)
         part = {"invariance": _with_reasons(e_inv, sp.reasons).cpu(),
                 "expected": _with_reasons(e_exp, sp.reasons).cpu(), "spatial": sp.errors.cpu(),
-                "overlap": sp.overlap.cpu(), "reasons": list(sp.reasons), "matrices": sp.matrices.cpu()}
+                "overlap": sp.overlap.cpu(), "reasons": list(sp.reasons), "matrices": sp.matrices.cpu(),
+                "positions": sp.positions.cpu(), "signal": sp.signal.cpu()}
         if self.want_perm:
             part["permutation"], part["permutations"] = res.errors.cpu(), res.permutations.cpu()
         if self.want_linear:
@@ -407,7 +418,7 @@ class LayerAccumulator:
         if got != self.n:
             raise ValueError(f"index: {got} images were added, expected n_images = {self.n}")
         cat = {k: torch.cat([p[k] for p in self.parts]) for k in ("invariance", "expected", "spatial", "overlap",
-                                                                 "matrices")}
+                                                                 "matrices", "positions", "signal")}
         reasons = [r for p in self.parts for r in p["reasons"]]
         sp_mats = cat["matrices"]
         fam = G.get_family(SEARCH_FAMILIES[self.family][0])
@@ -418,6 +429,7 @@ class LayerAccumulator:
             invariance=cat["invariance"], expected=cat["expected"], spatial=cat["spatial"], overlap=cat["overlap"],
             reasons=reasons, params=img_params.cpu(), param_names=tuple(fam.param_names), param_family=fam.name,
             matrices=sp_mats, interior=self.used, region_size=int(self.region.sum().round()), frame=self.frame,
+            positions=cat["positions"].double(), signal=cat["signal"].double(),
         )
         if self.want_perm:
             out.permutation = torch.cat([p["permutation"] for p in self.parts])

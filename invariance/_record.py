@@ -186,11 +186,31 @@ class Comparison(_Canonical):
         overlap: mean over the images with a verdict of the share of ``M * I`` the best warp keeps.
         interior: whether the receptive-field interior ``I`` was applied.
         region_size: positions of ``M * I`` in the layer's map.
+        positions: per image, the positions of the best warp's region ``R_g`` (NaN: no verdict).
+        signal: per image, the share of the reference's signal on ``M * I`` that ``R_g`` carries
+            (docs/definitions.md, "What a verdict needs").
     """
 
     overlap: float
     interior: bool
     region_size: int
+    positions: tuple[float, ...] = ()
+    signal: tuple[float, ...] = ()
+
+    @property
+    def mean_positions(self) -> float:
+        """Mean of :attr:`positions` over the images with a verdict (NaN when none)."""
+        return _finite_mean(self.positions)
+
+    @property
+    def mean_signal(self) -> float:
+        """Mean of :attr:`signal` over the images with a verdict (NaN when none)."""
+        return _finite_mean(self.signal)
+
+
+def _finite_mean(values) -> float:
+    v = [x for x in values if x == x and math.isfinite(x)]
+    return sum(v) / len(v) if v else NAN
 
 
 @dataclass(frozen=True)
@@ -301,7 +321,11 @@ class LayerRecord:
 
         errors = Errors(invariance=est(res.invariance), expected=est(res.expected), spatial=est(res.spatial),
                         permutation=est(res.permutation), linear=est(res.linear), linear_fit=est(res.linear_fit))
-        ov = res.overlap[torch.isfinite(res.spatial)]
+        ok = torch.isfinite(res.spatial)
+        ov = res.overlap[ok]
+
+        def kept(v):  # per image, NaN where the image has no verdict
+            return () if v is None else tuple(torch.where(ok, v.double(), torch.nan).tolist())
         params = res.params.numpy()
         warp = BestWarp(family=res.param_family, param_names=tuple(res.param_names),
                         median=tuple(_median_params(params, res.param_names).round(4).tolist()),
@@ -317,7 +341,8 @@ class LayerRecord:
                                  null.mean if null else float("nan"))
         return cls(layer=res.layer, depth=depth, transform=transform, errors=errors, best_warp=warp,
                    comparison=Comparison(overlap=float(ov.mean()) if ov.numel() else float("nan"),
-                                         interior=bool(res.interior), region_size=int(res.region_size)),
+                                         interior=bool(res.interior), region_size=int(res.region_size),
+                                         positions=kept(res.positions), signal=kept(res.signal)),
                    calibration=Calibration(floor=floor, null=null), channels=channels, linear_warning=warning)
 
     # ------------------------------------------------------------------ JSON (schema 2)
@@ -335,7 +360,9 @@ class LayerRecord:
                                        for m in self.best_warp.matrices],
                           "frame": self.best_warp.frame},
             "comparison": {"overlap": _nan_to_none(self.comparison.overlap), "interior": self.comparison.interior,
-                           "region_size": self.comparison.region_size},
+                           "region_size": self.comparison.region_size,
+                           "positions": [_nan_to_none(v) for v in self.comparison.positions],
+                           "signal": [_nan_to_none(v) for v in self.comparison.signal]},
             "calibration": {"floor": None if self.calibration.floor is None else self.calibration.floor.to_json(),
                             "null": None if self.calibration.null is None else self.calibration.null.to_json()},
             "channels": {"permutation": None if self.channels.permutation is None else list(self.channels.permutation),
@@ -362,7 +389,9 @@ class LayerRecord:
                                               for m in bw.get("matrices", [])),
                                frame=bw.get("frame", WARP_FRAME)),
             comparison=Comparison(overlap=_f(cmp_["overlap"]), interior=bool(cmp_["interior"]),
-                                  region_size=int(cmp_["region_size"])),
+                                  region_size=int(cmp_["region_size"]),
+                                  positions=tuple(_f(v) for v in cmp_.get("positions", [])),
+                                  signal=tuple(_f(v) for v in cmp_.get("signal", []))),
             calibration=Calibration(floor=None if cal.get("floor") is None else Estimate.from_json(cal["floor"]),
                                     null=None if cal.get("null") is None else Estimate.from_json(cal["null"])),
             channels=ChannelMatch(permutation=None if ch.get("permutation") is None else tuple(ch["permutation"]),

@@ -38,7 +38,8 @@ CSV_COLUMNS = ["model", "layer", "depth", "transform", "family", "params", "magn
 for _name in (*(k + "_error" for k in ERROR_KINDS), "random_pair_null"):
     CSV_COLUMNS += [_name, _name + "_lo", _name + "_hi"]
 CSV_COLUMNS += ["interpolation_floor", "interpolation_floor_lo", "interpolation_floor_hi", "spatial_over_null",
-                "mark", "overlap", "interior", "region_size", "n_excluded", "best_params", "channel_orbits"]
+                "mark", "overlap", "positions", "signal", "interior", "region_size", "n_excluded", "best_params",
+                "channel_orbits"]
 CSV_COLUMNS = tuple(CSV_COLUMNS)
 
 
@@ -52,6 +53,12 @@ def _cell(e: Estimate | None, flag: str = "") -> str:
         return "-"
     lo, hi = e.ci
     return f"{_fmt(e.mean)}{flag} [{_fmt(lo)},{_fmt(hi)}]"
+
+
+def _positions(r: LayerRecord) -> str:
+    """``kept/of`` positions of a record for the table (kept: the mean over images with a verdict)."""
+    kept = r.comparison.mean_positions
+    return f"{_fmt(kept, '.0f')}/{r.comparison.region_size}"
 
 
 def _mean(e: Estimate | None) -> float:
@@ -131,8 +138,8 @@ class Report:
         kinds = [k for k in TABLE_KINDS
                  if any(not _isnan(_mean(getattr(r.errors, k))) for r in self.records)]
         excluded = any(r.n_excluded for r in self.records)
-        head = ["transform", "layer"] + list(kinds) + ["null", "floor", "sp/null", "overlap", "positions", "mark",
-                                                       "orbits"]
+        head = ["transform", "layer"] + list(kinds) + ["null", "floor", "sp/null", "overlap", "positions", "signal",
+                                                       "mark", "orbits"]
         head += ["excluded"] if excluded else []
         rows = []
         for r in self.records:
@@ -142,16 +149,17 @@ class Report:
                 flag = "!" if k == "linear" and r.linear_warning else ""
                 row.append(_cell(e, flag))
             row += [_cell(r.calibration.null), _cell(r.calibration.floor), _fmt(r.ratio_to_null, ".2f"),
-                    _fmt(r.comparison.overlap, ".2f"), str(r.comparison.region_size), r.mark or "-",
+                    _fmt(r.comparison.overlap, ".2f"), _positions(r), _fmt(r.comparison.mean_signal, ".2f"),
+                    r.mark or "-",
                     orbits_text(r.channels.orbits)]
             row += [str(r.n_excluded)] if excluded else []
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-        out.append("sp/null: spatial error over the random-pair null; overlap: share of the region the best warp "
-                   "keeps; positions: of the region M*I; mark: the spatial interval reaches the floor's ('at floor') "
-                   "or the null's ('at null')")
+        out.append("sp/null: spatial error over the random-pair null; overlap: share of the region M*I the best warp "
+                   "keeps; positions: kept / of M*I (mean); signal: share of the reference's signal compared; mark: "
+                   "the spatial interval reaches the floor's ('at floor') or the null's ('at null')")
         reasons = sorted({x for r in self.records for x in r.excluded_reasons})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
@@ -183,7 +191,8 @@ class Report:
             row["interpolation_floor"] = _mean(r.calibration.floor)
             row["interpolation_floor_lo"], row["interpolation_floor_hi"] = _ci(r.calibration.floor)
             row["spatial_over_null"], row["mark"] = r.ratio_to_null, r.mark
-            row.update(overlap=r.comparison.overlap, interior=r.comparison.interior,
+            row.update(overlap=r.comparison.overlap, positions=r.comparison.mean_positions,
+                       signal=r.comparison.mean_signal, interior=r.comparison.interior,
                        region_size=r.comparison.region_size, n_excluded=r.n_excluded,
                        best_params=json.dumps(list(r.best_warp.median)),
                        channel_orbits=json.dumps([list(c) for c in r.channels.orbits]))

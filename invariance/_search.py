@@ -17,10 +17,14 @@ the moving map's valid region (``moving_mask``, default the whole map). ``V_g`` 
 the valid share of the position's bilinear footprint (the bilinear sample of the valid region),
 and the warped value blends only the valid samples, renormalised (:func:`aligned`), so no value
 that the warp fills in (zeros from outside the frame, or content that came from outside the
-original image) is ever scored and the error is continuous in ``g``. A warp must keep a minimum
-overlap, ``sum R_g >= min_overlap * O_exp * min(1, det g / det g_exp)`` (``O_exp`` the overlap of
-the expected warp, or ``sum M`` without one; ``det`` the area change), so that no warp wins by
-leaving almost nothing to compare while a correct zoom-out is never ruled out.
+original image) is ever scored and the error is continuous in ``g``. A warp is *feasible* only
+if its region compares content (docs/definitions.md, "What a verdict needs"): at least
+``max(MIN_REGION, min_overlap * O_exp)`` positions and ``max(min_signal * S, min_overlap * S_exp)``
+of the reference's signal (``S`` its energy about its mean on ``M``, so background and constant
+padding count for nothing; ``O_exp``, ``S_exp`` what the expected warp's region keeps, or all of
+``M`` without one). An image whose expected warp carries less than ``min_signal * S``, or keeps
+fewer than ``MIN_REGION`` positions, has no verdict. No slack: the exact scoring that decides the
+result applies the rule as written; user candidates obey it too.
 
 How the optimum is found (and why it is not a local one)
 --------------------------------------------------------
@@ -52,8 +56,9 @@ matrix over the same region. Because the spatial optimum with the identity permu
 candidate, ``e_perm <= e_sp``.
 
 No signal, no verdict: an image whose reference has no energy on the region, or is constant
-there, and a region of fewer than :data:`MIN_REGION` positions give NaN with a reason
-(``Alignment.reasons``), never 0.
+there, a region of fewer than :data:`MIN_REGION` positions, and an image for which no warp is
+feasible give NaN with a reason (``Alignment.reasons``), never 0. Every result reports, per
+image, the positions its region kept and the share of the reference's signal on them.
 
 Transformations are returned as normalised input -> output matrices of the layer frame (what
 :func:`invariance.warp` applies to ``moving``) and as family parameters in the layer's
@@ -105,6 +110,14 @@ SEARCH_FAMILIES: dict[str, tuple[str, bool]] = {
 MIN_REGION = 4
 """Fewest positions a comparison region may have; smaller regions give NaN (no verdict)."""
 
+NO_FEASIBLE_WARP = ("no warp keeps enough of the reference to compare (min_overlap of the expected warp's "
+                     "positions and signal, at least MIN_REGION positions and min_signal of the signal)")
+"""The reason of an image for which no warp of the search family is feasible."""
+
+NO_CONTENT_IN_VIEW = ("the transformation leaves too little of the reference's content in view (the expected "
+                      "warp's region carries less than min_signal of its signal, or fewer than MIN_REGION positions)")
+"""The reason of an image whose expected warp compares too little of the reference's signal."""
+
 _VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside" (strict)
 _STEP_BYTES = 4 << 20  # warped maps per step of the exact scoring and the refinement: small tensors
 # are reused by the allocator, large ones are returned to the system and page-faulted back every step
@@ -152,8 +165,12 @@ class SearchConfig:
         polish_levels: step halvings of the derivative-free polish of the best warp (0: none).
         polish_starts: refined starts polished as well, best first (the endpoints of other basins).
         shortlist: candidates per image examined with the Hungarian assignment.
-        min_overlap: a warp must keep at least this fraction of the overlap of the expected
-            warp, scaled by its area change (see the module docstring).
+        min_overlap: a warp must keep at least this fraction of the positions and of the signal of
+            the expected warp's region (and at least :data:`MIN_REGION` positions; see the module
+            docstring).
+        min_signal: a warp's region must carry at least this share of the reference's signal on
+            ``M`` (its energy about its mean there), and an image has a verdict only if the
+            expected warp's region does (see the module docstring).
         chunk_size: candidates warped at a time (bounds memory; None picks one from the sizes).
         memory_budget: bytes of temporary memory a chunk may use when ``chunk_size`` is None.
         seed: seeds the refinement's start jitter.
@@ -177,6 +194,7 @@ class SearchConfig:
     polish_starts: int = 1
     shortlist: int = 6
     min_overlap: float = 0.5
+    min_signal: float = 0.25
     chunk_size: int | None = None
     memory_budget: int = 64 << 20
     seed: int = 0
@@ -218,6 +236,7 @@ class SearchConfig:
         for name in ("polish_levels", "refine_steps", "polish_starts"):
             check_int(getattr(self, name), name, minimum=0)
         check_number(self.min_overlap, "min_overlap", minimum=0.0, maximum=1.0)
+        check_number(self.min_signal, "min_signal", minimum=0.0, maximum=1.0)
         check_number(self.basin_separation, "basin_separation", positive=True)
         check_number(self.basin_shift, "basin_shift", positive=True)
         if self.max_shift is not None:
@@ -274,6 +293,8 @@ class Alignment:
         params: ``(B, P)`` family parameters in the layer's centred frame.
         overlap: ``(B,)`` the comparison region kept at the returned warp, as a fraction of the
             reference's region ``sum M``.
+        positions: ``(B,)`` the same region in positions (``sum R_g``).
+        signal: ``(B,)`` the share of the reference's signal on ``M`` that the region carries.
         reasons: per image, ``None`` or why the error is NaN.
         permutations: ``(B, C)`` long or None; ``aligned[:, c] = warped_moving[:, perm[c]]``.
         coarse_errors: ``(B,)`` the best error of the coarse grid before refinement.
@@ -286,6 +307,8 @@ class Alignment:
     params: torch.Tensor
     overlap: torch.Tensor
     reasons: list = field(default_factory=list)
+    positions: torch.Tensor | None = None
+    signal: torch.Tensor | None = None
     permutations: torch.Tensor | None = None
     coarse_errors: torch.Tensor | None = None
     spatial: Alignment | None = None
@@ -419,14 +442,16 @@ def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Ten
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
 
 
-def _region_terms(reference, warped, region, valid):
-    """(num, den, count) of ``R = region * valid`` for warped ``(B, k, C, H, W)``, valid ``(B|1, k, H, W)``."""
+def _region_terms(reference, warped, region, valid, plane):
+    """(num, den, count, signal) of ``R = region * valid`` for warped ``(B, k, C, H, W)``, valid
+    ``(B|1, k, H, W)``; ``plane`` the reference's signal plane ``(B, H, W)`` (:func:`_signal_plane`)."""
     r = region * valid
     ref = reference.unsqueeze(1)
     num = ((warped - ref).pow(2).sum(2) * r).flatten(-2).sum(-1)
     den = (ref.pow(2).sum(2) * r).flatten(-2).sum(-1)
     cnt = r.flatten(-2).sum(-1).expand_as(den)
-    return num, den, cnt
+    sig = (plane.unsqueeze(1) * valid).flatten(-2).sum(-1).expand_as(den)
+    return num, den, cnt, sig
 
 
 def _resolve_mask(mask, mask_radius, size, dtype, device, name="mask") -> torch.Tensor:
@@ -478,38 +503,79 @@ def _no_verdict(reference: torch.Tensor, region: torch.Tensor) -> list:
     return out
 
 
-def _det(centred: torch.Tensor) -> torch.Tensor:
-    """|det| of the linear part (area change) of centred matrices ``(..., 3, 3)``."""
-    return torch.linalg.det(centred[..., :2, :2].detach()).abs()
+def _signal_plane(reference: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)``: the reference's signal per position, ``M * sum_c (F_c - mu_c)^2`` with ``mu_c``
+    the channel's mean over ``M`` (docs/definitions.md, "What a verdict needs"): background and
+    constant padding at the region's mean level carry none of it."""
+    r = region if region.dim() == 2 else region[:, 0]
+    n = r.flatten(-2).sum(-1).clamp_min(1e-30)
+    mu = (reference * r.unsqueeze(-3)).flatten(-2).sum(-1) / (n[..., None] if n.dim() else n)  # (B, C)
+    return (reference - mu[..., None, None]).pow(2).sum(1) * r
 
 
-class _Overlap:
-    """The minimum overlap a warp must keep: ``min_overlap * O_exp * min(1, det g / det g_exp)`` per image."""
+class _Rule:
+    """What a feasible warp must keep, per image (docs/definitions.md, "What a verdict needs"):
+    ``positions`` = ``max(MIN_REGION, min_overlap * O_exp)`` and ``signal`` =
+    ``max(min_signal * S, min_overlap * S_exp)`` (``S`` the reference's signal on ``M``, ``S_exp``
+    the part the expected warp's region carries), both ``(B,)``; ``plane`` the signal plane
+    ``(B, H, W)``; ``verdict`` ``(B,)`` bool: whether the expected warp itself carries
+    ``min_signal * S`` on at least ``MIN_REGION`` positions (else the image has no verdict)."""
 
-    def __init__(self, kappa: float, base: torch.Tensor, det_exp: torch.Tensor):
-        self.kappa, self.base, self.det_exp = kappa, base, det_exp  # (B,), (B,)
+    def __init__(self, positions: torch.Tensor, signal: torch.Tensor, plane: torch.Tensor,
+                 verdict: torch.Tensor | None = None):
+        self.positions, self.signal, self.plane = positions, signal, plane
+        self.verdict = torch.ones_like(positions, dtype=torch.bool) if verdict is None else verdict
 
-    def __call__(self, det: torch.Tensor) -> torch.Tensor:
-        """``det`` ``(K,)`` shared or ``(B, K)`` per image -> required counts ``(B, K)``."""
-        d = det if det.dim() == 2 else det.unsqueeze(0)
-        ratio = (d / self.det_exp[:, None].clamp_min(1e-12)).clamp(max=1.0)
-        return self.kappa * self.base[:, None] * ratio
+    @classmethod
+    def of(cls, reference, region, v_exp, cfg: SearchConfig) -> _Rule:
+        """The rule of :func:`align`; ``v_exp`` ``(B, 1, H, W)`` the weight ``V_g`` of the expected warp
+        (None: no expected warp, its region is ``M``)."""
+        plane = _signal_plane(reference, region)
+        total = plane.flatten(-2).sum(-1)
+        if v_exp is None:
+            o_exp, s_exp = region.sum().expand(reference.shape[0]), total
+        else:
+            o_exp = (region * v_exp).flatten(-2).sum(-1)[:, 0]
+            s_exp = (plane.unsqueeze(1) * v_exp).flatten(-2).sum(-1)[:, 0]
+        positions = torch.clamp(cfg.min_overlap * o_exp, min=float(MIN_REGION))
+        signal = torch.maximum(cfg.min_signal * total, cfg.min_overlap * s_exp)
+        return cls(positions, signal, plane, verdict=(s_exp >= cfg.min_signal * total) & (o_exp >= MIN_REGION))
 
-    def select(self, images: slice) -> _Overlap:
+    @classmethod
+    def anything(cls, reference, region) -> _Rule:
+        """Every candidate with some region feasible (tests of the formulas)."""
+        b = reference.shape[0]
+        zero = torch.zeros(b, dtype=reference.dtype, device=reference.device)
+        return cls(zero, zero, _signal_plane(reference, region))
+
+    def select(self, images: slice) -> _Rule:
         """The rule of some of the images."""
-        return _Overlap(self.kappa, self.base[images], self.det_exp[images])
+        return _Rule(self.positions[images], self.signal[images], self.plane[images], self.verdict[images])
 
+    def share(self, sig: torch.Tensor) -> torch.Tensor:
+        """Kept signal ``(B, ...)`` -> its share of the reference's signal on ``M`` (NaN without any)."""
+        total = self.plane.flatten(-2).sum(-1).reshape(-1, *[1] * (sig.dim() - 1))
+        return torch.where(total > 0, sig / total.clamp_min(1e-300), torch.nan)
 
-def _feasible(num, den, cnt, required, energy):
-    """Errors with infeasible candidates (too little overlap, no reference energy) set to inf.
+    def feasible(self, num, den, cnt, sig, energy, rounding: bool = False):
+        """Errors ``num / den`` with infeasible candidates set to inf.
 
-    A candidate whose region holds less than ``1000 eps`` of the reference's energy (1.2e-4 in
-    float32) is infeasible too: its error would be rounding noise (the FFT terms carry absolute
-    errors of ``~eps`` times the energy)."""
-    floor = 1e3 * torch.finfo(den.dtype).eps
-    ok = (cnt >= required - 1e-3) & (den > floor * energy.reshape(-1, *[1] * (den.dim() - 1)))
-    # a safe denominator off the feasible set keeps gradients finite (torch.where differentiates both sides)
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
+        A candidate is feasible when its region keeps ``positions`` and ``signal`` (exactly, unless
+        ``rounding``: the FFT terms of the coarse stage carry absolute errors of ``~eps`` times the
+        totals, so there a candidate within that much of the minimum is kept as a candidate; the
+        exact scoring that decides the result applies the rule as written) and holds at least
+        ``1000 eps`` of the reference's energy (1.2e-4 in float32): below that its error would be
+        rounding noise."""
+        eps = torch.finfo(den.dtype).eps
+        shape = (-1, *[1] * (den.dim() - 1))
+        need_n, need_s = self.positions.reshape(shape), self.signal.reshape(shape)
+        if rounding:
+            n = float(self.plane.shape[-1] * self.plane.shape[-2])
+            need_n = need_n - 64 * eps * n
+            need_s = need_s - 64 * eps * self.plane.flatten(-2).sum(-1).reshape(shape)
+        ok = (cnt >= need_n) & (sig >= need_s) & (den > 1e3 * eps * energy.reshape(shape))
+        # a safe denominator off the feasible set keeps gradients finite (torch.where differentiates both sides)
+        return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -621,7 +687,7 @@ class _ShiftScorer:
     """
 
     def __init__(self, reference: torch.Tensor, region: torch.Tensor, pad: tuple[int, int],
-                 max_shift: float | None):
+                 max_shift: float | None, rule: _Rule):
         b, c, h, w = reference.shape
         py, px = pad
         hc, wc = h + 2 * py, w + 2 * px
@@ -633,6 +699,8 @@ class _ShiftScorer:
         self.fa = torch.fft.rfft2(reference * region, s=self.s).conj().resolve_conj()
         self.fm = torch.fft.rfft2(region, s=self.s)
         self.fp = torch.fft.rfft2(reference.pow(2).sum(1) * region, s=self.s)  # (B, N, N')
+        self.rule = rule
+        self.fs = torch.fft.rfft2(rule.plane, s=self.s)  # the signal plane (B, N, N')
         ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
         tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
         # index of u = t - p in the FFT output (negative u wrap around)
@@ -647,8 +715,8 @@ class _ShiftScorer:
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., self.iy, :][..., self.ix]
 
-    def __call__(self, warped: torch.Tensor, valid: torch.Tensor, required: torch.Tensor):
-        """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc), required (B, k) ->
+    def __call__(self, warped: torch.Tensor, valid: torch.Tensor):
+        """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc) ->
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
         fg = torch.fft.rfft2(warped * valid[:, :, None], s=self.s)
         # sum_c FFT(G_c) conj(FFT(M F_c)), in blocks of channels whose products stay under
@@ -665,8 +733,9 @@ class _ShiftScorer:
         fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
         cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))
+        sig = self._crop(torch.fft.irfft2(self.fs[:, None] * fv, s=self.s))
         num = self._crop(sq - 2 * cross) + den
-        e = _feasible(num, den, cnt, required[..., None, None], self.energy)
+        e = self.rule.feasible(num, den, cnt, sig, self.energy, rounding=True)
         e = e.masked_fill(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
         nx = len(self.tx)
@@ -692,7 +761,7 @@ class _Problem:
         reference, moving: the maps ``(B, C, H, W)`` (``moving`` is warped onto ``reference``).
         region: ``M * I``, ``(H, W)`` or ``(B, 1, H, W)``; mvalid: the moving map's valid region.
         size: ``(H, W)``; family: the search family; cfg: the :class:`SearchConfig`.
-        required: the minimum overlap rule (:class:`_Overlap`); perm: per-image channel
+        required: the feasibility rule (:class:`_Rule`); perm: per-image channel
             permutations applied to ``moving`` (``(B, C)``), or None.
     """
 
@@ -703,7 +772,7 @@ class _Problem:
     size: tuple[int, int]
     family: str
     cfg: SearchConfig
-    required: _Overlap
+    required: _Rule
     perm: torch.Tensor | None = None
 
     def select(self, images: slice) -> _Problem:
@@ -726,7 +795,6 @@ def _coarse(prob: _Problem):
     lin = _linear_candidates(family, cfg, reference.dtype, reference.device)  # (K,3,3) centred
     has_t = SEARCH_FAMILIES[family][1]
     k = lin.shape[0]
-    req = required(_det(lin))  # (B, K)
     if has_t:
         pads = _canvas_pads(lin, h, w, cap=4.0)
         pads = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in pads]
@@ -746,7 +814,7 @@ def _coarse(prob: _Problem):
         c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
         norm = c_out @ lin[idx] @ torch.linalg.inv(c_src)
         if has_t:
-            scorer = _ShiftScorer(reference, region, (py, px), cfg.max_shift)
+            scorer = _ShiftScorer(reference, region, (py, px), cfg.max_shift, required)
             side = int(math.sqrt(scorer.s[0] * scorer.s[1]))
         else:
             side = int(math.sqrt(h * w))
@@ -755,11 +823,10 @@ def _coarse(prob: _Problem):
         for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
             warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
             if has_t:
-                e, t = scorer(warped, valid, req[:, ids[sl]])
+                e, t = scorer(warped, valid)
                 shifts[:, ids[sl]] = t
             else:
-                num, den, cnt = _region_terms(reference, warped, region, valid)
-                e = _feasible(num, den, cnt, req[:, ids[sl]], energy)
+                e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
             errs[:, ids[sl]] = e
     mats = _translation(shifts) @ lin.unsqueeze(0)  # (B, K, 3, 3) centred
     return errs, mats
@@ -827,21 +894,24 @@ def _permuted(stack, perm):
     return torch.gather(stack, 1, full[:, :, None, None].expand(-1, -1, *stack.shape[-2:]))
 
 
-def _exact(reference, moving, centred, region, mvalid, size, required, perm=None):
-    """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)."""
+def _exact(reference, moving, centred, region, mvalid, size, required, perm=None, signal=False):
+    """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)
+    (and the signal kept, with ``signal=True``)."""
     norm = G.centred_to_normalized(centred, size)
     stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
-    req = required(_det(centred))
-    errs, cnts = [], []
+    errs, cnts, sigs = [], [], []
     b, n = centred.shape[:2]
     c = stack.shape[1]
     chunk = max(1, int(_STEP_BYTES // max(1, b * c * size[0] * size[1] * moving.element_size())))
-    for sl, stacked in warp_chunks(stack, norm, chunk_size=chunk):
+    for _, stacked in warp_chunks(stack, norm, chunk_size=chunk):
         warped, valid = _split(stacked)  # (B, k, C, H, W), (B, k, H, W)
-        num, den, cnt = _region_terms(reference, warped, region, valid)
-        errs.append(_feasible(num, den, cnt, req[:, sl], energy))
+        num, den, cnt, sig = _region_terms(reference, warped, region, valid, required.plane)
+        errs.append(required.feasible(num, den, cnt, sig, energy))
         cnts.append(cnt)
+        sigs.append(sig)
+    if signal:
+        return torch.cat(errs, 1), torch.cat(cnts, 1), torch.cat(sigs, 1)
     return torch.cat(errs, 1), torch.cat(cnts, 1)
 
 
@@ -910,8 +980,7 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
         cm = G.to_matrix(fam, _from_free(fam, z))
         m = G.centred_to_normalized(cm, size)
         warped, valid = _split(warp(stack, m, affine=True))
-        num, den, cnt = _region_terms(reference, warped, region, valid)
-        e = _feasible(num, den, cnt, required(_det(cm)), energy)
+        e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
         with torch.no_grad():
             better = e < best_e
             best_e = torch.where(better, e, best_e)
@@ -975,9 +1044,9 @@ def _summaries(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.mean(1), x.pow(2).mean(1)], 1)
 
 
-def _cost_matrices(reference, warped, region, valid):
+def _cost_matrices(reference, warped, region, valid, plane):
     """(B, n, C, C) costs sum R ||warped_c' - ref_c||^2 / sum R ||ref||^2, R = region * valid (B, n, H, W);
-    and the feasibility terms (den, cnt) (B, n)."""
+    and the feasibility terms (den, cnt, signal) (B, n)."""
     r = region * valid
     rr = torch.einsum("bchw,bnhw->bnc", reference.pow(2), r)
     gg = torch.einsum("bndhw,bnhw->bnd", warped.pow(2), r)
@@ -985,7 +1054,8 @@ def _cost_matrices(reference, warped, region, valid):
     den = rr.sum(-1)
     cost = rr[..., :, None] + gg[..., None, :] - 2 * rg
     safe = torch.where(den > 0, den, torch.ones_like(den))
-    return cost / safe[..., None, None], den, r.flatten(-2).sum(-1)
+    sig = (plane.unsqueeze(1) * valid).flatten(-2).sum(-1)
+    return cost / safe[..., None, None], den, r.flatten(-2).sum(-1), sig
 
 
 def _hungarian(cost: torch.Tensor, feasible: torch.Tensor):
@@ -1013,13 +1083,13 @@ def _assign(reference, moving, centred, region, mvalid, size, required):
     candidates, 64 MiB in float64), never ``B`` times that."""
     norm = G.centred_to_normalized(centred, size)
     energy = _energy(reference, region)
-    req = required(_det(centred))
     errs, perms = [], []
     for i in range(reference.shape[0]):
         mv = mvalid[i:i + 1] if mvalid.dim() == 3 else mvalid
         warped, valid = _split(warp(_stack(moving[i:i + 1], mv), norm[i:i + 1]))
-        cost, den, cnt = _cost_matrices(reference[i:i + 1], warped, region, valid)
-        feasible = torch.isfinite(_feasible(torch.zeros_like(den), den, cnt, req[i:i + 1], energy[i:i + 1]))
+        rule = required.select(slice(i, i + 1))
+        cost, den, cnt, sig = _cost_matrices(reference[i:i + 1], warped, region, valid, rule.plane)
+        feasible = torch.isfinite(rule.feasible(torch.zeros_like(den), den, cnt, sig, energy[i:i + 1]))
         e, p = _hungarian(cost, feasible)
         errs.append(e)
         perms.append(p)
@@ -1139,25 +1209,22 @@ def align(
     region = _resolve_mask(mask, mask_radius, size, dtype, device)
     mvalid = _resolve_moving(moving_mask, b, size, dtype, device)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
-    reasons = _no_verdict(reference, region)
-    total = region.sum()
-
-    # the minimum overlap, relative to the expected warp's (or the whole region)
     if expected is not None and not (isinstance(expected, torch.Tensor) and (
             expected.shape == (3, 3) or expected.shape == (b, 3, 3))):
         shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__
         raise ValueError(f"expected: one matrix (3, 3) or one per image ({b}, 3, 3), got {shape}")
     exp_c = _as_centred_batch(None if expected is None else expected.reshape(-1, 1, 3, 3), b, size, dtype, device,
                               "expected")
+    extra_c = _as_centred_batch(extra_candidates, b, size, dtype, device, "extra_candidates")
+    reasons = _no_verdict(reference, region)
+    # the feasibility rule, relative to what the expected warp compares (or the whole region)
     with torch.no_grad():
-        if exp_c is None:
-            base = total.expand(b)
-            det_exp = torch.ones(b, dtype=dtype, device=device)
-        else:
-            v = warp_valid(mvalid, G.centred_to_normalized(exp_c, size))  # (B, 1, H, W)
-            base = (region * v).flatten(-2).sum(-1)[:, 0]
-            det_exp = _det(exp_c[:, 0])
-    required = _Overlap(cfg.min_overlap, base, det_exp)
+        v = None if exp_c is None else warp_valid(mvalid, G.centred_to_normalized(exp_c, size))  # (B, 1, H, W)
+        required = _Rule.of(reference, region, v, cfg)
+    reasons = [r if r is not None else (None if ok else NO_CONTENT_IN_VIEW)
+               for r, ok in zip(reasons, required.verdict.tolist())]
+    if all(r is not None for r in reasons):  # nothing to search
+        return _no_search(family, fam, reference, size, reasons, channels)
 
     prob = _Problem(reference, moving, region, mvalid, size, family, cfg, required)
     # 1. coarse search (exhaustive over the grid x all integer shifts)
@@ -1172,7 +1239,7 @@ def align(
     # 2. refinement through the sampler
     refined = _refine(prob, starts)
     extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
-    for m in (exp_c, _as_centred_batch(extra_candidates, b, size, dtype, device, "extra_candidates")):
+    for m in (exp_c, extra_c):
         if m is not None:
             extras.append(m)
     extras = torch.cat(extras, 1)
@@ -1184,7 +1251,6 @@ def align(
         ar = torch.arange(b, device=device)
         best_e = exact[ar, best_i]
         best_m = cands[ar, best_i]
-        best_n = counts[ar, best_i]
         if cfg.polish_levels > 0 and cfg.refine_steps > 0:
             # polish the best candidate and the two best refined starts (other basins' endpoints)
             k = starts.shape[1]
@@ -1192,22 +1258,34 @@ def align(
             picked = torch.gather(refined, 1, order[..., None, None].expand(-1, -1, 3, 3))
             seeds_m = torch.cat([best_m[:, None], picked], 1)
             seeds_e = torch.cat([best_e[:, None], torch.gather(exact[:, k:2 * k], 1, order)], 1)
-            pm, pe, pn = _polish(prob, seeds_m, seeds_e)
+            pm, pe, _ = _polish(prob, seeds_m, seeds_e)
             better = pe < best_e
             best_m = torch.where(better[:, None, None], pm, best_m)
-            best_n = torch.where(better, pn, best_n)
             best_e = torch.where(better, pe, best_e)
-    result = _result(family, fam, best_e, best_m, best_n, total, reasons, size)
+    result = _result(prob, fam, best_e, best_m, reasons)
     result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":
-        pe, pm, pp, pn = _align_permutation(reference, moving, region, mvalid, family, cfg, size, result,
+        pe, pm, pp, _ = _align_permutation(reference, moving, region, mvalid, family, cfg, size, result,
                                             required, extras)
-        perm_result = _result(family, fam, pe, pm, pn, total, reasons, size)
+        perm_result = _result(prob, fam, pe, pm, reasons)
         perm_result.permutations = pp
         perm_result.coarse_errors = result.coarse_errors
         perm_result.spatial = result
         return perm_result
     return result
+
+
+def _no_search(family, fam, reference, size, reasons, channels) -> Alignment:
+    """The :class:`Alignment` of a batch in which no image has a verdict: NaN errors at the identity."""
+    b, c = reference.shape[:2]
+    nan = torch.full((b,), math.nan, dtype=torch.float64, device=reference.device)
+    eye = torch.eye(3, dtype=reference.dtype, device=reference.device).expand(b, 3, 3)
+    out = Alignment(family=family, errors=nan, matrices=G.centred_to_normalized(eye, size),
+                    params=G.from_matrix(fam, eye), overlap=nan, reasons=list(reasons), positions=nan.clone(),
+                    signal=nan.clone(), coarse_errors=nan.clone())
+    if channels == "permutation":
+        out = replace(out, permutations=torch.arange(c, device=reference.device).expand(b, c).clone(), spatial=out)
+    return out
 
 
 def _best(errors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -1218,19 +1296,27 @@ def _best(errors: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return key.max(1).indices
 
 
-def _result(family, fam, errors, centred, counts, total, reasons, size) -> Alignment:
+def _result(prob: _Problem, fam, errors, centred, reasons) -> Alignment:
+    """The :class:`Alignment` of per-image best warps ``centred (B, 3, 3)``, with the positions and
+    signal share their regions keep (re-measured on the region itself, the same for any permutation)."""
     reasons = list(reasons)
     for i, e in enumerate(errors.tolist()):
         if reasons[i] is None and not math.isfinite(e):
-            reasons[i] = "no warp keeps the minimum overlap with the reference's region"
+            reasons[i] = NO_FEASIBLE_WARP
     bad = torch.tensor([r is not None for r in reasons], device=errors.device)
+    with torch.no_grad():
+        _, cnt, sig = _exact(prob.reference, prob.moving, centred[:, None], prob.region, prob.mvalid, prob.size,
+                             prob.required, signal=True)
+    cnt, sig = cnt[:, 0].double(), sig[:, 0]
     return Alignment(
-        family=family,
+        family=prob.family,
         errors=torch.where(bad, torch.nan, errors).double(),
-        matrices=G.centred_to_normalized(centred, size),
+        matrices=G.centred_to_normalized(centred, prob.size),
         params=G.from_matrix(fam, centred),
-        overlap=(counts / total).double(),
+        overlap=cnt / prob.region.sum().double(),
         reasons=reasons,
+        positions=cnt,
+        signal=prob.required.share(sig).double(),
     )
 
 

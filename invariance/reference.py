@@ -11,9 +11,10 @@ canvas groups, no candidate short-lists). The best few distinct candidates are t
 with :func:`invariance.align`.
 
 Use it in tests and benchmarks, on small maps: it costs ``angles x scales x offsets x shifts``
-window sums per image (see :func:`invariance.align` for the fast path). Integer shifts
-are tried up to half the map along each axis (a larger shift keeps less than half of the map
-in common).
+window sums per image (see :func:`invariance.align` for the fast path). Every integer shift
+that can keep the minimum number of positions is tried (the canvas holds the warped map's whole
+support and every window that can overlap it by that much). The feasibility rule of the
+definitions (positions and the reference's signal kept) is written out here again, on its own.
 
 >>> ref = torch.zeros(1, 1, 12, 12, dtype=torch.float64); ref[0, 0, 3:6, 5:9] = 1
 >>> mov = torch.roll(ref, (2, -1), dims=(-2, -1))
@@ -34,9 +35,11 @@ from scipy.optimize import minimize
 from . import geometry as G
 from ._warp import warp
 
-__all__ = ["ReferenceAlignment", "brute_force_align", "BatteryCase", "battery", "run_battery"]
+__all__ = ["ReferenceAlignment", "brute_force_align", "BatteryCase", "battery", "run_battery", "random_architecture",
+           "fresh_battery", "ARCHITECTURE_SPACE", "FRESH_TRANSFORMS"]
 
 _OUTSIDE = 1e-6  # the validity rule of the definitions: a smaller valid share of a footprint counts as 0
+_MIN_REGION = 4  # the definitions' MIN_REGION, written again (this module shares no code with the search)
 
 # search family -> (geometry family, has an integer translation part), as in docs/definitions.md
 _FAMILIES = {"translation": ("translation", True), "rotation": ("rotation", False), "scale": ("scale", False),
@@ -103,6 +106,7 @@ def brute_force_align(
     moving_mask: torch.Tensor | None = None,
     expected: torch.Tensor | None = None,
     min_overlap: float = 0.5,
+    min_signal: float = 0.25,
     angle_step: float = 0.5,
     log2_step: float = 1 / 32,
     log2_range: float = 2.0,
@@ -118,8 +122,13 @@ def brute_force_align(
             ``scale_translation``, ``similarity``, ``affine``).
         mask, moving_mask: the reference's region and the moving map's valid region ``(H, W)``.
         expected: ``(3, 3)`` or ``(B, 3, 3)`` normalised matrices of the expected warp (the
-            baseline of the minimum overlap, and a candidate).
-        min_overlap: the minimum overlap fraction ``kappa`` of the definitions.
+            baseline of the minimum positions, and a candidate).
+        min_overlap, min_signal: the feasibility rule of the definitions: a warp's region keeps at
+            least ``max(4, min_overlap * O_exp)`` positions and ``max(min_signal * S,
+            min_overlap * S_exp)`` of the reference's signal (``S`` its energy about its mean on the
+            mask; ``O_exp``, ``S_exp`` what the expected warp's region keeps); an image whose
+            expected warp keeps less than ``min_signal * S`` or fewer than 4 positions has no
+            verdict (NaN).
         angle_step: degrees between grid angles; log2_step, log2_range: the log2-scale grid.
         offsets: sub-pixel offsets per axis (4: quarter pixels).
         polish: distinct best candidates refined by Nelder-Mead.
@@ -147,29 +156,37 @@ def brute_force_align(
         ref, mov = ref_all[i], mov_all[i]
         e_c = None if exp is None else np.linalg.inv(to_norm) @ exp[min(i, exp.shape[0] - 1)].numpy() @ to_norm
 
-        def exact(centred: np.ndarray, ref=ref, mov=mov, e_c=e_c) -> float:
+        # the signal per position: the reference's energy about its mean on the mask
+        n_mask = float(region.sum())
+        mean = (ref * region).sum((1, 2), keepdim=True) / max(n_mask, 1e-300)
+        plane = ((ref - mean) * region).pow(2).sum(0)
+        if e_c is None:
+            base, s_exp = n_mask, float(plane.sum())
+        else:
+            norm = torch.from_numpy(to_norm @ e_c @ np.linalg.inv(to_norm))
+            w_exp = _sample(mvalid[None], mvalid, norm, size)[1]
+            base, s_exp = float((region * w_exp).sum()), float((plane * w_exp).sum())
+        if s_exp < min_signal * float(plane.sum()) or base < _MIN_REGION:  # the expected warp compares too little
+            errors.append(math.nan)
+            mats.append(np.eye(3))
+            continue
+        need = (max(float(_MIN_REGION), min_overlap * base), max(min_signal * float(plane.sum()), min_overlap * s_exp))
+
+        def exact(centred: np.ndarray, ref=ref, mov=mov, plane=plane, need=need) -> float:
             norm = torch.from_numpy(to_norm @ centred @ np.linalg.inv(to_norm))
             vals, wv = _sample(mov, mvalid, norm, size)
             r = region * wv
             den = float((ref.pow(2).sum(0) * r).sum())
-            if den <= 0 or float(r.sum()) < required(centred, e_c) - 1e-3:
+            if den <= 0 or float(r.sum()) < need[0] or float((plane * wv).sum()) < need[1]:
                 return math.inf
             return float(((vals - ref).pow(2).sum(0) * r).sum()) / den
-
-        def required(centred: np.ndarray, e_c: np.ndarray | None) -> float:
-            det = abs(np.linalg.det(centred[:2, :2]))
-            if e_c is None:
-                return min_overlap * float(region.sum()) * min(1.0, det)
-            norm = torch.from_numpy(to_norm @ e_c @ np.linalg.inv(to_norm))
-            base = float((region * _sample(mvalid[None], mvalid, norm, size)[1]).sum())
-            return min_overlap * base * min(1.0, det / max(abs(np.linalg.det(e_c[:2, :2])), 1e-12))
 
         cands: list[tuple[float, np.ndarray]] = []
         for lin in grid:
             for ox in subs:
                 for oy in subs:
                     cands.extend(_all_shifts(ref, mov, region, mvalid, lin, (ox, oy), has_t, to_norm, size,
-                                             lambda m, e_c=e_c: required(m, e_c)))
+                                             plane, need))
         if e_c is not None:
             cands.append((exact(e_c), e_c))
         cands.append((exact(np.eye(3)), np.eye(3)))
@@ -203,8 +220,9 @@ def brute_force_align(
     return ReferenceAlignment(torch.tensor(errors, dtype=torch.float64), m, G.from_matrix(gfam, m))
 
 
-def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, required):
-    """Errors of every integer shift of ``shift o offset o lin`` by direct window sums: [(error, centred)]."""
+def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, plane, need):
+    """Errors of every feasible integer shift of ``shift o offset o lin`` by direct window sums:
+    [(error, centred)] of the best few."""
     h, w = size
     base = _centred(lin, offset)
     if not has_t:
@@ -212,28 +230,41 @@ def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, req
         vals, wv = _sample(mov, mvalid, norm, size)
         r = region * wv
         den = float((ref.pow(2).sum(0) * r).sum())
-        if den <= 0 or float(r.sum()) < required(base) - 1e-3:
+        if den <= 0 or float(r.sum()) < need[0] or float((plane * wv).sum()) < need[1]:
             return [(math.inf, base)]
         return [(float(((vals - ref).pow(2).sum(0) * r).sum()) / den, base)]
-    # a canvas of the same pitch and centre, for every shift up to half the map: a larger shift
-    # keeps less than half of the map in common, below any minimum overlap of the tests
-    py, px = (h + 1) // 2, (w + 1) // 2
+    # a canvas of the same pitch and centre that holds every window overlapping the warped map's
+    # support by at least need[0] positions: the support's half-extents (ey, ex) bound the overlap
+    # of a window shifted by t_y to (h/2 + ey - |t_y|) rows of at most min(w, 2 ex + 1) positions
+    corners = np.array([[sx * w / 2, sy * h / 2] for sx in (-1, 1) for sy in (-1, 1)]) @ lin.T + np.asarray(offset)
+    ex, ey = np.abs(corners).max(0) + 1
+    py = max(0, math.ceil(h / 2 + ey - need[0] / min(w, 2 * ex + 1)))
+    px = max(0, math.ceil(w / 2 + ex - need[0] / min(h, 2 * ey + 1)))
     canvas = (h + 2 * py, w + 2 * px)
     c_norm = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=torch.float64).numpy()
     norm = torch.from_numpy(c_norm @ base @ np.linalg.inv(to_norm))
     vals, wv = _sample(mov, mvalid, norm, canvas)
     g, v = vals[None], wv[None, None]  # (1, C, Hc, Wc), (1, 1, Hc, Wc)
-    gv = g * v
     # window (i, j) of the canvas = shift (px - j, py - i); every window sum by direct correlation
     # of the expanded square sum_y R w ||g - f||^2 = sum R (w ||g||^2 - 2 w g.f + w ||f||^2)
     corr = torch.nn.functional.conv2d
+    # the windows that keep the positions and the signal (cheap, one channel each); the other terms
+    # are computed on the part of the canvas that those windows cover only
+    tol = 1e-9 * (h * w)  # window sums are rounded sums: a candidate within rounding of the minimum
+    cnt = corr(v, region[None, None])[0, 0]  # stays one (its exact re-scoring applies the rule as written)
+    sig = corr(v, plane[None, None])[0, 0]
+    keep = (cnt >= need[0] - tol) & (sig >= need[1] - 1e-9 * float(plane.sum()))
+    if not bool(keep.any()):
+        return [(math.inf, base)]
+    rows, cols = keep.any(1).nonzero()[:, 0], keep.any(0).nonzero()[:, 0]
+    i0, i1, j0, j1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    g, v = g[..., i0:i1 + h - 1, j0:j1 + w - 1], v[..., i0:i1 + h - 1, j0:j1 + w - 1]
+    gv = g * v
     num = (corr((g.pow(2).sum(1, keepdim=True) * v), region[None, None])
            - 2 * corr(gv, (ref * region)[None])
            + corr(v, (ref.pow(2).sum(0) * region)[None, None]))[0, 0]
     den = corr(v, (ref.pow(2).sum(0) * region)[None, None])[0, 0]
-    cnt = corr(v, region[None, None])[0, 0]
-    need = required(base)
-    ok = (den > 1e-9 * float((ref.pow(2).sum(0) * region).sum())) & (cnt >= need - 1e-3)
+    ok = (den > 1e-9 * float((ref.pow(2).sum(0) * region).sum())) & keep[i0:i1, j0:j1]
     err = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
     out = []
     ny, nx = err.shape
@@ -241,6 +272,7 @@ def _all_shifts(ref, mov, region, mvalid, lin, offset, has_t, to_norm, size, req
     order = torch.argsort(flat)[: 8]  # the best few shifts of this linear part
     for k in order.tolist():
         i, j = divmod(k, nx)
+        i, j = i + i0, j + j0  # window (i, j) of the whole canvas
         out.append((float(flat[k]), _centred(lin, (offset[0] + px - j, offset[1] + py - i))))
     return out
 
@@ -295,7 +327,7 @@ def battery(n_images: int = 2, *, size: int = 24) -> list[BatteryCase]:
     """The search battery of docs/definitions.md: a random-filter CNN with biases under rotations by
     30, 45, 90 and 135 degrees, scales 0.7 and 1.5, a sub-pixel translation and a shear, on
     ``size`` x ``size`` blobs and on non-square ones; the shipped MNIST CNN's every layer under 45
-    degrees on shipped digits. ``n_images`` images per case."""
+    degrees on shipped digits (on a 48 px canvas). ``n_images`` images per case."""
     from ._models import load_model
     from ._zoo import load_digits
     from .toys import make_images
@@ -311,6 +343,8 @@ def battery(n_images: int = 2, *, size: int = 24) -> list[BatteryCase]:
     cnn = load_model("mnist-cnn").double().eval()
     digits = load_digits()[0][:n_images].double()
     digits = (digits / 255.0 if digits.max() > 1 else digits)[:, None] if digits.dim() == 3 else digits
+    # on a 48 px canvas the deepest layers keep an interior (at 28 px their receptive field covers the image)
+    digits = torch.nn.functional.pad(digits, (10, 10, 10, 10))
     for layer in ("conv1", "pool1", "relu1", "conv2", "pool2", "relu2"):
         cases.append(_case(f"mnist-cnn {layer} rotation:45", cnn, digits, "rotation:45", layer, None))
     return cases
@@ -321,7 +355,8 @@ def run_battery(cases: list[BatteryCase], *, config=None, reference_options: dic
     """Fast search (:func:`invariance.align`) against the dense reference on every case.
 
     Returns one dict per case: name, family, map shape, per-image errors of both, the worst gap
-    ``fast - reference`` and the seconds each took.
+    ``fast - reference`` (0 where neither has a verdict, inf where only one has) and the seconds
+    each took.
     """
     import time
 
@@ -338,8 +373,111 @@ def run_battery(cases: list[BatteryCase], *, config=None, reference_options: dic
         ref = brute_force_align(case.reference, case.moving, case.family, mask=case.mask,
                                 moving_mask=case.moving_mask, expected=case.expected, **(reference_options or {}))
         t2 = time.perf_counter()
-        gap = (fast.errors - ref.errors).tolist()
+        # both without a verdict agree (gap 0); a verdict on one side only is a disagreement (inf)
+        f_nan, r_nan = fast.errors.isnan(), ref.errors.isnan()
+        gap = torch.where(f_nan & r_nan, 0.0, torch.where(f_nan | r_nan, math.inf, fast.errors - ref.errors)).tolist()
         out.append({"name": case.name, "family": case.family, "shape": list(case.reference.shape),
                     "fast": fast.errors.tolist(), "reference": ref.errors.tolist(),
                     "worst_gap": max(gap), "fast_seconds": t1 - t0, "reference_seconds": t2 - t1})
     return out
+
+
+# ----------------------------------------------------------------------------- the fresh battery
+
+#: What :func:`random_architecture` draws from (kernel, stride, dilation, pooling, activation).
+ARCHITECTURE_SPACE = {
+    "depth": (2, 3, 4),
+    "kernel": (3, 5, 7),
+    "stride": (1, 2),
+    "dilation": (1, 1, 2),
+    "channels": (3, 4, 6, 8),
+    "activation": ("relu", "gelu", "leaky_relu", "tanh", "silu"),
+    "pool": (None, None, "max", "avg"),
+}
+
+#: The transformations of the fresh battery: rotations at angles no grid was tuned on, scales from
+#: 0.5 to 2, a similarity, shifts that are not multiples of any stride.
+FRESH_TRANSFORMS = ("rotation:17", "rotation:45", "rotation:120", "rotation:-73", "scale:0.6", "scale:1.7",
+                    "similarity:30,1.25,1.5,-1", "translation:3.5,-2.25")
+
+
+def random_architecture(seed: int) -> tuple[torch.nn.Module, str]:
+    """A random CNN drawn from :data:`ARCHITECTURE_SPACE` by ``seed`` (float64, eval mode, biases):
+    2-4 convolutions, each with its kernel, stride, dilation ("same" padding), activation and an
+    optional 2x2 pooling, such that the total stride stays at most 4. Returns the network and a
+    one-line description.
+
+    >>> net, text = random_architecture(3)
+    >>> text == random_architecture(3)[1], isinstance(net, torch.nn.Sequential)
+    (True, True)
+    """
+    rng = np.random.default_rng(seed)
+    pick = lambda key: ARCHITECTURE_SPACE[key][int(rng.integers(len(ARCHITECTURE_SPACE[key])))]  # noqa: E731
+    acts = {"relu": torch.nn.ReLU, "gelu": torch.nn.GELU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.1),
+            "tanh": torch.nn.Tanh, "silu": torch.nn.SiLU}
+    layers, parts, c_in, total = [], [], 1, 1
+    for _ in range(pick("depth")):
+        k, d, c = pick("kernel"), pick("dilation"), pick("channels")
+        s = pick("stride") if total < 4 else 1
+        act = pick("activation")
+        layers += [torch.nn.Conv2d(c_in, c, k, stride=s, dilation=d, padding=d * (k - 1) // 2), acts[act]()]
+        total *= s
+        text = f"conv{k}x{k}/s{s}" + (f"/d{d}" if d > 1 else "") + f"x{c} {act}"
+        pool = pick("pool") if total < 4 else None
+        if pool:
+            layers.append(torch.nn.MaxPool2d(2) if pool == "max" else torch.nn.AvgPool2d(2))
+            total *= 2
+            text += f" {pool}pool"
+        parts.append(text)
+        c_in = c
+    net = torch.nn.Sequential(*layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(m.weight[0].numel()))
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.05)
+    return net.double().eval(), ", ".join(parts)
+
+
+def _image_kind(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
+    """``n`` float64 images of a kind: ``digits`` (shipped MNIST digits centred on a ``size`` canvas)
+    or ``smooth`` (blobs filling most of the frame)."""
+    from .toys import make_images
+
+    if kind == "digits":
+        from ._zoo import load_digits
+
+        x = load_digits()[0]
+        idx = np.random.default_rng(seed).choice(len(x), n, replace=False)
+        d = x[torch.as_tensor(idx)].double()[:, None] / 255.0
+        p = (size - 28) // 2
+        return torch.nn.functional.pad(d, (p, size - 28 - p, p, size - 28 - p))
+    if kind == "smooth":
+        return make_images("blobs", n, size, seed=seed, content_radius=0.45).double()
+    raise ValueError(f"kind: unknown image kind {kind!r}; valid choices: digits, smooth")
+
+
+def fresh_battery(seed: int = 2026, *, n_architectures: int = 25, transforms_per_architecture: int = 2,
+                  n_images: int = 2, size: int = 32) -> list[BatteryCase]:
+    """A battery drawn from ``seed``, for checking the search on networks it was never tuned on.
+
+    Architecture ``i`` is :func:`random_architecture` of ``seed + i``; each is paired with
+    ``transforms_per_architecture`` transformations of :data:`FRESH_TRANSFORMS` and an image kind
+    (shipped digits or smooth blobs), both drawn from the same seed, and measured at its last layer
+    on ``n_images`` images of ``size`` px (the comparison region of docs/definitions.md). The
+    default draws 25 architectures x 2 transformations x 2 images = 100 images.
+    """
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n_architectures):
+        net, text = random_architecture(seed + i)
+        last = str(len(net) - 1)
+        picks = rng.choice(len(FRESH_TRANSFORMS), transforms_per_architecture, replace=False)
+        for j in picks:
+            spec = FRESH_TRANSFORMS[int(j)]
+            kind = ("digits", "smooth")[int(rng.integers(2))]
+            images = _image_kind(kind, n_images, size, seed + 1000 * i + int(j))
+            case = _case(f"arch {seed + i} ({text}) {spec} {kind}", net, images, spec, last, None)
+            cases.append(case)
+    return cases

@@ -464,7 +464,7 @@ def alignment_errors(
             transformation's family).
         mask_radius: an evaluation disk in normalised units of each grid (default: the whole
             map; the comparison region of docs/definitions.md takes care of the border).
-        interior: the receptive-field interior (default: auto, see :data:`invariance.INTERIOR_MIN_FRACTION`).
+        interior: the receptive-field interior (default: auto, see :func:`invariance.measure_layer`).
         config: the search settings (default :data:`DEFAULT_CONFIG`); the expected warp
             ``W_{h^-1}`` and the identity are always scored as extra candidates.
         transformed: the transformed images ``T_h f`` when they are made some other way (for
@@ -522,8 +522,8 @@ def _require_verdict(errs: AlignmentErrors) -> None:
         ok = torch.ones(errs.spatial.shape[0], dtype=torch.bool)
         ok[bad] = False
         _fail(errs, "no verdict", None, "bound", ok,
-              f"{len(bad)} image(s) have no signal to align on the comparison region (see the reasons above); "
-              "use images with content inside the frame, or another layer")
+              f"{len(bad)} image(s) have no verdict (see the reasons above); use larger images, images with "
+              "content inside the frame, or another layer")
 
 
 _FLOOR_NOTE = ("floor = the same search on the images themselves (interpolation_floor: what resampling alone "

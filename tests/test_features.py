@@ -321,8 +321,9 @@ STRIDES = {"stem.0": 1, "stem.1": 1, "stem.2": 1, "block1": 1, "block2": 2, "blo
 
 
 def test_resnet_all_layers_lists_block_outputs_and_traces_frames():
-    """layers='all' lists every module with a 4-D output, block outputs included, in execution
-    order; strides 1, 2, 4 with offset 0 (k3 p1 and k1 p0 both keep b = 0) on a non-square input."""
+    """layers='all' lists every module whose output is a spatial map, block outputs included, in
+    execution order; strides 1, 2, 4 with offset 0 (k3 p1 and k1 p0 both keep b = 0) on a
+    non-square input."""
     net = make_resnet()
     x = rand(2, 1, 17, 25)
     names = list_layers(net, x)
@@ -340,7 +341,10 @@ def test_resnet_all_layers_lists_block_outputs_and_traces_frames():
         assert fr.stride == (s, s) and fr.offset == (0.0, 0.0), name
         assert tuple(fr.size) == tuple(feats[name].shape[-2:])
     assert tuple(feats["block3"].shape[-2:]) == (5, 7)
-    assert frames["pool"].exact is False  # adaptive pooling: assumed
+    # the adaptive pooling's 1 x 1 output is no spatial map: left out of "all", with the reason
+    ex = FeatureExtractor(net, "all")
+    ex(x)
+    assert "pool" not in names and ex.not_spatial["pool"].startswith("1x1 map")
 
 
 def test_batchnorm_runs_in_eval_mode_and_training_flag_is_restored():

@@ -284,10 +284,12 @@ def test_resnet_with_batchnorm_strides_non_square_rotation_180():
     stride grid symmetric): rotating the image by 180 degrees rotates every feature map by 180
     degrees exactly (BatchNorm in eval mode, ReLU and residual sums are pointwise). With the
     frame-aware expected warp every layer's expected and spatial errors are ~0, layers='all'
-    lists the block outputs, and every frame is traced."""
+    lists the block outputs, and every frame is traced. The rotation maps the zero padding onto
+    itself too, so the maps agree up to the border: ``interior=False`` (by default the deep
+    layers, whose receptive field covers the 17 x 25 image, would have no verdict)."""
     net = symmetric_resnet()
     rep = run(net, rand(2, 1, 17, 25, seed=5), "rotation:180", layers="all", channels="spatial",
-              calibrate=False, search="rotation")
+              calibrate=False, search="rotation", interior=False)
     layers = rep.meta["layers"]
     for blk in ("3", "4", "5"):
         assert blk in layers
@@ -319,10 +321,12 @@ def random_networks(draw):
 @given(model=random_networks(),
        spec=st.sampled_from(["rotation:37", "rotation:180", "scale:0.8", "translation:2,-1"]))
 def test_error_orderings_hold_per_image(model, spec):
-    """Per image, by construction of the search: ``spatial <= expected`` and ``spatial <=
-    invariance`` (the expected warp and the identity are candidates, scored exactly);
+    """Per image, by construction of the search: ``spatial <= expected`` (the expected warp is a
+    candidate, scored exactly, and feasible whenever the image has a verdict);
     ``spatial >= permutation`` (the spatial optimum with the identity permutation is a candidate);
     ``permutation >= linear fit`` (the per-image least-squares map can express the permutation).
+    (``spatial <= invariance`` holds only where the identity is feasible: under ``scale:0.8`` at
+    the stride-2 layer of an 11 x 13 image it compares too little of the reference's signal.)
     Float64: slack 1e-9 for summation order and the matrix round trips between frames."""
     net, seed = model
     images = rand(3, 1, 11, 13, seed=seed)
@@ -333,7 +337,6 @@ def test_error_orderings_hold_per_image(model, spec):
         finite = np.isfinite(p["spatial_error"])
         sp = p["spatial_error"][finite]
         assert np.all(sp <= p["expected_error"][finite] + tol)
-        assert np.all(sp <= p["invariance_error"][finite] + tol)
         assert np.all(p["permutation_error"][finite] <= sp + tol)
         assert np.all(p["linear_fit_error"][finite] <= p["permutation_error"][finite] + tol)
 

@@ -4,8 +4,9 @@
   the frame are exactly those ``q`` with ``q - t`` inside it (``warp(f, A)(q) = f(A^-1 q)``); a
   lattice rotation (90° multiples of a square map, 180° of any map) keeps every pixel.
 * :func:`invariance.comparison_region`: the receptive-field interior of a stride-1 frame of radius
-  ``r`` is the map less a border of ``r`` positions, applied by default iff it keeps at least
-  :data:`invariance.INTERIOR_MIN_FRACTION` of the map; the moving map's valid region is the
+  ``r`` is the map less a border of ``r`` positions, applied by default whenever the frame is traced;
+  where it keeps fewer than ``MIN_REGION`` positions every image has no verdict with the reason
+  :data:`invariance.RF_COVERS_IMAGE` (never the padding band compared); the moving map's valid region is the
   image's valid pixels eroded by the ``(2r + 1)``-box of the receptive field; the evaluation disk is
   the set of pixel centres within the radius in the normalised frame.
 * :func:`invariance.interpolation_floor`: integer translations round-trip exactly on both grid
@@ -40,7 +41,8 @@ from hypothesis import strategies as st
 
 import invariance
 from invariance import (
-    INTERIOR_MIN_FRACTION,
+    MIN_REGION,
+    RF_COVERS_IMAGE,
     LayerAccumulator,
     LayerFrame,
     LayerResult,
@@ -125,19 +127,39 @@ def stride1(size: int, r: float) -> LayerFrame:
     return LayerFrame((1.0, 1.0), (0.0, 0.0), (size, size), (size, size), True, (r, r))
 
 
-@pytest.mark.parametrize("r, used, positions", [
-    (0.0, True, 144),    # identity frame: the interior is the whole map
-    (3.0, True, 36),     # 12 - 2 * 3 = 6 per axis: 36 / 144 = 0.25, exactly INTERIOR_MIN_FRACTION (kept: >=)
-    (4.0, False, 144),   # centres 4..7: 16 / 144 < 0.25: compared up to the border
+@pytest.mark.parametrize("r, positions", [
+    (0.0, 144),   # identity frame: the interior is the whole map
+    (3.0, 36),    # 12 - 2 * 3 = 6 per axis
+    (4.0, 16),    # centres 4..7: a small interior is still the interior (never the padding band)
+    (5.5, 4),     # pixels within 5.5 of centres 5 and 6 lie in 0..11: 2 x 2
+    (6.0, 0),     # centre 5 reaches pixel -1, centre 6 pixel 12: no position sees only the image
 ])
-def test_the_interior_is_applied_by_default_iff_it_keeps_a_quarter_of_the_map(r, used, positions, device):
-    """Positions whose receptive field (the pixels centred in ``[c - r, c + r]``) lies inside ``[0, 11]``
-    per axis: centres ``r .. 11 - r``. The auto rule keeps them iff their share is ``>= 0.25``."""
-    assert INTERIOR_MIN_FRACTION == 0.25
+def test_the_interior_is_applied_by_default_whenever_the_frame_is_traced(r, positions, device):
+    """Positions whose receptive field (the pixel centres within ``[c - r, c + r]``) lies inside ``[0, 11]``
+    per axis, whatever share of the map they are."""
     region, moving, use = comparison_region(stride1(12, r), device=device)
-    assert use is used
+    assert use is True
     assert int(region.sum()) == positions and torch.equal(region, moving)
     assert region.dtype == DT and region.device.type == device.type
+
+
+@pytest.mark.parametrize("r, verdict", [(5.5, True), (5.0, False)])
+def test_a_receptive_field_that_covers_the_image_gives_no_verdict_with_its_reason(r, verdict, device):
+    """r = 5.5 on a 12-map leaves centres 5 and 6 per axis: 2 x 2 = MIN_REGION interior positions, a
+    verdict (identical maps read 0 there). r = 5 on an 11-map leaves the centre only,
+    1 < MIN_REGION: every image has no verdict, with the reason naming the receptive field (never a
+    score of the band that sees the padding)."""
+    size = 12 if verdict else 11
+    frame = LayerFrame((1.0, 1.0), (0.0, 0.0), (size, size), (size, size), True, (r, r))
+    region, _, _ = comparison_region(frame)
+    assert (int(region.sum()) >= MIN_REGION) is verdict
+    f = torch.rand(3, 2, size, size, generator=torch.Generator().manual_seed(4), dtype=DT).to(device)
+    eye = torch.eye(3, dtype=DT, device=device)
+    res = measure_layer(f, f.clone(), frame, eye, family="translation", image_valid=torch.ones(size, size))
+    if verdict:
+        assert res.reasons == [None] * 3 and float(res.spatial.max()) < 1e-12
+    else:
+        assert res.reasons == [RF_COVERS_IMAGE] * 3 and bool(res.spatial.isnan().all())
 
 
 def test_forcing_the_interior_on_and_off(device):

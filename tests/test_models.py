@@ -135,8 +135,9 @@ def test_the_layers_command_knows_a_registered_model(capsys):
     its frame traced."""
     register_model("tests-net", ModelInfo(small_net, "a one-conv test network"))
     assert cli(["layers", "--model", "tests-net"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert rows == [["0", "(2,", "28,", "28)", "(1.0,", "1.0)", "(0.0,", "0.0)", "traced"]]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:-1]]
+    # a 3x3 conv (receptive-field radius 1): 26 x 26 positions see only the image
+    assert rows == [["0", "(2,", "28,", "28)", "(1.0,", "1.0)", "(0.0,", "0.0)", "676", "traced"]]
 
 
 @pytest.mark.parametrize("probe", [0, 1])

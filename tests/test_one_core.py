@@ -87,12 +87,14 @@ def test_brute_force_reference_finds_known_answers():
 
 
 def test_fast_search_is_never_worse_than_the_reference_on_the_battery():
-    """The battery of docs/definitions.md at CI size (one image per case; the shipped CNN's 28 x 28
-    x 64 first layer, whose reference search takes minutes, is left to ``benchmarks/bench_battery.py``,
-    which records every case): the fast search, at its defaults, is worse than the dense reference
-    by at most 1e-3 on every image (the target of the design: a wrong basin costs 0.005-0.03 on
-    these maps)."""
-    cases = [c for c in battery(1, size=20) if not c.name.startswith("mnist-cnn conv1")]
+    """The battery of docs/definitions.md at CI size (one image per case; the shipped CNN's 48 x 48
+    and 24 x 24 x 64 maps of its first block, whose reference searches take 15 s to minutes, are
+    left to ``benchmarks/bench_battery.py``, which records every case): the fast search, at its
+    defaults, is worse than the dense reference by at most 1e-3 on every image (the target of the
+    design: a wrong basin costs 0.005-0.03 on these maps), and both agree on which images have a
+    verdict (a disagreement is an infinite gap)."""
+    first_block = ("mnist-cnn conv1", "mnist-cnn pool1", "mnist-cnn relu1")
+    cases = [c for c in battery(1, size=20) if not c.name.startswith(first_block)]
     rows = run_battery(cases, reference_options=dict(angle_step=5, offsets=2, log2_step=1 / 16, log2_range=1.0,
                                                      affine_angle_step=45))
     worst = {r["name"]: r["worst_gap"] for r in rows}

@@ -32,7 +32,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invariance import FeatureExtractor, extract_features, measure
+from invariance import FeatureExtractor, SearchConfig, extract_features, measure
 
 REASON = "torchvision and timm are not installed here: `make test-models` runs this module with them"
 tvm = pytest.importorskip("torchvision.models", reason=REASON)
@@ -121,3 +121,51 @@ def test_vision_transformer_attention_heads_are_not_measured():
     assert "blocks.0.attn.q_norm" in ex.not_maps and len(ex.not_maps) == 24
     with pytest.raises(ValueError, match="is not a spatial feature map"):
         extract_features(model, x, "blocks.0.attn.q_norm")
+
+
+CONTROLS = ["resnet18", "resnet50", "mobilenet_v3_small", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", CONTROLS)
+def test_a_one_stride_shift_reads_zero_or_no_verdict_at_every_listed_layer(name):
+    """The control of the definitions' interior rule, at every layer ``invariance layers`` lists: two
+    128 px images with content in the central 48 x 48 pixels, shifted by one stride of each layer
+    (right and up). On the receptive-field interior a layer's values depend only on image pixels,
+    so the shift moves the maps by exactly one position: the spatial error is rounding (``EXACT``,
+    or ``EXACT_LAYERNORM`` with LayerNorms), as is the expected warp's. A layer whose receptive field
+    covers the image has no verdict, with that reason. What must never happen (it did when the
+    interior was switched off for layers where it kept under a quarter of the map): a verdict
+    scored on the band that sees the padding, 1.55e-2 where the interior gives 4e-15.
+    The 1x1 squeeze-excitation gates of mobilenet and dropout or identity duplicates are not
+    listed (they are no spatial maps). Those gates scale every position by an average over the
+    whole map, positions that see the padding included, so after the gate the interior is
+    covariant only up to the gate's change (1e-15 measured): mobilenet is held to the issue's
+    1e-6, still 4 orders below the 1.55e-2 of a padding band."""
+    model = build("torchvision", name)
+    x = centred_images(2, 128, 40)
+    ex = FeatureExtractor(model, "all")
+    _, frames = ex(x[:1])
+    assert all(f.size[0] * f.size[1] >= 4 for f in frames.values())
+    if name == "mobilenet_v3_small":
+        assert any(".fc" in n or "scale" in n or "avgpool" in n for n in ex.not_spatial), ex.not_spatial
+    tol = EXACT_LAYERNORM if any(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) else EXACT
+    tol = 1e-6 if name == "mobilenet_v3_small" else tol
+    by_stride: dict[float, list[str]] = {}
+    for n, f in frames.items():
+        assert f.exact and f.stride[0] == f.stride[1], (n, f)
+        by_stride.setdefault(f.stride[0], []).append(n)
+    verdicts = 0
+    for stride, layers in by_stride.items():
+        s = int(stride)
+        report = measure(model, x, f"translation:{s},{-s}", layers=layers, search="translation",
+                         channels=("spatial",), n_boot=0, calibrate=False, progress=False,
+                         config=SearchConfig(refine_steps=0))
+        for rec in report.records:
+            for e in rec.errors.spatial.per_image:
+                assert e != e or e <= tol, (rec.layer, stride, e)
+            for e in rec.errors.expected.per_image:
+                assert e != e or e <= tol, (rec.layer, stride, e)
+            if rec.n_excluded:
+                assert rec.excluded_reasons, rec.layer
+            verdicts += 2 - rec.n_excluded
+    assert verdicts > 0  # the shallow layers have an interior at 128 px

@@ -211,14 +211,14 @@ def test_the_battery_holds_its_documented_cases(cases):
         assert c.mask.shape == c.moving_mask.shape == c.reference.shape[-2:]
         assert c.expected.shape == (3, 3)
     assert cases["random-cnn non-square rotation:30"].reference.shape[-2:] == (16, 21)
-    assert cases["mnist-cnn pool1 rotation:45"].reference.shape[-2:] == (14, 14)
+    assert cases["mnist-cnn pool1 rotation:45"].reference.shape[-2:] == (24, 24)  # 28 px digits on a 48 px canvas
 
 
 @pytest.mark.parametrize("name, family, params", [
     ("random-cnn rotation:30", "rigid", [-30.0, 0.0, 0.0]),
     ("random-cnn translation:1.5,-0.5", "translation", [-1.5, 0.5]),
     ("random-cnn scale:1.5", "scale_translation", [1 / 1.5, 0.0, 0.0]),
-    # 2 x 2 pooling of a 28 x 28 image: the 14 x 14 map's centre is the image's centre, one map pixel
+    # 2 x 2 pooling of a 48 x 48 image: the 24 x 24 map's centre is the image's centre, one map pixel
     # is two image pixels; a rotation about the centre is the same rotation of the map
     ("mnist-cnn pool1 rotation:45", "rigid", [-45.0, 0.0, 0.0]),
 ])

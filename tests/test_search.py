@@ -42,8 +42,8 @@ from invariance._search import (
     SEARCH_FAMILIES,
     SearchConfig,
     _coarse,
-    _Overlap,
     _Problem,
+    _Rule,
     _ShiftScorer,
     align,
     channel_orbits,
@@ -74,9 +74,9 @@ def region_err(ref, mov, mats, m=None) -> torch.Tensor:
     return masked_error(ref, vals, m, valid=share)
 
 
-def no_overlap_rule(b: int, device="cpu") -> _Overlap:
-    """A minimum overlap of 0 (every candidate feasible), for tests of the formulas."""
-    return _Overlap(0.0, torch.ones(b, dtype=DT, device=device), torch.ones(b, dtype=DT, device=device))
+def no_overlap_rule(reference, region) -> _Rule:
+    """No minimum positions or signal (every candidate with some region feasible), for tests of the formulas."""
+    return _Rule.anything(reference, region)
 
 
 def rand(*shape, seed=0) -> torch.Tensor:
@@ -171,7 +171,7 @@ def test_coarse_errors_equal_exact_grid_sample_errors(family, cfg, device):
     ref, mov = ref.to(device), mov.to(device)
     m = disk_mask((9, 14), 0.8, dtype=DT).to(DT).to(device)
     ones = torch.ones(9, 14, dtype=DT, device=device)
-    e, mats = _coarse(_Problem(ref, mov, m, ones, (9, 14), family, cfg, no_overlap_rule(2, device)))
+    e, mats = _coarse(_Problem(ref, mov, m, ones, (9, 14), family, cfg, no_overlap_rule(ref, m)))
     direct = region_err(ref, mov, G.centred_to_normalized(mats, (9, 14)), m)
     assert e.shape == direct.shape and e.shape[1] >= 1
     torch.testing.assert_close(e.cpu(), direct.cpu(), atol=1e-9, rtol=0)
@@ -189,14 +189,14 @@ def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad, device):
     ref, mov = rand(2, 3, h, w, seed=10).to(device), rand(2, 3, h, w, seed=11).to(device)
     m = disk_mask((h, w), 0.9, dtype=DT).to(DT).to(device)
     py, px = pad
-    scorer = _ShiftScorer(ref, m, pad, None)
+    scorer = _ShiftScorer(ref, m, pad, None, no_overlap_rule(ref, m))
     canvas = F.pad(mov, (px, px, py, py))
     for tx, ty in [(0, 0), (3, -2), (-5, 4), (13, 0), (0, -8), (-13, 8)]:
         only = torch.ones_like(scorer.invalid)
         only[(scorer.ty == ty).nonzero().item(), (scorer.tx == tx).nonzero().item()] = False
         scorer.invalid = only
         valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py))[None, None].to(device)
-        e, shift = scorer(canvas[:, None], valid, torch.zeros(2, 1, dtype=DT, device=device))
+        e, shift = scorer(canvas[:, None], valid)
         direct = region_err(ref, mov, nmat("translation", [tx, ty], (h, w), device=device), m).cpu()
         if bool(direct.isnan().all()):  # the shift leaves no position of the mask to compare
             assert bool(torch.isinf(e).all())

@@ -203,7 +203,7 @@ def test_alignable_fails_for_a_planted_position_dependent_model():
 
 
 def test_alignable_fails_for_generic_filters_under_rotation_and_passes_for_isotropic_ones():
-    x = it.example_images(2, 32)
+    x = it.example_images(2, 48)  # relu2's receptive field (radius 16) leaves 16 x 16 interior positions
     with pytest.raises(AssertionError, match="not spatially alignable.*rotation:90"):
         it.assert_spatially_alignable(conv_stack(), x, "rotation:90", "3")
     it.assert_spatially_alignable(T.IsotropicNet(), x, "rotation:90", "relu2")
@@ -225,7 +225,9 @@ def test_alignable_tolerance_follows_the_dtype():
 
 
 def test_not_alignable_passes_for_generic_filters_and_fails_for_isotropic_ones():
-    x = it.example_images(2, 32)
+    # relu2's receptive field (radius 16): under 45 degrees only 64 px leave enough of the rotated
+    # image in view for a verdict (312 positions; at 48 px, 4)
+    x = it.example_images(2, 64)
     errs = it.assert_not_spatially_alignable(conv_stack(), x, "rotation:45", "3")
     assert bool((errs.spatial > 2 * errs.allowed()).all())
     with pytest.raises(AssertionError) as exc:
@@ -261,7 +263,7 @@ def test_invariant_passes_for_pooled_isotropic_features_and_fails_for_generic_on
 
 
 def test_invariant_on_a_layer_compares_maps_without_alignment():
-    x = it.example_images(2, 32)
+    x = it.example_images(2, 48)  # relu2 has an interior (16 x 16) at 48 px, none at 32
     with pytest.raises(AssertionError, match="layer 'relu2'"):
         it.assert_invariant(T.IsotropicNet(), x, "rotation:90", layer="relu2")  # covariant, not invariant
     it.assert_invariant(T.IsotropicNet(), x, "translation:0,0", layer="relu2")

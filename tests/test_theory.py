@@ -124,11 +124,14 @@ def test_p4_lattice_rotation_is_a_cyclic_channel_shift(images, k):
 # ----------------------------------------------------------------------------- rotation: isotropic
 
 
-@settings(max_examples=6)
-@given(images=it.images(batch=2, sizes=it.image_sizes(24, 36)), rotation=it.rotations(), dtype=dtypes,
+@settings(max_examples=5)
+@given(images=it.images(batch=2, sizes=it.image_sizes(62, 68)), rotation=it.rotations(), dtype=dtypes,
        layer=st.sampled_from(["relu1", "relu2"]))
 def test_isotropic_filters_are_alignable_under_any_rotation(images, rotation, dtype, layer):
-    """toy-isotropic, any angle: spatial error at the interpolation floor (``<= band``).
+    """toy-isotropic, any angle: spatial error at the interpolation floor (``<= band``). Sizes 62-68 px:
+    relu2's receptive field has radius 16, and a rotation by 45 degrees of a 64 px image leaves 312
+    positions of the transformed maps that see only the rotated image, carrying about half of the
+    reference's signal (at 48 px: 4 positions, no verdict).
 
     Derivation. Every filter is a function of the radius, so in the continuum the network
     commutes with every rotation: ``Gamma R f = R Gamma f``, and ``W_{R^-1}`` aligns the maps
@@ -189,7 +192,7 @@ def test_scale_error_of_a_gaussian_blob_follows_the_continuum_answer(t, u, sign,
 
 
 @settings(max_examples=5)
-@given(images=it.images(batch=2, sizes=it.image_sizes(36, 44), content_radius=0.35, sigma_range=(2.0, 3.0)),
+@given(images=it.images(batch=2, sizes=it.image_sizes(44, 52), content_radius=0.35, sigma_range=(2.0, 3.0)),
        scale=it.scalings(values=[0.5, 2**-0.5, 2**0.5, 2.0]))
 def test_fixed_scale_filters_are_not_alignable_under_rescaling(images, scale):
     """toy-scale on generic blob images, ``s = 2^(+-1/2), 2^(+-1)``: spatial error > 2 * band.
@@ -200,7 +203,9 @@ def test_fixed_scale_filters_are_not_alignable_under_rescaling(images, scale):
     blobs at least ``2 >= 1 / s`` px wide costs a floor below 0.01, so ``e > 2 * band``. (Blobs
     narrower than ``1 / s`` px are not resolved after shrinking; their floor is large and the
     comparison says nothing.) Content radius 0.35 keeps the rescaled content and the receptive
-    field (about 6 px) inside the field of view for ``s <= 2``.
+    field (radius 8 px) inside the field of view for ``s <= 2``; at 44 px or more, the image shrunk
+    by 2 less the receptive field still leaves 6 x 6 positions, carrying over 70% of the signal
+    (at 36 px: 2 x 2, no verdict).
     """
     it.assert_not_spatially_alignable(T.GaussianJetNet(2.0), images, scale, "jet", config=SCALE)
 
