@@ -459,25 +459,36 @@ def _image_kind(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
 
 
 def fresh_battery(seed: int = 2026, *, n_architectures: int = 25, transforms_per_architecture: int = 2,
-                  n_images: int = 2, size: int = 32) -> list[BatteryCase]:
+                  n_images: int = 2, size: int = 48, min_interior: int = 16) -> list[BatteryCase]:
     """A battery drawn from ``seed``, for checking the search on networks it was never tuned on.
 
-    Architecture ``i`` is :func:`random_architecture` of ``seed + i``; each is paired with
+    Architectures are :func:`random_architecture` of ``seed, seed + 1, ...``, keeping the first
+    ``n_architectures`` whose last layer has a stride of at least 2 (maps of at most ``size / 2``
+    px, so that the dense reference stays affordable) and at least ``min_interior`` positions that
+    see only the image (a verdict is possible). Each is paired with
     ``transforms_per_architecture`` transformations of :data:`FRESH_TRANSFORMS` and an image kind
     (shipped digits or smooth blobs), both drawn from the same seed, and measured at its last layer
     on ``n_images`` images of ``size`` px (the comparison region of docs/definitions.md). The
     default draws 25 architectures x 2 transformations x 2 images = 100 images.
     """
+    from ._features import extract_features
+
     rng = np.random.default_rng(seed)
     cases = []
-    for i in range(n_architectures):
-        net, text = random_architecture(seed + i)
+    k, kept = seed, 0
+    while kept < n_architectures:
+        net, text = random_architecture(k)
+        k += 1
         last = str(len(net) - 1)
+        _, frames = extract_features(net, torch.zeros(1, 1, size, size, dtype=torch.float64), [last])
+        fr = frames[last]
+        if fr.stride[0] < 2 or int(fr.valid_positions(interior=True).sum()) < min_interior:
+            continue
+        kept += 1
         picks = rng.choice(len(FRESH_TRANSFORMS), transforms_per_architecture, replace=False)
         for j in picks:
             spec = FRESH_TRANSFORMS[int(j)]
             kind = ("digits", "smooth")[int(rng.integers(2))]
-            images = _image_kind(kind, n_images, size, seed + 1000 * i + int(j))
-            case = _case(f"arch {seed + i} ({text}) {spec} {kind}", net, images, spec, last, None)
-            cases.append(case)
+            images = _image_kind(kind, n_images, size, 1000 * k + int(j))
+            cases.append(_case(f"arch {k - 1} ({text}) {spec} {kind}", net, images, spec, last, None))
     return cases

@@ -241,3 +241,24 @@ def test_run_battery_reports_both_errors_and_the_worst_gap():
     assert max(row["fast"]) < EXACT and max(row["reference"]) < EXACT
     assert row["worst_gap"] == max(f - r for f, r in zip(row["fast"], row["reference"]))
     assert row["fast_seconds"] >= 0 and row["reference_seconds"] >= 0
+
+
+def test_the_fresh_battery_is_drawn_from_its_seed():
+    """The fresh battery of ``benchmarks/bench_fresh_battery.py``: the same seed draws the same networks,
+    transformations and images (a re-run checks the same cases); the default draws 100 images over
+    25 architectures, every one with a last-layer stride >= 2 and an interior of >= 16 positions,
+    and spans the space it promises (kernels 3, 5 and 7, dilation, both poolings, several
+    activations, every search family of the transformations)."""
+    from invariance.reference import fresh_battery
+
+    a, b = fresh_battery(7, n_architectures=3), fresh_battery(7, n_architectures=3)
+    assert [c.name for c in a] == [c.name for c in b]
+    assert all(torch.equal(x.reference, y.reference) and torch.equal(x.moving, y.moving) for x, y in zip(a, b))
+    full = fresh_battery()
+    assert sum(c.reference.shape[0] for c in full) == 100
+    names = " ".join(c.name for c in full)
+    assert len({c.name.split(" (")[0] for c in full}) == 25
+    for word in ("conv3x3", "conv5x5", "conv7x7", "/d2", "maxpool", "avgpool", "gelu", "tanh", "leaky_relu"):
+        assert word in names, word
+    assert {c.family for c in full} == {"rigid", "scale_translation", "similarity", "translation"}
+    assert all(int(c.mask.sum()) >= 16 for c in full)
