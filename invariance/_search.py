@@ -155,9 +155,9 @@ class SearchConfig:
             empty: isotropic shapes only.
         max_shift: largest integer shift tried, in layer pixels (None: any shift).
         top_k: refinement starts per image, taken from distinct basins of the coarse grid.
-        subpixel_top: for families with a translation, the best linear parts of the coarse grid
-            (up to this many per image, twice this many in all) searched again at the three
-            half-pixel offsets, every integer shift each (0: none).
+        subpixel_top: for families with a translation, each image's best linear parts of the
+            coarse grid (this many) searched again at the three half-pixel offsets, every integer
+            shift each (0: none).
         basin_separation, basin_shift: two coarse candidates are in distinct basins when their
             linear parts differ by at least ``basin_separation`` (Frobenius norm; 0.2 is about
             8 degrees or a scale ratio of 1.15) or their translations by ``basin_shift`` pixels;
@@ -794,8 +794,8 @@ def _coarse(prob: _Problem):
     """Exhaustive coarse search. Returns (errors (B, K'), centred matrices (B, K', 3, 3)).
 
     Every linear part of the grid with every integer shift; then, for families with a translation,
-    the ``cfg.subpixel_top`` best linear parts (over the batch) again at the three half-pixel
-    offsets with every integer shift. On small maps (a stride-4 layer of a 48 px image: 12 x 12)
+    each image's ``cfg.subpixel_top`` best linear parts again at the three half-pixel offsets with
+    every integer shift. On small maps (a stride-4 layer of a 48 px image: 12 x 12)
     the error between integer shifts is not smooth at all: the optimum of a fresh random network
     sat on a half-pixel line where every integer shift read 0.42-0.68 and the optimum 0.339.
     """
@@ -804,21 +804,17 @@ def _coarse(prob: _Problem):
     n = prob.cfg.subpixel_top
     if not SEARCH_FAMILIES[prob.family][1] or n == 0:
         return errs, mats
-    chosen = _best_linear(errs, n)
-    offsets = torch.tensor(_HALF_PIXELS, dtype=lin.dtype, device=lin.device)
-    sub = (_translation(offsets)[:, None] @ lin[chosen][None]).reshape(-1, 3, 3)
-    e2, m2 = _coarse_grid(prob, sub)
-    return torch.cat([errs, e2], 1), torch.cat([mats, m2], 1)
-
-
-def _best_linear(errors: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of up to ``2 n`` grid columns among the ``n`` best of every image (most often chosen first)."""
-    e = errors.detach().double().cpu().numpy()
+    # per image (an image's result never depends on its batch-mates): its n best linear parts
+    e = errs.detach().double().cpu().numpy()
     top = np.argsort(np.where(np.isfinite(e), e, np.inf), axis=1, kind="stable")[:, :n]
-    ids, counts = np.unique(top, return_counts=True)
-    best_rank = np.array([np.nonzero(top == i)[1].min() for i in ids])
-    order = np.lexsort((best_rank, -counts))[: 2 * n]
-    return torch.as_tensor(ids[order], device=errors.device)
+    offsets = _translation(torch.tensor(_HALF_PIXELS, dtype=lin.dtype, device=lin.device))
+    e2, m2 = [], []
+    for i in range(errs.shape[0]):
+        sub = (offsets[:, None] @ lin[torch.as_tensor(top[i], device=lin.device)][None]).reshape(-1, 3, 3)
+        ei, mi = _coarse_grid(prob.select(slice(i, i + 1)), sub)
+        e2.append(ei)
+        m2.append(mi)
+    return torch.cat([errs, torch.cat(e2)], 1), torch.cat([mats, torch.cat(m2)], 1)
 
 
 def _coarse_grid(prob: _Problem, lin: torch.Tensor):
