@@ -52,8 +52,8 @@ REFERENCE = {
     "similarity": dict(angle_step=2.0, log2_step=1 / 16, log2_range=1.0, offsets=2),
 }
 #: The search settings before the fresh battery (for ``--compare baseline``): no half-pixel pass, the
-#: best refined start alone polished.
-BASELINE = dict(subpixel_top=0, polish_starts=1)
+#: best refined start alone polished, no local re-search.
+BASELINE = dict(subpixel_top=0, polish_starts=1, hop_steps=())
 
 
 def rule_check(case, out) -> list[bool]:

@@ -393,10 +393,14 @@ class LayerAccumulator:
             s += len(p["spatial"])
         return out
 
+    def _null_config(self) -> SearchConfig:
+        # the null (errors of 0.3-1) needs the same search, not its last decimals: the best start
+        # refined alone, no local re-search around the optimum
+        return replace(self.config or SearchConfig(), top_k=1, hop_steps=())
+
     def _null(self, f, fh, index, expected, mvalid) -> torch.Tensor:
         """Image i against the transformed maps of image i - 1 (image 0: of the last image, at the end)."""
-        # the null needs the same search, not its last decimals: refine the best start only
-        cfg = replace(self.config or SearchConfig(), top_k=1)
+        cfg = self._null_config()
         if index.start == 0:
             self.first_f = f[:1]
             ref, mov = f[1:], fh[:-1]
@@ -456,7 +460,7 @@ class LayerAccumulator:
         if self.n > 1:
             first = slice(0, 1)
             expected, mvalid = self._expected(first), self._mvalid(first)
-            cfg = replace(self.config or SearchConfig(), top_k=1)
+            cfg = self._null_config()
             null[0] = align(self.first_f, self.last_fh, self.family, mask=self.region, moving_mask=mvalid, config=cfg,
                             expected=expected).errors.cpu().double()[0]
         return null

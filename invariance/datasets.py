@@ -72,6 +72,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .files import user_cache_dir
+
 __all__ = [
     "DATASETS",
     "SPLITS",
@@ -279,13 +281,6 @@ def _check_choice(argument: str, value: object, choices: tuple[str, ...]) -> Non
         raise ValueError(f"unknown {argument} {value!r}; valid choices: {valid}")
 
 
-def _cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "invariance"
-    return Path.home() / ".cache" / "invariance"
-
-
 def _candidate_bases(root: str | os.PathLike[str] | None) -> list[tuple[Path | None, str]]:
     """(base folder or None when unset, description) in search order."""
     bases: list[tuple[Path | None, str]] = []
@@ -293,7 +288,7 @@ def _candidate_bases(root: str | os.PathLike[str] | None) -> list[tuple[Path | N
         return [(Path(root).expanduser(), "root argument")]
     env = os.environ.get(ENV_VAR, "")
     bases.append((Path(env).expanduser() if env else None, f"${ENV_VAR}"))
-    bases.append((_cache_dir(), "user cache"))
+    bases.append((user_cache_dir(), "user cache"))
     bases.append((Path(SYSTEM_DATA_DIR), "system data"))
     return bases
 
@@ -441,7 +436,7 @@ def download_dataset(name: str, root: str | os.PathLike[str] | None = None) -> P
     elif os.environ.get(ENV_VAR):
         base = Path(os.environ[ENV_VAR]).expanduser()
     else:
-        base = _cache_dir()
+        base = user_cache_dir()
     folder = base / name
     folder.mkdir(parents=True, exist_ok=True)
     for stems in SPLIT_FILES.values():

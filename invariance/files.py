@@ -39,7 +39,7 @@ from typing import Any
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save", "check_output_dir",
            "remove_stale_temporaries", "describe_files", "check_files", "FolderError", "exit_on_sigterm",
-           "safe_torch_load", "UntrustedFileError", "TRUST_HINT"]
+           "safe_torch_load", "UntrustedFileError", "TRUST_HINT", "user_cache_dir"]
 
 MANIFEST = "manifest"
 _TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -85,6 +85,15 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+def user_cache_dir() -> Path:
+    """The package's folder in the user cache: ``$XDG_CACHE_HOME/invariance`` (an absolute
+    ``XDG_CACHE_HOME``), else ``~/.cache/invariance``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "invariance"
+    return Path.home() / ".cache" / "invariance"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
