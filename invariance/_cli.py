@@ -4,7 +4,7 @@
         [--images SOURCE] [--n-images N] [--search FAMILY]
         [--channels spatial,permutation,linear] [--mask-radius R] [--interior auto|on|off]
         [--out DIR] [--device cpu|cuda] [--seed S] [--n-boot B] [--max-transforms M] [--quick]
-        [--memory-budget SIZE]
+        [--memory-budget SIZE] [--no-floor-cache]
     invariance demo [--out DIR] [--quick]
     invariance layers --model MODEL [--images SOURCE] [--all]
     invariance models
@@ -218,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-budget", default=None,
                    help=f"memory one batch of images may use, e.g. 2GB (default: {DEFAULT_MEMORY_BUDGET >> 20} MiB "
                         f"on the CPU, half the free GPU memory on CUDA); the images per batch follow from it")
+    m.add_argument("--no-floor-cache", action="store_false", dest="floor_cache",
+                   help="compute every interpolation floor (default: keep them in ~/.cache/invariance/floors and "
+                        "read them back for the same images, transformation and search)")
 
     d = sub.add_parser("demo", help="the paper's central result on an embedded default (offline)")
     d.add_argument("--out", default="demo-report")
@@ -266,7 +269,8 @@ def measure_options(a) -> MeasureOptions:
     return MeasureOptions(channels=a.channels, search=a.search, mask_radius=a.mask_radius,
                           interior={"auto": None, "on": True, "off": False}[a.interior],
                           config="quick" if a.quick else "default", n_boot=a.n_boot, seed=a.seed, device=a.device,
-                          progress=True, max_image_pixels=a.max_pixels, memory_budget=a.memory_budget)
+                          progress=True, max_image_pixels=a.max_pixels, memory_budget=a.memory_budget,
+                          floor_cache=a.floor_cache)
 
 
 def cmd_measure(a) -> int:

@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from ._features import FeatureExtractor
+from ._floor_cache import cached_floor, floor_cache_dir, floor_key
 from ._metric import LayerAccumulator, LayerResult, interpolation_floor
 from ._record import Estimate, LayerRecord
 from ._report import Report
@@ -131,6 +133,7 @@ def measure(
     model_name: str | None = None,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     memory_budget: int | str | None = None,
+    floor_cache: bool | str | os.PathLike = True,
 ) -> Report:
     """Measure invariance, expected-transform, spatial, permutation and linear alignment errors.
 
@@ -167,6 +170,10 @@ def measure(
             attached to a terminal).
         max_image_pixels: refuse larger images before any work (:data:`MAX_IMAGE_PIXELS`; the
             search's memory grows with the map size; raise it knowingly).
+        floor_cache: keep each interpolation floor on disk and read it back when the same images,
+            transformation and search come again (another model, layer or call): True the user
+            cache (``~/.cache/invariance/floors``), a folder, or False (always compute).
+            ``report.meta["floor_cache"]`` says how many floors were read and computed.
 
     Returns:
         a :class:`invariance.Report` with one record per (layer, transformation).
@@ -179,7 +186,8 @@ def measure(
         raise ValueError("transforms: no transformation given")
     o = MeasureOptions(channels=channels, search=search, mask_radius=mask_radius, interior=interior, config=config,
                        n_boot=n_boot, seed=seed, batch_size=batch_size, device=device, calibrate=calibrate,
-                       progress=progress, max_image_pixels=max_image_pixels, memory_budget=memory_budget)
+                       progress=progress, max_image_pixels=max_image_pixels, memory_budget=memory_budget,
+                       floor_cache=floor_cache)
     channels, search, mask_radius, interior, cfg = o.channels, o.search, o.mask_radius, o.interior, o.config
     calibrate, progress, memory_budget, batch_size, n_boot, seed = (o.calibrate, o.progress, o.memory_budget,
                                                                      o.batch_size, o.n_boot, o.seed)
@@ -194,11 +202,14 @@ def measure(
                leave=False)
     results: dict[tuple[Transform, str], LayerResult] = {}
     floor: dict[Transform, Estimate] = {}
+    floors_read = 0
     opts = {"channels": channels, "mask_radius": mask_radius, "interior": interior, "config": cfg, "seed": seed,
             "null": calibrate}
     for tr in transforms:
         if calibrate:
-            floor[tr] = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar)
+            floor[tr], hit = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar,
+                                    floor_cache_dir(o.floor_cache))
+            floors_read += hit
         for group in plan.groups:
             results.update(_measure_group(tr, x, group, plan, search, opts, bar))
     bar.close()
@@ -211,6 +222,9 @@ def measure(
                           "restored afterwards)" if model.training else "eval")
     meta["batching"] = {"images_per_batch": plan.batch, "layer_groups": len(plan.groups),
                         "memory_budget": plan.budget}
+    folder = floor_cache_dir(o.floor_cache) if calibrate else None
+    meta["floor_cache"] = {"folder": None if folder is None else str(folder), "read": floors_read,
+                           "computed": len(transforms) - floors_read if calibrate else 0}
     return Report(records=records, meta=meta)
 
 
@@ -306,16 +320,25 @@ def _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg) 
     return _Plan(names, frames, extractors, batch, floor_batch, budget, reuse)
 
 
-def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar) -> Estimate:
-    """The interpolation floor of one transformation, batch by batch."""
+def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar, folder) -> tuple[Estimate, bool]:
+    """The interpolation floor of one transformation, batch by batch, or read from the cache
+    ``folder`` (:mod:`invariance._floor_cache`); and whether it was read."""
     fam = search or DEFAULT_SEARCH[tr.family]
     t_img = tr.matrix(tuple(x.shape[-2:]), torch.float64)
     bar.set_postfix_str(f"{tr.label} floor")
-    parts = []
-    for i in range(0, x.shape[0], batch):
-        parts.append(interpolation_floor(x[i : i + batch], t_img, fam, mask_radius=mask_radius, config=cfg))
-        bar.update(parts[-1].shape[0])
-    return Estimate.of(torch.cat(parts), n_boot, seed)
+
+    def compute() -> torch.Tensor:
+        parts = []
+        for i in range(0, x.shape[0], batch):
+            parts.append(interpolation_floor(x[i : i + batch], t_img, fam, mask_radius=mask_radius, config=cfg))
+            bar.update(parts[-1].shape[0])
+        return torch.cat(parts)
+
+    key = floor_key(x, t_img, fam, cfg, mask_radius) if folder is not None else ""
+    values, hit = cached_floor(folder, key, x.shape[0], compute)
+    if hit:
+        bar.update(x.shape[0])
+    return Estimate.of(values, n_boot, seed), hit
 
 
 def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
@@ -402,6 +425,7 @@ class MeasureOptions:
     progress: bool | None = None
     max_image_pixels: int = MAX_IMAGE_PIXELS
     memory_budget: int | None = None
+    floor_cache: bool | str | os.PathLike = True
 
     def __post_init__(self):
         from .checks import check_number, check_seed, resolve_device
@@ -444,6 +468,9 @@ class MeasureOptions:
         put("max_image_pixels", check_int(self.max_image_pixels, "max_image_pixels", minimum=1))
         if self.memory_budget is not None:
             put("memory_budget", parse_bytes(self.memory_budget))
+        if not isinstance(self.floor_cache, (bool, str, os.PathLike)) or self.floor_cache == "":
+            raise TypeError(f"floor_cache: expected True (the user cache), False (off) or a folder, got "
+                            f"{self.floor_cache!r}")
 
 
 def _prepared(model: nn.Module, images, max_image_pixels: int, device) -> tuple[torch.Tensor, nn.Module]:

@@ -34,6 +34,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _own_user_cache(tmp_path_factory, monkeypatch):
+    """Each test its own user cache (``XDG_CACHE_HOME``): a floor kept by one test (the floor cache of
+    ``measure``) never answers another, whose monkeypatched search it would bypass."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def data_root():
     """The data folder from ``INVARIANCE_DATA``; tests that need it are skipped with a reason."""
