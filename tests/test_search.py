@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from invariance import disk_mask, transform_images, warp
+from invariance import disk_mask, region_error, transform_images, warp
 from invariance import geometry as G
 from invariance._search import (
     MIN_REGION,
     SEARCH_FAMILIES,
     SearchConfig,
     _coarse,
+    _compressed,
     _Problem,
     _Rule,
     _ShiftScorer,
@@ -590,3 +591,51 @@ def test_permutation_search_examines_the_extra_candidates(device):
     assert float(found.errors.max()) < EXACT64
     assert torch.equal(found.permutations.cpu(), torch.tensor([[1, 0]] * 2))
     assert angle_diff(found.params[:, 0], -90.0) < 1e-6
+
+
+# ----------------------------------------------------------------------------- channel compression
+
+
+@settings(max_examples=12)
+@given(c=st.integers(30, 90), h=st.integers(4, 6), w=st.integers(4, 6), seed=st.integers(0, 2**16),
+       per_image_region=st.booleans())
+def test_compressed_maps_give_every_warp_the_same_error(c, h, w, seed, per_image_region):
+    """The identity of docs/definitions.md ("Channel compression"): on the maps projected onto an
+    orthonormal basis of their joint span, ``region_error`` of any warp (rotations, scalings,
+    shifts; partial overlaps) equals the full maps' to float64 rounding (1e-12 on errors of O(1))."""
+    g = torch.Generator().manual_seed(seed)
+    b = 2
+    ref = torch.randn(b, c, h, w, generator=g, dtype=DT)
+    mov = torch.randn(b, c, h, w, generator=g, dtype=DT)
+    if per_image_region:
+        region = (torch.rand(b, 1, h, w, generator=g) > 0.4).to(DT)
+    else:
+        region = torch.zeros(h, w, dtype=DT)
+        region[1:, :-1] = 1
+    sr, sm = _compressed(ref, mov, region, SearchConfig())
+    n = int((region.reshape(-1, h * w) > 0).any(0).sum()) + h * w
+    assert sr.shape[1] == (n if 4 * n <= 3 * c else c)
+    for k in range(6):
+        p = torch.tensor([[30.0 * k - 70, 0.8 + 0.1 * k, 0.7 * k - 1.3, 0.45 - 0.2 * k]], dtype=DT)
+        m = G.centred_to_normalized(G.to_matrix("similarity", p), (h, w))[0]
+        for i in range(b):  # region_error takes one (H, W) region: image by image
+            mask = region[i, 0] if per_image_region else region
+            full = region_error(ref[i:i + 1], mov[i:i + 1], m, mask=mask)
+            small = region_error(sr[i:i + 1], sm[i:i + 1], m, mask=mask)
+            torch.testing.assert_close(small, full, atol=1e-12, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_the_search_on_compressed_channels_finds_the_same_optimum(dtype, tol, device):
+    """Deep-layer shapes (channels outnumber positions): ``align`` with and without the compression
+    returns the same errors (1e-9 float64; 1e-5 float32, its rounding on the projection) and warps."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(2, 160, 7, 7, generator=g, dtype=torch.float64)
+    mov = torch.roll(ref, (1, -1), (-2, -1)) + 0.5 * torch.randn(2, 160, 7, 7, generator=g, dtype=torch.float64)
+    ref, mov = ref.to(dtype).to(device), mov.to(dtype).to(device)
+    cfg = SearchConfig(n_angles=24, refine_steps=10)
+    on = align(ref, mov, "rigid", config=cfg)
+    off = align(ref, mov, "rigid", config=replace(cfg, compress_channels=False))
+    torch.testing.assert_close(on.errors.cpu().double(), off.errors.cpu().double(), atol=tol, rtol=0)
+    torch.testing.assert_close(on.matrices.cpu().double(), off.matrices.cpu().double(), atol=1e-4, rtol=0)
+    assert float(on.errors.max()) < 0.5  # the planted shift is found: far below unrelated maps' ~2
