@@ -108,7 +108,7 @@ def bench_speed(args) -> dict:
     mov = warp(ref, rot)
     mask = disk_mask((s, s), device=dev).to(ref.dtype)
     mats = candidate_matrices(n_angles, s, s, torch.float32, dev)
-    cfg = SearchConfig(n_angles=n_angles, refine_steps=0, top_k=1)
+    cfg = SearchConfig(n_angles=n_angles, refine_steps=0, top_k=1, subpixel_top=0)  # the loop's candidate set
     # warm up both
     loop_search(ref[:1], mov[:1], mats, mask, limit=4)
     align(ref[:1], mov[:1], "rigid", mask=mask, config=cfg)
@@ -158,7 +158,7 @@ def _memory_child(args) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cfg = SearchConfig(n_angles=n_angles, refine_steps=0, top_k=1)
+    cfg = SearchConfig(n_angles=n_angles, refine_steps=0, top_k=1, subpixel_top=0)  # the loop's candidate set
     t0 = time.perf_counter()
     out = align(ref, mov, "rigid", mask=mask, config=cfg)
     if dev == "cuda":
