@@ -43,7 +43,9 @@ How the optimum is found (and why it is not a local one)
    after a third of the steps only the ``refine_keep`` best starts go on (successive halving).
    The best warp and the best refined start are then polished by a derivative-free compass
    search on the exact error (the error has kinks where a sample crosses a pixel, where a
-   gradient method can stall). The coarse stage also searches each image's best linear parts
+   gradient method can stall). An image whose best start is exact already (error <= 1e-12: an
+   integer shift, a quarter turn) skips the refinement, the polish and the re-search below, as
+   none of them could lower its error by more than that. The coarse stage also searches each image's best linear parts
    at the three half-pixel offsets (``subpixel_top``): on small maps the optimum often lies on
    a half-pixel line where every integer shift is poor.
 3. *Local re-search* (``hop_steps``): around the polished warp each linear parameter is moved by
@@ -129,6 +131,7 @@ _VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside"
 _STEP_BYTES = 4 << 20  # warped maps per step of the exact scoring and the refinement: small tensors
 # are reused by the allocator, large ones are returned to the system and page-faulted back every step
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
+_SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower it by more
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
 
@@ -1369,8 +1372,13 @@ def align(
         idx = torch.cat([_distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg),
                          _distinct_starts(coarse_e, coarse_m, 3, fine)[:, 1:]], 1)
         starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
+        start_e, start_n = _exact(sp_ref, sp_mov, starts, region, mvalid, size, required)
+    # an image whose best start is exact already (an integer shift, a quarter turn: error <= _SETTLED)
+    # can gain at most that much: it skips the refinement, the polish and the local re-search
+    todo = ~(start_e.min(1).values <= _SETTLED)
+    some = _Subset(todo)
     # 2. refinement through the sampler
-    refined = _refine(prob, starts)
+    refined = some.put(starts, _refine(some.of(prob), some.take(starts))) if some.any else starts
     extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
     for m in (exp_c, extra_c):
         if m is not None:
@@ -1379,24 +1387,27 @@ def align(
     cands = torch.cat([starts, refined, extras], 1)
     # 3. exact scoring; keep the best
     with torch.no_grad():
-        exact, counts = _exact(sp_ref, sp_mov, cands, region, mvalid, size, required)
+        more_e, more_n = _exact(sp_ref, sp_mov, cands[:, starts.shape[1]:], region, mvalid, size, required)
+        exact, counts = torch.cat([start_e, more_e], 1), torch.cat([start_n, more_n], 1)
         best_i = _best(exact, counts)
         ar = torch.arange(b, device=device)
         best_e = exact[ar, best_i]
         best_m = cands[ar, best_i]
-        if cfg.polish_levels > 0 and cfg.refine_steps > 0:
+        if cfg.polish_levels > 0 and cfg.refine_steps > 0 and some.any:
             # polish the best candidate and the two best refined starts (other basins' endpoints)
             k = starts.shape[1]
             order = exact[:, k:2 * k].argsort(1)[:, :cfg.polish_starts]
             picked = torch.gather(refined, 1, order[..., None, None].expand(-1, -1, 3, 3))
             seeds_m = torch.cat([best_m[:, None], picked], 1)
             seeds_e = torch.cat([best_e[:, None], torch.gather(exact[:, k:2 * k], 1, order)], 1)
-            pm, pe, _ = _polish(prob, seeds_m, seeds_e)
+            pm, pe, _ = _polish(some.of(prob), some.take(seeds_m), some.take(seeds_e))
+            pm, pe = some.put(best_m, pm), some.put(best_e, pe)
             better = pe < best_e
             best_m = torch.where(better[:, None, None], pm, best_m)
             best_e = torch.where(better, pe, best_e)
-        if cfg.hop_steps and SEARCH_FAMILIES[family][1] and cfg.refine_steps > 0:
-            best_m, best_e = _hop(prob, fam, best_m, best_e)
+        if cfg.hop_steps and SEARCH_FAMILIES[family][1] and cfg.refine_steps > 0 and some.any:
+            hm, he = _hop(some.of(prob), fam, some.take(best_m), some.take(best_e))
+            best_m, best_e = some.put(best_m, hm), some.put(best_e, he)
     result = _result(prob, fam, best_e, best_m, reasons)
     result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":
@@ -1408,6 +1419,29 @@ def align(
         perm_result.spatial = result
         return perm_result
     return result
+
+
+class _Subset:
+    """The images of a batch that a stage works on (``todo``, bool ``(B,)``): :meth:`take` their
+    rows, :meth:`of` their problem, :meth:`put` a stage's rows back over the others' values."""
+
+    def __init__(self, todo: torch.Tensor):
+        self.all = bool(todo.all())
+        self.any = bool(todo.any())
+        self.idx = todo.nonzero()[:, 0]
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.all else x[self.idx]
+
+    def of(self, prob: _Problem) -> _Problem:
+        return prob if self.all else prob.select(self.idx)
+
+    def put(self, full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+        if self.all:
+            return part
+        out = full.clone()
+        out[self.idx] = part
+        return out
 
 
 def _compressed(reference: torch.Tensor, moving: torch.Tensor, region: torch.Tensor, cfg: SearchConfig):

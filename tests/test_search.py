@@ -639,3 +639,32 @@ def test_the_search_on_compressed_channels_finds_the_same_optimum(dtype, tol, de
     torch.testing.assert_close(on.errors.cpu().double(), off.errors.cpu().double(), atol=tol, rtol=0)
     torch.testing.assert_close(on.matrices.cpu().double(), off.matrices.cpu().double(), atol=1e-4, rtol=0)
     assert float(on.errors.max()) < 0.5  # the planted shift is found: far below unrelated maps' ~2
+
+
+def test_an_exact_start_skips_the_refinement_and_its_batch_mates_do_not_notice(monkeypatch):
+    """An image whose best start is exact (an integer shift: error ~1e-30 in float64) can gain at
+    most that much, so only the other images of the batch are refined; each image's result equals
+    its result searched alone (an image's search never depends on its batch-mates)."""
+    import invariance._search as S
+
+    g = torch.Generator().manual_seed(5)
+    ref = torch.zeros(2, 3, 16, 16, dtype=DT)
+    ref[:, :, 4:12, 3:13] = torch.rand(2, 3, 8, 10, generator=g, dtype=DT)
+    mov = torch.roll(ref, (2, -3), (-2, -1))
+    mov[1] = warp(ref[1:2], G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([[17.0, 0.4, -0.3]],
+                                                                                       dtype=DT)), (16, 16)))[0]
+    refined = []
+    real = S._refine
+
+    def counting(prob, starts):
+        refined.append(starts.shape[0])
+        return real(prob, starts)
+
+    monkeypatch.setattr(S, "_refine", counting)
+    both = align(ref, mov, "rigid", config=CFG)
+    assert refined == [1]  # image 1 alone
+    assert float(both.errors[0]) < EXACT64 and float(both.errors[1]) > EXACT64
+    for i in range(2):
+        alone = align(ref[i:i + 1], mov[i:i + 1], "rigid", config=CFG)
+        torch.testing.assert_close(alone.errors, both.errors[i:i + 1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(alone.matrices, both.matrices[i:i + 1], atol=1e-9, rtol=0)
