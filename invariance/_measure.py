@@ -47,10 +47,10 @@ from torch import nn
 
 from ._features import FeatureExtractor
 from ._floor_cache import cached_floor, floor_cache_dir, floor_key
-from ._metric import LayerAccumulator, LayerResult, interpolation_floor
+from ._metric import LayerAccumulator, LayerResult, comparison_region, interpolation_floor
 from ._record import Estimate, LayerRecord
 from ._report import Report
-from ._search import SEARCH_FAMILIES, SearchConfig, search_bytes_per_image
+from ._search import MIN_REGION, SEARCH_FAMILIES, SearchConfig, search_bytes_per_image
 from ._transform import Transform, parse_transforms
 from ._warp import warp
 from .checks import check_int, check_model_channels
@@ -197,7 +197,10 @@ def measure(
     from tqdm.auto import tqdm
 
     n = x.shape[0]
-    steps = len(transforms) * n * (len(plan.layers) + (1 if calibrate else 0))
+    # no layer can have a verdict (every region under MIN_REGION positions, e.g. receptive fields that
+    # cover the image): the floor would calibrate nothing and is not computed (records: floor None)
+    with_floor = calibrate and _some_region(plan, mask_radius, interior)
+    steps = len(transforms) * n * (len(plan.layers) + (1 if with_floor else 0))
     bar = tqdm(total=steps, desc="measuring", unit="img", disable=(None if progress is None else not progress),
                leave=False)
     results: dict[tuple[Transform, str], LayerResult] = {}
@@ -206,7 +209,7 @@ def measure(
     opts = {"channels": channels, "mask_radius": mask_radius, "interior": interior, "config": cfg, "seed": seed,
             "null": calibrate}
     for tr in transforms:
-        if calibrate:
+        if with_floor:
             floor[tr], hit = _floor(tr, x, search, mask_radius, cfg, plan.floor_batch, n_boot, seed, bar,
                                     floor_cache_dir(o.floor_cache))
             floors_read += hit
@@ -222,9 +225,9 @@ def measure(
                           "restored afterwards)" if model.training else "eval")
     meta["batching"] = {"images_per_batch": plan.batch, "layer_groups": len(plan.groups),
                         "memory_budget": plan.budget}
-    folder = floor_cache_dir(o.floor_cache) if calibrate else None
+    folder = floor_cache_dir(o.floor_cache) if with_floor else None
     meta["floor_cache"] = {"folder": None if folder is None else str(folder), "read": floors_read,
-                           "computed": len(transforms) - floors_read if calibrate else 0}
+                           "computed": len(transforms) - floors_read if with_floor else 0}
     return Report(records=records, meta=meta)
 
 
@@ -318,6 +321,15 @@ def _plan(model, x, layers, channels, batch_size, memory_budget, families, cfg) 
     extractors = [(g, extractor if len(groups) == 1 else FeatureExtractor(model, g)) for g in groups]
     reuse = batch >= x.shape[0] and len(groups) == 1
     return _Plan(names, frames, extractors, batch, floor_batch, budget, reuse)
+
+
+def _some_region(plan, mask_radius, interior) -> bool:
+    """Whether any layer of the plan has a comparison region of at least MIN_REGION positions."""
+    for name in plan.layers:
+        region, _, _ = comparison_region(plan.frames[name], mask_radius=mask_radius, interior=interior)
+        if float(region.sum()) >= MIN_REGION:
+            return True
+    return False
 
 
 def _floor(tr, x, search, mask_radius, cfg, batch, n_boot, seed, bar, folder) -> tuple[Estimate, bool]:

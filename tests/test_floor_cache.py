@@ -162,3 +162,20 @@ def test_the_command_line_turns_it_off(tmp_path, monkeypatch, capsys):
     assert cli_main(args + ["--out", str(tmp_path / "b"), "--no-floor-cache"]) == 0
     rep = invariance.Report.from_json(tmp_path / "b" / "report.json")
     assert rep.meta["floor_cache"] == {"folder": None, "read": 0, "computed": 1}
+
+
+def test_no_floor_where_no_layer_can_have_a_verdict(tmp_path, counted):
+    """Receptive fields of 43 px on 24 px images: every position's field covers the image, no layer
+    has a verdict (RF_COVERS_IMAGE), so the floor would calibrate nothing and is not computed; with
+    the input among the layers it is."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 7, stride=2, padding=3), nn.ReLU(), nn.Conv2d(4, 4, 7, stride=2, padding=3),
+                        nn.ReLU(), nn.Conv2d(4, 4, 7, padding=3)).double()
+    x = torch.rand(3, 1, 24, 24, dtype=torch.float64)
+    kw = dict(channels=("spatial",), config=CFG, n_boot=10, floor_cache=tmp_path)
+    deep = measure(net, x, "rotation:30", layers="4", **kw)
+    rec = deep.records[0]
+    assert rec.errors.spatial.n_excluded == 3 and invariance.RF_COVERS_IMAGE in rec.errors.spatial.reasons
+    assert not counted and rec.calibration.floor is None and deep.meta["floor_cache"]["computed"] == 0
+    with_input = measure(net, x, "rotation:30", layers="input,4", **kw)
+    assert len(counted) == 1 and all(r.calibration.floor is not None for r in with_input.records)
