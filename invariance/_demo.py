@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "demo-report", *, quick: bool = False, device: st
     """Run both parts, print the tables and write the report folder; returns the verdicts."""
     t0 = time.time()
     out = check_output_dir(out, "out")  # before any computation
-    # sized to finish in under 2 minutes on 2 CPU cores (the quick mode, for CI, in about half that)
+    # sized to finish in about 2 minutes on 2 CPU cores (the quick mode in about half that)
     n_wm, n_cnn = (10, 20) if quick else (16, 32)
     cfg = SearchConfig.preset("demo-quick" if quick else "demo", seed=seed)
     n_boot = 200 if quick else 1000
