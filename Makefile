@@ -13,13 +13,13 @@ MVENV  ?= .venv-models
 MPY    := $(MVENV)/bin/python
 MSTAMP := $(MVENV)/.installed
 
-.PHONY: setup test test-fast test-models demo lint notebooks notebooks-full bench clean
+.PHONY: setup test test-fast test-models test-cluster demo lint notebooks notebooks-full bench clean
 
 $(STAMP): pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/cpu.txt
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,sweep]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,12 +33,21 @@ $(MSTAMP): pyproject.toml requirements/models.txt
 	$(PYTHON) -m venv $(MVENV)
 	$(MPY) -m pip install --quiet --upgrade pip
 	$(MPY) -m pip install --quiet -r requirements/models.txt
-	$(MPY) -m pip install --quiet -e ".[models,dev]"
+	$(MPY) -m pip install --quiet -e ".[models,sweep,dev]"
 	touch $(MSTAMP)
 
 # real architectures from torchvision and timm (random weights): frames and exact stride shifts
 test-models: $(MSTAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(MPY) -m pytest -q -p no:cacheprovider tests/test_real_networks.py
+
+# the sweep on a real one-node Slurm: installs Debian's slurm-wlm and munge where missing (root),
+# starts the controller and one node, runs tests/test_sweep_cluster.py through sbatch, stops them
+SLURM_STATE ?= /tmp/invariance-slurm
+test-cluster: $(MSTAMP)
+	scripts/slurm_cluster.sh start $(SLURM_STATE) > /dev/null
+	rc=0; PATH="$(SLURM_STATE)/bin:$$PATH" SLURM_CONF="$(SLURM_STATE)/slurm.conf" INVARIANCE_REQUIRE_SLURM=1 \
+	    $(MPY) -m pytest -q -p no:cacheprovider tests/test_sweep_cluster.py || rc=$$?; \
+	    scripts/slurm_cluster.sh stop $(SLURM_STATE); exit $$rc
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x invariance stn tests

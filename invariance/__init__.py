@@ -8,7 +8,8 @@ The public API is what this module exports (``invariance.__all__``, documented i
 and the public submodules :mod:`invariance.geometry` (the one home of the conventions),
 :mod:`invariance.testing` (the test kit), :mod:`invariance.reference` (the dense reference
 search), :mod:`invariance.datasets`, :mod:`invariance.toys` (analytic networks and images),
-:mod:`invariance.checks` (argument checks) and :mod:`invariance.files` (atomic writes). Modules
+:mod:`invariance.checks` (argument checks), :mod:`invariance.files` (atomic writes) and
+:mod:`invariance.sweep` (models x layers x transformations as resumable tasks, locally or on Slurm). Modules
 whose names start with ``_`` are the implementation and may change without notice.
 
 >>> import torch, invariance
@@ -21,7 +22,7 @@ whose names start with ``_`` are the implementation and may change without notic
 (True, (-3.0, 2.0))
 """
 
-from . import checks, datasets, files, geometry, reference, testing, toys
+from . import checks, datasets, files, geometry, reference, sweep, testing, toys
 from ._features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
 from ._measure import (
                        CHANNEL_MODES,
@@ -52,6 +53,7 @@ from ._models import (
                        builtin_models,
                        load_checkpoint,
                        load_model,
+                       load_weights,
                        non_finite_weight,
                        register_builder,
                        register_model,
@@ -115,7 +117,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # public submodules
-    "checks", "datasets", "files", "geometry", "reference", "testing", "toys",
+    "checks", "datasets", "files", "geometry", "reference", "sweep", "testing", "toys",
     # geometry and warping
     "FAMILIES", "MODES", "PADDING_MODES", "warp", "warp_chunks", "sampling_grid", "grid_from_inverse",
     "transform_images", "disk_mask", "valid_mask",
@@ -134,7 +136,8 @@ __all__ = [
     "ChannelMatch",
     # models and checkpoints
     "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
-    "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight", "tensor_checksum",
+    "load_weights", "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight",
+    "tensor_checksum",
     "UntrustedCheckpointError", "register_builder", "registered_builders", "BUILTIN_BUILDERS",
     "load_digits", "MNIST_CNN_BLOCKS", "mnist_block", "mnist_cnn", "pretrained_mnist_cnn", "random_mnist_cnn",
     "PRETRAINED_PATH",

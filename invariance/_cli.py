@@ -8,6 +8,11 @@
     invariance demo [--out DIR] [--quick]
     invariance layers --model MODEL [--images SOURCE] [--all]
     invariance models
+    invariance sweep plan SPEC.toml --out DIR
+    invariance sweep run DIR [--executor local|slurm] [--workers N] [--partition P]
+        [--gpus-per-task G] [--cpus-per-task C] [--time-limit MIN] [--array-parallelism N] [--no-wait]
+    invariance sweep status DIR
+    invariance sweep report DIR
 
 Every argument is checked before any computation: ``--out`` must be (or be creatable as) a
 writable folder; a sweep SPEC may give at most ``--max-transforms`` transformations (default
@@ -237,6 +242,34 @@ def _parser() -> argparse.ArgumentParser:
     ly.add_argument("--trust-code", action="store_true", help="as for measure: let a checkpoint run code")
 
     sub.add_parser("models", help="list the built-in models")
+
+    sw = sub.add_parser("sweep", help="models x layers x transformations as resumable tasks (local or Slurm), "
+                                      "one results table (see invariance.sweep)")
+    ssub = sw.add_subparsers(dest="sweep_command", required=True)
+    sp = ssub.add_parser("plan", help="expand a TOML spec into tasks (checks every entry; runs nothing)")
+    sp.add_argument("spec", help="the sweep spec (TOML; see invariance.sweep for its keys)")
+    sp.add_argument("--out", required=True, help="the sweep folder")
+    sr = ssub.add_parser("run", help="run the tasks not done yet (failed ones again)")
+    sr.add_argument("dir", help="a planned sweep folder")
+    sr.add_argument("--executor", default="local", choices=("local", "slurm"),
+                    help="local: worker processes on this machine (default); slurm: a job array through submitit")
+    sr.add_argument("--workers", type=int, default=None,
+                    help="local: tasks run at once (default: the CPUs over the tasks' threads)")
+    sr.add_argument("--partition", default=None, help="slurm: the partition (default: the cluster's)")
+    sr.add_argument("--gpus-per-task", type=int, default=0, dest="gpus_per_task", help="slurm: GPUs per task")
+    sr.add_argument("--cpus-per-task", type=int, default=None, dest="cpus_per_task",
+                    help="slurm: CPUs per task (default: the tasks' threads)")
+    sr.add_argument("--time-limit", type=int, default=60, dest="time_limit", help="slurm: minutes per task")
+    sr.add_argument("--array-parallelism", type=int, default=64, dest="array_parallelism",
+                    help="slurm: array elements running at once")
+    sr.add_argument("--no-wait", action="store_false", dest="wait", help="slurm: return once the array is submitted")
+    ss = ssub.add_parser("status", help="done, pending and failed tasks (with the reason)")
+    ss.add_argument("dir")
+    so = ssub.add_parser("report", help="merge the results: results.parquet, results.csv, summary.md, figures")
+    so.add_argument("dir")
+    st = ssub.add_parser("task")  # one task: what a local worker runs (not for users)
+    st.add_argument("dir")
+    st.add_argument("task_id")
     return p
 
 
@@ -394,6 +427,30 @@ def flag_table(parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
     return table
 
 
+def cmd_sweep(a) -> int:
+    from . import sweep
+
+    if a.sweep_command == "plan":
+        tasks = sweep.plan(a.spec, a.out)
+        print(f"planned {len(tasks)} task(s) in {a.out}/plan; next: invariance sweep run {a.out}")
+        print(sweep.status(a.out))
+    elif a.sweep_command == "run":
+        st = sweep.run(a.dir, a.executor, workers=a.workers, partition=a.partition, gpus_per_task=a.gpus_per_task,
+                       cpus_per_task=a.cpus_per_task, time_limit=a.time_limit,
+                       array_parallelism=a.array_parallelism, wait=a.wait, progress=True)
+        print(st)
+        return 0 if not st.failed else 1
+    elif a.sweep_command == "status":
+        print(sweep.status(a.dir))
+    elif a.sweep_command == "report":
+        paths = sweep.report(a.dir)
+        print(Path(paths["summary"]).read_text())
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    else:  # task
+        sweep.run_task(a.dir, a.task_id)
+    return 0
+
+
 def _message(exc: BaseException) -> str:
     """One line; a leading ``name: `` that is an option becomes its ``--flag: `` (as typed)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -411,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = _parser()
     a = parser.parse_args(argv)
-    handlers = {"measure": cmd_measure, "layers": cmd_layers, "models": cmd_models, "demo": cmd_demo}
+    handlers = {"measure": cmd_measure, "layers": cmd_layers, "models": cmd_models, "demo": cmd_demo,
+                "sweep": cmd_sweep}
     try:
         with exit_on_sigterm():  # SIGTERM runs the cleanup of temporary files, as Ctrl-C does
             return handlers[a.command](a)

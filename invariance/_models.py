@@ -30,6 +30,7 @@ The built-in models are a plain table (networks imported only when built); users
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -44,7 +45,8 @@ from torch import nn
 
 from .files import TRUST_HINT, UntrustedFileError, atomic_torch_save, safe_torch_load
 
-__all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model", "build_from_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "ModelInfo", "register_model", "builtin_models", "load_model", "load_weights", "ZOOS",
+           "build_from_checkpoint",
            "non_finite_weight", "register_builder", "registered_builders", "BUILTIN_BUILDERS",
            "save_checkpoint", "load_checkpoint", "tensor_checksum", "CheckpointError", "UntrustedCheckpointError"]
 
@@ -313,10 +315,66 @@ def build_from_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust_
     return model
 
 
+ZOOS = ("torchvision", "timm")
+"""Model zoos ``load_model`` reads as ``ZOO:NAME`` (random weights drawn with seed 0, so the same
+network in every process; nothing is downloaded: pass local weights to :func:`load_weights`)."""
+
+
+def _zoo_model(zoo: str, name: str) -> nn.Module:
+    """``torchvision:NAME`` / ``timm:NAME`` built with random weights drawn with seed 0, the same in
+    every process (no download)."""
+    try:
+        lib = importlib.import_module(zoo)
+        if zoo == "torchvision":
+            lib = importlib.import_module("torchvision.models")
+    except ImportError:
+        raise ValueError(f"model: {zoo}:{name} needs the package {zoo} (pip install 'invariance[models]')") from None
+    known = lib.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        raise ValueError(f"model: {zoo} has no model {name!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                                                  else f" ({zoo}'s list_models() names them)"))
+    try:
+        with torch.random.fork_rng(devices=[]):  # the same random weights in every process (seed 0)
+            torch.manual_seed(0)
+            return (lib.get_model(name, weights=None) if zoo == "torchvision"
+                    else lib.create_model(name, pretrained=False))
+    except Exception as exc:
+        raise ValueError(f"model: building {zoo}:{name} failed: {_one_line(exc)}") from None
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a local state dict (``torch.save(model.state_dict(), path)``) into ``model``; nothing in
+    the file runs (the weights-only unpickler), and weights that do not fit are a one-line error.
+
+    >>> import tempfile, pathlib
+    >>> net = torch.nn.Conv2d(1, 2, 3)
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "w.pt"; torch.save(net.state_dict(), f)
+    >>> other = load_weights(torch.nn.Conv2d(1, 2, 3), f)
+    >>> bool(torch.equal(other.weight, net.weight))
+    True
+    """
+    state = safe_torch_load(path, what="weights")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"weights: {os.fspath(path)} is not a state dict (names -> tensors)")
+    bad = non_finite_weight(state)
+    if bad is not None:
+        raise ValueError(f"weights: {os.fspath(path)}: tensor {bad!r} holds NaN or inf")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"weights: {os.fspath(path)} does not fit the model ({str(exc).splitlines()[0]})") from None
+    return model
+
+
 def load_model(spec: str | os.PathLike | nn.Module, *, trust_code: bool = False) -> nn.Module:
     """Resolve ``spec`` to an ``nn.Module`` in eval mode.
 
-    ``spec`` may be a built-in name (see :func:`builtin_models`), a checkpoint path, or
+    ``spec`` may be a built-in name (see :func:`builtin_models`), a checkpoint path,
+    ``torchvision:NAME`` / ``timm:NAME`` (random weights, :data:`ZOOS`), or
     ``FILE.py:NAME`` / ``package.module:NAME`` naming an ``nn.Module`` or a callable returning one
     (your own code: it is imported and run). A checkpoint runs no code from the file unless
     ``trust_code`` is true (see the module docstring).
@@ -350,6 +408,9 @@ def load_model(spec: str | os.PathLike | nn.Module, *, trust_code: bool = False)
             raise UntrustedCheckpointError(f"model: {exc}") from None
         except CheckpointError as exc:
             raise CheckpointError(f"model: {exc}") from None
+    zoo, _, name = spec.partition(":")
+    if zoo in ZOOS and name:
+        return _zoo_model(zoo, name).eval()
     if ":" in spec:
         obj = _import_object(spec)
         if isinstance(obj, nn.Module):

@@ -189,6 +189,8 @@ class Comparison(_Canonical):
         positions: per image, the positions of the best warp's region ``R_g`` (NaN: no verdict).
         signal: per image, the share of the reference's signal on ``M * I`` that ``R_g`` carries
             (docs/definitions.md, "What a verdict needs").
+        overlaps: per image, the share of ``M * I`` the best warp keeps (NaN: no verdict); their
+            mean over the images with a verdict is :attr:`overlap`.
     """
 
     overlap: float
@@ -196,6 +198,7 @@ class Comparison(_Canonical):
     region_size: int
     positions: tuple[float, ...] = ()
     signal: tuple[float, ...] = ()
+    overlaps: tuple[float, ...] = ()
 
     @property
     def mean_positions(self) -> float:
@@ -342,8 +345,69 @@ class LayerRecord:
         return cls(layer=res.layer, depth=depth, transform=transform, errors=errors, best_warp=warp,
                    comparison=Comparison(overlap=float(ov.mean()) if ov.numel() else float("nan"),
                                          interior=bool(res.interior), region_size=int(res.region_size),
-                                         positions=kept(res.positions), signal=kept(res.signal)),
+                                         positions=kept(res.positions), signal=kept(res.signal),
+                                         overlaps=kept(res.overlap)),
                    calibration=Calibration(floor=floor, null=null), channels=channels, linear_warning=warning)
+
+    @classmethod
+    def merge(cls, records, context, n_boot: int, seed: int) -> LayerRecord:
+        """One record from the records of the shards of an image set (in shard order), each without
+        its first ``context[i]`` images: per-image values concatenated, means and bootstrap intervals
+        recomputed (:meth:`Estimate.of`), the overlap the mean of the per-image overlaps. Merging one
+        record with no context recomputes its intervals the same way, so a sharded and an unsharded
+        sweep (:mod:`invariance.sweep`) go through the same arithmetic.
+
+        >>> import torch, invariance
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU())
+        >>> x = torch.rand(6, 1, 12, 12)
+        >>> kw = dict(layers="1", channels="spatial", n_boot=20, progress=False, floor_cache=False)
+        >>> whole = invariance.measure(net, x, "rotation:90", **kw).records[0]
+        >>> a = invariance.measure(net, x[:3], "rotation:90", **kw).records[0]
+        >>> b = invariance.measure(net, x[3:], "rotation:90", **kw).records[0]
+        >>> LayerRecord.merge([a, b], [0, 0], 20, 0).errors.spatial == whole.errors.spatial
+        True
+        """
+        if not records or len(records) != len(context):
+            raise ValueError("records: one context count per record, at least one record")
+        first = records[0]
+
+        def cut(values, c):
+            return list(values)[c:]
+
+        def joined(get):
+            return [v for r, c in zip(records, context) for v in cut(get(r), c)]
+
+        def est(get) -> Estimate | None:
+            parts = [get(r) for r in records]
+            if any(p is None for p in parts):
+                return None
+            reasons = sorted({x for p in parts for x in p.reasons})
+            return Estimate.of(np.asarray(joined(lambda r: get(r).per_image), dtype=float), n_boot, seed, reasons)
+
+        errors = Errors(**{k: est(lambda r, k=k: getattr(r.errors, k)) for k in ERROR_KINDS})
+        params = joined(lambda r: r.best_warp.per_image)
+        names = first.best_warp.param_names
+        median = (tuple(_median_params(np.asarray(params, dtype=float), names).round(4).tolist()) if params
+                  else first.best_warp.median)
+        warp = BestWarp(family=first.best_warp.family, param_names=names, median=median, per_image=tuple(params),
+                        matrices=tuple(joined(lambda r: r.best_warp.matrices)), frame=first.best_warp.frame)
+        positions, overlaps = joined(lambda r: r.comparison.positions), joined(lambda r: r.comparison.overlaps)
+        if len(overlaps) == len(positions):
+            overlap = _finite_mean(overlaps)
+        elif len(records) == 1 and not context[0]:
+            overlap = first.comparison.overlap
+        else:
+            raise ValueError("records: a record without per-image overlaps (written before they were kept) cannot "
+                             "be merged with others; measure it again")
+        comp = Comparison(overlap=overlap, interior=first.comparison.interior,
+                          region_size=first.comparison.region_size, positions=tuple(positions),
+                          signal=tuple(joined(lambda r: r.comparison.signal)), overlaps=tuple(overlaps))
+        null = est(lambda r: r.calibration.null)
+        warning = linear_warning(errors.linear.mean if errors.linear else NAN, errors.spatial.mean,
+                                 null.mean if null else NAN)
+        return cls(layer=first.layer, depth=first.depth, transform=first.transform, errors=errors, best_warp=warp,
+                   comparison=comp, calibration=Calibration(floor=est(lambda r: r.calibration.floor), null=null),
+                   channels=first.channels, linear_warning=warning)
 
     # ------------------------------------------------------------------ JSON (schema 2)
     def to_json(self) -> dict:
@@ -362,7 +426,8 @@ class LayerRecord:
             "comparison": {"overlap": _nan_to_none(self.comparison.overlap), "interior": self.comparison.interior,
                            "region_size": self.comparison.region_size,
                            "positions": [_nan_to_none(v) for v in self.comparison.positions],
-                           "signal": [_nan_to_none(v) for v in self.comparison.signal]},
+                           "signal": [_nan_to_none(v) for v in self.comparison.signal],
+                           "overlaps": [_nan_to_none(v) for v in self.comparison.overlaps]},
             "calibration": {"floor": None if self.calibration.floor is None else self.calibration.floor.to_json(),
                             "null": None if self.calibration.null is None else self.calibration.null.to_json()},
             "channels": {"permutation": None if self.channels.permutation is None else list(self.channels.permutation),
@@ -391,7 +456,8 @@ class LayerRecord:
             comparison=Comparison(overlap=_f(cmp_["overlap"]), interior=bool(cmp_["interior"]),
                                   region_size=int(cmp_["region_size"]),
                                   positions=tuple(_f(v) for v in cmp_.get("positions", [])),
-                                  signal=tuple(_f(v) for v in cmp_.get("signal", []))),
+                                  signal=tuple(_f(v) for v in cmp_.get("signal", [])),
+                                  overlaps=tuple(_f(v) for v in cmp_.get("overlaps", []))),
             calibration=Calibration(floor=None if cal.get("floor") is None else Estimate.from_json(cal["floor"]),
                                     null=None if cal.get("null") is None else Estimate.from_json(cal["null"])),
             channels=ChannelMatch(permutation=None if ch.get("permutation") is None else tuple(ch["permutation"]),

@@ -269,12 +269,12 @@ class Report:
         out = Path(out_dir)
         paths = {}
         fig = self.plot_layers()
-        paths["layers"] = _save_fig(fig, out / "errors_by_layer.png")
+        paths["layers"] = save_figure(fig, out / "errors_by_layer.png")
         plt.close(fig)
         sweepable = {r.transform for r in self.records if not _isnan(r.transform.magnitude)}
         if len(sweepable) > 1:
             fig = self.plot_sweep()
-            paths["sweep"] = _save_fig(fig, out / "errors_by_magnitude.png")
+            paths["sweep"] = save_figure(fig, out / "errors_by_magnitude.png")
             plt.close(fig)
         return paths
 
@@ -420,5 +420,5 @@ def json_safe(obj):
     return obj
 
 
-def _save_fig(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

@@ -169,3 +169,18 @@ def test_a_one_stride_shift_reads_zero_or_no_verdict_at_every_listed_layer(name)
                 assert rec.excluded_reasons, rec.layer
             verdicts += 2 - rec.n_excluded
     assert verdicts > 0  # the shallow layers have an interior at 128 px
+
+
+def test_zoo_models_have_the_same_random_weights_in_every_process():
+    """``torchvision:NAME`` / ``timm:NAME`` draw their random weights with seed 0 (a sweep's tasks
+    build them in separate processes and must measure the same network), without touching the
+    caller's random state."""
+    from invariance import load_model
+
+    state = torch.random.get_rng_state()
+    a = load_model("torchvision:resnet18").state_dict()
+    b = load_model("torchvision:resnet18").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with pytest.raises(ValueError, match="timm has no model 'convnext_nan'; did you mean convnext_nano"):
+        load_model("timm:convnext_nan")

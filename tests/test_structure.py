@@ -18,7 +18,7 @@ import invariance
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("invariance", "stn")
-PUBLIC_SUBMODULES = {"invariance": {"geometry", "testing", "reference", "datasets", "toys", "checks", "files"},
+PUBLIC_SUBMODULES = {"invariance": {"geometry", "testing", "reference", "datasets", "toys", "checks", "files", "sweep"},
                      "stn": set()}
 
 
