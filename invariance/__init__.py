@@ -46,6 +46,7 @@ from ._metric import (
 from ._models import (
                        BUILTIN_BUILDERS,
                        CHECKPOINT_FORMAT,
+                       ZOOS,
                        CheckpointError,
                        ModelInfo,
                        UntrustedCheckpointError,
@@ -137,7 +138,7 @@ __all__ = [
     # models and checkpoints
     "CHECKPOINT_FORMAT", "CheckpointError", "ModelInfo", "register_model", "builtin_models", "load_model",
     "load_weights", "save_checkpoint", "load_checkpoint", "build_from_checkpoint", "non_finite_weight",
-    "tensor_checksum",
+    "tensor_checksum", "ZOOS",
     "UntrustedCheckpointError", "register_builder", "registered_builders", "BUILTIN_BUILDERS",
     "load_digits", "MNIST_CNN_BLOCKS", "mnist_block", "mnist_cnn", "pretrained_mnist_cnn", "random_mnist_cnn",
     "PRETRAINED_PATH",

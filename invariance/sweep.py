@@ -279,7 +279,7 @@ def _load_image_set(s: dict):
     """The images of an image set entry: ``(n, C, H, W)`` float in [0, 1]."""
     import torch.nn.functional as F
 
-    from ._cli import load_images
+    from ._images import load_images
 
     imgs = load_images(s["source"], s["n"], seed=s["seed"])
     if s.get("size") is not None and tuple(imgs.shape[-2:]) != (s["size"], s["size"]):
