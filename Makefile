@@ -1,9 +1,11 @@
 # One command each: `make demo` (set up + run the demo), `make test` (set up + run all tests).
 # Both need nothing from the environment: `make test` runs the property tests derandomised
 # (hypothesis profile `ci`) and the notebooks in their quick mode (INVARIANCE_QUICK=1, each in
-# under a minute); `make notebooks-full` runs the notebooks in their full mode (about 25 minutes
+# one to two minutes); `make notebooks-full` runs the notebooks in their full mode (about 25 minutes
 # on 2 CPU cores). Tests that need MNIST / Fashion-MNIST files read them from INVARIANCE_DATA
-# when it is set and are skipped, with the reason, when it is not.
+# when it is set and are skipped, with the reason, when it is not. `make test` runs one pytest
+# worker per core (pytest-xdist), each computing on one thread: two threads per worker would
+# oversubscribe the cores, and torch's spinning threads then run several times slower.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -26,8 +28,8 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} INVARIANCE_QUICK=1 \
-	    $(PY) -m pytest -q invariance stn tests notebooks/*.ipynb --nbmake
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} INVARIANCE_QUICK=1 OMP_NUM_THREADS=1 \
+	    $(PY) -m pytest -q -n auto invariance stn tests notebooks/*.ipynb --nbmake
 
 $(MSTAMP): pyproject.toml requirements/models.txt
 	$(PYTHON) -m venv $(MVENV)

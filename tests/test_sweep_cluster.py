@@ -36,7 +36,8 @@ def _cluster_up() -> str | None:
         return "no sbatch on PATH (make test-cluster starts a one-node Slurm)"
     r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
     if r.returncode != 0 or "idle" not in r.stdout and "mix" not in r.stdout and "alloc" not in r.stdout:
-        return f"sinfo sees no node ({(r.stderr or r.stdout).strip()[:200]})"
+        said = " ".join((r.stderr or r.stdout).split())
+        return f"sinfo sees no node ({said[:200]})"
     return None
 
 
