@@ -842,23 +842,30 @@ def _write_summary(path: Path, rows: list[dict], missing: list[str]) -> Path:
     lines = ["# Sweep summary", "",
              "Spatial error (mean over the images with a verdict) per model and layer; floor: the interpolation "
              "floor of the images under the transformation; null: the random-pair null of the layer; "
-             "mark: `at floor` / `at null` where the interval reaches them, or why images have no verdict.", ""]
+             "interior only: whether only positions whose receptive field lies inside the image were compared (the "
+             "spec's `interior`); mark: `at floor` / `at null` where the interval reaches them, or why images "
+             "have no verdict.", ""]
     for tr in dict.fromkeys(r["transform"] for r in rows):
         for iset in dict.fromkeys(r["image_set"] for r in rows if r["transform"] == tr):
             sel = [r for r in rows if r["transform"] == tr and r["image_set"] == iset]
             lines += [f"## {tr} on {iset} ({sel[0]['n_images']} images)", "",
-                      "| model | parameters | layer | relative depth | spatial [95% CI] | floor | null | "
-                      "spatial / null | mark |", "|---|---|---|---|---|---|---|---|---|"]
+                      "| model | parameters | layer | relative depth | interior only | spatial [95% CI] | floor | "
+                      "null | spatial / null | mark |", "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
                 ci = f"[{_fmt(r['spatial_error_lo'])}, {_fmt(r['spatial_error_hi'])}]"
+                mark = r["mark"] or _short(r["no_verdict"], r["n_excluded"], r["n_images"])
                 lines.append(f"| {r['model']} | {r['n_parameters']:,} | {r['layer']} | {_fmt(r['relative_depth'])} | "
-                             f"{_fmt(r['spatial_error'])} {ci} | {_fmt(r['interpolation_floor'])} | "
-                             f"{_fmt(r['random_pair_null'])} | {_fmt(r['spatial_over_null'])} | "
-                             f"{r['mark'] or _short(r['no_verdict'], r['n_excluded'], r['n_images'])} |")
+                             f"{_yes_no(r['interior'])} | {_fmt(r['spatial_error'])} {ci} | "
+                             f"{_fmt(r['interpolation_floor'])} | {_fmt(r['random_pair_null'])} | "
+                             f"{_fmt(r['spatial_over_null'])} | {mark} |")
             lines.append("")
     if missing:
         lines += ["## Not in the table (tasks not done)", ""] + [f"- {m}" for m in missing] + [""]
     return atomic_write_text(path, "\n".join(lines))
+
+
+def _yes_no(v) -> str:
+    return "–" if v is None else ("yes" if v else "no")
 
 
 def _figures(folder: Path, rows: list[dict]) -> dict[str, Path]:
@@ -875,6 +882,11 @@ def _figures(folder: Path, rows: list[dict]) -> dict[str, Path]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     cmap = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     colors = [cmap(i % cmap.N) for i in range(len(models))]
+    def has_verdict(r) -> bool:
+        return r["spatial_error"] is not None and math.isfinite(r["spatial_error"])
+
+    labels_of = {m: m if any(has_verdict(r) for r in rows if r["model"] == m) else f"{m} (no verdict)"
+                 for m in models}
     fig, axes = plt.subplots(1, len(trs), figsize=(5 * len(trs) + 2.2, 4.2), squeeze=False, sharey=True,
                              layout="constrained")
     for ax, tr in zip(axes[0], trs):
@@ -885,7 +897,7 @@ def _figures(folder: Path, rows: list[dict]) -> dict[str, Path]:
             if not sel:
                 continue
             x = [r["relative_depth"] for r in sel]
-            ax.plot(x, [r["spatial_error"] for r in sel], "o-", color=col, label=m)
+            ax.plot(x, [r["spatial_error"] for r in sel], "o-", color=col, label=labels_of[m])
             ax.fill_between(x, [r["spatial_error_lo"] for r in sel], [r["spatial_error_hi"] for r in sel],
                             color=col, alpha=0.15, lw=0)
             ax.plot(x, [r["random_pair_null"] for r in sel], ":x", color=col, lw=1, ms=4)
@@ -904,7 +916,9 @@ def _figures(folder: Path, rows: list[dict]) -> dict[str, Path]:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    order = sorted(range(len(labels)), key=lambda i: labels[i] == "interpolation floor")  # the floor last
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside right center", fontsize=8,
+               frameon=False)
     out["depth_figure"] = save_figure(fig, folder / "error_by_depth.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.3 * len(trs) * 2, 1.2 + 0.42 * len(models)), squeeze=False)
@@ -916,12 +930,15 @@ def _figures(folder: Path, rows: list[dict]) -> dict[str, Path]:
                 v = [r[what] for r in rows if r["model"] == m and r["transform"] == tr
                      and r[what] is not None and math.isfinite(r[what])]
                 grid[i, j] = np.mean(v) if v else np.nan
-        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="0.88")
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap)
         for i in range(len(models)):
             for j in range(len(trs)):
                 if np.isfinite(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
                             color="w" if grid[i, j] < np.nanmean(grid) else "k")
+                else:
+                    ax.text(j, i, "no verdict", ha="center", va="center", fontsize=7, color="0.35")
         ax.set_xticks(range(len(trs)), trs, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(models)), models, fontsize=8)
         ax.set_title(title, fontsize=9)
