@@ -571,7 +571,7 @@ class SweepStatus:
         by_id = {t.id: t for t in self.tasks}
         c = self.counts()
         lines = [f"{len(self.tasks)} tasks: {c['done']} done, {c['pending']} pending, {c['failed']} failed"
-                 + (f" ({len(self.running)} started and not ended)" if self.running else "")]
+                 + (f" ({len(self.running)} started and not ended: running now, or killed)" if self.running else "")]
         for tid, why in self.failed.items():
             lines.append(f"  failed  {tid}  {by_id[tid].label}: {why}")
         for tid in self.pending[:20]:
