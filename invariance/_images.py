@@ -31,13 +31,9 @@ def _read_file(path: Path, source: str):
     try:
         _check_npy_header(path, source)
         return np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        if str(exc).startswith("images: "):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__}{': ' + first if first else ''})") \
-            from None
     except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("images: "):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(f"images: cannot read {source!r} ({type(exc).__name__}{': ' + first if first else ''})") \
             from None
