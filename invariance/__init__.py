@@ -24,13 +24,16 @@ whose names start with ``_`` are the implementation and may change without notic
 
 from . import checks, datasets, files, geometry, reference, sweep, testing, toys
 from ._features import INPUT, FeatureExtractor, LayerFrame, extract_features, list_layers
+from ._lie import LieResult
 from ._measure import (
                        CHANNEL_MODES,
+                       DEFAULT_CHANNELS,
                        DEFAULT_MEMORY_BUDGET,
                        DEFAULT_SEARCH,
                        MAX_IMAGE_PIXELS,
                        MeasureOptions,
                        as_image_batch,
+                       lie_derivative,
                        measure,
                        parse_bytes,
 )
@@ -71,6 +74,7 @@ from ._record import (
                        Comparison,
                        Errors,
                        Estimate,
+                       Infinitesimal,
                        LayerRecord,
                        bootstrap_ci,
 )
@@ -131,7 +135,9 @@ __all__ = [
     "RF_COVERS_IMAGE", "LayerResult", "LayerAccumulator", "measure_layer", "interpolation_floor",
     "comparison_region", "transformed_valid", "CHANNEL_MODES", "DEFAULT_SEARCH", "MAX_TRANSFORMS", "MAX_IMAGE_PIXELS",
     "Transform", "measure", "parse_transforms", "check_transform_count", "as_image_batch", "bootstrap_ci", "Report",
-    "DEFAULT_MEMORY_BUDGET", "parse_bytes", "MeasureOptions",
+    "DEFAULT_MEMORY_BUDGET", "parse_bytes", "MeasureOptions", "DEFAULT_CHANNELS",
+    # the infinitesimal view (the `lie` channel)
+    "lie_derivative", "LieResult", "Infinitesimal",
     # the typed record of a measurement (docs/report-schema.md)
     "SCHEMA", "ERROR_KINDS", "LayerRecord", "Estimate", "Errors", "BestWarp", "Comparison", "Calibration",
     "ChannelMatch",

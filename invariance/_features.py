@@ -500,6 +500,7 @@ class FeatureExtractor:
         self.layer_names: list[str] = []
         self.not_maps: dict[str, tuple] = {}  # 4-D outputs without a spatial frame (tokens), by name
         self.not_spatial: dict[str, str] = {}  # "all": 4-D outputs left out, and why (see _spatial_only)
+        self._tangents: dict[str, torch.Tensor | None] | None = None  # filled by jvp()
 
     def __call__(self, images: torch.Tensor, batch_size: int | None = None):
         """Return ``(features, frames)``: dicts layer name -> ``(B, C, h, w)`` tensor / :class:`LayerFrame`."""
@@ -521,6 +522,36 @@ class FeatureExtractor:
                 parts.setdefault(k, []).append(v)
             frames.update(fr)
         return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in parts.items()}, frames
+
+    def jvp(self, images: torch.Tensor, tangent: torch.Tensor):
+        """``(features, tangents, frames)``: the maps of ``images`` and their derivatives along
+        ``tangent`` (an image-shaped direction), by forward-mode automatic differentiation in one pass.
+        A layer whose output carries no derivative (a module that detaches) gets None; a module
+        without forward-mode support raises (NotImplementedError or RuntimeError).
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
+        >>> x, v = torch.rand(1, 1, 6, 6), torch.rand(1, 1, 6, 6)
+        >>> f, t, _ = FeatureExtractor(net, ["0"]).jvp(x, v)
+        >>> bool(torch.allclose(t["0"], net[0](v) - net[0].bias[:, None, None]))
+        True
+        """
+        import warnings
+
+        import torch.autograd.forward_ad as fwad
+
+        if not isinstance(tangent, torch.Tensor) or tangent.shape != images.shape:
+            raise ValueError(f"tangent: expected the images' shape {tuple(images.shape)}, got "
+                             f"{tuple(getattr(tangent, 'shape', ()))}")
+        self._tangents = {}
+        try:  # torch's forward mode scripts a helper on first use and warns that scripting is deprecated
+            with warnings.catch_warnings(), fwad.dual_level():
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+                feats, frames = self._run(fwad.make_dual(images, tangent.to(images)))
+            got = self._tangents
+        finally:
+            self._tangents = None
+        tangents = {n: (tangent if n == INPUT else got.get(n)) for n in feats}
+        return {n: fwad.unpack_dual(v).primal if n == INPUT else v for n, v in feats.items()}, tangents, frames
 
     def _run(self, x: torch.Tensor):
         captured: dict[str, torch.Tensor] = {}
@@ -550,6 +581,8 @@ class FeatureExtractor:
                     channels_last.add(name)
                     frames_at_capture[name] = last
                     captured[name] = out.detach().permute(0, 3, 1, 2).clone()
+                    if self._tangents is not None:
+                        self._tangents[name] = _tangent_of(out, channels_last=True)
                 else:
                     frames_at_capture[name] = tracer.lookup(out)
                     if tracer.is_tokens(out):
@@ -558,6 +591,8 @@ class FeatureExtractor:
                             return  # not a spatial map: listed in `not_maps`, not measured
                     # a copy: in-place operations later in the forward pass must not change it
                     captured[name] = out.detach().clone()
+                    if self._tangents is not None:
+                        self._tangents[name] = _tangent_of(out, channels_last=False)
                 order.append(name)
                 if wanted is not None and wanted <= set(captured) | {INPUT}:
                     raise _StopForward  # every requested layer is in: skip the rest of the model
@@ -631,6 +666,15 @@ class FeatureExtractor:
             feats = {n: feats[n] for n in order_all}
             frames = {n: frames[n] for n in order_all}
         return feats, frames
+
+
+def _tangent_of(out: torch.Tensor, channels_last: bool) -> torch.Tensor | None:
+    import torch.autograd.forward_ad as fwad
+
+    t = fwad.unpack_dual(out).tangent
+    if t is None:
+        return None
+    return (t.permute(0, 3, 1, 2) if channels_last else t).clone()
 
 
 def extract_features(model: nn.Module, images: torch.Tensor, layers: str | Iterable[str] = "all",

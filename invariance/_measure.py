@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import geometry as G
 from ._features import FeatureExtractor
 from ._floor_cache import cached_floor, floor_cache_dir, floor_key
 from ._metric import LayerAccumulator, LayerResult, comparison_region, interpolation_floor
@@ -55,10 +56,15 @@ from ._transform import Transform, parse_transforms
 from ._warp import warp
 from .checks import check_int, check_model_channels
 
-__all__ = ["MAX_IMAGE_PIXELS", "measure", "MeasureOptions", "CHANNEL_MODES", "DEFAULT_SEARCH", "as_image_batch",
+__all__ = ["MAX_IMAGE_PIXELS", "measure", "MeasureOptions", "CHANNEL_MODES", "DEFAULT_CHANNELS", "DEFAULT_SEARCH",
+           "as_image_batch", "lie_derivative",
            "DEFAULT_MEMORY_BUDGET", "parse_bytes"]
 
-CHANNEL_MODES = ("spatial", "permutation", "linear")
+CHANNEL_MODES = ("spatial", "permutation", "linear", "lie")
+"""Channels :func:`measure` can compute (``spatial`` always is; ``lie``: the infinitesimal view)."""
+
+DEFAULT_CHANNELS = ("spatial", "permutation", "linear")
+"""The channels :func:`measure` computes when none are named."""
 
 DEFAULT_SEARCH = {
     "translation": "translation",
@@ -120,7 +126,7 @@ def measure(
     *,
     layers: str | Iterable[str] = "all",
     search: str | None = None,
-    channels: Iterable[str] = CHANNEL_MODES,
+    channels: Iterable[str] = DEFAULT_CHANNELS,
     mask_radius: float | None = None,
     interior: bool | None = None,
     config: SearchConfig | None = None,
@@ -151,7 +157,10 @@ def measure(
             ``"input"`` is the input itself.
         search: search family (:data:`invariance.SEARCH_FAMILIES`); default per
             transformation family, :data:`DEFAULT_SEARCH`.
-        channels: which of ``spatial``, ``permutation``, ``linear`` to compute (spatial always is).
+        channels: which of ``spatial``, ``permutation``, ``linear``, ``lie`` to compute (spatial
+            always is; default :data:`DEFAULT_CHANNELS`). ``lie`` adds the infinitesimal view
+            (:class:`invariance.Infinitesimal`, docs/definitions.md): the Lie derivative along the
+            transformation's logarithm and the part of it no infinitesimal warp explains.
         mask_radius: radius of an evaluation disk in each layer's normalised coordinates
             (default: none, the whole map).
         interior: apply the receptive-field interior (default: wherever the layer's frame is
@@ -204,6 +213,7 @@ def measure(
     bar = tqdm(total=steps, desc="measuring", unit="img", disable=(None if progress is None else not progress),
                leave=False)
     results: dict[tuple[Transform, str], LayerResult] = {}
+    lie: dict = {}
     floor: dict[Transform, Estimate] = {}
     floors_read = 0
     opts = {"channels": channels, "mask_radius": mask_radius, "interior": interior, "config": cfg, "seed": seed,
@@ -215,8 +225,11 @@ def measure(
             floors_read += hit
         for group in plan.groups:
             results.update(_measure_group(tr, x, group, plan, search, opts, bar))
+            if "lie" in channels:
+                lie.update(_lie_group(tr, x, group, plan, search, mask_radius, interior, calibrate))
     bar.close()
-    records = [LayerRecord.build(results[(tr, name)], tr, depth, n_boot, seed, floor=floor.get(tr))
+    records = [LayerRecord.build(results[(tr, name)], tr, depth, n_boot, seed, floor=floor.get(tr),
+                                 lie=lie.get((tr, name)))
                for tr in transforms for depth, name in enumerate(plan.layers)]
     meta = _meta(model, model_name, x, plan.layers, transforms, plan.frames, search=search, channels=channels,
                  mask_radius=mask_radius, interior=interior, seed=seed, n_boot=n_boot,
@@ -390,6 +403,78 @@ def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
     return {(tr, k): a.result() for k, a in accs.items()}
 
 
+def _lie_group(tr, x, group, plan, search, mask_radius, interior, calibrate) -> dict:
+    """The infinitesimal view of every layer of one group under one transformation, batch by batch
+    (a third of a batch at a time when calibrating: the floor's two translation directions ride along)."""
+    from ._lie import LieAccumulator, image_tangent, layer_tangents, lie_generator, lie_region, translation_tangents
+
+    names, extractor = group
+    fam = search or DEFAULT_SEARCH[tr.family]
+    gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
+    n = x.shape[0]
+    step = max(1, plan.batch // (3 if calibrate else 1))
+    accs: dict = {}
+    for i in range(0, n, step):
+        sl = slice(i, min(i + step, n))
+        xs = x[sl]
+        directions = [image_tangent(xs, gen)] + (translation_tangents(xs) if calibrate else [])
+        maps, derivs, _, method = layer_tangents(extractor, xs, directions)
+        for k in names:
+            if k not in accs:
+                region, reason = lie_region(plan.frames[k], mask_radius=mask_radius, interior=interior,
+                                            device=x.device)
+                accs[k] = LieAccumulator(plan.frames[k], gen, region, n, family=fam, null=calibrate, reason=reason,
+                                         layer=k, transform=tr.label, method=method)
+            accs[k].add(maps[k], derivs[k][0], sl, shifts=derivs[k][1:] if calibrate else None)
+    return {(tr, k): a.result() for k, a in accs.items()}
+
+
+def lie_derivative(model: nn.Module, images, transform, *, layers: str | Iterable[str] = "all",
+                   search: str | None = None, mask_radius: float | None = None, interior: bool | None = None,
+                   calibrate: bool = True) -> dict:
+    """The infinitesimal view of every layer under one transformation: layer name ->
+    :class:`invariance.LieResult` with per-image ``lie`` (``r²``), ``aligned`` (``a²``), ``share``,
+    ``floor`` and ``null`` (docs/definitions.md, "The infinitesimal view"). :func:`measure` with
+    ``channels="spatial,lie"`` reports the same values as means with intervals.
+
+    Args:
+        model: any ``nn.Module`` (in eval mode for the call, then restored).
+        images: as for :func:`measure`.
+        transform: one transformation (a :class:`Transform` or a SPEC string); its matrix
+            logarithm gives the direction and the size (``rotation:1`` is a one-degree rotation).
+        layers, search, mask_radius, interior: as for :func:`measure`.
+        calibrate: also compute the grid floor and the null.
+
+    >>> import torch
+    >>> from invariance import toys
+    >>> x = toys.make_blob_images(4, 48, seed=0).double()
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.ReLU()).double()
+    >>> out = lie_derivative(net, x, "translation:1,0")  # CNNs are translation covariant:
+    >>> bool(out["0"].lie.max() < 1e-20), bool((out["1"].aligned <= out["1"].floor * (1 + 1e-9)).all())
+    (True, True)
+    """
+    from ._lie import LieAccumulator, image_tangent, layer_tangents, lie_generator, lie_region, translation_tangents
+
+    trs = _as_transforms(transform)
+    if len(trs) != 1:
+        raise ValueError(f"transform: the Lie derivative takes one transformation, got {len(trs)}")
+    tr = trs[0]
+    o = MeasureOptions(search=search, mask_radius=mask_radius, interior=interior, calibrate=calibrate)
+    fam = o.search or DEFAULT_SEARCH[tr.family]
+    x, model = _prepared(model, images, MAX_IMAGE_PIXELS, None)
+    gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
+    directions = [image_tangent(x, gen)] + (translation_tangents(x) if calibrate else [])
+    maps, derivs, frames, method = layer_tangents(FeatureExtractor(model, layers), x, directions)
+    out = {}
+    for k, f in maps.items():
+        region, reason = lie_region(frames[k], mask_radius=o.mask_radius, interior=o.interior, device=f.device)
+        acc = LieAccumulator(frames[k], gen, region, f.shape[0], family=fam, null=calibrate, reason=reason, layer=k,
+                             transform=tr.label, method=method)
+        acc.add(f, derivs[k][0], slice(0, f.shape[0]), shifts=derivs[k][1:] if calibrate else None)
+        out[k] = acc.result()
+    return out
+
+
 def _as_transforms(transforms) -> list[Transform]:
     """:class:`Transform` objects from a SPEC string, or a list of SPEC strings and Transforms."""
     if isinstance(transforms, str):
@@ -424,7 +509,7 @@ class MeasureOptions:
     ValueError: n_boot: must be an integer >= 0, got -1
     """
 
-    channels: tuple[str, ...] = CHANNEL_MODES
+    channels: tuple[str, ...] = DEFAULT_CHANNELS
     search: str | None = None
     mask_radius: float | None = None
     interior: bool | None = None

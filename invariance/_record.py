@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["bootstrap_ci", "linear_warning",
            "SCHEMA", "ERROR_KINDS", "Estimate", "Errors", "BestWarp", "Comparison", "Calibration", "ChannelMatch",
-           "LayerRecord", "WARP_FRAME"]
+           "LayerRecord", "WARP_FRAME", "Infinitesimal"]
 
 SCHEMA = "invariance-report/2"
 """The JSON schema :meth:`invariance.Report.save` writes (``report.json``'s ``"schema"``); reports
@@ -247,6 +247,51 @@ class ChannelMatch(_Canonical):
 
 
 @dataclass(frozen=True)
+class Infinitesimal:
+    """The infinitesimal view of a record (docs/definitions.md, "The infinitesimal view"); each value
+    an :class:`Estimate` over the images.
+
+    Attributes:
+        lie: ``r²``, the energy of the layer's Lie derivative along the transformation's
+            logarithm over the map's (the second-order prediction of the expected-warp error).
+        aligned: ``a²``, the part no infinitesimal warp of the search family explains (the
+            second-order prediction of the spatial error).
+        share: ``a² / r²``, the unexplained share.
+        floor: the grid floor: ``a²`` of the layer's response to sub-pixel translation alone,
+            carried along the transformation's velocity (None when not calibrated).
+        null: ``a²`` of another image's Lie derivative (None when not calibrated).
+        method: how the image derivative went through the network (forward-mode AD or central
+            differences).
+    """
+
+    lie: Estimate
+    aligned: Estimate
+    share: Estimate
+    floor: Estimate | None = None
+    null: Estimate | None = None
+    method: str = ""
+
+    KINDS = ("lie", "aligned", "share", "floor", "null")
+
+    @property
+    def mark(self) -> str:
+        """``"at floor"`` when the aligned interval reaches the grid floor's, else ``""``."""
+        if self.floor is None:
+            return ""
+        return "at floor" if self.aligned.ci[0] <= max(self.floor.ci[1], self.floor.mean) else ""
+
+    def to_json(self) -> dict:
+        out = {k: (None if getattr(self, k) is None else getattr(self, k).to_json()) for k in self.KINDS}
+        out["method"] = self.method
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> Infinitesimal:
+        return cls(**{k: (None if d.get(k) is None else Estimate.from_json(d[k])) for k in cls.KINDS},
+                   method=str(d.get("method", "")))
+
+
+@dataclass(frozen=True)
 class LayerRecord:
     """Everything measured for one layer under one transformation.
 
@@ -261,6 +306,7 @@ class LayerRecord:
         channels: :class:`ChannelMatch`.
         linear_warning: why the held-out linear error cannot be trusted, or None
             (:func:`invariance.linear_warning`).
+        lie: :class:`Infinitesimal` (the ``lie`` channel), or None when not asked for.
     """
 
     layer: str
@@ -272,6 +318,7 @@ class LayerRecord:
     calibration: Calibration = field(default_factory=Calibration)
     channels: ChannelMatch = field(default_factory=ChannelMatch)
     linear_warning: str | None = None
+    lie: Infinitesimal | None = None
 
     # ------------------------------------------------------------------ derived
     @property
@@ -314,7 +361,7 @@ class LayerRecord:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, res: LayerResult, transform: Transform, depth: int, n_boot: int, seed: int,
-              floor: Estimate | None = None) -> LayerRecord:
+              floor: Estimate | None = None, lie=None) -> LayerRecord:
         """The record of one :class:`invariance.LayerResult`: means over the images with a verdict,
         bootstrap intervals, per-image values, the best warps and the channel orbits."""
         reasons = [r for r in res.reasons if r is not None]
@@ -347,7 +394,8 @@ class LayerRecord:
                                          interior=bool(res.interior), region_size=int(res.region_size),
                                          positions=kept(res.positions), signal=kept(res.signal),
                                          overlaps=kept(res.overlap)),
-                   calibration=Calibration(floor=floor, null=null), channels=channels, linear_warning=warning)
+                   calibration=Calibration(floor=floor, null=null), channels=channels, linear_warning=warning,
+                   lie=None if lie is None else _infinitesimal(lie, n_boot, seed))
 
     @classmethod
     def merge(cls, records, context, n_boot: int, seed: int) -> LayerRecord:
@@ -405,9 +453,13 @@ class LayerRecord:
         null = est(lambda r: r.calibration.null)
         warning = linear_warning(errors.linear.mean if errors.linear else NAN, errors.spatial.mean,
                                  null.mean if null else NAN)
+        lie = None
+        if all(r.lie is not None for r in records):
+            lie = Infinitesimal(**{k: est(lambda r, k=k: getattr(r.lie, k)) for k in Infinitesimal.KINDS},
+                                method=first.lie.method)
         return cls(layer=first.layer, depth=first.depth, transform=first.transform, errors=errors, best_warp=warp,
                    comparison=comp, calibration=Calibration(floor=est(lambda r: r.calibration.floor), null=null),
-                   channels=first.channels, linear_warning=warning)
+                   channels=first.channels, linear_warning=warning, lie=lie)
 
     # ------------------------------------------------------------------ JSON (schema 2)
     def to_json(self) -> dict:
@@ -435,6 +487,7 @@ class LayerRecord:
                          "orbits": [list(c) for c in self.channels.orbits]},
             "linear_warning": self.linear_warning,
             "derived": {"spatial_over_null": _nan_to_none(self.ratio_to_null), "mark": self.mark},
+            **({} if self.lie is None else {"lie": self.lie.to_json()}),
         }
 
     @classmethod
@@ -464,6 +517,7 @@ class LayerRecord:
                                   agreement=ch.get("agreement"),
                                   orbits=tuple(tuple(c) for c in ch.get("orbits", []))),
             linear_warning=d.get("linear_warning"),
+            lie=None if d.get("lie") is None else Infinitesimal.from_json(d["lie"]),
         )
 
     @classmethod
@@ -566,6 +620,17 @@ class LayerRecord:
         return self.legacy().keys()
 
 
+def _infinitesimal(res, n_boot: int, seed: int) -> Infinitesimal:
+    """The :class:`Infinitesimal` of a :class:`invariance.LieResult` (per-image values to estimates)."""
+    reasons = [r for r in res.reasons if r is not None]
+
+    def est(v):
+        return None if v is None else Estimate.of(v, n_boot, seed, reasons)
+
+    return Infinitesimal(lie=est(res.lie), aligned=est(res.aligned), share=est(res.share), floor=est(res.floor),
+                         null=est(res.null), method=res.method)
+
+
 def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean over images (NaNs dropped).
 
@@ -660,9 +725,11 @@ def schema_markdown() -> str:
            "NaN is written as `null`. A transformation is written as `{\"family\", \"params\", \"label\"}`; it is "
            "identified by its family and parameters, never by its label. Each record also carries `\"derived\": "
            "{\"spatial_over_null\", \"mark\"}` (`LayerRecord.ratio_to_null` and `LayerRecord.mark`), computed from "
-           "its fields when saved and recomputed, not read, when loaded.", "",
+           "its fields when saved and recomputed, not read, when loaded. A record of the `lie` channel carries "
+           "`\"lie\"` (`Infinitesimal`); reports without it read as before.", "",
            "## Types", ""]
-    for cls in (LayerRecord, Errors, Estimate, BestWarp, Comparison, Calibration, ChannelMatch, Transform):
+    for cls in (LayerRecord, Errors, Estimate, BestWarp, Comparison, Calibration, ChannelMatch, Infinitesimal,
+                Transform):
         out += table(cls)
     out += ["## Schema 1 (before 0.2) and the deprecated mapping access", "",
             "Reports without a `\"schema\"` key hold flat records (`\"spatial_error\"`, `\"spatial_error_ci\"`, "

@@ -40,6 +40,11 @@ for _name in (*(k + "_error" for k in ERROR_KINDS), "random_pair_null"):
 CSV_COLUMNS += ["interpolation_floor", "interpolation_floor_lo", "interpolation_floor_hi", "spatial_over_null",
                 "mark", "overlap", "positions", "signal", "interior", "region_size", "n_excluded", "best_params",
                 "channel_orbits"]
+#: The ``lie`` channel's columns (:class:`invariance.Infinitesimal`; empty when not measured).
+LIE_COLUMNS = []
+for _name in ("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null"):
+    LIE_COLUMNS += [_name, _name + "_lo", _name + "_hi"]
+CSV_COLUMNS += LIE_COLUMNS + ["lie_mark"]
 CSV_COLUMNS = tuple(CSV_COLUMNS)
 
 
@@ -47,12 +52,12 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _cell(e: Estimate | None, flag: str = "") -> str:
+def _cell(e: Estimate | None, flag: str = "", spec: str = ".3f") -> str:
     """``mean [lo,hi]`` of an Estimate for the table (``-`` when absent)."""
     if e is None:
         return "-"
     lo, hi = e.ci
-    return f"{_fmt(e.mean)}{flag} [{_fmt(lo)},{_fmt(hi)}]"
+    return f"{_fmt(e.mean, spec)}{flag} [{_fmt(lo, spec)},{_fmt(hi, spec)}]"
 
 
 def _positions(r: LayerRecord) -> str:
@@ -141,6 +146,8 @@ class Report:
         head = ["transform", "layer"] + list(kinds) + ["null", "floor", "sp/null", "overlap", "positions", "signal",
                                                        "mark", "orbits"]
         head += ["excluded"] if excluded else []
+        lie = any(r.lie is not None for r in self.records)
+        head += ["lie r2", "lie a2", "lie floor", "lie null", "lie mark"] if lie else []
         rows = []
         for r in self.records:
             row = [r.transform.label, r.layer]
@@ -153,13 +160,21 @@ class Report:
                     r.mark or "-",
                     orbits_text(r.channels.orbits)]
             row += [str(r.n_excluded)] if excluded else []
+            if lie:
+                i = r.lie
+                row += (["-"] * 5 if i is None else
+                        [_cell(i.lie, spec=".2e"), _cell(i.aligned, spec=".2e"), _cell(i.floor, spec=".2e"),
+                         _cell(i.null, spec=".2e"), i.mark or "-"])
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
         out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
         out.append("sp/null: spatial error over the random-pair null; overlap: share of the region M*I the best warp "
                    "keeps; positions: kept / of M*I (mean); signal: share of the reference's signal compared; mark: "
-                   "the spatial interval reaches the floor's ('at floor') or the null's ('at null')")
+                   "the spatial interval reaches the floor's ('at floor') or the null's ('at null')"
+                   + ("; lie r2 / a2: the Lie derivative's energy and the part no infinitesimal warp explains (second-"
+                      "order predictions of the expected and spatial errors), lie floor: the grid's share, lie mark: "
+                      "a2's interval reaches the grid floor's" if lie else ""))
         reasons = sorted({x for r in self.records for x in r.excluded_reasons})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
@@ -196,6 +211,11 @@ class Report:
                        region_size=r.comparison.region_size, n_excluded=r.n_excluded,
                        best_params=json.dumps(list(r.best_warp.median)),
                        channel_orbits=json.dumps([list(c) for c in r.channels.orbits]))
+            for name, kind in zip(("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null"),
+                                  ("lie", "aligned", "share", "floor", "null")):
+                e = None if r.lie is None else getattr(r.lie, kind)
+                row[name], (row[name + "_lo"], row[name + "_hi"]) = _mean(e), _ci(e)
+            row["lie_mark"] = "" if r.lie is None else r.lie.mark
             rows.append(row)
         return rows
 

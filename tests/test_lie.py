@@ -1,0 +1,135 @@
+"""The infinitesimal view (the ``lie`` channel): known answers, an independent finite-difference
+check, the controls of docs/definitions.md and the second-order law e_sp(θ) ≈ θ² a²."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import invariance
+from invariance import geometry as G
+from invariance import toys
+from invariance._lie import lie_generator
+from invariance._metric import comparison_region
+from invariance._warp import warp
+
+
+def _finite_difference(net, x, spec, eps=1e-6):
+    """Per layer, r² from actual bilinear warps at ±ε: (W_{h_ε^-1} Γ(T_{h_ε} f) - W_{h_-ε^-1} Γ(T_{h_-ε} f)) / 2ε.
+    It shares no code with the forward-mode path (no image derivative, no central-difference gradient)."""
+    tr = invariance.parse_transforms(spec)[0]
+    gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
+    ex = invariance.FeatureExtractor(net, "all")
+
+    def at(t):
+        tn = G.centred_to_normalized(torch.linalg.matrix_exp(t * gen), x.shape[-2:])
+        maps, frames = ex(warp(x, tn.to(x.dtype)))
+        return {k: warp(v, frames[k].to_layer(G.inverse(tn)).to(v.dtype)) for k, v in maps.items()}, frames
+
+    (plus, frames), (minus, _) = at(eps), at(-eps)
+    f, _ = ex(x)
+    out = {}
+    for k in plus:
+        lie = (plus[k] - minus[k]) / (2 * eps)
+        region = comparison_region(frames[k], interior=False, dtype=torch.float64)[0]
+        out[k] = (lie * lie * region).sum((1, 2, 3)) / (f[k] * f[k] * region).sum((1, 2, 3))
+    return out
+
+
+@pytest.mark.parametrize("net", ["mnist", "p4", "isotropic"])
+@pytest.mark.parametrize("spec", ["rotation:1", "scale:1.05", "translation:0.7,-0.4"])
+def test_lie_matches_finite_differences(net, spec):
+    """The forward-mode Lie derivative equals the symmetric difference quotient of the actual
+    warps to 1e-4 relative (float64, ε = 1e-6: the quotient's own error is O(ε) from the bilinear
+    cross term and O(ε²) otherwise, far below 1e-4). The images carry a faint smooth ramp: on an
+    exactly flat background a max-pool window holds tied values, where the network has no
+    derivative (forward mode takes one of them, the quotient their mean)."""
+    model = {"mnist": lambda: invariance.random_mnist_cnn(seed=1), "p4": toys.P4Net,
+             "isotropic": toys.IsotropicNet}[net]().double()
+    x = toys.make_blob_images(3, 28, seed=2, dtype=torch.float64)
+    ramp = torch.linspace(0, 1, 28, dtype=torch.float64)
+    x = x + 0.05 * (ramp[:, None] + 0.3) * (ramp[None, :] ** 2 + 0.2)
+    fd = _finite_difference(model, x, spec)
+    got = invariance.lie_derivative(model, x, spec, interior=False)
+    for k, r2 in fd.items():
+        assert got[k].method == "forward-mode AD"
+        assert torch.allclose(got[k].lie, r2, rtol=1e-4, atol=1e-14), (k, got[k].lie, r2)
+
+
+def test_translation_commutes_with_linear_layers_and_the_floor_is_the_grid():
+    """A stride-1 convolution commutes with the central difference: its Lie derivative under a
+    translation is 0 to rounding. Past a ReLU the response is the grid's (the kinks), and the
+    floor, built from the same translation, equals the aligned value."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, padding=2), torch.nn.ReLU()).double()
+    x = toys.make_blob_images(3, 40, seed=0, dtype=torch.float64)
+    out = invariance.lie_derivative(net, x, "translation:1.5,0.5")
+    assert bool((out["0"].lie < 1e-20).all())
+    assert torch.allclose(out["1"].aligned, out["1"].floor, rtol=1e-9)
+    assert bool((out["1"].lie > 1e-6).all())
+
+
+def test_isotropic_net_is_infinitesimally_alignable_and_generic_ones_are_not():
+    """Rotation: the isotropic control's aligned value sits on its grid floor (within testing.LIE_RTOL);
+    the lifting layer of the C4 network (channels rotate into each other: no warp explains it) and
+    the first layer of a random CNN are more than 10x above theirs (a linear layer's floor is 0)."""
+    x = toys.make_blob_images(3, 40, seed=1, dtype=torch.float64)
+    for layer in ("relu1", "relu2"):
+        invariance.testing.assert_infinitesimally_alignable(toys.IsotropicNet().double(), x, "rotation:5", layer)
+    p4 = invariance.lie_derivative(toys.P4Net().double(), x, "rotation:5")["lift"]
+    cnn = invariance.lie_derivative(invariance.random_mnist_cnn(seed=1).double(), x[..., 6:34, 6:34],
+                                    "rotation:5")["conv1"]
+    for r in (p4, cnn):
+        assert bool((r.aligned > 10 * r.floor + 1e-12).all())
+    with pytest.raises(AssertionError, match="not infinitesimally alignable"):
+        invariance.testing.assert_infinitesimally_alignable(toys.P4Net().double(), x, "rotation:5", "lift")
+
+
+def test_second_order_law_on_smooth_maps():
+    """e_sp(θ) / θ² -> a² and e_exp(θ) / θ² -> r² (docs/definitions.md): at the smallest θ of
+    2, 4, 8, 16 degrees where the finite spatial error is at least 10x its interpolation floor
+    (so the floor moves it by at most 10%; the third-order terms by a few per cent more), both
+    ratios lie within 20% of 1, per image, on a smooth linear jet layer."""
+    x = toys.make_blob_images(4, 64, seed=3, sigma_range=(4.0, 6.0), content_radius=0.8, dtype=torch.float64)
+    net = toys.GaussianJetNet().double()
+    unit = invariance.lie_derivative(net, x, "rotation:1")["jet"]
+    for th in (2, 4, 8, 16):
+        rec = invariance.measure(net, x, f"rotation:{th}", channels="spatial", n_boot=0, progress=False,
+                                 floor_cache=False).records[-1]
+        if rec.errors.spatial.mean >= 10 * rec.calibration.floor.mean:
+            break
+    else:
+        pytest.fail("no angle up to 16 degrees puts the spatial error 10x above its floor")
+    sp = torch.tensor(rec.errors.spatial.per_image, dtype=torch.float64) / th**2
+    ex = torch.tensor(rec.errors.expected.per_image, dtype=torch.float64) / th**2
+    assert bool(((sp / unit.aligned - 1).abs() < 0.2).all()), (th, sp / unit.aligned)
+    assert bool(((ex / unit.lie - 1).abs() < 0.2).all()), (th, ex / unit.lie)
+
+
+def test_measure_lie_channel_round_trips_and_merges(tmp_path):
+    """`measure(channels="spatial,lie")` gives the same per-image values as `lie_derivative`; the
+    record survives save/load and a merge of two shards equals the whole."""
+    x = toys.make_blob_images(6, 40, seed=4)
+    net = toys.IsotropicNet()
+    kw = dict(channels="spatial,lie", n_boot=20, progress=False, floor_cache=False, layers="relu1")
+    rep = invariance.measure(net, x, "rotation:3", **kw)
+    rec = rep.records[0]
+    direct = invariance.lie_derivative(net, x, "rotation:3", layers="relu1")["relu1"]
+    assert torch.allclose(torch.tensor(rec.lie.aligned.per_image, dtype=torch.float64), direct.aligned, rtol=1e-6)
+    assert "lie a2" in rep.table() and rec.lie.mark == "at floor"
+    rep.save(tmp_path / "r")
+    assert invariance.Report.load(tmp_path / "r").records[0].lie == rec.lie
+    halves = [invariance.measure(net, x[:3], "rotation:3", **kw).records[0],
+              invariance.measure(net, x[3:], "rotation:3", **kw).records[0]]
+    merged = invariance.LayerRecord.merge(halves, [0, 0], 20, 0)
+    assert torch.allclose(torch.tensor(merged.lie.lie.per_image), torch.tensor(rec.lie.lie.per_image), rtol=1e-5)
+
+
+def test_bad_lie_inputs_are_one_line_errors():
+    x = toys.make_blob_images(2, 24, seed=0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    with pytest.raises(ValueError, match="^transform: a reflection"):
+        invariance.lie_derivative(net, x, "affine:-1,0,0,0,1,0")
+    with pytest.raises(ValueError, match="^transform: the Lie derivative takes one transformation"):
+        invariance.lie_derivative(net, x, "rotation:1;rotation:2")
+    with pytest.raises(ValueError, match="^channels: unknown channel matching lei"):
+        invariance.measure(net, x, "rotation:1", channels="spatial,lei")
