@@ -2,7 +2,7 @@
 
     invariance measure --model MODEL --transform SPEC [--layers L1,L2|all]
         [--images SOURCE] [--n-images N] [--search FAMILY]
-        [--channels spatial,permutation,linear] [--mask-radius R] [--interior auto|on|off]
+        [--channels spatial,permutation,linear,lie] [--mask-radius R] [--interior auto|on|off]
         [--out DIR] [--device cpu|cuda] [--seed S] [--n-boot B] [--max-transforms M] [--quick]
         [--memory-budget SIZE] [--no-floor-cache]
     invariance demo [--out DIR] [--quick]
@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"images to measure (default: {DEFAULT_N_IMAGES}, or all the SOURCE holds if fewer); a few "
                         "first size a long run: the progress bar's ETA scales with it")
     m.add_argument("--search", default=None, help="search family (default: from the transformation)")
-    m.add_argument("--channels", default="spatial,permutation,linear")
+    m.add_argument("--channels", default="spatial,permutation,linear",
+                   help="which of spatial, permutation, linear, lie (the Lie derivative and the part no "
+                        "infinitesimal warp explains) to compute; spatial always is (default: %(default)s)")
     m.add_argument("--mask-radius", type=float, default=None,
                    help="evaluation disk radius, normalised units (default: the whole map)")
     m.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,

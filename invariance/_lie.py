@@ -236,57 +236,63 @@ class LieAccumulator:
                                  if float(self.region.sum()) < MIN_REGION else None)
         self.want_null = null and n_images > 1
         self.parts: list[dict] = []
-        self.first_f: torch.Tensor | None = None
+        self.first: tuple | None = None  # image 0's fit, for its null at the end
         self.last_l: torch.Tensor | None = None
+        flat = self.region.flatten()
+        self.positions = flat.nonzero()[:, 0]
+        self.weights = flat[self.positions].sqrt()
 
-    def _basis(self, f: torch.Tensor) -> torch.Tensor:
-        """``(B, n, C, h, w)``: the warp derivatives ``(u_i · ∇) F`` of the search family's generators."""
-        gx, gy = _grad(f)
-        return torch.stack([ux * gx + uy * gy for ux, uy in self.fields], dim=1)
+    def _on_region(self, m: torch.Tensor) -> torch.Tensor:
+        """``(B, ..., C, h, w)`` maps -> ``(B, ..., C * P)``: their values at the region's positions,
+        weighted by the square root of the region's weight (so sums of squares are region sums)."""
+        return (m.flatten(-2)[..., self.positions] * self.weights).flatten(-2)
 
-    def _residual(self, target: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        """Per image ``min_c sum R ||target - sum_i c_i basis_i||²`` (a least-squares fit over the region)."""
-        w = self.region
-        b, n = basis.shape[:2]
-        d = (basis * w).reshape(b, n, -1)
-        t = (target * w).reshape(b, -1)
-        gram = d @ d.transpose(1, 2)
-        rhs = (d @ t[..., None])[..., 0]
-        c = (torch.linalg.pinv(gram, hermitian=True) @ rhs[..., None])[..., 0]
-        res = t - (c[:, :, None] * d).sum(1)
+    def _fit(self, f: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor):
+        """The warp derivatives ``(u_i · ∇) F`` of the search family's generators on the region,
+        ``d (B, n, C * P)``, and the pseudo-inverse of their Gram matrices ``(B, n, n)``."""
+        d = self._on_region(torch.stack([ux * gx + uy * gy for ux, uy in self.fields], dim=1))
+        return d, torch.linalg.pinv(d @ d.transpose(1, 2), hermitian=True)
+
+    @staticmethod
+    def _residuals(targets: torch.Tensor, d: torch.Tensor, ginv: torch.Tensor) -> torch.Tensor:
+        """Per image and target ``min_c ||target - sum_i c_i d_i||²``: ``targets (B, m, N)`` -> ``(B, m)``."""
+        c = ginv @ (d @ targets.transpose(1, 2))  # (B, n, m)
+        res = targets - c.transpose(1, 2) @ d
         return (res * res).sum(-1)
 
     def add(self, f: torch.Tensor, df: torch.Tensor, index: slice, shifts=None) -> None:
         """Images ``index`` from their maps ``f``, the maps' derivatives ``df`` along the image
         derivative and (for the floor) ``shifts``: the maps' derivatives along the image derivatives
         of the unit translations in x and y (:func:`translation_tangents`)."""
-        f, df = f.double(), df.double()
+        f = f.double()
         gx, gy = _grad(f)
-        lie = df + self.vx * gx + self.vy * gy
-        basis = self._basis(f)
-        norm = (f * f * self.region).sum((1, 2, 3))
-        part = {"lie": ((lie * lie * self.region).sum((1, 2, 3)) / norm).cpu(),
-                "aligned": (self._residual(lie, basis) / norm).cpu(),
-                "reasons": [self.reason or (NO_SIGNAL if not float(v) > 0 else None) for v in norm]}
+        lie = self._on_region(df.double() + self.vx * gx + self.vy * gy)
+        d, ginv = self._fit(f, gx, gy)
+        norm = self._on_region(f).square().sum(-1)
+        targets = [lie]
         if shifts is not None:
             (ax, ay) = self.frame.stride
             grid = (shifts[0].double() + gx / ax) * (self.vx * ax) + (shifts[1].double() + gy / ay) * (self.vy * ay)
-            part["floor"] = (self._residual(grid, basis) / norm).cpu()
-        if self.want_null:
-            part["null"] = self._null(f, lie, basis, norm, index)
+            targets.append(self._on_region(grid))
+        null_sl = None
+        if self.want_null:  # image i against the Lie derivative of image i - 1 (image 0: at the end)
+            if index.start == 0:
+                self.first = (d[:1], ginv[:1], norm[:1])
+                other, null_sl = torch.cat([lie[:1], lie[:-1]]), slice(1, None)
+            else:
+                other, null_sl = torch.cat([self.last_l, lie[:-1]]), slice(None)
+            self.last_l = lie[-1:]
+            targets.append(other)
+        res = self._residuals(torch.stack(targets, dim=1), d, ginv) / norm[:, None]
+        part = {"lie": (lie.square().sum(-1) / norm).cpu(), "aligned": res[:, 0].cpu(),
+                "reasons": [self.reason or (NO_SIGNAL if not float(v) > 0 else None) for v in norm]}
+        if shifts is not None:
+            part["floor"] = res[:, 1].cpu()
+        if null_sl is not None:
+            null = res[:, -1].cpu()
+            null[:1] = math.nan if null_sl.start == 1 else null[:1]
+            part["null"] = null
         self.parts.append(part)
-
-    def _null(self, f, lie, basis, norm, index) -> torch.Tensor:
-        out = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
-        if index.start == 0:
-            self.first = (basis[:1], norm[:1])
-            other, sl = lie[:-1], slice(1, None)
-        else:
-            other, sl = torch.cat([self.last_l, lie[:-1]]), slice(None)
-        self.last_l = lie[-1:]
-        if other.shape[0]:
-            out[sl] = (self._residual(other, basis[sl]) / norm[sl]).cpu()
-        return out
 
     def result(self) -> LieResult:
         """The :class:`LieResult` of every image added."""
@@ -304,8 +310,8 @@ class LieAccumulator:
         null = None
         if self.want_null:
             null = torch.cat([p["null"] for p in self.parts])
-            basis, norm = self.first
-            null[0] = float(self._residual(self.last_l, basis)[0] / norm[0])
+            d, ginv, norm = self.first
+            null[0] = float(self._residuals(self.last_l[:, None], d, ginv)[0, 0] / norm[0])
             null = torch.where(bad, torch.nan, null)
         floor = cat("floor") if all("floor" in p for p in self.parts) else None
         return LieResult(layer=self.labels[0], transform=self.labels[1], search=self.family, lie=lie,

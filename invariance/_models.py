@@ -143,6 +143,8 @@ _BUILTIN: dict[str, ModelInfo] = {
                                "Laplacians): rotation covariant", default_images="blobs", default_layers=_LAYERS_CNN),
     "toy-p4": ModelInfo("invariance.toys:P4Net", "p4 lifting layer: the four 90° rotations of one filter; 90° "
                         "rotations permute channels", default_images="blobs", default_layers="lift,relu"),
+    "toy-c8": ModelInfo("invariance.toys:C8Net", "c8 lifting layer of steerable filters at 45° steps; 45° "
+                        "rotations permute channels", default_images="blobs", default_layers="lift,relu"),
     "toy-circular": ModelInfo("invariance.toys:CircularNet", "stride-1 convolutions with circular padding: exactly "
                               "translation covariant", default_images="blobs", default_layers=_LAYERS_CNN),
     "mnist-cnn": ModelInfo("invariance:pretrained_mnist_cnn", "the paper's MNIST CNN trained on rotated digits "

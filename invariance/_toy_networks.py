@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ._toy_images import GLYPH_SIZE, W_VERTICES, detector_window, render_polyline
 
 __all__ = ["JET_ORDERS", "gaussian_derivative_kernel", "gaussian_blob_scale_error", "Rectify", "WMNet",
-           "GaussianJetNet", "ScaleChannelNet", "IsotropicNet", "P4Net", "CircularNet"]
+           "GaussianJetNet", "ScaleChannelNet", "IsotropicNet", "P4Net", "C8Net", "CircularNet"]
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -330,3 +330,39 @@ class CircularNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu2(self.conv2(self.relu1(self.conv1(x))))
+
+
+class C8Net(nn.Module):
+    """A C8 lifting layer of steerable filters (``toy-c8``): ``lift`` -> ``relu``.
+
+    ``lift`` is ``Conv2d(1, 8, 9, padding=4)`` whose channel ``k`` holds the base filter turned
+    by ``k * 45°``: with Gaussian derivatives at sigma 1.5, ``cos(a) Lx + sin(a) Ly + 0.5 (cos(2a)
+    (Lxx - Lyy) / 2 + sin(2a) Lxy)`` at ``a = k * 45°``. Directional derivatives of a sampled
+    Gaussian steer exactly, so each channel is the base filter rotated about its centre, sample by
+    sample, not an interpolation of it. Rotating the image by 45° (up to the image's own
+    resampling) rotates every map and moves channel ``k`` to channel ``k + 1``: the channel orbit
+    is the 8-cycle. Under an infinitesimal rotation the channels turn into one another
+    continuously, which no warp of the maps explains.
+    """
+
+    def __init__(self):
+        super().__init__()
+        kw = dict(radius=4, dtype=torch.float64)
+        lx, ly = gaussian_derivative_kernel(1.5, (1, 0), **kw), gaussian_derivative_kernel(1.5, (0, 1), **kw)
+        lxx, lyy = gaussian_derivative_kernel(1.5, (2, 0), **kw), gaussian_derivative_kernel(1.5, (0, 2), **kw)
+        lxy = gaussian_derivative_kernel(1.5, (1, 1), **kw)
+        # a = k * 45° counter-clockwise as displayed (y down): the direction (cos a, -sin a) in (x, y)
+        weights = []
+        for k in range(8):
+            a = k * math.pi / 4
+            weights.append(math.cos(a) * lx - math.sin(a) * ly
+                           + 0.5 * (math.cos(2 * a) * (lxx - lyy) / 2 - math.sin(2 * a) * lxy))
+        weight = torch.stack(weights)[:, None]
+        self.lift = nn.Conv2d(1, 8, weight.shape[-1], padding=weight.shape[-1] // 2)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.lift.weight.copy_(weight.float())
+            self.lift.bias.fill_(-0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.lift(x))

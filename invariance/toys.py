@@ -43,6 +43,7 @@ Built-in models (entries of :func:`invariance.builtin_models`)
 * ``toy-scale-channels``: :class:`ScaleChannelNet`, images ``blobs``, layer ``jet``.
 * ``toy-isotropic``: :class:`IsotropicNet`, images ``blobs``, layers ``conv1, relu1, conv2, relu2``.
 * ``toy-p4``: :class:`P4Net`, images ``blobs``, layers ``lift, relu``.
+* ``toy-c8``: :class:`C8Net`, images ``blobs``, layers ``lift, relu`` (steerable filters at 45° steps).
 * ``toy-circular``: :class:`CircularNet`, images ``blobs``, layers ``conv1, relu1, conv2, relu2``.
 
 Image sources (:func:`make_images`): ``glyphs`` (one letter per scene, W or M, at a random
@@ -78,6 +79,7 @@ from ._toy_images import (
 )
 from ._toy_networks import (
                           JET_ORDERS,
+                          C8Net,
                           CircularNet,
                           GaussianJetNet,
                           IsotropicNet,
@@ -106,5 +108,6 @@ __all__ = [
     "ScaleChannelNet",
     "IsotropicNet",
     "P4Net",
+    "C8Net",
     "CircularNet",
 ]

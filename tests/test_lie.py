@@ -36,7 +36,7 @@ def _finite_difference(net, x, spec, eps=1e-6):
     return out
 
 
-@pytest.mark.parametrize("net", ["mnist", "p4", "isotropic"])
+@pytest.mark.parametrize("net", ["mnist", "p4", "c8", "isotropic"])
 @pytest.mark.parametrize("spec", ["rotation:1", "scale:1.05", "translation:0.7,-0.4"])
 def test_lie_matches_finite_differences(net, spec):
     """The forward-mode Lie derivative equals the symmetric difference quotient of the actual
@@ -44,7 +44,7 @@ def test_lie_matches_finite_differences(net, spec):
     cross term and O(ε²) otherwise, far below 1e-4). The images carry a faint smooth ramp: on an
     exactly flat background a max-pool window holds tied values, where the network has no
     derivative (forward mode takes one of them, the quotient their mean)."""
-    model = {"mnist": lambda: invariance.random_mnist_cnn(seed=1), "p4": toys.P4Net,
+    model = {"mnist": lambda: invariance.random_mnist_cnn(seed=1), "p4": toys.P4Net, "c8": toys.C8Net,
              "isotropic": toys.IsotropicNet}[net]().double()
     x = toys.make_blob_images(3, 28, seed=2, dtype=torch.float64)
     ramp = torch.linspace(0, 1, 28, dtype=torch.float64)
@@ -70,15 +70,17 @@ def test_translation_commutes_with_linear_layers_and_the_floor_is_the_grid():
 
 def test_isotropic_net_is_infinitesimally_alignable_and_generic_ones_are_not():
     """Rotation: the isotropic control's aligned value sits on its grid floor (within testing.LIE_RTOL);
-    the lifting layer of the C4 network (channels rotate into each other: no warp explains it) and
-    the first layer of a random CNN are more than 10x above theirs (a linear layer's floor is 0)."""
+    the lifting layers of the C4 and C8 networks (channels turn into each other: no warp explains
+    it) and the first layer of a random CNN are more than 10x above theirs (a linear layer's floor
+    is 0)."""
     x = toys.make_blob_images(3, 40, seed=1, dtype=torch.float64)
     for layer in ("relu1", "relu2"):
         invariance.testing.assert_infinitesimally_alignable(toys.IsotropicNet().double(), x, "rotation:5", layer)
     p4 = invariance.lie_derivative(toys.P4Net().double(), x, "rotation:5")["lift"]
+    c8 = invariance.lie_derivative(toys.C8Net().double(), x, "rotation:5")["lift"]
     cnn = invariance.lie_derivative(invariance.random_mnist_cnn(seed=1).double(), x[..., 6:34, 6:34],
                                     "rotation:5")["conv1"]
-    for r in (p4, cnn):
+    for r in (p4, c8, cnn):
         assert bool((r.aligned > 10 * r.floor + 1e-12).all())
     with pytest.raises(AssertionError, match="not infinitesimally alignable"):
         invariance.testing.assert_infinitesimally_alignable(toys.P4Net().double(), x, "rotation:5", "lift")

@@ -60,8 +60,8 @@ from invariance._cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BUILTIN_NAMES = ["toy-wm", "toy-scale", "toy-scale-channels", "toy-isotropic", "toy-p4", "toy-circular", "mnist-cnn",
-                 "mnist-cnn-random"]
+BUILTIN_NAMES = ["toy-wm", "toy-scale", "toy-scale-channels", "toy-isotropic", "toy-p4", "toy-c8", "toy-circular",
+                 "mnist-cnn", "mnist-cnn-random"]
 
 
 @pytest.fixture(autouse=True)

@@ -184,3 +184,32 @@ def test_zoo_models_have_the_same_random_weights_in_every_process():
     assert torch.equal(torch.random.get_rng_state(), state)
     with pytest.raises(ValueError, match="timm has no model 'convnext_nan'; did you mean convnext_nano"):
         load_model("timm:convnext_nan")
+
+
+@pytest.mark.parametrize("spec", ["rotation:1", "scale:1.03"])
+def test_lie_derivative_of_resnet18_matches_finite_differences(spec):
+    """resnet18 (random weights, float64, eval-mode BatchNorm): the forward-mode Lie derivative of
+    every listed layer equals the symmetric difference quotient of actual bilinear warps at ±1e-6
+    to 1e-4 relative, as for the toy networks (tests/test_lie.py). A faint smooth ramp under the
+    content keeps max-pool windows free of exact ties (where the network has no derivative)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lie import _finite_difference
+
+    import invariance
+    from invariance.toys import make_blob_images
+
+    torch.manual_seed(0)
+    net = tvm.resnet18(weights=None).eval().double()
+    x = make_blob_images(2, 64, seed=0, dtype=DT).expand(-1, 3, -1, -1).contiguous()
+    ramp = torch.linspace(0, 1, 64, dtype=DT)
+    x = x + 0.05 * (ramp[:, None] + 0.3) * (ramp[None, :] ** 2 + 0.2)
+    layers = ["conv1", "maxpool", "layer1", "layer2"]
+    fd = {k: v for k, v in _finite_difference(net, x, spec).items() if k in layers}
+    got = invariance.lie_derivative(net, x, spec, layers=layers, interior=False)
+    assert set(fd) == set(layers)
+    for k in layers:
+        assert got[k].method == "forward-mode AD"
+        assert torch.allclose(got[k].lie, fd[k], rtol=1e-4, atol=1e-14), (k, got[k].lie, fd[k])
