@@ -545,7 +545,7 @@ class FeatureExtractor:
         self._tangents = {}
         try:  # torch's forward mode scripts a helper on first use and warns that scripting is deprecated
             with warnings.catch_warnings(), fwad.dual_level():
-                warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
                 feats, frames = self._run(fwad.make_dual(images, tangent.to(images)))
             got = self._tangents
         finally:

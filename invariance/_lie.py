@@ -238,20 +238,27 @@ class LieAccumulator:
         self.parts: list[dict] = []
         self.first: tuple | None = None  # image 0's fit, for its null at the end
         self.last_l: torch.Tensor | None = None
-        flat = self.region.flatten()
-        self.positions = flat.nonzero()[:, 0]
-        self.weights = flat[self.positions].sqrt()
+        self.root = self.region.sqrt().flatten()  # sums of squares of maps times it are region sums
+        self.cast: dict = {}
 
     def _on_region(self, m: torch.Tensor) -> torch.Tensor:
-        """``(B, ..., C, h, w)`` maps -> ``(B, ..., C * P)``: their values at the region's positions,
-        weighted by the square root of the region's weight (so sums of squares are region sums)."""
-        return (m.flatten(-2)[..., self.positions] * self.weights).flatten(-2)
+        """``(B, ..., C, h, w)`` maps -> ``(B, ..., C * h * w)`` weighted by the square root of the
+        region's weight (so sums of squares are region sums)."""
+        return (m.flatten(-2) * self._as(m.dtype)[0]).flatten(-2)
+
+    def _as(self, dtype) -> tuple:
+        """``(root, vx, vy, fields)`` in ``dtype`` (the maps' own: the fits run in the maps' precision,
+        as the finite search does)."""
+        if dtype not in self.cast:
+            self.cast[dtype] = (self.root.to(dtype), self.vx.to(dtype), self.vy.to(dtype),
+                                [(ux.to(dtype), uy.to(dtype)) for ux, uy in self.fields])
+        return self.cast[dtype]
 
     def _fit(self, f: torch.Tensor, gx: torch.Tensor, gy: torch.Tensor):
         """The warp derivatives ``(u_i · ∇) F`` of the search family's generators on the region,
         ``d (B, n, C * P)``, and the pseudo-inverse of their Gram matrices ``(B, n, n)``."""
-        d = self._on_region(torch.stack([ux * gx + uy * gy for ux, uy in self.fields], dim=1))
-        return d, torch.linalg.pinv(d @ d.transpose(1, 2), hermitian=True)
+        d = self._on_region(torch.stack([ux * gx + uy * gy for ux, uy in self._as(f.dtype)[3]], dim=1))
+        return d, torch.linalg.pinv((d @ d.transpose(1, 2)).double(), hermitian=True).to(d.dtype)
 
     @staticmethod
     def _residuals(targets: torch.Tensor, d: torch.Tensor, ginv: torch.Tensor) -> torch.Tensor:
@@ -264,15 +271,17 @@ class LieAccumulator:
         """Images ``index`` from their maps ``f``, the maps' derivatives ``df`` along the image
         derivative and (for the floor) ``shifts``: the maps' derivatives along the image derivatives
         of the unit translations in x and y (:func:`translation_tangents`)."""
-        f = f.double()
+        if f.dtype not in (torch.float32, torch.float64):
+            f, df, shifts = f.float(), df.float(), None if shifts is None else [s.float() for s in shifts]
+        _, vx, vy, _ = self._as(f.dtype)
         gx, gy = _grad(f)
-        lie = self._on_region(df.double() + self.vx * gx + self.vy * gy)
+        lie = self._on_region(df.to(f.dtype) + vx * gx + vy * gy)
         d, ginv = self._fit(f, gx, gy)
         norm = self._on_region(f).square().sum(-1)
         targets = [lie]
         if shifts is not None:
             (ax, ay) = self.frame.stride
-            grid = (shifts[0].double() + gx / ax) * (self.vx * ax) + (shifts[1].double() + gy / ay) * (self.vy * ay)
+            grid = (shifts[0].to(f.dtype) + gx / ax) * (vx * ax) + (shifts[1].to(f.dtype) + gy / ay) * (vy * ay)
             targets.append(self._on_region(grid))
         null_sl = None
         if self.want_null:  # image i against the Lie derivative of image i - 1 (image 0: at the end)
@@ -283,13 +292,14 @@ class LieAccumulator:
                 other, null_sl = torch.cat([self.last_l, lie[:-1]]), slice(None)
             self.last_l = lie[-1:]
             targets.append(other)
-        res = self._residuals(torch.stack(targets, dim=1), d, ginv) / norm[:, None]
-        part = {"lie": (lie.square().sum(-1) / norm).cpu(), "aligned": res[:, 0].cpu(),
+        res = (self._residuals(torch.stack(targets, dim=1), d, ginv) / norm[:, None]).double().cpu()
+        norm = norm.double()
+        part = {"lie": (lie.square().sum(-1).double() / norm).cpu(), "aligned": res[:, 0],
                 "reasons": [self.reason or (NO_SIGNAL if not float(v) > 0 else None) for v in norm]}
         if shifts is not None:
-            part["floor"] = res[:, 1].cpu()
+            part["floor"] = res[:, 1]
         if null_sl is not None:
-            null = res[:, -1].cpu()
+            null = res[:, -1].clone()
             null[:1] = math.nan if null_sl.start == 1 else null[:1]
             part["null"] = null
         self.parts.append(part)
@@ -311,7 +321,8 @@ class LieAccumulator:
         if self.want_null:
             null = torch.cat([p["null"] for p in self.parts])
             d, ginv, norm = self.first
-            null[0] = float(self._residuals(self.last_l[:, None], d, ginv)[0, 0] / norm[0])
+            first = float(self._residuals(self.last_l[:, None], d, ginv)[0, 0])
+            null[0] = first / float(norm[0]) if float(norm[0]) > 0 else math.nan
             null = torch.where(bad, torch.nan, null)
         floor = cat("floor") if all("floor" in p for p in self.parts) else None
         return LieResult(layer=self.labels[0], transform=self.labels[1], search=self.family, lie=lie,

@@ -14,12 +14,12 @@ from invariance._metric import comparison_region
 from invariance._warp import warp
 
 
-def _finite_difference(net, x, spec, eps=1e-6):
+def _finite_difference(net, x, spec, eps=1e-6, layers="all"):
     """Per layer, r² from actual bilinear warps at ±ε: (W_{h_ε^-1} Γ(T_{h_ε} f) - W_{h_-ε^-1} Γ(T_{h_-ε} f)) / 2ε.
     It shares no code with the forward-mode path (no image derivative, no central-difference gradient)."""
     tr = invariance.parse_transforms(spec)[0]
     gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
-    ex = invariance.FeatureExtractor(net, "all")
+    ex = invariance.FeatureExtractor(net, layers)
 
     def at(t):
         tn = G.centred_to_normalized(torch.linalg.matrix_exp(t * gen), x.shape[-2:])
@@ -135,3 +135,15 @@ def test_bad_lie_inputs_are_one_line_errors():
         invariance.lie_derivative(net, x, "rotation:1;rotation:2")
     with pytest.raises(ValueError, match="^channels: unknown channel matching lei"):
         invariance.measure(net, x, "rotation:1", channels="spatial,lei")
+
+
+def test_a_dead_layer_has_no_verdict_not_a_number_that_looks_fine():
+    """A layer that is zero on every image (a ReLU after a very negative bias) has no signal: every
+    value of the channel is NaN with the reason, the null included."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU())
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)
+    out = invariance.lie_derivative(net, toys.make_blob_images(3, 24, seed=0), "rotation:3")["1"]
+    for v in (out.lie, out.aligned, out.share, out.floor, out.null):
+        assert bool(v.isnan().all())
+    assert all(r is not None and r.startswith("no signal") for r in out.reasons)
