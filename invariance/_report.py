@@ -291,6 +291,10 @@ class Report:
         fig = self.plot_layers()
         paths["layers"] = save_figure(fig, out / "errors_by_layer.png")
         plt.close(fig)
+        if any(r.lie is not None for r in self.records):
+            fig = self.plot_lie()
+            paths["lie"] = save_figure(fig, out / "lie_by_layer.png")
+            plt.close(fig)
         sweepable = {r.transform for r in self.records if not _isnan(r.transform.magnitude)}
         if len(sweepable) > 1:
             fig = self.plot_sweep()
@@ -342,6 +346,44 @@ class Report:
             ax.grid(alpha=0.3)
         for row in axes:
             row[0].set_ylabel("normalised squared error")
+        axes.flat[0].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        return fig
+
+    def plot_lie(self, transforms: list | None = None, *, ncols: int = 4):
+        """The infinitesimal view against layer depth (records of the ``lie`` channel), one panel per
+        transformation: the Lie derivative's energy ``r²``, the part no infinitesimal warp explains
+        ``a²``, the grid floor and the null, each with its 95% interval, on a log scale (they span
+        orders of magnitude: a linear layer's floor is 0 up to rounding)."""
+        import matplotlib.pyplot as plt
+
+        transforms = [t for t in (transforms or self.transforms) if any(r.lie for r in self.select(transform=t))]
+        n = max(1, len(transforms))
+        cols = min(ncols, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+        for ax in axes.flat[len(transforms):]:
+            ax.set_visible(False)
+        styles = (("lie", "Lie derivative r²", {"marker": "o"}), ("aligned", "unexplained a²", {"marker": "s"}),
+                  ("floor", "grid floor", {"color": "black", "ls": "--", "lw": 1}),
+                  ("null", "null", {"color": "grey", "ls": ":"}))
+        for ax, tr in zip(axes.flat, transforms):
+            recs = [r for r in self.select(transform=tr) if r.lie is not None]
+            xs = list(range(len(recs)))
+            for kind, label, style in styles:
+                es = [getattr(r.lie, kind) for r in recs]
+                if all(e is None or _isnan(e.mean) for e in es):
+                    continue
+                line, = ax.plot(xs, [_mean(e) for e in es], label=label, **style)
+                ax.fill_between(xs, [_ci(e)[0] for e in es], [_ci(e)[1] for e in es], alpha=0.15,
+                                color=line.get_color())
+            ax.set_yscale("log")
+            ax.set_xticks(xs, [r.layer for r in recs], rotation=45, ha="right", fontsize=8)
+            ax.set_title(tr if isinstance(tr, str) else tr.label)
+            ax.set_xlabel("layer")
+            ax.grid(alpha=0.3)
+        for row in axes:
+            row[0].set_ylabel("second-order term (squared, relative)")
         axes.flat[0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         return fig
@@ -402,7 +444,7 @@ def write_csv(path: str | os.PathLike, reports: list[Report]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-_FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png")
+_FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png", "lie_by_layer.png")
 
 
 def _first(exc: BaseException) -> str:

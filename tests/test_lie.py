@@ -147,3 +147,28 @@ def test_a_dead_layer_has_no_verdict_not_a_number_that_looks_fine():
     for v in (out.lie, out.aligned, out.share, out.floor, out.null):
         assert bool(v.isnan().all())
     assert all(r is not None and r.startswith("no signal") for r in out.reasons)
+
+
+def test_the_lie_figure_shows_each_transformation_with_floor_null_and_intervals(tmp_path):
+    """`Report.save` writes lie_by_layer.png for records of the `lie` channel; each panel plots the
+    record's r², a², grid floor and null (read back from the figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = toys.make_blob_images(4, 40, seed=5)
+    rep = invariance.measure(toys.IsotropicNet(), x, "rotation:3;scale:1.05", channels="spatial,lie", n_boot=20,
+                             progress=False, floor_cache=False, layers="conv1,relu1")
+    fig = rep.plot_lie()
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["rotation:3", "scale:1.05"]
+    for ax, tr in zip(panels, ("rotation:3", "scale:1.05")):
+        recs = rep.select(transform=tr)
+        lines = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
+        for label, kind in (("Lie derivative r²", "lie"), ("unexplained a²", "aligned"), ("grid floor", "floor"),
+                            ("null", "null")):
+            assert lines[label] == pytest.approx([getattr(r.lie, kind).mean for r in recs])
+        assert len(ax.collections) == 4  # one interval band per curve
+    plt.close(fig)
+    assert "lie_by_layer.png" in {p.name for p in rep.save(tmp_path / "r").values()}
