@@ -242,13 +242,14 @@ class LieAccumulator:
         self.cast: dict = {}
 
     def _on_region(self, m: torch.Tensor) -> torch.Tensor:
-        """``(B, ..., C, h, w)`` maps -> ``(B, ..., C * h * w)`` weighted by the square root of the
-        region's weight (so sums of squares are region sums)."""
-        return (m.flatten(-2) * self._as(m.dtype)[0]).flatten(-2)
+        """``(B, ..., C, h, w)`` maps -> ``(B, ..., C * h * w)`` float64, weighted by the square root of
+        the region's weight (so sums of squares are region sums). The products before it run in the
+        maps' precision, element by element; every sum after it runs in float64, so no value
+        depends on which images share a batch beyond float64 rounding."""
+        return (m.flatten(-2) * self._as(m.dtype)[0]).flatten(-2).double()
 
     def _as(self, dtype) -> tuple:
-        """``(root, vx, vy, fields)`` in ``dtype`` (the maps' own: the fits run in the maps' precision,
-        as the finite search does)."""
+        """``(root, vx, vy, fields)`` in ``dtype`` (the maps' own: the products of maps run in it)."""
         if dtype not in self.cast:
             self.cast[dtype] = (self.root.to(dtype), self.vx.to(dtype), self.vy.to(dtype),
                                 [(ux.to(dtype), uy.to(dtype)) for ux, uy in self.fields])
@@ -258,7 +259,7 @@ class LieAccumulator:
         """The warp derivatives ``(u_i · ∇) F`` of the search family's generators on the region,
         ``d (B, n, C * P)``, and the pseudo-inverse of their Gram matrices ``(B, n, n)``."""
         d = self._on_region(torch.stack([ux * gx + uy * gy for ux, uy in self._as(f.dtype)[3]], dim=1))
-        return d, torch.linalg.pinv((d @ d.transpose(1, 2)).double(), hermitian=True).to(d.dtype)
+        return d, torch.linalg.pinv(d @ d.transpose(1, 2), hermitian=True)
 
     @staticmethod
     def _residuals(targets: torch.Tensor, d: torch.Tensor, ginv: torch.Tensor) -> torch.Tensor:
@@ -292,9 +293,8 @@ class LieAccumulator:
                 other, null_sl = torch.cat([self.last_l, lie[:-1]]), slice(None)
             self.last_l = lie[-1:]
             targets.append(other)
-        res = (self._residuals(torch.stack(targets, dim=1), d, ginv) / norm[:, None]).double().cpu()
-        norm = norm.double()
-        part = {"lie": (lie.square().sum(-1).double() / norm).cpu(), "aligned": res[:, 0],
+        res = (self._residuals(torch.stack(targets, dim=1), d, ginv) / norm[:, None]).cpu()
+        part = {"lie": (lie.square().sum(-1) / norm).cpu(), "aligned": res[:, 0],
                 "reasons": [self.reason or (NO_SIGNAL if not float(v) > 0 else None) for v in norm]}
         if shifts is not None:
             part["floor"] = res[:, 1]

@@ -249,3 +249,19 @@ def test_zoo_models_need_their_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ValueError, match=r"timm:convnext_nano needs the package timm \(pip install"):
         load_model("timm:convnext_nano")
+
+
+def test_the_lie_channel_shards_into_the_record_of_one_call(tmp_path):
+    """channels = ["spatial", "lie"]: the infinitesimal view's per-image values and its null (image
+    i against image i - 1, as the finite null) merge across 2 shards into the unsharded table, and
+    its columns are in the table."""
+    spec = SPEC.replace('channels = ["spatial"]', 'channels = ["spatial", "lie"]').replace(
+        'transformations = ["rotation:90", "translation:3,0"]', 'transformations = ["rotation:5"]')
+    tables = []
+    for shards in (1, 2):
+        folder = tmp_path / f"s{shards}"
+        sweep.plan(_spec(tmp_path, spec.format(shards=shards), f"spec{shards}.toml"), folder)
+        _run_in_process(folder)
+        tables.append(_table(folder))
+    _assert_same_rows(tables[1], tables[0])
+    assert all(r["lie_aligned"] > 0 and r["lie_null"] > 0 for r in tables[0])
