@@ -24,7 +24,13 @@ needs no step size. Per image, over the reference's region ``M · I``:
   ``min_c ||Σ_k |v_L,k| Δ_k Γf - Σ_i c_i (u_i · ∇)Γf||² / ||Γf||²`` (``Δ_k`` the second
   difference along axis ``k``: the first-order term of a bilinear round trip ``W_{h_t^-1} W_{h_t}``);
 * ``null``: ``a²`` with the Lie derivative of another image (image ``i - 1``) in place of image
-  ``i``'s: what the warps explain of an unrelated response.
+  ``i``'s: what the warps explain of an unrelated response;
+* ``specific``: ``s² = min_c ||L_X Γf - K - Σ_i c_i (u_i · ∇)Γf||² / ||Γf||²`` with ``K`` the
+  floor's field (each position's response to its own motion, as a translation):
+  ``L - K = J_Γ(Σ_k v_k δ_k) - Σ_k v_k J_Γ(δ_k)`` is the commutator of the network with the
+  velocity field, 0 for a translation and for pointwise layers, and of second order for
+  isotropic filters under rotation: the response to the transformation itself, aliasing and
+  kinks removed.
 
 Example
 -------
@@ -78,6 +84,9 @@ class LieResult:
         null: ``a²`` of another image's Lie derivative (image ``i - 1``; None for one image).
         reasons: per image, None or why its values are NaN.
         method: one of :data:`LIE_METHODS`.
+        specific: ``s²``, the part of the Lie derivative beyond the grid's (``L - K``, with ``K``
+            what each position's own motion would give as a translation) that no infinitesimal
+            warp explains (None without the floor's translation directions).
     """
 
     layer: str
@@ -90,6 +99,7 @@ class LieResult:
     null: torch.Tensor | None
     reasons: list
     method: str
+    specific: torch.Tensor | None = None
 
 
 def lie_generator(t_centred: torch.Tensor) -> torch.Tensor:
@@ -282,8 +292,11 @@ class LieAccumulator:
         targets = [lie]
         if shifts is not None:
             (ax, ay) = self.frame.stride
-            grid = (shifts[0].to(f.dtype) + gx / ax) * (vx * ax) + (shifts[1].to(f.dtype) + gy / ay) * (vy * ay)
+            sx, sy = shifts[0].to(f.dtype), shifts[1].to(f.dtype)
+            grid = (sx + gx / ax) * (vx * ax) + (sy + gy / ay) * (vy * ay)
             targets.append(self._on_region(grid))
+            # L - K: the response beyond what each position's own motion, as a translation, gives
+            targets.append(self._on_region(df.to(f.dtype) - (vx * ax) * sx - (vy * ay) * sy))
         null_sl = None
         if self.want_null:  # image i against the Lie derivative of image i - 1 (image 0: at the end)
             if index.start == 0:
@@ -297,7 +310,7 @@ class LieAccumulator:
         part = {"lie": (lie.square().sum(-1) / norm).cpu(), "aligned": res[:, 0],
                 "reasons": [self.reason or (NO_SIGNAL if not float(v) > 0 else None) for v in norm]}
         if shifts is not None:
-            part["floor"] = res[:, 1]
+            part["floor"], part["specific"] = res[:, 1], res[:, 2]
         if null_sl is not None:
             null = res[:, -1].clone()
             null[:1] = math.nan if null_sl.start == 1 else null[:1]
@@ -325,8 +338,10 @@ class LieAccumulator:
             null[0] = first / float(norm[0]) if float(norm[0]) > 0 else math.nan
             null = torch.where(bad, torch.nan, null)
         floor = cat("floor") if all("floor" in p for p in self.parts) else None
+        specific = cat("specific") if all("specific" in p for p in self.parts) else None
         return LieResult(layer=self.labels[0], transform=self.labels[1], search=self.family, lie=lie,
                          aligned=aligned, share=torch.where(bad, torch.nan, share), floor=floor, null=null,
+                         specific=specific,
                          reasons=reasons, method=self.method)
 
 

@@ -262,6 +262,8 @@ class Infinitesimal:
         null: ``a²`` of another image's Lie derivative (None when not calibrated).
         method: how the image derivative went through the network (forward-mode AD or central
             differences).
+        specific: ``s²``, the part no warp explains beyond the grid's response (the network's
+            commutator with the transformation's velocity field; None when not calibrated).
     """
 
     lie: Estimate
@@ -270,8 +272,9 @@ class Infinitesimal:
     floor: Estimate | None = None
     null: Estimate | None = None
     method: str = ""
+    specific: Estimate | None = None
 
-    KINDS = ("lie", "aligned", "share", "floor", "null")
+    KINDS = ("lie", "aligned", "share", "floor", "null", "specific")
 
     @property
     def mark(self) -> str:
@@ -289,6 +292,14 @@ class Infinitesimal:
     def from_json(cls, d: dict) -> Infinitesimal:
         return cls(**{k: (None if d.get(k) is None else Estimate.from_json(d[k])) for k in cls.KINDS},
                    method=str(d.get("method", "")))
+
+    @property
+    def specific_share(self) -> float:
+        """``s² / r²`` of the means (NaN without ``specific``): near 0, the layer's response to the
+        transformation is what its response to local translation gives (a covariant layer)."""
+        if self.specific is None or not self.lie.mean > 0:
+            return NAN
+        return self.specific.mean / self.lie.mean
 
 
 @dataclass(frozen=True)
@@ -631,7 +642,7 @@ def _infinitesimal(res, n_boot: int, seed: int) -> Infinitesimal:
         return None if v is None else Estimate.of(v, n_boot, seed, reasons)
 
     return Infinitesimal(lie=est(res.lie), aligned=est(res.aligned), share=est(res.share), floor=est(res.floor),
-                         null=est(res.null), method=res.method)
+                         null=est(res.null), method=res.method, specific=est(res.specific))
 
 
 def bootstrap_ci(values, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

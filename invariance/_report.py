@@ -42,7 +42,7 @@ CSV_COLUMNS += ["interpolation_floor", "interpolation_floor_lo", "interpolation_
                 "channel_orbits"]
 #: The ``lie`` channel's columns (:class:`invariance.Infinitesimal`; empty when not measured).
 LIE_COLUMNS = []
-for _name in ("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null"):
+for _name in ("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null", "lie_specific"):
     LIE_COLUMNS += [_name, _name + "_lo", _name + "_hi"]
 CSV_COLUMNS += LIE_COLUMNS + ["lie_mark"]
 CSV_COLUMNS = tuple(CSV_COLUMNS)
@@ -147,7 +147,7 @@ class Report:
                                                        "mark", "orbits"]
         head += ["excluded"] if excluded else []
         lie = any(r.lie is not None for r in self.records)
-        head += ["lie r2", "lie a2", "lie floor", "lie null", "lie mark"] if lie else []
+        head += ["lie r2", "lie a2", "lie floor", "lie null", "lie s2", "lie mark"] if lie else []
         rows = []
         for r in self.records:
             row = [r.transform.label, r.layer]
@@ -162,9 +162,9 @@ class Report:
             row += [str(r.n_excluded)] if excluded else []
             if lie:
                 i = r.lie
-                row += (["-"] * 5 if i is None else
+                row += (["-"] * 6 if i is None else
                         [_cell(i.lie, spec=".2e"), _cell(i.aligned, spec=".2e"), _cell(i.floor, spec=".2e"),
-                         _cell(i.null, spec=".2e"), i.mark or "-"])
+                         _cell(i.null, spec=".2e"), _cell(i.specific, spec=".2e"), i.mark or "-"])
             rows.append(row)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -173,8 +173,10 @@ class Report:
                    "keeps; positions: kept / of M*I (mean); signal: share of the reference's signal compared; mark: "
                    "the spatial interval reaches the floor's ('at floor') or the null's ('at null')"
                    + ("; lie r2 / a2: the Lie derivative's energy and the part no infinitesimal warp explains (second-"
-                      "order predictions of the expected and spatial errors), lie floor: the grid's share, lie mark: "
-                      "a2's interval reaches the grid floor's" if lie else ""))
+                      "order predictions of the expected and spatial errors), lie floor: the grid's share, lie s2: "
+                      "what no warp explains beyond the grid's response, lie mark: a2's interval reaches the grid "
+                      "floor's"
+                      if lie else ""))
         reasons = sorted({x for r in self.records for x in r.excluded_reasons})
         if reasons:
             out.append("excluded (no verdict, left out of the means): " + "; ".join(reasons))
@@ -211,8 +213,8 @@ class Report:
                        region_size=r.comparison.region_size, n_excluded=r.n_excluded,
                        best_params=json.dumps(list(r.best_warp.median)),
                        channel_orbits=json.dumps([list(c) for c in r.channels.orbits]))
-            for name, kind in zip(("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null"),
-                                  ("lie", "aligned", "share", "floor", "null")):
+            for name, kind in zip(("lie", "lie_aligned", "lie_share", "lie_floor", "lie_null", "lie_specific"),
+                                  ("lie", "aligned", "share", "floor", "null", "specific")):
                 e = None if r.lie is None else getattr(r.lie, kind)
                 row[name], (row[name + "_lo"], row[name + "_hi"]) = _mean(e), _ci(e)
             row["lie_mark"] = "" if r.lie is None else r.lie.mark
@@ -353,7 +355,8 @@ class Report:
     def plot_lie(self, transforms: list | None = None, *, ncols: int = 4):
         """The infinitesimal view against layer depth (records of the ``lie`` channel), one panel per
         transformation: the Lie derivative's energy ``r²``, the part no infinitesimal warp explains
-        ``a²``, the grid floor and the null, each with its 95% interval, on a log scale (they span
+        ``a²``, the grid floor, the null and the part beyond the grid ``s²``, each with its 95%
+        interval, on a log scale (they span
         orders of magnitude: a linear layer's floor is 0 up to rounding)."""
         import matplotlib.pyplot as plt
 
@@ -366,7 +369,8 @@ class Report:
             ax.set_visible(False)
         styles = (("lie", "Lie derivative r²", {"marker": "o"}), ("aligned", "unexplained a²", {"marker": "s"}),
                   ("floor", "grid floor", {"color": "black", "ls": "--", "lw": 1}),
-                  ("null", "null", {"color": "grey", "ls": ":"}))
+                  ("null", "null", {"color": "grey", "ls": ":"}),
+                  ("specific", "beyond the grid s²", {"marker": "^"}))
         for ax, tr in zip(axes.flat, transforms):
             recs = [r for r in self.select(transform=tr) if r.lie is not None]
             xs = list(range(len(recs)))
