@@ -65,7 +65,9 @@ images = ["rgb"]
 
 
 # a network that takes its time (a pause in every forward pass): an array element running it can be
-# cancelled mid-task, not after it has ended
+# cancelled mid-task, not after it has ended. A task makes three forward passes (the probe, the
+# images, the transformed images); with 0.5 s pauses one once ended between its start marker and the
+# scancel (a loaded machine), so each pause is 2 s: the scancel has about 6 s to land
 SLOW = """
 import time
 import torch
@@ -78,7 +80,7 @@ class Slow(torch.nn.Module):
         self.conv = torch.nn.Conv2d(1, 4, 5, padding=2)
 
     def forward(self, x):
-        time.sleep(0.5)
+        time.sleep(2.0)
         return self.conv(x)
 """
 
