@@ -551,7 +551,7 @@ class FeatureExtractor:
         finally:
             self._tangents = None
         tangents = {n: (tangent if n == INPUT else got.get(n)) for n in feats}
-        return {n: fwad.unpack_dual(v).primal if n == INPUT else v for n, v in feats.items()}, tangents, frames
+        return feats, tangents, frames  # the captured maps are detached: primals only
 
     def _run(self, x: torch.Tensor):
         captured: dict[str, torch.Tensor] = {}

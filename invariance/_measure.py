@@ -406,27 +406,30 @@ def _measure_group(tr, x, group, plan, search, opts, bar) -> dict:
 def _lie_group(tr, x, group, plan, search, mask_radius, interior, calibrate) -> dict:
     """The infinitesimal view of every layer of one group under one transformation, batch by batch
     (a third of a batch at a time when calibrating: the floor's two translation directions ride along)."""
+    step = max(1, plan.batch // (3 if calibrate else 1))
+    out = _lie_layers(tr, x, group[1], search or DEFAULT_SEARCH[tr.family], step, mask_radius, interior, calibrate)
+    return {(tr, k): r for k, r in out.items()}
+
+
+def _lie_layers(tr, x, extractor, fam, step, mask_radius, interior, calibrate) -> dict:
+    """Layer name -> :class:`invariance.LieResult` of the extractor's layers, ``step`` images at a time."""
     from ._lie import LieAccumulator, image_tangent, layer_tangents, lie_generator, lie_region, translation_tangents
 
-    names, extractor = group
-    fam = search or DEFAULT_SEARCH[tr.family]
     gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
     n = x.shape[0]
-    step = max(1, plan.batch // (3 if calibrate else 1))
     accs: dict = {}
     for i in range(0, n, step):
         sl = slice(i, min(i + step, n))
         xs = x[sl]
         directions = [image_tangent(xs, gen)] + (translation_tangents(xs) if calibrate else [])
-        maps, derivs, _, method = layer_tangents(extractor, xs, directions)
-        for k in names:
+        maps, derivs, frames, method = layer_tangents(extractor, xs, directions)
+        for k in maps:
             if k not in accs:
-                region, reason = lie_region(plan.frames[k], mask_radius=mask_radius, interior=interior,
-                                            device=x.device)
-                accs[k] = LieAccumulator(plan.frames[k], gen, region, n, family=fam, null=calibrate, reason=reason,
+                region, reason = lie_region(frames[k], mask_radius=mask_radius, interior=interior, device=x.device)
+                accs[k] = LieAccumulator(frames[k], gen, region, n, family=fam, null=calibrate, reason=reason,
                                          layer=k, transform=tr.label, method=method)
             accs[k].add(maps[k], derivs[k][0], sl, shifts=derivs[k][1:] if calibrate else None)
-    return {(tr, k): a.result() for k, a in accs.items()}
+    return {k: a.result() for k, a in accs.items()}
 
 
 def lie_derivative(model: nn.Module, images, transform, *, layers: str | Iterable[str] = "all",
@@ -453,8 +456,6 @@ def lie_derivative(model: nn.Module, images, transform, *, layers: str | Iterabl
     >>> bool(out["0"].lie.max() < 1e-20), bool((out["1"].aligned <= out["1"].floor * (1 + 1e-9)).all())
     (True, True)
     """
-    from ._lie import LieAccumulator, image_tangent, layer_tangents, lie_generator, lie_region, translation_tangents
-
     trs = _as_transforms(transform)
     if len(trs) != 1:
         raise ValueError(f"transform: the Lie derivative takes one transformation, got {len(trs)}")
@@ -462,17 +463,7 @@ def lie_derivative(model: nn.Module, images, transform, *, layers: str | Iterabl
     o = MeasureOptions(search=search, mask_radius=mask_radius, interior=interior, calibrate=calibrate)
     fam = o.search or DEFAULT_SEARCH[tr.family]
     x, model = _prepared(model, images, MAX_IMAGE_PIXELS, None)
-    gen = lie_generator(G.to_matrix(tr.family, torch.tensor(tr.params, dtype=torch.float64)))
-    directions = [image_tangent(x, gen)] + (translation_tangents(x) if calibrate else [])
-    maps, derivs, frames, method = layer_tangents(FeatureExtractor(model, layers), x, directions)
-    out = {}
-    for k, f in maps.items():
-        region, reason = lie_region(frames[k], mask_radius=o.mask_radius, interior=o.interior, device=f.device)
-        acc = LieAccumulator(frames[k], gen, region, f.shape[0], family=fam, null=calibrate, reason=reason, layer=k,
-                             transform=tr.label, method=method)
-        acc.add(f, derivs[k][0], slice(0, f.shape[0]), shifts=derivs[k][1:] if calibrate else None)
-        out[k] = acc.result()
-    return out
+    return _lie_layers(tr, x, FeatureExtractor(model, layers), fam, x.shape[0], o.mask_radius, o.interior, calibrate)
 
 
 def _as_transforms(transforms) -> list[Transform]:

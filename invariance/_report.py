@@ -312,17 +312,11 @@ class Report:
 
         ``kinds``: which errors (:data:`invariance.ERROR_KINDS` names); ``keys`` (schema-1 names such
         as ``"spatial_error"``) is accepted for one minor version, deprecated."""
-        import matplotlib.pyplot as plt
 
         if keys is not None:
             kinds = tuple(k.removesuffix("_error") for k in keys)
         transforms = list(transforms or self.transforms)
-        n = max(1, len(transforms))
-        cols = min(ncols, n)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
-        for ax in axes.flat[len(transforms):]:
-            ax.set_visible(False)
+        fig, axes = _panels(len(transforms), ncols)
         for ax, tr in zip(axes.flat, transforms):
             recs = self.select(transform=tr)
             xs = list(range(len(recs)))
@@ -358,15 +352,9 @@ class Report:
         ``a²``, the grid floor, the null and the part beyond the grid ``s²``, each with its 95%
         interval, on a log scale (they span
         orders of magnitude: a linear layer's floor is 0 up to rounding)."""
-        import matplotlib.pyplot as plt
 
         transforms = [t for t in (transforms or self.transforms) if any(r.lie for r in self.select(transform=t))]
-        n = max(1, len(transforms))
-        cols = min(ncols, n)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
-        for ax in axes.flat[len(transforms):]:
-            ax.set_visible(False)
+        fig, axes = _panels(len(transforms), ncols)
         styles = (("lie", "Lie derivative r²", {"marker": "o"}), ("aligned", "unexplained a²", {"marker": "s"}),
                   ("floor", "grid floor", {"color": "black", "ls": "--", "lw": 1}),
                   ("null", "null", {"color": "grey", "ls": ":"}),
@@ -446,6 +434,19 @@ def write_csv(path: str | os.PathLike, reports: list[Report]) -> Path:
     for rep in reports:
         w.writerows(rep.csv_rows())
     return atomic_write_text(path, buf.getvalue())
+
+
+def _panels(n: int, ncols: int):
+    """A figure with one panel per transformation (``n``) in a grid of at most ``ncols`` columns,
+    sharing the y axis; unused cells hidden. Returns ``(fig, axes)`` (2-D array)."""
+    import matplotlib.pyplot as plt
+
+    cols = min(ncols, max(1, n))
+    rows = -(-max(1, n) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
 
 
 _FIGURES = ("errors_by_layer.png", "errors_by_magnitude.png", "lie_by_layer.png")
