@@ -85,7 +85,7 @@ from scipy.fft import next_fast_len
 from scipy.optimize import linear_sum_assignment
 
 from . import geometry as G
-from ._warp import disk_mask, warp, warp_chunks
+from ._warp import disk_mask, unchecked_chunks, warp, warp_chunks
 from .checks import check_images
 
 __all__ = [
@@ -128,8 +128,40 @@ NO_CONTENT_IN_VIEW = ("the transformation leaves too little of the reference's c
 """The reason of an image whose expected warp compares too little of the reference's signal."""
 
 _VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside" (strict)
-_STEP_BYTES = 4 << 20  # warped maps per step of the exact scoring and the refinement: small tensors
+_STEP_BYTES = 4 << 20  # CPU: warped maps per step of the exact scoring and the refinement: small tensors
 # are reused by the allocator, large ones are returned to the system and page-faulted back every step
+_STEP_BYTES_CUDA = (4 << 20, 512 << 20)  # CUDA: 1/64 of the free memory, within these bounds
+
+
+def step_bytes(device: torch.device | str) -> int:
+    """Bytes of warped maps per step of the exact scoring and the refinement, and per block of
+    channels in the FFT scoring: ``_STEP_BYTES`` on the CPU, where small tensors stay in the
+    allocator and the caches; on CUDA 1/64 of the device's free memory (within 4 MiB and 512 MiB),
+    so that a refinement step spans many images and a channel block many channels instead of
+    one image or one channel per kernel."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return _STEP_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    lo, hi = _STEP_BYTES_CUDA
+    return int(min(hi, max(lo, free // 64)))
+
+
+_FRAMES: dict = {}
+
+
+def _normalized(centred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`invariance.geometry.centred_to_normalized` with the frame matrices of ``size`` built once
+    per (size, dtype, device): no host-to-device copy inside the search's loops (the same arithmetic)."""
+    key = (tuple(size), centred.dtype, centred.device)
+    if key not in _FRAMES:
+        c = G.frame_matrix(size, frm="centred", to="normalized", dtype=centred.dtype, device=centred.device)
+        _FRAMES[key] = (c, torch.linalg.inv(c))
+    c, c_inv = _FRAMES[key]
+    out = c @ centred @ c_inv
+    return out / out[..., 2:3, 2:3]
+
+
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower it by more
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
@@ -754,10 +786,10 @@ class _ShiftScorer:
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
         fg = torch.fft.rfft2(warped * valid[:, :, None], s=self.s)
         # sum_c FFT(G_c) conj(FFT(M F_c)), in blocks of channels whose products stay under
-        # _STEP_BYTES (2-7x faster than einsum's batched one-row matmuls)
+        # step_bytes (2-7x faster than einsum's batched one-row matmuls)
         spec = torch.zeros(fg.shape[:2] + fg.shape[3:], dtype=fg.dtype, device=fg.device)
         c = fg.shape[2]
-        blk = max(1, min(c, _STEP_BYTES // max(1, spec.numel() * spec.element_size())))
+        blk = max(1, min(c, step_bytes(fg.device) // max(1, spec.numel() * spec.element_size())))
         for c0 in range(0, c, blk):
             spec += (fg[:, :, c0 : c0 + blk] * self.fa[:, None, c0 : c0 + blk]).sum(2)
         del fg
@@ -995,15 +1027,15 @@ def _permuted(stack, perm):
 
 def _exact(reference, moving, centred, region, mvalid, size, required, perm=None, signal=False):
     """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)
-    (and the signal kept, with ``signal=True``)."""
-    norm = G.centred_to_normalized(centred, size)
+    (and the signal kept, with ``signal=True``). No device synchronisation: the polish calls it per move."""
+    norm = _normalized(centred, size)
     stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
     errs, cnts, sigs = [], [], []
     b, n = centred.shape[:2]
     c = stack.shape[1]
-    chunk = max(1, int(_STEP_BYTES // max(1, b * c * size[0] * size[1] * moving.element_size())))
-    for _, stacked in warp_chunks(stack, norm, chunk_size=chunk):
+    chunk = max(1, int(step_bytes(moving.device) // max(1, b * c * size[0] * size[1] * moving.element_size())))
+    for _, stacked in unchecked_chunks(stack, norm, size, chunk, affine=True):
         warped, valid = _split(stacked)  # (B, k, C, H, W), (B, k, H, W)
         num, den, cnt, sig = _region_terms(reference, warped, region, valid, required.plane)
         errs.append(required.feasible(num, den, cnt, sig, energy))
@@ -1015,10 +1047,10 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
 
 
 def _refine(prob: _Problem, centred: torch.Tensor):
-    """:func:`_refine_batch` on groups of images whose per-step tensors stay small (see ``_STEP_BYTES``)."""
+    """:func:`_refine_batch` on groups of images whose per-step tensors stay small (:func:`step_bytes`)."""
     b, k = centred.shape[:2]
     per_image = k * (prob.moving.shape[1] + 1) * prob.size[0] * prob.size[1] * prob.moving.element_size()
-    n = max(1, int(_STEP_BYTES // max(per_image, 1)))
+    n = max(1, int(step_bytes(prob.moving.device) // max(per_image, 1)))
     if n >= b:
         return _refine_batch(prob, centred)
     out = []
@@ -1060,36 +1092,56 @@ def _refine_batch(prob: _Problem, centred: torch.Tensor):
                       cfg.refine_steps, region, size, fam, cfg, required, energy)
         best_z = best_z.scatter(1, idx, bz)
     with torch.no_grad():
-        return G.to_matrix(fam, _from_free(fam, best_z))
+        return G._matrix(fam, _from_free(fam, best_z))
 
 
 def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy):
     """Steps ``first .. last - 1`` of the refinement's cosine schedule from free parameters ``z (B, k, P)``.
 
     ``best_e`` are the errors of ``z`` known so far (inf: none). Returns the best feasible iterate
-    and its error, per start."""
-    z = z.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=1.0)
-    best_z = z.detach().clone()
+    and its error, per start. A step is a fixed sequence of kernels with no host synchronisation
+    (no check, no ``.item()``, no data-dependent shape; tests/test_search.py counts them), so that
+    on a GPU the steps queue up without waiting for each other."""
+    z = z.detach().clone()
+    adam = _AdamState(z)
+    best_z = z.clone()
     best_e = best_e.clone()
     for step in range(first, last):
-        for g in opt.param_groups:  # cosine annealing from 1 to 0.01 over all the refinement's steps
-            g["lr"] = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
-        opt.zero_grad()
-        cm = G.to_matrix(fam, _from_free(fam, z))
-        m = G.centred_to_normalized(cm, size)
-        warped, valid = _split(warp(stack, m, affine=True))
+        # cosine annealing from 1 to 0.01 over all the refinement's steps
+        lr = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
+        zz = z.requires_grad_(True)
+        m = _normalized(G._matrix(fam, _from_free(fam, zz)), size)
+        (_, stacked), = unchecked_chunks(stack, m, size, m.shape[1], affine=True)
+        warped, valid = _split(stacked)
         e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
+        # infeasible starts (inf) take no step: their loss is replaced by a constant
+        loss = torch.where(torch.isfinite(e), e, torch.zeros_like(e))
+        (grad,) = torch.autograd.grad(loss.sum(), zz)
+        z = zz.detach()
         with torch.no_grad():
             better = e < best_e
             best_e = torch.where(better, e, best_e)
             best_z = torch.where(better[..., None], z, best_z)
-        # infeasible starts (inf) take no step: their loss is replaced by a constant
-        loss = torch.where(torch.isfinite(e), e, torch.zeros_like(e))
-        if loss.requires_grad:
-            loss.sum().backward()
-            opt.step()
-    return best_z, best_e
+            z = adam.step(z, grad, lr)
+    return best_z, best_e.detach()
+
+
+class _AdamState:
+    """``torch.optim.Adam``'s update (betas 0.9 and 0.999, eps 1e-8, the same arithmetic, so the
+    same iterates), with its step count a Python integer: torch's reads it back from a tensor
+    every step, a host synchronisation where the count lives on the device."""
+
+    BETAS, EPS = (0.9, 0.999), 1e-8
+
+    def __init__(self, z: torch.Tensor):
+        self.m, self.v, self.t = torch.zeros_like(z), torch.zeros_like(z), 0
+
+    def step(self, z: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        (b1, b2), self.t = self.BETAS, self.t + 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / (1 - b2**self.t) ** 0.5).add_(self.EPS)
+        return z.addcdiv(self.m, denom, value=-lr / (1 - b1**self.t))
 
 
 def _hop(prob: _Problem, fam: G.Family, best_m: torch.Tensor, best_e: torch.Tensor):
@@ -1112,7 +1164,7 @@ def _hop(prob: _Problem, fam: G.Family, best_m: torch.Tensor, best_e: torch.Tens
         zz[..., j] += steps
         moves.append(zz)
     zz = torch.cat(moves, 1)  # (B, n, P)
-    m = G.to_matrix(fam, _from_free(fam, zz))
+    m = G._matrix(fam, _from_free(fam, zz))
     frac = m[..., :2, 2] - torch.round(m[..., :2, 2])
     offs = torch.tensor(((0.0, 0.0),) + _HALF_PIXELS, dtype=z.dtype, device=z.device)  # (4, 2)
     m = m[:, :, None].repeat(1, 1, 4, 1, 1)
@@ -1147,20 +1199,24 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
     dirs = torch.cat([eye, -eye])  # (2P, P)
     step = 1.0
+    # on the CPU a level ends as soon as no seed moves (reading the flag back is free there); on a
+    # GPU every level makes its 3 moves, so the loop never waits for the device (a move that
+    # improves nothing changes nothing: the result is the same)
+    stop_early = reference.device.type == "cpu"
     for _ in range(cfg.polish_levels):
         for _ in range(3):
             cand = z[:, :, None, :] + step * dirs  # (B, S, 2P, P)
-            e, _ = _exact(reference, moving, G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2))), region,
+            e, _ = _exact(reference, moving, G._matrix(fam, _from_free(fam, cand.flatten(1, 2))), region,
                           mvalid, size, required, perm)
             eb, j = e.reshape(b, s, 2 * n).min(-1)
             better = eb < best
-            if not bool(better.any()):
+            if stop_early and not bool(better.any()):
                 break
             moved = torch.gather(cand, 2, j[..., None, None].expand(-1, -1, 1, n))[:, :, 0]
             z = torch.where(better[..., None], moved, z)
             best = torch.where(better, eb, best)
         step /= 2
-    m = G.to_matrix(fam, _from_free(fam, z))
+    m = G._matrix(fam, _from_free(fam, z))
     e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
     keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
     m = torch.where(keep[..., None, None], m, centred)

@@ -143,27 +143,40 @@ def warp_chunks(
     b, c, h, w = images.shape
     mats, per_image = _normalise_matrices(matrices, b)
     mats = mats.to(dtype=images.dtype, device=images.device)
+    G.check_invertible(mats, "matrices")
     out_size = (h, w) if size is None else check_size(size)
-    k_total = mats.shape[-3]
     if chunk_size is None:
         # about 64 M output elements per chunk
         chunk_size = max(1, (64 << 20) // max(1, b * c * out_size[0] * out_size[1]))
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size}")
+    if affine is None:
+        affine = G.is_affine(mats) and not mats.requires_grad
+    yield from unchecked_chunks(images, mats if per_image else mats[None], out_size, chunk_size, affine=affine,
+                                mode=mode, padding_mode=padding_mode, shared=not per_image)
+
+
+def unchecked_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int], chunk_size: int, *,
+                     affine: bool, mode: str = "bilinear", padding_mode: str = "zeros",
+                     shared: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+    """:func:`warp_chunks` without its checks and without any device synchronisation: the
+    search's inner loops (a refinement step, a polish move) call it with matrices built from
+    finite parameters. ``matrices`` ``(B, K, 3, 3)`` normalised, invertible (an invertible
+    matrix is not checked: a singular one gives non-finite samples, never an error), or
+    ``(1, K, 3, 3)`` with ``shared=True`` (every image warped by each, without copying them)."""
+    b, c, h, w = images.shape
+    k_total = matrices.shape[1]
     for k0 in range(0, k_total, chunk_size):
         sl = slice(k0, min(k_total, k0 + chunk_size))
-        if per_image:
-            m = mats[:, sl]
-            kk = m.shape[1]
-            grid = sampling_grid(m.reshape(-1, 3, 3), out_size, affine=affine)
-            src = images.unsqueeze(1).expand(b, kk, c, h, w).reshape(b * kk, c, h, w)
-            out = _sample(src, grid, mode, padding_mode).reshape(b, kk, c, *out_size)
-        else:
-            m = mats[sl]
-            kk = m.shape[0]
-            grid = sampling_grid(m, out_size, affine=affine)
+        m = matrices[:, sl]
+        kk = m.shape[1]
+        grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
+        if shared:
             src = images.reshape(1, b * c, h, w).expand(kk, b * c, h, w)
-            out = _sample(src, grid, mode, padding_mode).reshape(kk, b, c, *out_size).transpose(0, 1)
+            out = _sample(src, grid, mode, padding_mode).reshape(kk, b, c, *size).transpose(0, 1)
+        else:
+            src = images.unsqueeze(1).expand(b, kk, c, h, w).reshape(b * kk, c, h, w)
+            out = _sample(src, grid, mode, padding_mode).reshape(b, kk, c, *size)
         yield sl, out
 
 

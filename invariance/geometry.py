@@ -197,13 +197,20 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
     """
     fam = get_family(family)
     p = as_params(params, fam)
-    u = p.unbind(-1)
-    one, zero = torch.ones_like(u[0]), torch.zeros_like(u[0])
     name = fam.name
     if name in ("scale", "anisotropic_scale", "similarity", "scale_translation"):
         scales = p[..., [1]] if name == "similarity" else p[..., : (2 if name == "anisotropic_scale" else 1)]
         if bool((scales <= 0).any()):
             raise ValueError(f"params: scale factors of family {name!r} must be > 0")
+    return _matrix(fam, p)
+
+
+def _matrix(fam: Family, p: torch.Tensor) -> torch.Tensor:
+    """:func:`to_matrix` without its checks: no device synchronisation, for the search's inner
+    loops, whose parameters are finite and positive by construction."""
+    u = p.unbind(-1)
+    one, zero = torch.ones_like(u[0]), torch.zeros_like(u[0])
+    name = fam.name
     if name == "translation":
         return _with_translation(_linear(one, zero, zero, one), u[0], u[1])
     if name == "rotation":
@@ -312,13 +319,17 @@ def inverse(matrix: torch.Tensor) -> torch.Tensor:
     >>> torch.allclose(compose(A, inverse(A)), torch.eye(3), atol=1e-6)
     True
     """
-    check_matrix(matrix)
-    check_finite(matrix, "matrix")
-    # singular (or too ill-conditioned to invert in this dtype): condition number beyond 1 / (30 eps)
+    check_invertible(matrix)
+    return torch.linalg.inv(matrix)
+
+
+def check_invertible(matrix: torch.Tensor, name: str = "matrix") -> None:
+    """Finite and invertible in its dtype (condition number within ``1 / (30 eps)``), else a clear error."""
+    check_matrix(matrix, name)
+    check_finite(matrix, name)
     cond = torch.linalg.cond(matrix.detach())
     if bool((~torch.isfinite(cond) | (cond > 1.0 / (30 * torch.finfo(matrix.dtype).eps))).any()):
-        raise ValueError("matrix: transformation is singular and has no inverse")
-    return torch.linalg.inv(matrix)
+        raise ValueError(f"{name}: transformation is singular and has no inverse")
 
 
 def is_affine(matrix: torch.Tensor, atol: float = 0.0) -> bool:

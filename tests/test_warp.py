@@ -838,7 +838,7 @@ def test_bad_matrices():
         W.warp(IMG, torch.zeros(0, 3, 3, dtype=DT))
     with pytest.raises(TypeError, match="matrices.*floating"):
         W.warp(IMG, torch.eye(3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="matrix.*singular"):
+    with pytest.raises(ValueError, match="matrices.*singular"):
         W.warp(IMG, torch.zeros(3, 3, dtype=DT))
 
 
