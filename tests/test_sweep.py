@@ -31,7 +31,7 @@ pq = pytest.importorskip("pyarrow.parquet", reason="the sweep's table needs pyar
 SPEC = """
 [options]
 transformations = ["rotation:90", "translation:3,0"]
-channels = ["spatial"]
+channels = ["spatial", "lie"]
 n_boot = 100
 quick = true
 
@@ -111,7 +111,9 @@ def test_plan_resolves_relative_depths_and_content_addresses_tasks(tmp_path, who
 
 def test_shards_merge_into_the_record_of_one_call(tmp_path, whole):
     """2 shards of 7 images (3 and 4), run by the local executor's worker processes, give the
-    unsharded table to rounding: every error, interval, floor, null and per-image value."""
+    unsharded table to rounding: every error, interval, floor, null and per-image value, those of
+    the ``lie`` channel (the infinitesimal view, whose null also pairs image i with image i - 1)
+    included."""
     folder = tmp_path / "sharded"
     tasks = sweep.plan(_spec(tmp_path, SPEC.format(shards=2)), folder)
     assert len(tasks) == 8
@@ -121,6 +123,8 @@ def test_shards_merge_into_the_record_of_one_call(tmp_path, whole):
     _assert_same_rows(rows, whole[1])
     assert all(len(r["spatial_per_image"]) == 7 for r in rows)
     assert any(r["random_pair_null"] > 0 for r in rows)  # the null was merged, not left out
+    rotated = [r for r in rows if r["transform"] == "rotation:90"]
+    assert rotated and all(r["lie_aligned"] > 0 and r["lie_null"] > 0 for r in rotated)
     # the Parquet dataset of per-task rows, readable while a sweep runs: one row per shard and layer
     per_task = pq.read_table(folder / "rows").to_pylist()
     assert len(per_task) == 2 * len(rows) and {r["shard"] for r in per_task} == {0, 1}
@@ -199,7 +203,7 @@ _GOOD = SPEC.format(shards=1)
     (lambda s: s.replace("quick = true", "quick = true\nspeed = 3"), r"options: unknown key 'speed'"),
     (lambda s: s.replace('source = "glyphs"', 'source = "nowhere"'), r"images\[0\] 'glyphs': images: unknown SOURCE"),
     (lambda s: s.replace("shards = 1", "shards = 9"), r"images\[0\] 'glyphs': shards = 9 but the set holds 7"),
-    (lambda s: s.replace('channels = ["spatial"]', 'channels = ["spatial", "permutation"]').replace(
+    (lambda s: s.replace('channels = ["spatial", "lie"]', 'channels = ["spatial", "permutation"]').replace(
         "shards = 1", "shards = 2"), r"shards > 1 with channel 'permutation'"),
     (lambda s: s.replace("n_boot = 100", "n_boot = -1"), r"options.n_boot: must be an integer >= 0"),
     (lambda s: s.replace('model = "mnist-cnn-random"', 'model = "torchvision:resnet18"'),
@@ -249,19 +253,3 @@ def test_zoo_models_need_their_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ValueError, match=r"timm:convnext_nano needs the package timm \(pip install"):
         load_model("timm:convnext_nano")
-
-
-def test_the_lie_channel_shards_into_the_record_of_one_call(tmp_path):
-    """channels = ["spatial", "lie"]: the infinitesimal view's per-image values and its null (image
-    i against image i - 1, as the finite null) merge across 2 shards into the unsharded table, and
-    its columns are in the table."""
-    spec = SPEC.replace('channels = ["spatial"]', 'channels = ["spatial", "lie"]').replace(
-        'transformations = ["rotation:90", "translation:3,0"]', 'transformations = ["rotation:5"]')
-    tables = []
-    for shards in (1, 2):
-        folder = tmp_path / f"s{shards}"
-        sweep.plan(_spec(tmp_path, spec.format(shards=shards), f"spec{shards}.toml"), folder)
-        _run_in_process(folder)
-        tables.append(_table(folder))
-    _assert_same_rows(tables[1], tables[0])
-    assert all(r["lie_aligned"] > 0 and r["lie_null"] > 0 for r in tables[0])

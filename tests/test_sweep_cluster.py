@@ -64,11 +64,13 @@ images = ["rgb"]
 """
 
 
-# a network that takes its time (a pause in every forward pass): an array element running it can be
-# cancelled mid-task, not after it has ended. A task makes three forward passes (the probe, the
-# images, the transformed images); with 0.5 s pauses one once ended between its start marker and the
-# scancel (a loaded machine), so each pause is 2 s: the scancel has about 6 s to land
+# a network that can take its time (a pause in every forward pass while SLOW_PAUSE is set, as in the
+# cancellation test only; Slurm's jobs inherit the submitting process' environment): an array element
+# running it can be cancelled mid-task, not after it has ended. A task makes three forward passes
+# (the probe, the images, the transformed images); with 0.5 s pauses one once ended between its
+# start marker and the scancel (a loaded machine), so each pause is 2 s: the scancel has about 6 s
 SLOW = """
+import os
 import time
 import torch
 
@@ -80,7 +82,7 @@ class Slow(torch.nn.Module):
         self.conv = torch.nn.Conv2d(1, 4, 5, padding=2)
 
     def forward(self, x):
-        time.sleep(2.0)
+        time.sleep(float(os.environ.get("SLOW_PAUSE", "0")))
         return self.conv(x)
 """
 
@@ -181,7 +183,8 @@ def _squeue(array: str) -> list[str]:
     return [line for line in r.stdout.splitlines() if line.strip()]
 
 
-def test_a_cancelled_array_element_runs_again_and_the_table_is_the_same(tmp_path, spec, local):
+def test_a_cancelled_array_element_runs_again_and_the_table_is_the_same(tmp_path, spec, local, monkeypatch):
+    monkeypatch.setenv("SLOW_PAUSE", "2.0")
     folder = _plan(spec, tmp_path / "cancelled")
     sweep.run(folder, "slurm", time_limit=10, array_parallelism=2, wait=False)
     array = json.loads(next((folder / "slurm").glob("*/array.json")).read_text())["array"]
