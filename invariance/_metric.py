@@ -47,6 +47,7 @@ from ._search import (
     LinearFit,
     SearchConfig,
     align,
+    align_with_null,
     channel_orbits,
     linear_design,
     masked_error,
@@ -335,8 +336,13 @@ class LayerAccumulator:
     def add(self, f: torch.Tensor, fh: torch.Tensor, index: slice) -> None:
         """Measure images ``index`` from their maps ``f`` and transformed maps ``fh``."""
         mvalid, expected = self._mvalid(index), self._expected(index)
-        res = align(f, fh, self.family, mask=self.region, moving_mask=mvalid, config=self.config, expected=expected,
-                    channels="permutation" if self.want_perm else "spatial")
+        channels = "permutation" if self.want_perm else "spatial"
+        if self.want_null:  # the null's pairs within the batch share the main search's warps
+            res, within = align_with_null(f, fh, self.family, null_config=self._null_config(), mask=self.region,
+                                          moving_mask=mvalid, config=self.config, expected=expected, channels=channels)
+        else:
+            res = align(f, fh, self.family, mask=self.region, moving_mask=mvalid, config=self.config,
+                        expected=expected, channels=channels)
         sp: Alignment = res.spatial if self.want_perm else res
         if self.rf_covers:
             sp.reasons = [RF_COVERS_IMAGE] * len(sp.reasons)
@@ -352,7 +358,7 @@ class LayerAccumulator:
         if self.want_linear:
             part["choices"] = self._linear_add(f, fh, index, sp, res, expected, mvalid)
         if self.want_null:
-            part["null"] = self._null(f, fh, index, expected, mvalid)
+            part["null"] = self._null(f, fh, index, expected, mvalid, within)
         self.parts.append(part)
 
     def _linear_add(self, f, fh, index, sp, res, expected, mvalid) -> list:
@@ -398,22 +404,21 @@ class LayerAccumulator:
         # refined alone, no local re-search around the optimum
         return replace(self.config or SearchConfig(), top_k=1, hop_steps=())
 
-    def _null(self, f, fh, index, expected, mvalid) -> torch.Tensor:
-        """Image i against the transformed maps of image i - 1 (image 0: of the last image, at the end)."""
-        cfg = self._null_config()
+    def _null(self, f, fh, index, expected, mvalid, within: Alignment | None) -> torch.Tensor:
+        """Image i against the transformed maps of image i - 1 (image 0: of the last image, at the end):
+        ``within`` holds the pairs inside this batch (:func:`align_with_null`); the first image of a
+        later batch is paired with the previous batch's last here."""
+        out = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
+        if within is not None:
+            out[1:] = within.errors.cpu().double()
         if index.start == 0:
             self.first_f = f[:1]
-            ref, mov = f[1:], fh[:-1]
-            sl = slice(1, None)
         else:
-            ref, mov = f, torch.cat([self.last_fh, fh[:-1]])
-            sl = slice(None)
+            first = slice(0, 1)
+            out[0] = align(f[:1], self.last_fh, self.family, mask=self.region, config=self._null_config(),
+                           moving_mask=_sliced(mvalid, first, mvalid.dim() == 3),
+                           expected=_sliced(expected, first, self.per_image)).errors.cpu().double()[0]
         self.last_fh = fh[-1:]
-        out = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
-        if ref.shape[0]:
-            out[sl] = align(ref, mov, self.family, mask=self.region,
-                            moving_mask=_sliced(mvalid, sl, mvalid.dim() == 3), config=cfg,
-                            expected=_sliced(expected, sl, self.per_image)).errors.cpu().double()
         return out
 
     def result(self) -> LayerResult:

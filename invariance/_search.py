@@ -784,7 +784,22 @@ class _ShiftScorer:
     def __call__(self, warped: torch.Tensor, valid: torch.Tensor):
         """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc) ->
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
+        return self.score(self.spectra(warped, valid))
+
+    def spectra(self, warped: torch.Tensor, valid: torch.Tensor) -> tuple:
+        """The candidates' FFTs ``(FFT(G_c), FFT(Q), conj FFT(V))``: they depend on the moving maps
+        only, so one set scores them against several references (:meth:`score`)."""
         fg = torch.fft.rfft2(warped * valid[:, :, None], s=self.s)
+        fq = torch.fft.rfft2(warped.pow(2).sum(2) * valid, s=self.s)
+        fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
+        return fg, fq, fv
+
+    def score(self, spectra: tuple, images: slice = slice(None)):
+        """:meth:`spectra` of the moving maps ``images`` (one per reference image) -> (best error
+        (B, k), best shift (B, k, 2) as (tx, ty))."""
+        fg, fq, fv = spectra
+        fg, fq = fg[images], fq[images]
+        fv = fv if fv.shape[0] == 1 else fv[images]
         # sum_c FFT(G_c) conj(FFT(M F_c)), in blocks of channels whose products stay under
         # step_bytes (2-7x faster than einsum's batched one-row matmuls)
         spec = torch.zeros(fg.shape[:2] + fg.shape[3:], dtype=fg.dtype, device=fg.device)
@@ -792,11 +807,8 @@ class _ShiftScorer:
         blk = max(1, min(c, step_bytes(fg.device) // max(1, spec.numel() * spec.element_size())))
         for c0 in range(0, c, blk):
             spec += (fg[:, :, c0 : c0 + blk] * self.fa[:, None, c0 : c0 + blk]).sum(2)
-        del fg
         cross = torch.fft.irfft2(spec.conj(), s=self.s)
-        fq = torch.fft.rfft2(warped.pow(2).sum(2) * valid, s=self.s)
         sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
-        fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
         cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))
         sig = self._crop(torch.fft.irfft2(self.fs[:, None] * fv, s=self.s))
@@ -805,7 +817,7 @@ class _ShiftScorer:
         e = e.masked_fill(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
         nx = len(self.tx)
-        shift = torch.stack([self.tx[idx % nx], self.ty[idx // nx]], -1).to(warped.dtype)
+        shift = torch.stack([self.tx[idx % nx], self.ty[idx // nx]], -1).to(best.dtype)
         return best, shift
 
 
@@ -862,7 +874,23 @@ def _coarse(prob: _Problem):
     sat on a half-pixel line where every integer shift read 0.42-0.68 and the optimum 0.339.
     """
     lin = _linear_candidates(prob.family, prob.cfg, prob.reference.dtype, prob.reference.device)  # (K,3,3)
-    errs, mats = _coarse_grid(prob, lin)
+    return _subpixel(prob, lin, *_coarse_grid(prob, lin))
+
+
+def _coarse_pair(prob: _Problem, nxt: _Problem):
+    """:func:`_coarse` of ``prob`` and of the problem ``nxt`` that warps ``prob``'s moving maps
+    ``0 .. B - 2`` onto the references of images ``1 .. B - 1`` (the random-pair null): the
+    shared grid's warps and their FFTs are computed once and scored against both references, so
+    the null's exhaustive stage costs its channel products, not its warps and transforms.
+    The results are those of two :func:`_coarse` calls."""
+    lin = _linear_candidates(prob.family, prob.cfg, prob.reference.dtype, prob.reference.device)
+    (e, m), (e2, m2) = _coarse_grid(prob, lin, nxt)
+    return _subpixel(prob, lin, e, m), _subpixel(nxt, lin, e2, m2)
+
+
+def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch.Tensor):
+    """The coarse stage's second part (:func:`_coarse`): each image's best linear parts again at
+    the three half-pixel offsets."""
     n = min(prob.cfg.subpixel_top, lin.shape[0])
     if not SEARCH_FAMILIES[prob.family][1] or n == 0:
         return errs, mats
@@ -906,25 +934,30 @@ def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool) -> dict:
     return out
 
 
-def _coarse_grid(prob: _Problem, lin: torch.Tensor):
+def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None):
     """The coarse search over the linear parts ``lin`` (centred), shared ``(K, 3, 3)`` or one set per
     image ``(B, K, 3, 3)``: (errors (B, K), matrices (B, K, 3, 3)).
 
     With a translation part, candidates are grouped by the canvas they need (rounded up to a
     multiple of 4 pixels), so that every candidate is scored exactly and small ones stay cheap.
+    With ``nxt`` (shared ``lin`` only; see :func:`_coarse_pair`) the warps of ``prob``'s moving maps
+    are scored against ``nxt``'s references too: a pair of results.
     """
-    reference, moving, region, mvalid, family, cfg, size, required = (
-        prob.reference, prob.moving, prob.region, prob.mvalid, prob.family, prob.cfg, prob.size, prob.required)
+    reference, moving, region, mvalid, family, cfg, size = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.family, prob.cfg, prob.size)
     b, c, h, w = reference.shape
     has_t = SEARCH_FAMILIES[family][1]
     per_image = lin.dim() == 4
     k = lin.shape[-3]
     c_src = G.frame_matrix(size, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
-    errs = torch.full((b, k), torch.inf, dtype=reference.dtype, device=reference.device)
-    shifts = torch.zeros(b, k, 2, dtype=reference.dtype, device=reference.device)
     energy = _energy(reference, region)
     stack = _stack(moving, mvalid)
     rows = torch.arange(b, device=reference.device)[:, None]
+    probs = [prob] if nxt is None else [prob, nxt]
+    # per problem: its images among the moving maps, errors and shifts
+    out = [(slice(None) if q is prob else slice(0, q.reference.shape[0]),
+            torch.full((q.reference.shape[0], k), torch.inf, dtype=reference.dtype, device=reference.device),
+            torch.zeros(q.reference.shape[0], k, 2, dtype=reference.dtype, device=reference.device)) for q in probs]
     for (py, px), group in _canvas_groups(lin, h, w, has_t).items():
         canvas = (h + 2 * py, w + 2 * px)
         # candidates from the moving map's normalised frame to the canvas' normalised frame
@@ -937,30 +970,35 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor):
             part = lin[idx]
         norm = c_out @ part @ torch.linalg.inv(c_src)
         if has_t:
-            scorer = _ShiftScorer(reference, region, (py, px), cfg.max_shift, required)
-            side = int(math.sqrt(scorer.s[0] * scorer.s[1]))
+            scorers = [_ShiftScorer(q.reference, region, (py, px), cfg.max_shift, q.required) for q in probs]
+            side = int(math.sqrt(scorers[0].s[0] * scorers[0].s[1]))
         else:
             side = int(math.sqrt(h * w))
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
         for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
             warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
-            if has_t:
-                e, t = scorer(warped, valid)
-            else:
-                e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
-                t = None
-            if per_image:
-                r = real[:, sl]
-                i_b, i_k = rows.expand_as(r)[r], idx[:, sl][r]
-                errs[i_b, i_k] = e[r]
-                if t is not None:
-                    shifts[i_b, i_k] = t[r]
-            else:
-                errs[:, idx[sl]] = e
-                if t is not None:
-                    shifts[:, idx[sl]] = t
-    mats = _translation(shifts) @ (lin if per_image else lin.unsqueeze(0))  # (B, K, 3, 3) centred
-    return errs, mats
+            spectra = scorers[0].spectra(warped, valid) if has_t else None
+            for j, (q, (images, errs, shifts)) in enumerate(zip(probs, out)):
+                if has_t:
+                    e, t = scorers[j].score(spectra, images)
+                else:
+                    v = valid if valid.shape[0] == 1 else valid[images]
+                    e = q.required.feasible(*_region_terms(q.reference, warped[images], region, v, q.required.plane),
+                                            energy if q is prob else _energy(q.reference, region))
+                    t = None
+                if per_image:
+                    r = real[:, sl]
+                    i_b, i_k = rows.expand_as(r)[r], idx[:, sl][r]
+                    errs[i_b, i_k] = e[r]
+                    if t is not None:
+                        shifts[i_b, i_k] = t[r]
+                else:
+                    errs[:, idx[sl]] = e
+                    if t is not None:
+                        shifts[:, idx[sl]] = t
+            del spectra
+    res = [(errs, _translation(shifts) @ (lin if per_image else lin.unsqueeze(0))) for _, errs, shifts in out]
+    return res[0] if nxt is None else tuple(res)
 
 
 def _distinct_starts(errors: torch.Tensor, centred: torch.Tensor, k: int, cfg: SearchConfig) -> torch.Tensor:
@@ -1374,6 +1412,81 @@ def align(
     >>> a.errors.item() < 1e-6, a.params.round().tolist()
     (True, [[3.0, -2.0]])
     """
+    st = _setup(reference, moving, family, mask=mask, mask_radius=mask_radius, moving_mask=moving_mask,
+                channels=channels, config=config, expected=expected, extra_candidates=extra_candidates)
+    return st if isinstance(st, Alignment) else _search(st)
+
+
+def align_with_null(
+    reference: torch.Tensor,
+    moving: torch.Tensor,
+    family: str,
+    *,
+    null_config: SearchConfig,
+    mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    channels: str = "spatial",
+    config: SearchConfig | None = None,
+    expected: torch.Tensor | None = None,
+) -> tuple[Alignment, Alignment | None]:
+    """:func:`align` of the pairs ``(reference[i], moving[i])`` and, with ``null_config``, of the
+    pairs ``(reference[i + 1], moving[i])`` (the random-pair null within a batch; each pair with
+    the moving mask and expected warp of its reference image), which are ``align``'s results of
+    each (None for a single image).
+
+    The two searches share their exhaustive stage: the grid's warps of ``moving`` and their FFTs
+    are computed once and scored against both references (where both searches see the same
+    maps: the channels are not compressed, one moving mask for all images, the same grid), so
+    the null costs its channel products and its later stages, not a second set of warps and
+    transforms. Otherwise the two searches run one after the other, with the same results.
+    """
+    b = reference.shape[0]
+    common = dict(mask=mask, mask_radius=None, extra_candidates=None)
+    st = _setup(reference, moving, family, moving_mask=moving_mask, channels=channels, config=config,
+                expected=expected, **common)
+    if b < 2:
+        return (st if isinstance(st, Alignment) else _search(st)), None
+    per_image = isinstance(moving_mask, torch.Tensor) and moving_mask.dim() == 3
+    nxt = _setup(reference[1:], moving[:-1], family, channels="spatial", config=null_config,
+                 moving_mask=moving_mask[1:] if per_image else moving_mask,
+                 expected=expected[1:] if isinstance(expected, torch.Tensor) and expected.dim() == 3 else expected,
+                 **common)
+    if isinstance(st, Alignment) or isinstance(nxt, Alignment) or not _shares_grid(st, nxt):
+        return (st if isinstance(st, Alignment) else _search(st)), (nxt if isinstance(nxt, Alignment) else _search(nxt))
+    with torch.no_grad():
+        coarse, coarse_next = _coarse_pair(st.prob, nxt.prob)
+    return _search(st, coarse), _search(nxt, coarse_next)
+
+
+@dataclass
+class _Setup:
+    """One validated search before it runs (:func:`_setup`): its problem (on the maps' joint channel
+    span where that is exact and smaller), the maps themselves for the permutation stage, the
+    expected warp and extra candidates (centred), and the images without a verdict."""
+
+    prob: _Problem
+    fam: G.Family
+    reference: torch.Tensor
+    moving: torch.Tensor
+    exp_c: torch.Tensor | None
+    extra_c: torch.Tensor | None
+    reasons: list
+    channels: str
+
+
+def _shares_grid(a: _Setup, b: _Setup) -> bool:
+    """Whether ``b``'s exhaustive stage can score ``a``'s warps (:func:`align_with_null`)."""
+    pa, pb = a.prob, b.prob
+    return (pa.moving is a.moving and pb.moving is b.moving and pa.mvalid.dim() == 2
+            and torch.equal(pa.mvalid, pb.mvalid) and pa.cfg.max_shift == pb.cfg.max_shift
+            and torch.equal(_linear_candidates(pa.family, pa.cfg, torch.float64, "cpu"),
+                            _linear_candidates(pb.family, pb.cfg, torch.float64, "cpu")))
+
+
+def _setup(reference, moving, family, *, mask, mask_radius, moving_mask, channels, config, expected,
+           extra_candidates) -> _Setup | Alignment:
+    """:func:`align`'s checks and preparation: a :class:`_Setup`, or the result when no image has
+    anything to search."""
     check_images(reference, "reference")
     check_images(moving, "moving")
     if reference.shape != moving.shape:
@@ -1419,9 +1532,20 @@ def align(
     # the spatial search on the maps' joint channel span (exact; the permutation stage keeps the channels)
     sp_ref, sp_mov = _compressed(reference, moving, region, cfg)
     prob = _Problem(sp_ref, sp_mov, region, mvalid, size, family, cfg, required)
+    return _Setup(prob, fam, reference, moving, exp_c, extra_c, reasons, channels)
+
+
+def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None) -> Alignment:
+    """Run a :class:`_Setup`'s search: coarse (or the given coarse errors and matrices), refinement,
+    exact scoring, polish, local re-search; then the permutation stage when asked for."""
+    prob, fam, reference, moving, exp_c, extra_c, reasons, channels = (
+        st.prob, st.fam, st.reference, st.moving, st.exp_c, st.extra_c, st.reasons, st.channels)
+    sp_ref, sp_mov, region, mvalid, size, family, cfg, required = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required)
+    b, dtype, device = sp_ref.shape[0], sp_ref.dtype, sp_ref.device
     # 1. coarse search (exhaustive over the grid x all integer shifts)
     with torch.no_grad():
-        coarse_e, coarse_m = _coarse(prob)
+        coarse_e, coarse_m = _coarse(prob) if coarse is None else coarse
         coarse_best = coarse_e.min(1).values
         # distinct basins at two separations: across the grid, and near the best
         fine = replace(cfg, basin_separation=cfg.basin_separation / 2, basin_shift=cfg.basin_shift / 2)

@@ -668,3 +668,36 @@ def test_an_exact_start_skips_the_refinement_and_its_batch_mates_do_not_notice(m
         alone = align(ref[i:i + 1], mov[i:i + 1], "rigid", config=CFG)
         torch.testing.assert_close(alone.errors, both.errors[i:i + 1], atol=1e-12, rtol=0)
         torch.testing.assert_close(alone.matrices, both.matrices[i:i + 1], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("channels, size", [(3, 20), (200, 6)])
+def test_the_null_shares_the_main_searchs_warps_and_equals_two_calls(monkeypatch, channels, size):
+    """``align_with_null`` gives the results of ``align(reference, moving)`` and of
+    ``align(reference[1:], moving[:-1])`` (each image's search is independent of its batch-mates,
+    so the only difference may be rounding, 1e-12), and computes the shared grid's warps once:
+    one exhaustive pass over the shared grid instead of two. With 200 channels on a 6 x 6 map the
+    channels are compressed per pair, the two searches see different maps, and they run apart."""
+    from invariance._search import _coarse_grid, align_with_null
+
+    g = torch.Generator().manual_seed(3)
+    ref = F.avg_pool2d(torch.randn(4, channels, size + 4, size + 4, generator=g, dtype=DT), 5, 1)
+    mov = torch.rot90(ref, 1, (-2, -1)) + 0.01 * torch.randn(ref.shape, generator=g, dtype=DT)
+    null_cfg = replace(CFG, top_k=1, hop_steps=())
+    grids = []
+
+    def counted(prob, lin, nxt=None):
+        grids.append((lin.dim(), nxt is not None))
+        return _coarse_grid(prob, lin, nxt)
+
+    monkeypatch.setattr("invariance._search._coarse_grid", counted)
+    main, null = align_with_null(ref, mov, "rigid", null_config=null_cfg, config=CFG)
+    joint = [d for d, _ in grids if d == 3]
+    grids.clear()
+    alone, pairs = align(ref, mov, "rigid", config=CFG), align(ref[1:], mov[:-1], "rigid", config=null_cfg)
+    apart = [d for d, _ in grids if d == 3]
+    for a, b in ((main, alone), (null, pairs)):
+        assert torch.allclose(a.errors, b.errors, rtol=0, atol=1e-12)
+        assert torch.allclose(a.matrices, b.matrices, rtol=0, atol=1e-9)
+    assert len(apart) == 2
+    assert len(joint) == (2 if channels > 3 * size * size else 1)
+    assert float(null.errors.mean()) > 10 * float(main.errors.mean())  # another image's maps: far worse
