@@ -788,7 +788,9 @@ class _ShiftScorer:
 
     def spectra(self, warped: torch.Tensor, valid: torch.Tensor) -> tuple:
         """The candidates' FFTs ``(FFT(G_c), FFT(Q), conj FFT(V))``: they depend on the moving maps
-        only, so one set scores them against several references (:meth:`score`)."""
+        only, so one set scores them against several references (:meth:`score`). ``valid`` of
+        shape ``(1, k, ...)`` (one moving mask for every image, shared candidates) is transformed
+        once per candidate, not once per image."""
         fg = torch.fft.rfft2(warped * valid[:, :, None], s=self.s)
         fq = torch.fft.rfft2(warped.pow(2).sum(2) * valid, s=self.s)
         fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
@@ -807,12 +809,12 @@ class _ShiftScorer:
         blk = max(1, min(c, step_bytes(fg.device) // max(1, spec.numel() * spec.element_size())))
         for c0 in range(0, c, blk):
             spec += (fg[:, :, c0 : c0 + blk] * self.fa[:, None, c0 : c0 + blk]).sum(2)
-        cross = torch.fft.irfft2(spec.conj(), s=self.s)
-        sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
+        # corr(M, Q) - 2 sum_c corr(M F_c, G_c) in one inverse transform (the FFT is linear)
+        num = self._crop(torch.fft.irfft2(self.fm * fq.conj() - 2 * spec.conj(), s=self.s))
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
-        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))
+        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))  # (1, k): one per candidate when V is shared
         sig = self._crop(torch.fft.irfft2(self.fs[:, None] * fv, s=self.s))
-        num = self._crop(sq - 2 * cross) + den
+        num = num + den
         e = self.rule.feasible(num, den, cnt, sig, self.energy, rounding=True)
         e = e.masked_fill(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
@@ -954,6 +956,7 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
     stack = _stack(moving, mvalid)
     rows = torch.arange(b, device=reference.device)[:, None]
     probs = [prob] if nxt is None else [prob, nxt]
+    shared_valid = mvalid.dim() == 2 and not per_image
     # per problem: its images among the moving maps, errors and shifts
     out = [(slice(None) if q is prob else slice(0, q.reference.shape[0]),
             torch.full((q.reference.shape[0], k), torch.inf, dtype=reference.dtype, device=reference.device),
@@ -977,6 +980,8 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
         for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
             warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
+            if shared_valid:  # every image's warped valid region is the same plane
+                valid = valid[:1]
             spectra = scorers[0].spectra(warped, valid) if has_t else None
             for j, (q, (images, errs, shifts)) in enumerate(zip(probs, out)):
                 if has_t:
