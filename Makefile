@@ -5,7 +5,8 @@
 # on 2 CPU cores). Tests that need MNIST / Fashion-MNIST files read them from INVARIANCE_DATA
 # when it is set and are skipped, with the reason, when it is not. `make test` runs one pytest
 # worker per core (pytest-xdist), each computing on one thread: two threads per worker would
-# oversubscribe the cores, and torch's spinning threads then run several times slower.
+# oversubscribe the cores, and torch's spinning threads then run several times slower. The notebooks
+# (the longest items) come first, so that the short tests fill in behind them on both workers.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -29,7 +30,7 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check invariance stn tests benchmarks scripts notebooks
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} INVARIANCE_QUICK=1 OMP_NUM_THREADS=1 \
-	    $(PY) -m pytest -q -n auto invariance stn tests notebooks/*.ipynb --nbmake
+	    $(PY) -m pytest -q -n auto notebooks/*.ipynb invariance stn tests --nbmake
 
 $(MSTAMP): pyproject.toml requirements/models.txt
 	$(PYTHON) -m venv $(MVENV)
