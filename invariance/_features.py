@@ -529,10 +529,11 @@ class FeatureExtractor:
         A layer whose output carries no derivative (a module that detaches) gets None; a module
         without forward-mode support raises (NotImplementedError or RuntimeError).
 
-        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU())
-        >>> x, v = torch.rand(1, 1, 6, 6), torch.rand(1, 1, 6, 6)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU()).double()
+        >>> x, v = (torch.rand(1, 1, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
         >>> f, t, _ = FeatureExtractor(net, ["0"]).jvp(x, v)
-        >>> bool(torch.allclose(t["0"], net[0](v) - net[0].bias[:, None, None]))
+        >>> bool(torch.allclose(t["0"], net[0](v) - net[0].bias[:, None, None], rtol=0, atol=1e-12))
         True
         """
         import warnings

@@ -809,12 +809,12 @@ class _ShiftScorer:
         blk = max(1, min(c, step_bytes(fg.device) // max(1, spec.numel() * spec.element_size())))
         for c0 in range(0, c, blk):
             spec += (fg[:, :, c0 : c0 + blk] * self.fa[:, None, c0 : c0 + blk]).sum(2)
-        # corr(M, Q) - 2 sum_c corr(M F_c, G_c) in one inverse transform (the FFT is linear)
-        num = self._crop(torch.fft.irfft2(self.fm * fq.conj() - 2 * spec.conj(), s=self.s))
+        cross = torch.fft.irfft2(spec.conj(), s=self.s)
+        sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
         cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))  # (1, k): one per candidate when V is shared
         sig = self._crop(torch.fft.irfft2(self.fs[:, None] * fv, s=self.s))
-        num = num + den
+        num = self._crop(sq - 2 * cross) + den
         e = self.rule.feasible(num, den, cnt, sig, self.energy, rounding=True)
         e = e.masked_fill(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
@@ -1135,7 +1135,7 @@ def _refine_batch(prob: _Problem, centred: torch.Tensor):
                       cfg.refine_steps, region, size, fam, cfg, required, energy)
         best_z = best_z.scatter(1, idx, bz)
     with torch.no_grad():
-        return G._matrix(fam, _from_free(fam, best_z))
+        return G.to_matrix(fam, _from_free(fam, best_z), check=False)
 
 
 def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy):
@@ -1153,7 +1153,7 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
         # cosine annealing from 1 to 0.01 over all the refinement's steps
         lr = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
         zz = z.requires_grad_(True)
-        m = _normalized(G._matrix(fam, _from_free(fam, zz)), size)
+        m = _normalized(G.to_matrix(fam, _from_free(fam, zz), check=False), size)
         (_, stacked), = unchecked_chunks(stack, m, size, m.shape[1], affine=True)
         warped, valid = _split(stacked)
         e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
@@ -1207,7 +1207,7 @@ def _hop(prob: _Problem, fam: G.Family, best_m: torch.Tensor, best_e: torch.Tens
         zz[..., j] += steps
         moves.append(zz)
     zz = torch.cat(moves, 1)  # (B, n, P)
-    m = G._matrix(fam, _from_free(fam, zz))
+    m = G.to_matrix(fam, _from_free(fam, zz), check=False)
     frac = m[..., :2, 2] - torch.round(m[..., :2, 2])
     offs = torch.tensor(((0.0, 0.0),) + _HALF_PIXELS, dtype=z.dtype, device=z.device)  # (4, 2)
     m = m[:, :, None].repeat(1, 1, 4, 1, 1)
@@ -1249,8 +1249,8 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     for _ in range(cfg.polish_levels):
         for _ in range(3):
             cand = z[:, :, None, :] + step * dirs  # (B, S, 2P, P)
-            e, _ = _exact(reference, moving, G._matrix(fam, _from_free(fam, cand.flatten(1, 2))), region,
-                          mvalid, size, required, perm)
+            moves = G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2)), check=False)
+            e, _ = _exact(reference, moving, moves, region, mvalid, size, required, perm)
             eb, j = e.reshape(b, s, 2 * n).min(-1)
             better = eb < best
             if stop_early and not bool(better.any()):
@@ -1259,7 +1259,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
             z = torch.where(better[..., None], moved, z)
             best = torch.where(better, eb, best)
         step /= 2
-    m = G._matrix(fam, _from_free(fam, z))
+    m = G.to_matrix(fam, _from_free(fam, z), check=False)
     e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
     keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
     m = torch.where(keep[..., None, None], m, centred)

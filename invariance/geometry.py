@@ -177,7 +177,7 @@ def _with_translation(m: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> to
     return torch.cat([top, m[..., 2:, :]], dim=-2)
 
 
-def to_matrix(family: str | Family, params) -> torch.Tensor:
+def to_matrix(family: str | Family, params, *, check: bool = True) -> torch.Tensor:
     """Parameters of ``family`` -> 3x3 matrices in the **centred** frame (input -> output).
 
     Convention: see the module docstring (angles in degrees, counter-clockwise as displayed;
@@ -186,6 +186,9 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
     Args:
         family: a name in :data:`FAMILIES` or a :class:`Family`.
         params: tensor ``(..., n_params)`` (floating point, finite).
+        check: validate ``params`` (finite, positive scale factors). ``False`` skips the checks,
+            which read values back from the device: for inner loops (the search's refinement
+            and polish) whose parameters are valid by construction.
 
     Returns:
         tensor ``(..., 3, 3)`` with the dtype and device of ``params``.
@@ -196,6 +199,8 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
             [ 0.,  0.,  1.]])
     """
     fam = get_family(family)
+    if not check:
+        return _matrix(fam, params)
     p = as_params(params, fam)
     name = fam.name
     if name in ("scale", "anisotropic_scale", "similarity", "scale_translation"):
@@ -206,8 +211,7 @@ def to_matrix(family: str | Family, params) -> torch.Tensor:
 
 
 def _matrix(fam: Family, p: torch.Tensor) -> torch.Tensor:
-    """:func:`to_matrix` without its checks: no device synchronisation, for the search's inner
-    loops, whose parameters are finite and positive by construction."""
+    """:func:`to_matrix`'s matrices, without its checks."""
     u = p.unbind(-1)
     one, zero = torch.ones_like(u[0]), torch.zeros_like(u[0])
     name = fam.name
