@@ -147,21 +147,6 @@ def step_bytes(device: torch.device | str) -> int:
     return int(min(hi, max(lo, free // 64)))
 
 
-_FRAMES: dict = {}
-
-
-def _normalized(centred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`invariance.geometry.centred_to_normalized` with the frame matrices of ``size`` built once
-    per (size, dtype, device): no host-to-device copy inside the search's loops (the same arithmetic)."""
-    key = (tuple(size), centred.dtype, centred.device)
-    if key not in _FRAMES:
-        c = G.frame_matrix(size, frm="centred", to="normalized", dtype=centred.dtype, device=centred.device)
-        _FRAMES[key] = (c, torch.linalg.inv(c))
-    c, c_inv = _FRAMES[key]
-    out = c @ centred @ c_inv
-    return out / out[..., 2:3, 2:3]
-
-
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower it by more
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
@@ -952,10 +937,10 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
     per_image = lin.dim() == 4
     k = lin.shape[-3]
     c_src = G.frame_matrix(size, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
-    energy = _energy(reference, region)
     stack = _stack(moving, mvalid)
     rows = torch.arange(b, device=reference.device)[:, None]
     probs = [prob] if nxt is None else [prob, nxt]
+    energies = [_energy(q.reference, region) for q in probs]
     shared_valid = mvalid.dim() == 2 and not per_image
     # per problem: its images among the moving maps, errors and shifts
     out = [(slice(None) if q is prob else slice(0, q.reference.shape[0]),
@@ -989,7 +974,7 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
                 else:
                     v = valid if valid.shape[0] == 1 else valid[images]
                     e = q.required.feasible(*_region_terms(q.reference, warped[images], region, v, q.required.plane),
-                                            energy if q is prob else _energy(q.reference, region))
+                                            energies[j])
                     t = None
                 if per_image:
                     r = real[:, sl]
@@ -1071,7 +1056,7 @@ def _permuted(stack, perm):
 def _exact(reference, moving, centred, region, mvalid, size, required, perm=None, signal=False):
     """Exact errors (inf where infeasible) and overlap counts of per-image centred matrices (B, n, 3, 3)
     (and the signal kept, with ``signal=True``). No device synchronisation: the polish calls it per move."""
-    norm = _normalized(centred, size)
+    norm = G.centred_to_normalized(centred, size)
     stack = _permuted(_stack(moving, mvalid), perm)
     energy = _energy(reference, region)
     errs, cnts, sigs = [], [], []
@@ -1153,7 +1138,7 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
         # cosine annealing from 1 to 0.01 over all the refinement's steps
         lr = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
         zz = z.requires_grad_(True)
-        m = _normalized(G.to_matrix(fam, _from_free(fam, zz), check=False), size)
+        m = G.centred_to_normalized(G.to_matrix(fam, _from_free(fam, zz), check=False), size)
         (_, stacked), = unchecked_chunks(stack, m, size, m.shape[1], affine=True)
         warped, valid = _split(stacked)
         e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
@@ -1449,18 +1434,21 @@ def align_with_null(
     common = dict(mask=mask, mask_radius=None, extra_candidates=None)
     st = _setup(reference, moving, family, moving_mask=moving_mask, channels=channels, config=config,
                 expected=expected, **common)
+    def run(s: _Setup | Alignment, coarse=None) -> Alignment:
+        return s if isinstance(s, Alignment) else _search(s, coarse)
+
     if b < 2:
-        return (st if isinstance(st, Alignment) else _search(st)), None
+        return run(st), None
     per_image = isinstance(moving_mask, torch.Tensor) and moving_mask.dim() == 3
     nxt = _setup(reference[1:], moving[:-1], family, channels="spatial", config=null_config,
                  moving_mask=moving_mask[1:] if per_image else moving_mask,
                  expected=expected[1:] if isinstance(expected, torch.Tensor) and expected.dim() == 3 else expected,
                  **common)
     if isinstance(st, Alignment) or isinstance(nxt, Alignment) or not _shares_grid(st, nxt):
-        return (st if isinstance(st, Alignment) else _search(st)), (nxt if isinstance(nxt, Alignment) else _search(nxt))
+        return run(st), run(nxt)
     with torch.no_grad():
         coarse, coarse_next = _coarse_pair(st.prob, nxt.prob)
-    return _search(st, coarse), _search(nxt, coarse_next)
+    return run(st, coarse), run(nxt, coarse_next)
 
 
 @dataclass

@@ -432,10 +432,20 @@ def normalized_to_pixel(points: torch.Tensor, size: Sequence[int]) -> torch.Tens
     return _points_between(points, size, "normalized", "pixel")
 
 
+_FRAME_PAIRS: dict = {}
+
+
 def _change_frame(matrix: torch.Tensor, size, frm: str, to: str) -> torch.Tensor:
+    """``C A C^-1`` with ``C`` the point map from ``frm`` to ``to``. ``C`` and its inverse are built
+    once per (size, frames, dtype, device) and kept: the search's inner loops change frames every
+    step, and building ``C`` is a host-to-device copy."""
     check_matrix(matrix)
-    c = frame_matrix(size, frm=frm, to=to, dtype=matrix.dtype, device=matrix.device)
-    out = c @ matrix @ torch.linalg.inv(c)
+    key = (tuple(int(v) for v in size), frm, to, matrix.dtype, matrix.device)
+    if key not in _FRAME_PAIRS:
+        c = frame_matrix(size, frm=frm, to=to, dtype=matrix.dtype, device=matrix.device)
+        _FRAME_PAIRS[key] = (c, torch.linalg.inv(c))
+    c, c_inv = _FRAME_PAIRS[key]
+    out = c @ matrix @ c_inv
     return out / out[..., 2:3, 2:3]
 
 
