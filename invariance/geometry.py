@@ -440,7 +440,7 @@ def _change_frame(matrix: torch.Tensor, size, frm: str, to: str) -> torch.Tensor
     once per (size, frames, dtype, device) and kept: the search's inner loops change frames every
     step, and building ``C`` is a host-to-device copy."""
     check_matrix(matrix)
-    key = (tuple(int(v) for v in size), frm, to, matrix.dtype, matrix.device)
+    key = (check_size(size), frm, to, matrix.dtype, matrix.device)
     if key not in _FRAME_PAIRS:
         c = frame_matrix(size, frm=frm, to=to, dtype=matrix.dtype, device=matrix.device)
         _FRAME_PAIRS[key] = (c, torch.linalg.inv(c))
