@@ -28,4 +28,4 @@ def write_results(folder, stem: str, out: dict, text: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / f"{stem}.json", out)
     atomic_write_text(folder / f"{stem}.md", text)
-    print(text)
+    print(text, flush=True)

@@ -20,7 +20,7 @@ For map sizes of real networks (torchvision resnet50 at 224 px: layer1 256 x 56 
 Ratios: coarse / bare FFTs (target within 3x), default / bare FFTs, and loop / coarse for the
 same candidate set (target >= 100x). Each time is the median of ``--repeats`` runs after a
 warm-up. Results go to ``benchmarks/results/fft_bound.{json,md}`` with the machine and the load
-average before and after.
+average before and after, rewritten after every size (``complete`` says whether every size is in).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from invariance import SearchConfig, align  # noqa: E402
 from invariance import geometry as G  # noqa: E402
 
 SIZES = {"layer1": (256, 56), "layer2": (512, 28), "layer3": (1024, 14)}
-TINY = {"tiny": (8, 12)}
+TINY = {"tiny": (8, 12), "tiny-small": (4, 8)}
 
 
 def _median(xs):
@@ -128,6 +128,9 @@ def markdown(out: dict) -> str:
               "same candidate set is checked against the loop in `bench_search.py`.",
               "- The default search adds the refinement (Adam from 6 starts) and the polish, which do not "
               "scale with the candidate count: the *default / FFT* column."]
+    if not out.get("complete", True):
+        lines += ["", f"**Incomplete**: the results of the first {len(out['results'])} map size(s) only (the run was "
+                  "stopped, e.g. by its time cap, or is still running)."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,12 +146,17 @@ def main() -> None:
     if args.tiny:
         args.repeats, args.loop_candidates = 1, 20
     load_before = os.getloadavg()
-    results = [bench_size(name, c, s, args) for name, (c, s) in (TINY if args.tiny else SIZES).items()]
-    out = {"device": args.device, "machine": machine(), "repeats": args.repeats,
-           "command": "python benchmarks/bench_fft_bound.py " + " ".join(sys.argv[1:]),
-           "load_before": [round(x, 2) for x in load_before],
-           "load_after": [round(x, 2) for x in os.getloadavg()], "results": results}
-    write_results(args.out, "fft_bound" + ("_tiny" if args.tiny else ""), out, markdown(out))
+    sizes = TINY if args.tiny else SIZES
+    results: list = []
+    for name, (c, s) in sizes.items():
+        results.append(bench_size(name, c, s, args))
+        # after every size: a run stopped by a time cap (benchmarks/gpu_suite.sh) leaves the sizes it did
+        out = {"device": args.device, "machine": machine(), "repeats": args.repeats,
+               "command": "python benchmarks/bench_fft_bound.py " + " ".join(sys.argv[1:]),
+               "complete": len(results) == len(sizes),
+               "load_before": [round(x, 2) for x in load_before],
+               "load_after": [round(x, 2) for x in os.getloadavg()], "results": results}
+        write_results(args.out, "fft_bound" + ("_tiny" if args.tiny else ""), out, markdown(out))
 
 
 if __name__ == "__main__":

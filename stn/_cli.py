@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="the CPU quick mode (reduced protocols, see the report)")
     r.add_argument("--budget", choices=("gpu", "tiny"), default=None,
                    help="step-budgeted training of each column's models together (stn.reproduce_budget): gpu = about "
-                        "7 minutes on one H100/H200; tiny = a CPU smoke run of the same code. Writes to "
+                        "4 minutes of training on one H100/H200; tiny = a CPU smoke run of the same code. Writes to "
                         "--results (default benchmarks/results/gpu for a budget)")
     r.add_argument("--out", default="runs/reproduce", help="folder of the runs")
     r.add_argument("--results", default=None,

@@ -130,27 +130,40 @@ def test_unknown_budget_and_transform_are_named():
 
 def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     """``benchmarks/gpu_suite.sh --tiny``: every part of the GPU suite runs on the CPU and writes its
-    results: the suite summary (6 parts, all ok; resnet50 skipped without torchvision), the search,
-    FFT-bound and training benchmarks, and the
-    budgeted reproduction with 3 columns x 5 architectures (2 seeds under rotation), the paper's
-    claims with verdicts, the canonical pose per model and its figure."""
+    results: the suite summary (the plan and 6 parts, all ok; resnet50 skipped without
+    torchvision), each with its time, the plan's estimate and its cap; the plan (the device's
+    prices, and the op counts it priced: FFT work for the search benchmarks, dense work for
+    training); the search, FFT-bound and training benchmarks; and the budgeted reproduction with 3
+    columns x 5 architectures (2 seeds under rotation), the paper's claims with verdicts, the
+    canonical pose per model and its figure."""
     env = {**os.environ, "PYTHON": sys.executable}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=900)
     summary = (tmp_path / "suite.md").read_text()
     assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| part")]
-    assert [r.split("|")[1].strip() for r in rows] == ["cuda-tests", "search-bench", "fft-bound", "train-bench",
-                                                        "reproduction", "resnet50"]
-    results = [r.split("|")[2].strip() for r in rows]
+    rows = [line.split("|")[1:-1] for line in summary.splitlines()
+            if line.startswith("| ") and not line.startswith("| part")]
+    assert [r[0].strip() for r in rows] == ["plan", "cuda-tests", "search-bench", "fft-bound", "train-bench",
+                                            "reproduction", "resnet50"]
+    results = [r[1].strip() for r in rows]
     assert all(r == "ok" for r in results[:-1]), summary
     torchvision = importlib.util.find_spec("torchvision") is not None
     assert results[-1] == "ok" if torchvision else results[-1].startswith("skipped: torchvision"), summary
-    assert (tmp_path / "fft_bound_tiny.json").exists()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["tiny"] and plan["device"] == "cpu" and set(plan["parts"]) == {r[0].strip() for r in rows}
+    assert all(plan["prices"][k] > 0 for k in ("launch", "fft", "mm", "bandwidth", "process_start"))
+    parts = plan["parts"]
+    assert parts["search-bench"]["counts"]["fft_flops"] > 0 and parts["fft-bound"]["counts"]["fft_flops"] > 0
+    assert parts["train-bench"]["counts"]["dense_flops"] > 0 and parts["reproduction"]["counts"]["dense_flops"] > 0
+    for r in rows[2:6]:  # the estimated parts: the estimate in the summary is the plan's
+        assert r[3].strip() == f"{parts[r[0].strip()]['estimate']:.0f}" and r[4].strip() == "600"
+    assert (tmp_path / "cuda-tests.xml").exists()
+    fft = json.loads((tmp_path / "fft_bound_tiny.json").read_text())
+    assert fft["complete"] and len(fft["results"]) == 2
     train = json.loads((tmp_path / "train_throughput_tiny.json").read_text())
     assert train["ratio"] > 0 and set(train["plain_images_per_s"]) == {"CNN", "STN-C0", "STN-C1", "STN-DL1",
                                                                         "STN-SL1"}
-    assert (tmp_path / "search_tiny.json").exists()
+    assert json.loads((tmp_path / "search_tiny.json").read_text())["complete"]
     rep = json.loads((tmp_path / "reproduction.json").read_text())
     assert rep["budget"] == "tiny" and list(rep["columns"]) == ["rotation", "scale", "translation"]
     assert len(rep["columns"]["rotation"]["cells"]) == 10 and len(rep["columns"]["scale"]["cells"]) == 5
@@ -161,6 +174,60 @@ def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
     assert (tmp_path / "canonical_pose.png").stat().st_size > 1000
     assert "## The paper's claims" in (tmp_path / "reproduction.md").read_text()
 
+
+def test_the_gpu_suites_caps_add_up_to_its_lease():
+    """The caps of a GPU run add up to at most the lease (9 minutes): the suite fits by
+    construction, whatever the plan estimates."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_plan.py"), "--caps"],
+                         capture_output=True, text=True, check=True).stdout
+    caps = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
+    assert set(caps) == {"plan", "cuda-tests", "search-bench", "fft-bound", "train-bench", "reproduction",
+                         "resnet50"}
+    assert sum(caps.values()) <= 9 * 60
+
+
+def test_a_part_that_runs_out_of_time_is_recorded_as_capped(tmp_path):
+    """A part stopped by its cap is "capped" in the summary (not a failure: the suite exits 0), and
+    the suite goes on. The tiny reproduction takes several seconds (it trains 15 models), far more
+    than a 1-second cap."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path),
+                          "--parts", "reproduction", "--cap", "reproduction=1", "--cap", "plan=1"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    summary = (tmp_path / "suite.md").read_text()
+    assert run.returncode == 0, summary + run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
+            if line.startswith("| ") and not line.startswith("| part")}
+    assert set(rows) == {"plan", "reproduction"}, summary
+    assert rows["reproduction"].startswith("capped at 1 s") and rows["plan"].startswith("capped at 1 s"), summary
+
+
+def test_a_benchmark_writes_each_result_as_it_finishes(tmp_path):
+    """What a capped part leaves: the FFT-bound benchmark rewrites its results after every map
+    size, so they are on disk (marked incomplete) before the next size starts. Read while the
+    benchmark still runs: as soon as it prints the first size's table."""
+    with subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bench_fft_bound.py"), "--tiny",
+                           "--out", str(tmp_path)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                if line.startswith("**Incomplete**"):
+                    break
+            partial = json.loads((tmp_path / "fft_bound_tiny.json").read_text())
+        finally:
+            proc.kill()
+    assert partial["complete"] is False and [r["layer"] for r in partial["results"]] == ["tiny"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "nope"], "--parts: unknown part 'nope'; valid parts: cuda-tests,"),
+    (["--cap", "nope=3"], "--cap: unknown part 'nope'; valid parts: plan, cuda-tests,"),
+    (["--cap", "plan=soon"], "--cap: expected PART=SECONDS with a positive integer"),
+])
+def test_the_gpu_suite_names_a_bad_argument(tmp_path, args, message):
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--tiny", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
 def test_the_gpu_settings_run_on_the_cpu_too():

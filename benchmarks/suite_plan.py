@@ -1,0 +1,348 @@
+"""The GPU suite's parts, their time caps, and the plan: each part's time estimated from its op counts.
+
+    python benchmarks/suite_plan.py [--tiny] [--device cpu|cuda] [--cap PART=SECONDS ...] [--json PATH]
+
+``benchmarks/gpu_suite.sh`` runs the parts listed in :data:`PARTS`, each under its cap (the caps
+of the GPU run add up to :data:`LEASE_SECONDS`, 9 minutes, so the suite fits its lease by
+construction), and calls this module first, on the device, as its calibration step
+(``gpu_suite.sh --plan`` prints the plan and stops). The plan:
+
+1. measures the device's prices (``benchmarks/_ops.py``: seconds per operator launch and per
+   host synchronisation, FFT and matmul FLOP/s, memory bandwidth);
+2. counts the operators, FFT and dense FLOPs and bytes of each part's work by running a
+   scaled-down instance of it on the device under torch's dispatcher (one image where the work is
+   linear in the images, a sample of the per-candidate loop's candidates, one SGD step) and
+   scales the counts to the part's full size;
+3. prices the counts: the estimated seconds of each part; a part whose time is fixed by
+   construction (the budgeted reproduction trains for its budget's seconds) adds that time; the
+   CUDA tests are not estimated (bounded by their cap);
+4. sizes the one part whose size is free, the resnet50 search: the most images (at most 1,000)
+   whose estimate stays within 70% of its cap.
+
+The estimate is a sum of the prices (``_ops.seconds``), which errs long on a GPU that overlaps
+launches with compute; the suite records each part's measured time beside its estimate
+(``suite.md``), so the model can be checked on every run. The plan's exit status is 1 when the
+estimated total exceeds the lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _ops  # noqa: E402
+
+LEASE_SECONDS = 540
+"""The GPU suite's whole time: 9 minutes of a ~15-minute lease (the rest starts the machine)."""
+
+RESNET50_IMAGES = 1000
+"""The resnet50 part's target size (issue "near the limit": 1,000 images x 360 angles < 60 s)."""
+
+RESNET50_FILL = 0.7
+"""The share of its cap the sized resnet50 part may be estimated to take (margin for the model's error)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the suite: its name, its cap in seconds (GPU run, tiny run) and what it runs."""
+
+    name: str
+    cap: int
+    tiny_cap: int
+    what: str
+
+
+PARTS = (
+    Part("plan", 20, 300, "this plan: the device's prices, the op counts, the sizes"),
+    Part("cuda-tests", 45, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
+    Part("search-bench", 30, 600, "benchmarks/bench_search.py --quick: the search against the per-candidate loop"),
+    Part("fft-bound", 35, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
+    Part("train-bench", 20, 600, "benchmarks/bench_train.py: the five architectures together against the loop"),
+    Part("reproduction", 300, 600, "stn reproduce --budget gpu: the paper's three columns"),
+    Part("resnet50", 90, 600, "benchmarks/bench_resnet50.py: resnet50 layer3, 360 angles, sized images"),
+)
+assert sum(p.cap for p in PARTS) <= LEASE_SECONDS
+
+
+def caps(tiny: bool, overrides: dict[str, int]) -> dict[str, int]:
+    """Each part's cap in seconds, with ``--cap PART=SECONDS`` overrides.
+
+    >>> caps(False, {})["resnet50"], sum(caps(False, {}).values())
+    (90, 540)
+    >>> caps(True, {"fft-bound": 3})["fft-bound"]
+    3
+    """
+    out = {p.name: p.tiny_cap if tiny else p.cap for p in PARTS}
+    bad = sorted(set(overrides) - set(out))
+    if bad:
+        raise SystemExit(f"suite_plan: error: --cap: unknown part {bad[0]!r}; valid parts: {', '.join(out)}")
+    return {**out, **overrides}
+
+
+def parse_cap(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--cap: expected PART=SECONDS with a positive integer, got {text!r}")
+    return name, int(value)
+
+
+# ----------------------------------------------------------------------------- the parts' work, counted
+
+
+def _search_work(b: int, c: int, s: int, cfg, dev, family: str = "rigid") -> _ops.OpCount:
+    """One ``align`` of ``b`` smooth ``c x s x s`` maps rotated by 33 degrees (as the benchmarks do)."""
+    from bench_search import smooth_maps
+
+    from invariance import align, warp
+    from invariance import geometry as G
+
+    ref = smooth_maps(b, c, s, s, 0, dev)
+    mov = warp(ref, G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([33.0, 1.7, -2.2])), (s, s)).to(dev))
+    mask = torch.ones(s, s, device=dev)
+    return _ops.count(lambda: align(ref, mov, family, mask=mask, config=cfg))
+
+
+def _loop_work(b: int, c: int, s: int, n_angles: int, candidates: int, dev) -> _ops.OpCount:
+    """The per-candidate loop over ``candidates`` candidates, from a count over a sample of 8."""
+    from bench_search import candidate_matrices, loop_search, smooth_maps
+
+    ref = smooth_maps(b, c, s, s, 0, dev)
+    mats = candidate_matrices(n_angles, s, s, torch.float32, dev)
+    mask = torch.ones(s, s, device=dev)
+    return _ops.count(lambda: loop_search(ref, ref, mats, mask, limit=8)) * (candidates / 8)
+
+
+def work_search_bench(tiny: bool, dev) -> _ops.OpCount:
+    """bench_search.py --quick (--tiny): the speed part (loop and coarse search, ``repeats`` times, one
+    refined search) and the memory child (one coarse search, a 24-candidate loop sample)."""
+    from invariance import SearchConfig
+
+    b, c, s, a = (2, 4, 8, 2) if tiny else (8, 32, 16, 12)
+    repeats = 1 if tiny else 3
+    coarse = SearchConfig(n_angles=a, refine_steps=0, top_k=1, subpixel_top=0)
+    n = a * (2 * s - 1) ** 2
+    speed = (_search_work(b, c, s, coarse, dev) * (repeats + 1) + _loop_work(b, c, s, a, n * repeats + 4, dev)
+             + _search_work(b, c, s, SearchConfig(n_angles=a, top_k=3, refine_steps=40), dev))
+    mb, mc, ms, ma = (2, 4, 12, 4) if tiny else (16, 64, 28, 90)
+    mem = (_search_work(1, mc, ms, SearchConfig(n_angles=ma, refine_steps=0, top_k=1, subpixel_top=0), dev) * mb
+           + _loop_work(mb, mc, ms, ma, 24, dev))
+    return speed + mem
+
+
+def work_fft_bound(tiny: bool, dev) -> _ops.OpCount:
+    """bench_fft_bound.py: per map size, the recorded coarse search, ``repeats + 1`` coarse and default
+    searches and as many bare-FFT passes (priced as coarse searches: errs long), and the loop sample."""
+    from bench_fft_bound import SIZES, TINY
+
+    from invariance import SearchConfig
+
+    images, repeats, loop = (2, 1, 20) if tiny else (2, 3, 400)
+    total = _ops.OpCount()
+    for c, s in (TINY if tiny else SIZES).values():
+        coarse = _search_work(1, c, s, SearchConfig(refine_steps=0, polish_levels=0), dev) * images
+        default = _search_work(1, c, s, SearchConfig(), dev) * images
+        total = total + coarse * (2 * repeats + 3) + default * (repeats + 1) + _loop_work(images, c, s, 72, loop, dev)
+    return total
+
+
+def work_train_bench(tiny: bool, dev) -> _ops.OpCount:
+    """bench_train.py: per round, ``steps`` SGD steps of each of the five models alone and together
+    (priced as twice the plain loop), ``repeats`` rounds plus a one-step warm-up."""
+    import torch.nn.functional as F
+
+    from stn import ARCHS, build_model
+
+    steps, batch, repeats = (1, 8, 1) if tiny else (200 if dev.type == "cuda" else 20, 256, 3)
+    x = torch.rand(batch, 1, 28, 28, device=dev)
+    y = torch.arange(batch, device=dev) % 10
+    one = _ops.OpCount()
+    for a in ARCHS:
+        m = build_model(a, family="rotation").to(dev)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+        def step(m=m, opt=opt):
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()
+        one = one + _ops.count(step)
+    return one * (2 * (steps * repeats + 1))
+
+
+def work_reproduction(tiny: bool, dev, r: _ops.Rates) -> tuple[_ops.OpCount, float]:
+    """stn reproduce --budget: per column, counted, the calibration steps and the evaluation (every
+    model on every test image, ``repeats`` times), and the training time: the budget's seconds (its
+    steps are sized from the measured throughput to fill them), or less when its ``max_steps``
+    bound ends it sooner. An SGD step is priced as three forward passes (forward, backward, update)."""
+    from stn import ARCHS, BUDGETS, build_model
+
+    b = BUDGETS["tiny" if tiny else "gpu"]
+    train = 0.0
+    total = _ops.OpCount()
+    for t, seeds in b.seeds.items():
+        x = torch.rand(b.batch_size, 1, 28, 28, device=dev)
+        step = _ops.OpCount()
+        for a in ARCHS:
+            m = build_model(a, family="rotation").to(dev).eval()
+            with torch.no_grad():
+                fwd = _ops.count(lambda m=m, x=x: m(x))
+            batches = math.ceil(b.test_limit / x.shape[0]) * b.repeats * len(seeds)
+            total = total + fwd * (batches + 3 * 2 * b.calibrate * len(seeds))
+            step = step + fwd * (3 * len(seeds))
+        train += min(float(b.seconds[t]), b.max_steps[t] * _ops.seconds(step, r))
+    return total, train
+
+
+def _resnet50_work(images: int, tiny: bool, dev) -> _ops.OpCount:
+    import torchvision
+    from bench_resnet50 import smooth_images
+
+    from invariance import SearchConfig, measure
+
+    size, layer, angles = (64, "layer1", 72) if tiny else (224, "layer3", 360)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval().to(dev)
+    x = smooth_images(images, size).to(dev)
+    return _ops.count(lambda: measure(model, x, "rotation:30", layers=layer, channels=("spatial",), n_boot=100,
+                                      config=SearchConfig(n_angles=angles), progress=False, floor_cache=False))
+
+
+def work_resnet50(tiny: bool, dev) -> tuple[_ops.OpCount, _ops.OpCount] | None:
+    """The fixed and the per-image counts of the resnet50 part (from 1 and 2 images; ``None`` without
+    torchvision). The bare-FFT pass the benchmark times afterwards is priced as the search again."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return None
+    one, two = _resnet50_work(1, tiny, dev), _resnet50_work(2, tiny, dev)
+    per_image = two - one
+    return (one - per_image) * 2, per_image * 2
+
+
+# ----------------------------------------------------------------------------- the plan
+
+PROCESSES = {"search-bench": 2, "fft-bound": 1, "train-bench": 1, "reproduction": 1, "resnet50": 2}
+"""The Python processes each part starts (the resnet50 benchmark runs each layer in a child)."""
+
+
+def start_seconds() -> float:
+    """Seconds a fresh interpreter takes to import torch and this project (each part pays it)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, invariance, stn"], check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+
+def plan(tiny: bool, device: str, cap: dict[str, int], progress=print) -> dict:
+    """The plan (see the module docstring) as a dict: prices, per part its counts, estimate and cap."""
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    r = _ops.rates(dev)
+    start = start_seconds()
+    progress(f"prices on {dev}: {r.launch * 1e6:.1f} us per launch, {r.sync * 1e6:.1f} us per sync, "
+             f"FFT {r.fft / 1e9:.1f} GFLOP/s, matmul {r.mm / 1e9:.1f} GFLOP/s, {r.bandwidth / 1e9:.1f} GB/s, "
+             f"{start:.1f} s to start a process")
+    parts = {"plan": {"estimate": None, "counts": None}, "cuda-tests": {"estimate": None, "counts": None}}
+    for name, fn in (("search-bench", work_search_bench), ("fft-bound", work_fft_bound),
+                     ("train-bench", work_train_bench)):
+        c = fn(tiny, dev)
+        parts[name] = {"estimate": PROCESSES[name] * start + _ops.seconds(c, r), "counts": asdict(c)}
+        progress(f"{name}: {parts[name]['estimate']:.1f} s")
+    c, train = work_reproduction(tiny, dev, r)
+    parts["reproduction"] = {"estimate": start + train + _ops.seconds(c, r), "counts": asdict(c),
+                             "training_seconds": train}
+    progress(f"reproduction: {parts['reproduction']['estimate']:.1f} s ({train:.0f} s of training)")
+    res = work_resnet50(tiny, dev)
+    if res is None:
+        parts["resnet50"] = {"estimate": 0.0, "counts": None, "images": 0, "skipped": "torchvision does not import"}
+    else:
+        fixed_c, per_c = res
+        t_fixed, t_img = _ops.seconds(fixed_c, r), _ops.seconds(per_c, r)
+        target = 2 if tiny else RESNET50_IMAGES
+        fit = int((RESNET50_FILL * cap["resnet50"] - PROCESSES["resnet50"] * start - t_fixed) / max(t_img, 1e-12))
+        images = max(1, min(target, fit))
+        parts["resnet50"] = {"estimate": PROCESSES["resnet50"] * start + t_fixed + images * t_img,
+                             "images": images, "target_images": target,
+                             "fixed_seconds": t_fixed, "seconds_per_image": t_img,
+                             "counts": {"fixed": asdict(fixed_c), "per_image": asdict(per_c)}}
+        progress(f"resnet50: {images} of {target} images, {parts['resnet50']['estimate']:.1f} s")
+    parts["plan"]["measured"] = time.perf_counter() - t0
+    for p in PARTS:
+        parts[p.name]["cap"] = cap[p.name]
+    est = sum(min(v["estimate"] if v["estimate"] is not None else v["cap"], v["cap"]) for v in parts.values())
+    total = sum((v["estimate"] or 0.0) for v in parts.values()) + parts["plan"]["measured"]
+    return {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "tiny": tiny, "lease_seconds": LEASE_SECONDS, "prices": {**asdict(r), "process_start": start},
+            "parts": parts,
+            "estimated_total": total, "bounded_total": est, "caps_total": sum(cap.values())}
+
+
+def markdown(p: dict) -> str:
+    lines = [f"# GPU suite plan ({p['device']}{', tiny' if p['tiny'] else ''})", "",
+             "Each part's time estimated from its op counts at this device's measured prices "
+             "(`benchmarks/suite_plan.py`); a part that is not estimated is bounded by its cap.", "",
+             "| part | estimate | cap | operators | FFT GFLOP | dense GFLOP | GB written |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in p["parts"].items():
+        c = v["counts"]
+        if c is not None and "fixed" in c:  # resnet50: fixed + images x per image
+            n = v["images"]
+            c = {k: c["fixed"][k] + n * c["per_image"][k] for k in c["fixed"]}
+        est = v.get("measured") if name == "plan" else v["estimate"]
+        est = "not estimated" if est is None else f"{est:.1f} s"
+        if name == "resnet50" and "images" in v and "skipped" not in v:
+            est += f" ({v['images']} of {v['target_images']} images)"
+        if "skipped" in v:
+            est = f"skipped: {v['skipped']}"
+        cols = ["", "", "", ""] if c is None else [f"{c['ops']:.3g}", f"{c['fft_flops'] / 1e9:.3g}",
+                                                   f"{c['dense_flops'] / 1e9:.3g}", f"{c['bytes'] / 1e9:.3g}"]
+        lines.append(f"| {name} | {est} | {v['cap']} s | " + " | ".join(cols) + " |")
+    fits = p["bounded_total"] <= p["lease_seconds"]
+    verdict = ("a tiny run: the lease does not apply" if p["tiny"]
+               else f"lease {p['lease_seconds']} s: **{'fits' if fits else 'does not fit'}**")
+    lines += ["", f"Estimated total {p['estimated_total']:.0f} s (not-estimated parts at 0); with every part "
+              f"bounded by its cap {p['bounded_total']:.0f} s; caps {p['caps_total']} s; {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the tiny (CPU smoke run) sizes")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--cap", action="append", type=parse_cap, default=[], metavar="PART=SECONDS")
+    ap.add_argument("--caps", action="store_true", help="print 'PART SECONDS' per part and stop")
+    ap.add_argument("--json", help="also write the plan here (and its markdown beside it)")
+    args = ap.parse_args()
+    cap = caps(args.tiny, dict(args.cap))
+    if args.caps:
+        print("\n".join(f"{k} {v}" for k, v in cap.items()))
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    p = plan(args.tiny, device, cap, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    text = markdown(p)
+    if args.json:
+        from invariance.files import atomic_write_json, atomic_write_text
+
+        atomic_write_json(Path(args.json), p)
+        atomic_write_text(Path(args.json).with_suffix(".md"), text)
+    print(text)
+    if not args.tiny and p["bounded_total"] > LEASE_SECONDS:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
