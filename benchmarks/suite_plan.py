@@ -63,10 +63,10 @@ class Part:
 
 
 PARTS = (
-    Part("plan", 20, 300, "this plan: the device's prices, the op counts, the sizes"),
-    Part("cuda-tests", 45, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
+    Part("plan", 30, 300, "this plan: the device's prices, the op counts, the sizes"),
+    Part("cuda-tests", 40, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
     Part("search-bench", 30, 600, "benchmarks/bench_search.py --quick: the search against the per-candidate loop"),
-    Part("fft-bound", 35, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
+    Part("fft-bound", 30, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
     Part("train-bench", 20, 600, "benchmarks/bench_train.py: the five architectures together against the loop"),
     Part("reproduction", 300, 600, "stn reproduce --budget gpu: the paper's three columns"),
     Part("resnet50", 90, 600, "benchmarks/bench_resnet50.py: resnet50 layer3, 360 angles, sized images"),
