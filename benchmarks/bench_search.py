@@ -98,6 +98,43 @@ def loop_search(reference, moving, mats_centred, mask, limit=None):
     return best, n
 
 
+def slice_loop_search(reference, moving, n_angles, mask, angles=None, shifts=None):
+    """The best simple loop a researcher would write: rotate the moving maps **once per angle** (onto
+    a canvas padded by ``h - 1`` / ``w - 1``, so every integer shift's window lies inside it), then
+    slice the window of every shift and score it, one shift at a time. The same candidates, region
+    and minimum overlap as :func:`loop_search` (an integer shift of a rotated map samples exactly
+    where the shifted candidate does), at ``1 + 1/shifts`` warps per candidate instead of one.
+    ``angles``, ``shifts``: only the first that many angles, and shifts per angle (for extrapolation;
+    the candidates come in :func:`candidate_matrices`' order). Returns ``(best, candidates)``."""
+    from invariance import warp
+
+    h, w = reference.shape[-2:]
+    ph, pw = h - 1, w - 1
+    big = F.pad(moving, (pw, pw, ph, ph))
+    ones = F.pad(torch.ones_like(moving[:, :1]), (pw, pw, ph, ph))
+    best = torch.full((reference.shape[0],), float("inf"), dtype=torch.float64)
+    need = 0.5 * mask.sum() - 1e-3
+    ang = G.angle_grid(n_angles, dtype=torch.float32)[:angles]
+    n = 0
+    for a in ang:
+        rot = G.to_matrix("rigid", torch.stack([a, a.new_zeros(()), a.new_zeros(())]))
+        norm = G.centred_to_normalized(rot, big.shape[-2:]).to(big.device)
+        canvas, share_c = warp(big, norm), warp(ones, norm)
+        share_c = torch.where(share_c > 1e-6, share_c, torch.zeros_like(share_c))
+        vals_c = canvas / share_c.clamp_min(1e-6)
+        grid = [(ty, tx) for ty in range(-(h - 1), h) for tx in range(-(w - 1), w)]
+        for ty, tx in grid[:shifts]:
+            y0, x0 = ph - ty, pw - tx  # output(p) = canvas(p - t): the window starts at pad - t
+            share = share_c[..., y0:y0 + h, x0:x0 + w]
+            r = mask * share
+            den = (reference**2 * r).sum((1, 2, 3))
+            err = ((vals_c[..., y0:y0 + h, x0:x0 + w] - reference) ** 2 * r).sum((1, 2, 3)) / den
+            ok = (r.sum((1, 2, 3)) >= need) & (den > 0)
+            best = torch.minimum(best, torch.where(ok, err, torch.inf).double().cpu())
+            n += 1
+    return best, n
+
+
 def bench_speed(args) -> dict:
     b, c, s, n_angles = (2, 4, 8, 2) if args.tiny else (8, 32, 16, 12) if args.quick else (16, 64, 20, 24)
     dev = args.device
