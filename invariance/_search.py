@@ -883,11 +883,23 @@ def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch
         return errs, mats
     # per image (an image's result never depends on its batch-mates): its n best linear parts
     e = errs.detach().double().cpu().numpy()
-    top = np.argsort(np.where(np.isfinite(e), e, np.inf), axis=1, kind="stable")[:, :n]
+    e = np.where(np.isfinite(e), e, np.inf)
+    top = np.argsort(e, axis=1, kind="stable")[:, :n]
     offsets = _translation(torch.tensor(_HALF_PIXELS, dtype=lin.dtype, device=lin.device))  # (3, 3, 3)
     chosen = lin[torch.as_tensor(top, device=lin.device)]  # (B, n, 3, 3)
     sub = (offsets[None, None] @ chosen[:, :, None]).reshape(errs.shape[0], -1, 3, 3)
-    e2, m2 = _coarse_grid(prob, sub)
+    # an image whose integer optimum is exact already (error <= _SETTLED: an integer shift of a
+    # translation, a quarter turn) can gain nothing from half pixels: only the others take them,
+    # the settled ones get their optimum again (never a new basin) at an infinite error
+    todo = _Subset(torch.as_tensor(~(e.min(1) <= _SETTLED), device=errs.device))
+    if not todo.any:
+        return errs, mats
+    e2, m2 = _coarse_grid(todo.of(prob), todo.take(sub))
+    if not todo.all:
+        ar = torch.arange(errs.shape[0], device=errs.device)
+        best = mats[ar, torch.as_tensor(top[:, 0], device=errs.device)]  # (B, 3, 3)
+        e2 = todo.put(torch.full((errs.shape[0], e2.shape[1]), torch.inf, dtype=e2.dtype, device=e2.device), e2)
+        m2 = todo.put(best[:, None].expand(-1, m2.shape[1], 3, 3).clone(), m2)
     return torch.cat([errs, e2], 1), torch.cat([mats, m2], 1)
 
 

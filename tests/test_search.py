@@ -643,8 +643,9 @@ def test_the_search_on_compressed_channels_finds_the_same_optimum(dtype, tol, de
 
 def test_an_exact_start_skips_the_refinement_and_its_batch_mates_do_not_notice(monkeypatch):
     """An image whose best start is exact (an integer shift: error ~1e-30 in float64) can gain at
-    most that much, so only the other images of the batch are refined; each image's result equals
-    its result searched alone (an image's search never depends on its batch-mates)."""
+    most that much, so only the other images of the batch take the half-pixel pass and the
+    refinement; each image's result equals its result searched alone (an image's search never
+    depends on its batch-mates)."""
     import invariance._search as S
 
     g = torch.Generator().manual_seed(5)
@@ -660,9 +661,19 @@ def test_an_exact_start_skips_the_refinement_and_its_batch_mates_do_not_notice(m
         refined.append(starts.shape[0])
         return real(prob, starts)
 
+    grids = []
+    real_grid = S._coarse_grid
+
+    def counting_grid(prob, lin, nxt=None):
+        grids.append(prob.reference.shape[0])
+        return real_grid(prob, lin, nxt)
+
     monkeypatch.setattr(S, "_refine", counting)
+    monkeypatch.setattr(S, "_coarse_grid", counting_grid)
     both = align(ref, mov, "rigid", config=CFG)
     assert refined == [1]  # image 1 alone
+    # the integer grid for both; the half-pixel pass (and the local re-search) for image 1 alone
+    assert grids[0] == 2 and len(grids) > 1 and all(n == 1 for n in grids[1:])
     assert float(both.errors[0]) < EXACT64 and float(both.errors[1]) > EXACT64
     for i in range(2):
         alone = align(ref[i:i + 1], mov[i:i + 1], "rigid", config=CFG)
