@@ -47,6 +47,7 @@ from ._search import (
     LinearFit,
     SearchConfig,
     align,
+    align_near,
     align_with_null,
     channel_orbits,
     linear_design,
@@ -170,20 +171,32 @@ def _with_reasons(values: torch.Tensor, reasons: list) -> torch.Tensor:
     return torch.where(bad, torch.nan, values.double())
 
 
+FLOOR_GRIDS = ("full", "near")
+"""The exhaustive stages the floor may search: the family's whole grid, or its neighbourhood of
+the expected warp (:func:`invariance._search.align_near`)."""
+
+
 def interpolation_floor(images: torch.Tensor, t_img: torch.Tensor, family: str, *, mask_radius: float | None = None,
-                        config: SearchConfig | None = None, transformed: torch.Tensor | None = None) -> torch.Tensor:
+                        config: SearchConfig | None = None, transformed: torch.Tensor | None = None,
+                        grid: str = "full") -> torch.Tensor:
     """The interpolation floor per image ``(B,)`` float64 (see the module docstring).
 
     ``t_img``: the image transformation (normalised, input -> output) for ``images``' size,
     ``(3, 3)`` or one per image ``(B, 3, 3)``;
     with ``transformed`` given (images transformed some other way, e.g. ``torch.roll``), only
-    that round trip is measured and every pixel of it counts as valid.
+    that round trip is measured and every pixel of it counts as valid. ``grid``: ``"full"`` (the
+    default, the floor's definition: the search's whole grid) or ``"near"`` (only the grid's
+    neighbourhood of the expected warp, :func:`invariance._search.align_near`: 2-3x faster, and
+    within the refinement's precision of the full floor, ~1e-3 relative, but not the same value:
+    ``benchmarks/results/floor_grid.md``).
 
     >>> x = torch.zeros(2, 1, 31, 31); x[:, :, 10:20, 12:22] = torch.rand(2, 1, 10, 10)
     >>> T = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([90.0])), (31, 31))
     >>> bool(interpolation_floor(x, T, "rigid").max() < 1e-9)
     True
     """
+    if grid not in FLOOR_GRIDS:
+        raise ValueError(f"grid: unknown floor grid {grid!r}; valid choices: {', '.join(FLOOR_GRIDS)}")
     cfg = SearchConfig.of(config)
     centred = G.normalized_to_centred(t_img.double(), tuple(images.shape[-2:]))
 
@@ -195,8 +208,12 @@ def interpolation_floor(images: torch.Tensor, t_img: torch.Tensor, family: str, 
             valid = transformed_valid(t, size)
         region, mvalid, _ = comparison_region(LayerFrame.identity(size), mask_radius=mask_radius, interior=False,
                                               image_valid=valid, device=imgs.device, dtype=imgs.dtype)
-        res = align(imgs, moved, family, mask=region, moving_mask=mvalid, config=cfg,
-                    expected=G.inverse(t).to(imgs.dtype))
+        if grid == "near":
+            res = align_near(imgs, moved, family, mask=region, moving_mask=mvalid, config=cfg,
+                             expected=G.inverse(t).to(imgs.dtype))
+        else:
+            res = align(imgs, moved, family, mask=region, moving_mask=mvalid, config=cfg,
+                        expected=G.inverse(t).to(imgs.dtype))
         return res.errors.double().cpu()
 
     if transformed is not None:

@@ -886,7 +886,8 @@ def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch
     e = np.where(np.isfinite(e), e, np.inf)
     top = np.argsort(e, axis=1, kind="stable")[:, :n]
     offsets = _translation(torch.tensor(_HALF_PIXELS, dtype=lin.dtype, device=lin.device))  # (3, 3, 3)
-    chosen = lin[torch.as_tensor(top, device=lin.device)]  # (B, n, 3, 3)
+    top_t = torch.as_tensor(top, device=lin.device)
+    chosen = lin[top_t] if lin.dim() == 3 else lin[torch.arange(lin.shape[0], device=lin.device)[:, None], top_t]
     sub = (offsets[None, None] @ chosen[:, :, None]).reshape(errs.shape[0], -1, 3, 3)
     # an image whose integer optimum is exact already (error <= _SETTLED: an integer shift of a
     # translation, a quarter turn) can gain nothing from half pixels: only the others take them,
@@ -1417,6 +1418,52 @@ def align(
     st = _setup(reference, moving, family, mask=mask, mask_radius=mask_radius, moving_mask=moving_mask,
                 channels=channels, config=config, expected=expected, extra_candidates=extra_candidates)
     return st if isinstance(st, Alignment) else _search(st)
+
+
+def near_candidates(family: str, config: SearchConfig | None = None, steps: float = 2.0, *, dtype=torch.float64,
+                    device="cpu") -> torch.Tensor:
+    """``(K, 3, 3)`` the linear parts of the coarse grid of ``family`` within ``steps`` grid steps of
+    the identity (Frobenius distance to the identity at most ``steps`` times the grid's smallest
+    non-zero one; the identity first): the grid :func:`align_near` searches about its expected warp.
+
+    >>> near_candidates("rigid").shape[0]   # 72 angles: the identity and +-5, +-10 degrees
+    5
+    """
+    lin = _linear_candidates(family, SearchConfig.of(config), dtype, device)
+    d = torch.linalg.matrix_norm(lin - torch.eye(3, dtype=dtype, device=device))
+    if lin.shape[0] == 1:
+        return lin
+    step = d[d > 1e-9].min()
+    return lin[d <= steps * step * (1 + 1e-9)]
+
+
+def align_near(
+    reference: torch.Tensor,
+    moving: torch.Tensor,
+    family: str,
+    *,
+    expected: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    config: SearchConfig | None = None,
+    steps: float = 2.0,
+) -> Alignment:
+    """:func:`align` with its exhaustive stage restricted to the neighbourhood of ``expected``: the
+    linear parts of :func:`near_candidates` composed with each image's expected linear part, every
+    integer shift (and the half-pixel pass); then the same refinement, exact scoring and polish.
+    For maps whose optimum is known to lie near the expected warp (the identity network's: the
+    interpolation floor) at a fraction of the grid's cost (5 of 72 angles for ``rigid``).
+    """
+    st = _setup(reference, moving, family, mask=mask, mask_radius=None, moving_mask=moving_mask,
+                channels="spatial", config=config, expected=expected, extra_candidates=None)
+    if isinstance(st, Alignment):
+        return st
+    prob = st.prob
+    lin = near_candidates(family, prob.cfg, steps, dtype=prob.reference.dtype, device=prob.reference.device)
+    exp_lin = st.exp_c[:, 0].clone()
+    exp_lin[:, :2, 2] = 0  # its linear part: the FFT covers every shift
+    local = exp_lin[:, None] @ lin[None]  # (B, K, 3, 3)
+    return _search(st, _subpixel(prob, local, *_coarse_grid(prob, local)))
 
 
 def align_with_null(

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+import invariance
 from invariance import CheckpointError, Report, load_checkpoint, save_checkpoint
 from invariance import _cli as inv_cli
 from invariance.files import FolderError, atomic_write, remove_stale_temporaries
@@ -592,6 +593,9 @@ def _api_cases():
         ("measure-transforms-number", lambda: m(30), "transforms", "SPEC string"),
         ("measure-transforms-list-of-numbers", lambda: m([30]), "transforms", "got a int"),
         ("measure-max-image-pixels-zero", lambda: m("rotation:90", max_image_pixels=0), "max_image_pixels", ">= 1"),
+        ("floor-unknown-grid", lambda: invariance.interpolation_floor(torch.rand(1, 1, 8, 8), torch.eye(3), "rigid",
+                                                                      grid="local"),
+         "grid", "valid choices: full, near"),
         ("search-config-unknown-option", lambda: SearchConfig(unknown=1), "SearchConfig", "valid choices: n_angles"),
         ("search-config-nan-separation", lambda: SearchConfig(basin_separation=float("nan")), "basin_separation",
          "finite"),

@@ -712,3 +712,36 @@ def test_the_null_shares_the_main_searchs_warps_and_equals_two_calls(monkeypatch
     assert len(apart) == 2
     assert len(joint) == (2 if channels > 3 * size * size else 1)
     assert float(null.errors.mean()) > 10 * float(main.errors.mean())  # another image's maps: far worse
+
+
+def test_the_near_grid_searches_only_the_expected_warps_neighbourhood(monkeypatch):
+    """``align_near`` scores, per image, the grid's linear parts within two steps of the identity
+    (5 of the 72 rotations) composed with that image's expected warp. A quarter turn, expected to
+    be undone, is undone exactly (float64 rounding, EXACT64); under a 33-degree rotation its
+    optimum is never worse than the expected warp itself, which its grid contains (the expected
+    linear part at the integer shift 0). How it compares with the full grid is a question for the
+    battery (benchmarks/bench_floor_grid.py), not a law."""
+    import invariance._search as S
+
+    g = torch.Generator().manual_seed(2)
+    ref = F.avg_pool2d(torch.rand(2, 3, 24, 24, generator=g, dtype=DT), 5, 1, 2)
+    mask = disk_mask((24, 24), dtype=DT)
+    seen = []
+    real = S._coarse_grid
+
+    def counting(prob, lin, nxt=None):
+        seen.append(tuple(lin.shape))
+        return real(prob, lin, nxt)
+
+    monkeypatch.setattr(S, "_coarse_grid", counting)
+    for angle in (90.0, 33.0):
+        t = G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([angle, 0.0, 0.0], dtype=DT)), (24, 24))
+        mov = warp(ref, t)
+        seen.clear()
+        near = S.align_near(ref, mov, "rigid", expected=G.inverse(t), mask=mask)
+        assert seen[0] == (2, 5, 3, 3)  # the integer grid: 5 linear parts per image
+        if angle == 90.0:
+            assert float(near.errors.max()) < EXACT64
+        else:
+            at_expected = region_error(ref, mov, G.inverse(t).expand(2, 3, 3), mask=mask)
+            assert bool((near.errors <= at_expected * (1 + 1e-12)).all()) and float(near.errors.max()) > EXACT64
