@@ -32,6 +32,11 @@ A layer is *not spatially alignable* when, for every image,
 ``spatial > max(margin * (floor * (1 + rtol) + atol), min_error)`` (default ``margin = 2``): the
 gap between the two verdicts means that no case passes both.
 
+The infinitesimal view (docs/definitions.md) has its own two: :func:`assert_infinitesimally_alignable`
+asserts ``a² <= floor * (1 + rtol) + atol`` against the layer's grid floor (:data:`LIE_RTOL`), and
+:func:`assert_infinitesimally_covariant` asserts ``s² <= max_share * r² + atol``, by default to
+the dtype's rounding (:data:`ATOL` for both: exact covariance, as under any translation).
+
 Example
 -------
 Paste into a test file of your project (``pytest`` with ``hypothesis`` installed)::
@@ -116,6 +121,7 @@ __all__ = [
     "assert_not_spatially_alignable",
     "assert_invariant",
     "assert_infinitesimally_alignable",
+    "assert_infinitesimally_covariant",
     "LIE_RTOL",
     "example_images",
     "rotations",
@@ -619,6 +625,30 @@ def assert_not_spatially_alignable(
     return errs
 
 
+_LIE_OPTIONS = ("search", "mask_radius", "interior")
+
+
+def _lie_layer(model: nn.Module, images: torch.Tensor, transform, layer, options: dict, who: str):
+    """The :class:`invariance.LieResult` of ``layer`` (with its grid floor and ``s²``), after the
+    kit's argument checks: one-line errors naming the argument, before the Lie derivative runs."""
+    __tracebackhide__ = _hide_argument_error
+    from ._measure import lie_derivative
+
+    _check_model(model, images)
+    _check_layer(model, layer)
+    for name in options:
+        if name not in _LIE_OPTIONS:
+            why = " (the assertion needs the grid floor's translation directions)" if name == "calibrate" else ""
+            raise TypeError(f"{name}: not an option of {who}{why}; valid choices: {', '.join(_LIE_OPTIONS)}")
+    tr = as_transform(transform)
+    fam = options.get("search")
+    if fam is not None and fam not in SEARCH_FAMILIES:
+        raise ValueError(f"search: unknown search family {fam!r}; valid choices: {', '.join(SEARCH_FAMILIES)}")
+    _check_mask_radius(options.get("mask_radius"))
+    _layer_maps(model, layer, images[:1])  # a layer that is not one (B, C, H, W) tensor: named, as elsewhere
+    return lie_derivative(model, images, tr, layers=[layer], **options)[layer]
+
+
 LIE_RTOL = 0.25
 """Default relative slack of :func:`assert_infinitesimally_alignable` over the grid floor. The
 floor carries each position's response to sub-pixel translation along the transformation's
@@ -654,11 +684,9 @@ def assert_infinitesimally_alignable(
     True
     """
     __tracebackhide__ = True
-    from ._measure import lie_derivative
-
     _check_tolerances(rtol, atol)
-    res = lie_derivative(model, images, transform, layers=[layer], **kwargs)[layer]
-    atol = ATOL.get(images.dtype, 1e-6) if atol is None else atol
+    res = _lie_layer(model, images, transform, layer, kwargs, "assert_infinitesimally_alignable")
+    atol = _atol(images.dtype) if atol is None else atol
     if any(r is not None for r in res.reasons):
         raise AssertionError(f"{layer}: no verdict for {sum(r is not None for r in res.reasons)} image(s): "
                              + "; ".join(sorted({r for r in res.reasons if r})))
@@ -672,6 +700,93 @@ def assert_infinitesimally_alignable(
             f"{float(res.aligned[i]):.4g}, floor {float(res.floor[i]):.4g}, r² {float(res.lie[i]):.4g} (unexplained "
             f"share {float(res.share[i]):.3f})")
     return res
+
+
+def assert_infinitesimally_covariant(
+    model: nn.Module,
+    images: torch.Tensor,
+    transform: Transform | str,
+    layer: str,
+    *,
+    max_share: float | None = None,
+    atol: float | None = None,
+    **kwargs,
+):
+    """Assert that for every image ``s² <= max_share * r² + atol``: the part of the layer's Lie
+    derivative beyond the grid's response that no infinitesimal warp explains is at most
+    ``max_share`` of the Lie derivative (docs/definitions.md, "Beyond the grid").
+
+    ``s²`` (:attr:`invariance.LieResult.specific`) is what is left of ``L - K`` (the network's
+    commutator with the transformation's velocity field: ``L`` the Lie derivative, ``K`` each
+    position's response to its own motion as a translation, which carries the aliasing of strides
+    and the kinks) after the best infinitesimal warp of the search family. It is 0, to rounding,
+    for a translation through any layer (the velocity is constant and the network's derivative is
+    linear: strides, pools and kinks included) and for pointwise layers; of second order for
+    isotropic filters under a rotation (the commutator's leading term ``c tr(Aᵀ H)`` vanishes for
+    an antisymmetric ``A``); 0.3-1 of ``r²`` for oriented filters (generic CNNs, C4/C8 lifting
+    layers) under a rotation. So ``s² / r²`` asks whether a layer is covariant, infinitesimally,
+    separately from its grid, which :func:`assert_infinitesimally_alignable` (``a²`` against the
+    grid floor) cannot on strided networks.
+
+    Args:
+        model, images, transform, layer: as for :func:`assert_spatially_alignable`; ``transform``
+            is one transformation with a real logarithm ``X = log T``, which sets the direction
+            and the size (``r²`` and ``s²`` are in the units of the finite errors of ``T``).
+        max_share: the allowed ``s² / r²``; default :data:`ATOL` of the images' dtype, the squared
+            relative precision the kit allows (module docstring): ``L - K`` is explained by a warp
+            to the precision of ``L`` itself, i.e. exact covariance. A layer covariant up to its
+            sampling (isotropic filters under a rotation) needs a stated tolerance, such as 0.1.
+        atol: an absolute allowance on ``s²``; default :data:`ATOL` of the images' dtype: rounding
+            where ``r²`` is itself 0 (a linear stride-1 layer under a translation), which makes the
+            share meaningless. ``max_share`` and ``atol`` must be finite and >= 0.
+        kwargs: ``search``, ``mask_radius``, ``interior``, as for :func:`invariance.lie_derivative`.
+
+    Returns the layer's :class:`invariance.LieResult`. A failure prints, per image, ``r²``, ``s²``,
+    their ratio, the bound, ``a²`` and its grid floor.
+
+    >>> import torch
+    >>> from invariance import toys
+    >>> x = toys.make_blob_images(2, 40, seed=0).double()
+    >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 5, stride=2, padding=2), torch.nn.ReLU(),
+    ...                           torch.nn.MaxPool2d(2)).double()
+    >>> r = assert_infinitesimally_covariant(cnn, x, "translation:0.5,1.5", "2")  # strides, kinks, pools: exact
+    >>> bool((r.specific < 1e-20).all())
+    True
+    >>> iso = toys.IsotropicNet().double()
+    >>> r = assert_infinitesimally_covariant(iso, x, "rotation:5", "relu1", max_share=0.1)
+    >>> bool((r.specific < 0.01 * r.lie).all())  # isotropic filters: second order
+    True
+    """
+    __tracebackhide__ = True
+    if max_share is not None:
+        check_number(max_share, "max_share", minimum=0)
+    if atol is not None:
+        check_number(atol, "atol", minimum=0)
+    res = _lie_layer(model, images, transform, layer, kwargs, "assert_infinitesimally_covariant")
+    share = _atol(images.dtype) if max_share is None else float(max_share)
+    tol = _atol(images.dtype) if atol is None else float(atol)
+    allowed = res.lie * share + tol
+    bad = [r is not None for r in res.reasons]
+    ok = (res.specific <= allowed) & ~torch.tensor(bad)
+    if bool(ok.all()):
+        return res
+    name = str(images.dtype).replace("torch.", "")
+    rows = [f"{'image':>5}  {'r²':>10}  {'s²':>10}  {'s²/r²':>10}  {'allowed':>10}  {'a²':>10}  {'grid floor':>10}"]
+    for i in range(len(ok)):
+        ratio = float(res.specific[i] / res.lie[i]) if float(res.lie[i]) > 0 else math.nan
+        rows.append(f"{i:>5}  {res.lie[i]:>10.4g}  {res.specific[i]:>10.4g}  {ratio:>10.4g}  {allowed[i]:>10.4g}  "
+                    f"{res.aligned[i]:>10.4g}  {res.floor[i]:>10.4g}" + ("" if bool(ok[i]) else "   <- FAILS"))
+    rows += [f"image {i}: no verdict (NaN): {r}" for i, r in enumerate(res.reasons) if r is not None]
+    share_note = (f"max_share={share:g} (given)" if max_share is not None else
+                  f"max_share={share:g} (ATOL[{name}]: exact covariance, to the dtype's precision)")
+    atol_note = f"atol={tol:g} (given)" if atol is not None else f"atol={tol:g} (ATOL[{name}]: rounding where r² is 0)"
+    headline = "no verdict" if any(bad) and bool((ok | torch.tensor(bad)).all()) else "not infinitesimally covariant"
+    raise AssertionError(
+        f"{headline}: layer {layer!r} of {type(model).__name__} under {res.transform} (search {res.search}, {name}, "
+        f"{len(ok)} image(s))\n" + "\n".join(rows) + "\n"
+        f"allowed = max_share * r² + atol with {share_note}, {atol_note}; s² = the part of the Lie derivative beyond "
+        f"the grid's response (L - K: the network's commutator with the velocity field) that no infinitesimal warp "
+        f"explains (docs/definitions.md, \"Beyond the grid\")")
 
 
 def assert_invariant(

@@ -329,6 +329,81 @@ def test_models_and_layers_that_do_not_return_one_tensor_are_named():
         it.assert_spatially_alignable(lambda t: t, x, "rotation:90", "0")
 
 
+INFINITESIMAL = [it.assert_infinitesimally_alignable, it.assert_infinitesimally_covariant]
+BAD_LIE_ARGUMENTS = [
+    # (id, keyword arguments, error type, the message's start, words it must contain)
+    ("max_share nan", {"max_share": NAN}, ValueError, "max_share:", ["finite", ">= 0"]),
+    ("max_share infinite", {"max_share": INF}, ValueError, "max_share:", ["finite", ">= 0"]),
+    ("max_share negative", {"max_share": -0.1}, ValueError, "max_share:", [">= 0", "-0.1"]),
+    ("atol negative", {"atol": -1.0}, ValueError, "atol:", ["finite", ">= 0"]),
+    ("atol nan", {"atol": NAN}, ValueError, "atol:", ["finite"]),
+    ("unknown option", {"config": None}, TypeError, "config:",
+     ["not an option of assert_infinitesimally_covariant", "valid choices: search, mask_radius, interior"]),
+    ("calibrate off", {"calibrate": False}, TypeError, "calibrate:", ["grid floor", "valid choices"]),
+    ("unknown search", {"search": "spiral"}, ValueError, "search:", ["'spiral'", "valid choices", "rigid"]),
+    ("negative mask_radius", {"mask_radius": -1.0}, ValueError, "mask_radius:", ["> 0"]),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, start, words", [c[1:] for c in BAD_LIE_ARGUMENTS],
+                         ids=[c[0] for c in BAD_LIE_ARGUMENTS])
+def test_the_infinitesimal_assertions_refuse_bad_arguments_before_running(kwargs, error, start, words):
+    """``assert_infinitesimally_covariant`` bounds ``s² <= max_share * r² + atol``: a NaN or infinite
+    tolerance passes or fails every layer, a negative one fails an exactly covariant layer (its
+    ``s²`` is 0). Options other than those of the Lie derivative's region and search are named
+    (``calibrate=False`` would drop the grid floor and ``s²`` the assertion compares), as are an
+    unknown search family and a bad mask radius: each a one-line error, before the model runs
+    (``MustNotRun``)."""
+    with pytest.raises(error) as exc:
+        it.assert_infinitesimally_covariant(MustNotRun(), images(1), "rotation:5", "conv", **kwargs)
+    msg = one_line(exc)
+    assert msg.startswith(start), msg
+    for word in words:
+        assert word in msg, (word, msg)
+    if start in ("config:", "calibrate:", "search:", "mask_radius:"):  # the shared checks: the same for both
+        with pytest.raises(error) as exc:
+            it.assert_infinitesimally_alignable(MustNotRun(), images(1), "rotation:5", "conv", **kwargs)
+        assert one_line(exc).startswith(start)
+
+
+def test_the_infinitesimal_assertions_name_bad_models_layers_and_transformations():
+    """A layer the model does not have, a layer that does not return one ``(B, C, H, W)`` tensor, a
+    model whose dtype differs from the images', a SPEC with two transformations and a reflection
+    (no real logarithm): one line naming ``layer``, ``images`` or ``transform``, as in the rest of
+    the kit, never a verdict."""
+    x = images(1)
+    for fn in INFINITESIMAL:
+        with pytest.raises(ValueError) as exc:
+            fn(circular_net(), x, "rotation:5", "conv9")
+        assert one_line(exc).startswith("layer: Sequential has no module named 'conv9'; valid choices: input, 0")
+        with pytest.raises(TypeError) as exc:
+            fn(WithTupleLayer(), x, "rotation:5", "pair")
+        assert one_line(exc).startswith("layer: module 'pair' of WithTupleLayer returned a tuple of 2")
+        with pytest.raises(TypeError) as exc:
+            fn(circular_net(), x.float(), "rotation:5", "0")
+        assert one_line(exc).startswith("images: dtype torch.float32 differs from the model's parameters")
+        with pytest.raises(ValueError) as exc:
+            fn(circular_net(), x, "rotation:5;rotation:10", "0")
+        assert one_line(exc).startswith("transform: expected one transformation, got 2")
+        with pytest.raises(ValueError) as exc:
+            fn(circular_net(), x, "affine:-1,0,0,0,1,0", "0")
+        assert one_line(exc).startswith("transform: a reflection")
+
+
+@pytest.mark.parametrize("fn, tolerance", [(it.assert_infinitesimally_alignable, "rtol"),
+                                           (it.assert_infinitesimally_covariant, "max_share")],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_the_infinitesimal_assertions_hide_their_frames(fn, tolerance):
+    """As the other assertions: pytest shows the caller's line for an argument error, and for a
+    failure, not the kit's internals."""
+    with pytest.raises(ValueError) as exc:
+        fn(MustNotRun(), images(1), "rotation:5", "conv", **{tolerance: -1.0})
+    assert _kit_frames(exc) == []
+    with pytest.raises(AssertionError) as exc:  # rotating generic filters: not covariant, not at its floor
+        fn(circular_net(), images(2), "rotation:5", "0", **{tolerance: 0.0})
+    assert _kit_frames(exc) == []
+
+
 # ----------------------------------------------------------------------------- 4. images
 
 
@@ -358,6 +433,8 @@ def test_images_that_are_not_float_bchw_tensors_are_named(bad, error, words):
         lambda: it.assert_invariant(net, bad, "rotation:90"),
         lambda: it.interpolation_floor(bad, "rotation:90"),
         lambda: it.border_band(net, "0", bad),
+        lambda: it.assert_infinitesimally_alignable(net, bad, "rotation:5", "0"),
+        lambda: it.assert_infinitesimally_covariant(net, bad, "rotation:5", "0"),
     ]
     for call in calls:
         with pytest.raises(error) as exc:

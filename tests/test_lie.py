@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import invariance
 from invariance import geometry as G
@@ -123,25 +125,117 @@ def test_isotropic_net_is_infinitesimally_alignable_and_generic_ones_are_not():
         invariance.testing.assert_infinitesimally_alignable(toys.P4Net().double(), x, "rotation:5", "lift")
 
 
-def test_second_order_law_on_smooth_maps():
-    """e_sp(θ) / θ² -> a² and e_exp(θ) / θ² -> r² (docs/definitions.md): at the smallest θ of
-    2, 4, 8, 16 degrees where the finite spatial error is at least 10x its interpolation floor
-    (so the floor moves it by at most 10%; the third-order terms by a few per cent more), both
-    ratios lie within 20% of 1, per image, on a smooth linear jet layer."""
-    x = toys.make_blob_images(4, 64, seed=3, sigma_range=(4.0, 6.0), content_radius=0.8, dtype=torch.float64)
-    net = toys.GaussianJetNet().double()
-    unit = invariance.lie_derivative(net, x, "rotation:1")["jet"]
-    for th in (2, 4, 8, 16):
-        rec = invariance.measure(net, x, f"rotation:{th}", channels="spatial", n_boot=0, progress=False,
-                                 floor_cache=False).records[-1]
-        if rec.errors.spatial.mean >= 10 * rec.calibration.floor.mean:
-            break
+LAW_ANGLES = tuple(4.0 * 2 ** (k / 2) for k in range(6))
+"""The angles of the second-order law (degrees): 4 to 22.6, a factor sqrt(2) apart. The error
+~ θ² doubles from one to the next while the floor stays, so at the smallest resolved angle (above
+the first) the error is 20-40x its floor."""
+
+LAW_FLOOR_FACTOR = 20
+"""The law is checked where the error is at least this many times its interpolation floor."""
+
+LAW_SEARCH = invariance.SearchConfig.preset("fast", n_angles=12, top_k=1, shortlist=1, refine_keep=1,
+                                            polish_starts=1, subpixel_top=0, hop_steps=())
+"""One refinement from the best of a 30-degree grid and the expected warp (always scored): enough
+near the identity, where e_sp <= e_exp = O(θ²) and no other basin comes close. A weaker search can
+only raise e_sp and the floor: it makes the law harder to pass, never easier."""
+
+
+def _smooth_net(sigma: float, channels: int, mix_seed: int, gain: float) -> tuple[torch.nn.Module, str]:
+    """``toys.GaussianJetNet(sigma)``'s scale-normalised 2-jet, a 1x1 mix of its six channels into
+    ``channels >= 2`` (standard normal weights from ``mix_seed``, plus 2 on the gradient Lx, Ly
+    into outputs 0 and 1: every mix keeps an oriented part) and, for ``gain > 0``, a tanh of
+    ``gain`` times the mix: a linear or a smooth nonlinear layer. Returns the net and the name of
+    its last layer."""
+    jet = toys.GaussianJetNet(sigma).jet
+    mix = torch.nn.Conv2d(jet.out_channels, channels, 1, bias=False)
+    with torch.no_grad():
+        w = torch.randn(mix.weight.shape, generator=torch.Generator().manual_seed(mix_seed))
+        w[0, 1] += 2.0
+        w[1, 2] += 2.0
+        mix.weight.copy_(w * (gain if gain > 0 else 1.0))
+    net = torch.nn.Sequential(jet, mix, *([torch.nn.Tanh()] if gain > 0 else []))
+    return net, str(len(net) - 1)
+
+
+@pytest.mark.usefixtures("one_thread")  # 64 px maps of one image: a thread pool costs more than it saves
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), blob=st.floats(2.0, 3.0), sigma=st.floats(2.5, 3.0),
+       channels=st.integers(3, 6), mix_seed=st.integers(0, 2**31 - 1),
+       gain=st.one_of(st.just(0.0), st.floats(0.5, 2.0)))
+def test_second_order_law_on_smooth_maps(seed, blob, sigma, channels, mix_seed, gain):
+    """e_sp(θ) / θ² -> a² and e_exp(θ) / θ² -> r² (docs/definitions.md, "Second order") as a
+    property: over drawn smooth images (one 64 px image of blobs ``blob`` to 1.5 ``blob`` px wide,
+    zero margin) and drawn smooth layers (:func:`_smooth_net`: jet scale ``sigma``, a channel mix,
+    linear or tanh), under rotations, at the smallest angle θ of :data:`LAW_ANGLES` where the
+    error is :data:`LAW_FLOOR_FACTOR` times its interpolation floor, both quotients, averaged over
+    ``±θ``, are within 20% of the Lie derivative's values.
+
+    Why ±θ, and why 20%. The finite error is ``e(θ) = ||θ R1 + θ² R2 + E||²``, with ``R1`` the
+    Lie derivative's unexplained part (``||R1||² = a²``) and ``E`` the resampling error
+    (``||E||² <= floor * (1 + rtol) = 2 floor``, the kit's bound for a covariant layer):
+
+    * the cross term ``2θ <R1, E>`` is odd in θ (the bilinear error depends on the sub-pixel offset
+      ``δ`` through ``δ (1 - δ)``, the same for ``±θ``, while ``R1`` flips sign) and its relative
+      size is up to ``2 sqrt(2 floor / e)``: ~0.6 at 20x the floor, by Cauchy-Schwarz. A one-sided
+      quotient is therefore *not* within 20% at 20x the floor in general (measured 0.77-1.27 on
+      25 draws of this strategy); the mean of ``±θ`` cancels the term, leaving a remainder even in θ;
+    * ``||E||²`` adds at most ``2 floor``: <= 10% of the error at 20x the floor;
+    * the next order: rotating the image rotates the jet's order-n channels by nθ, so
+      ``e_exp(θ) = θ² r² (1 - O((2θ)² / 12))``, <= 5% at 22.6 degrees (the ladder's top); the tanh
+      adds a smooth term of the same order.
+
+    10% + 5% leaves room for the tanh's term within 20% (measured on 140 random draws: 0.94-1.07 for
+    e_sp, 0.98-1.05 for e_exp). ``a²`` and ``r²`` are those of
+    ``rotation:1``: per degree squared, as θ is in degrees. Both sides are measured on one disk
+    (``mask_radius``) where every receptive field of the rotated image lies inside the image for
+    any angle (radius ``H/2 - sqrt(2) r - 1`` px, ``r`` the receptive field's half-width), so the
+    finite comparison covers every position the Lie derivative sees (the overlap is checked).
+
+    The drawn space is where the same terms allow the test. Rotations only: under a rescaling the
+    scale-normalised jet has no steering structure, its even remainder has a coefficient of order
+    1-3 in ``log s``, and 20x the floor is reached at ``|log s|`` = 0.14-0.28 or not at all (on
+    these images), where the sum exceeds 20% (measured up to +22%). Blobs of 2-3 px, jets of
+    sigma 2.5-3 and a mix that keeps the gradient channels: ``a² θ²`` must reach 20x the floor by
+    22.6 degrees. The images' finest feature is their 3 px edge taper, whose floor does not shrink
+    with wider blobs while ``a²`` (the jet's oriented energy) does, and a mix with much isotropic
+    weight (the smoothed image L, the Laplacian) has little ``a²`` relative to its energy: outside
+    these ranges many draws do not resolve. Within them about 1 in 70 still does not (17x the floor
+    at 22.6 degrees): such a draw is rejected (``assume``), as the law has nothing to resolve there;
+    a ratio outside 20% on a resolved draw is a failure, and so is a run where hypothesis finds too
+    few resolved draws. Smooth layers only: a ReLU's kink is not smooth at the grid's scale (its
+    bilinear resampling error is first order in the kink's sub-pixel offset).
+    """
+    x = toys.make_blob_images(1, 64, seed=seed, sigma_range=(blob, 1.5 * blob), content_radius=0.5)
+    net, layer = _smooth_net(sigma, channels, mix_seed, gain)
+    rf = max(invariance.extract_features(net, x, layer)[1][layer].rf_radius)
+    radius = 1 - (2**0.5 * rf + 1) / (x.shape[-1] / 2)
+    unit = invariance.lie_derivative(net, x, "rotation:1", layers=layer, mask_radius=radius, calibrate=False)[layer]
+    seen: dict = {}
+
+    def at(k):  # the mean over ±θ of the spatial and expected errors, the larger floor, the overlap
+        if k not in seen:
+            errs = [invariance.testing.alignment_errors(net, x, f"rotation:{s * LAW_ANGLES[k]}", layer,
+                                                        mask_radius=radius, config=LAW_SEARCH) for s in (1, -1)]
+            seen[k] = (sum(float(e.spatial[0]) for e in errs) / 2, sum(float(e.expected[0]) for e in errs) / 2,
+                       max(float(e.floor[0]) for e in errs), min(float(e.overlap[0]) for e in errs))
+        return seen[k]
+
+    def resolved(k):
+        return at(k)[0] >= LAW_FLOOR_FACTOR * at(k)[2]
+
+    k = 2  # start in the middle of the ladder; walk to the smallest resolved angle
+    if resolved(k):
+        while k > 0 and resolved(k - 1):
+            k -= 1
     else:
-        pytest.fail("no angle up to 16 degrees puts the spatial error 10x above its floor")
-    sp = torch.tensor(rec.errors.spatial.per_image, dtype=torch.float64) / th**2
-    ex = torch.tensor(rec.errors.expected.per_image, dtype=torch.float64) / th**2
-    assert bool(((sp / unit.aligned - 1).abs() < 0.2).all()), (th, sp / unit.aligned)
-    assert bool(((ex / unit.lie - 1).abs() < 0.2).all()), (th, ex / unit.lie)
+        while k + 1 < len(LAW_ANGLES) and not resolved(k):
+            k += 1
+        assume(resolved(k))  # the law's precondition: below 20x the floor it has nothing to resolve
+    theta = LAW_ANGLES[k]
+    sp, ex, _, overlap = at(k)
+    assert overlap > 0.99, overlap
+    ratios = (sp / theta**2 / float(unit.aligned[0]), ex / theta**2 / float(unit.lie[0]))
+    assert all(abs(q - 1) < 0.2 for q in ratios), (theta, ratios)
 
 
 def test_measure_lie_channel_round_trips_and_merges(tmp_path):
