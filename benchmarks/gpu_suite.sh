@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
                case ",$all_parts," in *",$p,"*) ;; *) echo "gpu_suite.sh: error: --parts: unknown part '$p'; valid parts: $all_parts" >&2; exit 2 ;; esac
              done ;;
     --cap) [ $# -ge 2 ] || { echo "gpu_suite.sh: error: --cap needs PART=SECONDS" >&2; exit 2; }; cap_args+=(--cap "$2"); shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_suite.sh: error: unknown argument '$1'; valid: --tiny, --plan, --out DIR, --parts LIST, --cap PART=SECONDS, --help" >&2; exit 2 ;;
   esac
   shift
