@@ -372,22 +372,22 @@ def test_the_infinitesimal_assertions_name_bad_models_layers_and_transformations
     (no real logarithm): one line naming ``layer``, ``images`` or ``transform``, as in the rest of
     the kit, never a verdict."""
     x = images(1)
+    cases = [  # (model, images, transform, layer), the error, the start of its one line
+        ((circular_net(), x, "rotation:5", "conv9"), ValueError,
+         "layer: Sequential has no module named 'conv9'; valid choices: input, 0"),
+        ((WithTupleLayer(), x, "rotation:5", "pair"), TypeError,
+         "layer: module 'pair' of WithTupleLayer returned a tuple of 2"),
+        ((circular_net(), x.float(), "rotation:5", "0"), TypeError,
+         "images: dtype torch.float32 differs from the model's parameters"),
+        ((circular_net(), x, "rotation:5;rotation:10", "0"), ValueError,
+         "transform: expected one transformation, got 2"),
+        ((circular_net(), x, "affine:-1,0,0,0,1,0", "0"), ValueError, "transform: a reflection"),
+    ]
     for fn in INFINITESIMAL:
-        with pytest.raises(ValueError) as exc:
-            fn(circular_net(), x, "rotation:5", "conv9")
-        assert one_line(exc).startswith("layer: Sequential has no module named 'conv9'; valid choices: input, 0")
-        with pytest.raises(TypeError) as exc:
-            fn(WithTupleLayer(), x, "rotation:5", "pair")
-        assert one_line(exc).startswith("layer: module 'pair' of WithTupleLayer returned a tuple of 2")
-        with pytest.raises(TypeError) as exc:
-            fn(circular_net(), x.float(), "rotation:5", "0")
-        assert one_line(exc).startswith("images: dtype torch.float32 differs from the model's parameters")
-        with pytest.raises(ValueError) as exc:
-            fn(circular_net(), x, "rotation:5;rotation:10", "0")
-        assert one_line(exc).startswith("transform: expected one transformation, got 2")
-        with pytest.raises(ValueError) as exc:
-            fn(circular_net(), x, "affine:-1,0,0,0,1,0", "0")
-        assert one_line(exc).startswith("transform: a reflection")
+        for args, error, start in cases:
+            with pytest.raises(error) as exc:
+                fn(*args)
+            assert one_line(exc).startswith(start)
 
 
 @pytest.mark.parametrize("fn, tolerance", [(it.assert_infinitesimally_alignable, "rtol"),
