@@ -13,6 +13,10 @@ dense grid of linear parts and sub-pixel offsets, then Nelder-Mead; it shares no
 code), and the returned optimum is checked against the feasibility rule (positions and signal
 kept, re-measured here). Target: worst gap (fast - reference) <= 1e-3, no optimum below the
 minimum. ``--compare`` also times a second search setting on the same cases, side by side.
+``--cost-against REV`` times the default search of commit ``REV`` (a git worktree) and of this
+checkout on the battery's cases, alternately in fresh one-thread processes (``_time_search.py``),
+``--cost-repeats`` times each, and records the ratio of the per-case minima: the issue's "at most
+2x today's cost" compares with the code as it was, not with a setting of today's code.
 
 Results go to ``benchmarks/results/fresh_battery.{json,md}`` after every case; a run that is
 interrupted resumes where it stopped (cases already in the JSON with the same search settings are
@@ -27,7 +31,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,8 +57,9 @@ REFERENCE = {
     "scale_translation": dict(log2_step=1 / 32, log2_range=2.0, offsets=2),
     "similarity": dict(angle_step=2.0, log2_step=1 / 16, log2_range=1.0, offsets=2),
 }
-#: The search settings before the fresh battery (for ``--compare baseline``): no half-pixel pass, the
-#: best refined start alone polished, no local re-search.
+#: Today's search without the stages the fresh battery asked for (``--compare baseline``): no half-pixel
+#: pass, the best refined start alone polished, no local re-search. (The code before the battery is
+#: compared with ``--cost-against REV``.)
 BASELINE = dict(subpixel_top=0, polish_starts=1, hop_steps=())
 
 
@@ -103,6 +110,9 @@ def main() -> None:
                    help="also time the search settings before the fresh battery, side by side")
     p.add_argument("--skip-family", action="append", default=[], choices=sorted(REFERENCE),
                    help="leave out the cases of a search family (their reference is too slow for the session)")
+    p.add_argument("--cost-against", metavar="REV", default=None,
+                   help="also time the default search of git commit REV against this checkout's (fresh processes)")
+    p.add_argument("--cost-repeats", type=int, default=2, help="alternating runs of each side (default 2)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
@@ -117,7 +127,8 @@ def main() -> None:
         prev = json.loads(path.read_text())
         if {k: prev.get("settings", {}).get(k) for k in same} == settings:
             done = {r["name"]: r for r in prev["cases"]}
-    settings.update(architectures=a.architectures, compare=a.compare, skip_family=sorted(a.skip_family))
+    settings.update(architectures=a.architectures, compare=a.compare, skip_family=sorted(a.skip_family),
+                    cost_against=a.cost_against)
     load = os.getloadavg()
     search = repr(SearchConfig())
     cases = fresh_battery(a.seed, n_architectures=a.architectures, transforms_per_architecture=a.transforms,
@@ -156,10 +167,53 @@ def main() -> None:
         print(f"{case.name[:90]}: gap {max(row['gap']):+.2e} ({row['fast_seconds']:.1f} s / "
               f"{row['reference_seconds']:.1f} s)", flush=True)
         write(out, settings, load, rows, skipped, done=False)
-    write(out, settings, load, rows, skipped, done=True)
+    cost = None
+    if a.cost_against:
+        timed = [c for c in cases if c.family not in a.skip_family]
+        cost = cost_against(a.cost_against, timed, a.cost_repeats)
+    write(out, settings, load, rows, skipped, done=True, cost=cost)
 
 
-def write(out: Path, settings: dict, load, rows: list[dict], skipped: list[str], done: bool) -> None:
+def cost_against(rev: str, cases, repeats: int) -> dict:
+    """The default search of commit ``rev`` and of this checkout timed on the same ``cases``,
+    alternately (``rev``, this, ``rev``, this, ...) in fresh one-thread processes; per case the
+    minimum over the repeats. The commit is checked out as a temporary git worktree."""
+    if repeats < 1:
+        raise SystemExit(f"--cost-repeats: must be a positive integer, got {repeats}")
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"--cost-against: {rev!r} is not a commit of {ROOT}")
+    sha = sha.stdout.strip()
+    child = Path(__file__).with_name("_time_search.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        old_root = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_root), sha], check=True,
+                       capture_output=True)
+        try:
+            saved = Path(tmp) / "cases.pt"
+            torch.save([dict(reference=c.reference, moving=c.moving, mask=c.mask, moving_mask=c.moving_mask,
+                             expected=c.expected, family=c.family) for c in cases], saved)
+            runs: dict[str, list[list[float]]] = {"old": [], "new": []}
+            for _ in range(repeats):
+                for side, root in (("old", old_root), ("new", ROOT)):
+                    r = subprocess.run([sys.executable, str(child), str(root), str(saved)], capture_output=True,
+                                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    if r.returncode != 0:
+                        raise SystemExit(f"timing {side} ({root}) failed:\n{r.stderr[-2000:]}")
+                    runs[side].append(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+                    print(f"cost: {side} run {len(runs[side])}: {sum(runs[side][-1]):.1f} s", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_root)],
+                           capture_output=True)
+    old_s = sum(min(t) for t in zip(*runs["old"]))
+    new_s = sum(min(t) for t in zip(*runs["new"]))
+    return {"rev": sha, "repeats": repeats, "cases": len(cases), "old_seconds": old_s, "new_seconds": new_s,
+            "ratio": new_s / old_s, "runs": runs, "load_after": os.getloadavg()}
+
+
+def write(out: Path, settings: dict, load, rows: list[dict], skipped: list[str], done: bool,
+          cost: dict | None = None) -> None:
     gap = [g for r in rows for g in r["gap"]]
     worst = max(gap) if gap else float("nan")
     n = len(gap)
@@ -178,22 +232,32 @@ def write(out: Path, settings: dict, load, rows: list[dict], skipped: list[str],
         bgap = [g for r in rows for g in r.get("baseline_gap", [])]
         result.update(baseline=BASELINE, baseline_seconds=base_s, baseline_worst_gap=max(bgap) if bgap else None,
                       cost_ratio=fast_s / base_s if base_s else None)
+    if cost is not None:
+        result["cost_against"] = cost
     atomic_write_json(out / "fresh_battery.json", result)
     misses = sorted(((g, r["name"]) for r in rows for g in r["gap"] if g > TARGET), reverse=True)
     md = ["# Fresh battery: the default search against the dense reference on random networks", "",
           f"Command: `python benchmarks/bench_fresh_battery.py --seed {settings['seed']} --architectures "
           f"{settings['architectures']} --transforms {settings['transforms']} --images {settings['images']} --size "
           f"{settings['size']}" + (f" --compare {settings['compare']}" if settings.get("compare") else "")
-          + "".join(f" --skip-family {f}" for f in settings.get("skip_family", [])) + "`"
+          + "".join(f" --skip-family {f}" for f in settings.get("skip_family", []))
+          + (f" --cost-against {settings['cost_against']}" if settings.get("cost_against") else "") + "`"
           + f". Machine: {result['machine']['cpu']}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
           f"{load[0]:.1f} before, {os.getloadavg()[0]:.1f} after.", "",
           f"**{n} images ({verdicts} with a verdict) over {archs} architectures: worst gap (fast - reference) "
           f"{worst:+.2e}, target <= {TARGET:g}; every optimum keeps the rule's minimum: {rule_ok}. "
           f"{'PASS' if result['pass'] else 'FAIL'}.** Default search {fast_s:.1f} s in all"
-          + (f"; the settings before this battery {result['baseline_seconds']:.1f} s (cost ratio "
+          + (f"; without the half-pixel pass, the extra polish starts and the re-search ({BASELINE}) "
+             f"{result['baseline_seconds']:.1f} s (cost ratio "
              f"{result['cost_ratio']:.2f}x), worst gap {result['baseline_worst_gap']:+.2e}"
              if settings.get("compare") and result.get("baseline_seconds") else "")
-          + f".{'' if done else ' INCOMPLETE: the run stopped after the cases below.'}", "",
+          + f".{'' if done else ' INCOMPLETE: the run stopped after the cases below.'}", ""]
+    if cost is not None:
+        md += [f"**Cost against the code of commit {cost['rev'][:10]}** (its default search, on the same "
+               f"{cost['cases']} cases, fresh one-thread processes run alternately, {cost['repeats']} each, per-case "
+               f"minimum): {cost['old_seconds']:.1f} s then, {cost['new_seconds']:.1f} s now, **ratio "
+               f"{cost['ratio']:.2f}x** (target <= 2x).", ""]
+    md += [
           "Reference grids: " + "; ".join(f"{k}: {v}" for k, v in REFERENCE.items()) + ".", ""]
     if skipped:
         md += [f"Left out ({len(skipped)} cases of the families {', '.join(settings['skip_family'])}; their dense "

@@ -180,3 +180,58 @@ def test_the_half_pixel_miss_of_a_fresh_network_is_found():
     fast = invariance.align(c.reference, c.moving, c.family, **kw)
     ref = brute_force_align(c.reference, c.moving, c.family, angle_step=1.0, offsets=2, **kw)
     assert bool((fast.errors <= ref.errors + 1e-3).all()), (fast.errors, ref.errors)
+
+
+#: Misses of the fresh battery (``benchmarks/bench_fresh_battery.py``, seed 2026) before the pattern
+#: search's pairwise moves and the 5-degree similarity grid: (the case's name up to the image kind,
+#: image, the dense reference's error and its warp in the layer's centred frame, as
+#: ``invariance.reference.brute_force_align`` returned them with the grids recorded in
+#: ``benchmarks/results/fresh_battery.md``, the search's error then).
+FRESH_MISSES = [
+    ("arch 2070 (conv3x3/s2x6 leaky_relu, conv5x5/s1x6 silu, conv5x5/s1/d2x4 leaky_relu maxpool) rotation:-73",
+     1, 0.12336696382404995, [-7.047893329172723, -1.2769300666935914, -0.412318510223463], 0.1244),
+    ("arch 2055 (conv7x7/s2x8 relu, conv7x7/s1/d2x6 gelu) rotation:17",
+     0, 0.2586356836021983, [-79.68439685399363, -0.41807273326043143, 4.578588020107352], 0.2601),
+    ("arch 2040 (conv7x7/s2/d2x6 relu, conv3x3/s2x8 leaky_relu, conv3x3/s1x8 silu) scale:1.7",
+     1, 0.2969688555567312, [1.6822958886646298, 3.2322664034511357, 6.256782932125727], 0.3002),
+    ("arch 2037 (conv7x7/s1/d2x4 silu, conv3x3/s2x6 relu, conv5x5/s1x6 leaky_relu maxpool, conv3x3/s1x6 tanh) "
+     "similarity:30,1.25,1.5,-1", 0, 0.10472084651125212,
+     [-6.061953504932831, 0.7179027117054946, -0.5325996871998515, -0.41231934933045533], 0.1111),
+]
+
+
+@pytest.fixture(scope="module")
+def fresh_cases():
+    from invariance.reference import fresh_battery
+
+    return {c.name.rsplit(" ", 1)[0]: c for c in fresh_battery(2026, n_architectures=30)}
+
+
+@pytest.mark.parametrize("name, image, ref_error, ref_params, old_error", FRESH_MISSES,
+                         ids=[m[0].split(" (")[0] + " " + m[0].rsplit(" ", 1)[1] for m in FRESH_MISSES])
+def test_the_fresh_battery_misses_are_found(fresh_cases, name, image, ref_error, ref_params, old_error):
+    """The search's worst misses of the fresh battery, 1.1e-3 to 6.4e-3 above the dense reference's
+    optimum: a polish that moved one parameter at a time stalled in valleys that run diagonally
+    (rotation with shift, 1-2 degrees short), and a 10-degree similarity grid missed the optimum's
+    basin (-161 degrees where -6 degrees is better). The reference's warp is re-scored here (its
+    error recomputed by :func:`invariance.region_error`, so the case is the one recorded); the
+    search must come within the battery's target, 1e-3, of it, and its warp must keep the rule's
+    positions and signal (re-measured here)."""
+    c = fresh_cases[name]
+    size = tuple(c.reference.shape[-2:])
+    fam = invariance.SEARCH_FAMILIES[c.family][0]
+    ref_m = G.centred_to_normalized(G.to_matrix(fam, torch.tensor(ref_params, dtype=DT)), size)
+    i = slice(image, image + 1)
+    assert float(invariance.region_error(c.reference[i], c.moving[i], ref_m, mask=c.mask,
+                                         moving_mask=c.moving_mask)[0]) == pytest.approx(ref_error, abs=1e-9)
+    out = invariance.align(c.reference[i], c.moving[i], c.family, mask=c.mask, moving_mask=c.moving_mask,
+                           expected=c.expected.reshape(-1, 3, 3)[min(image, c.expected.reshape(-1, 3, 3).shape[0] - 1)])
+    assert float(out.errors[0]) <= ref_error + 1e-3, (float(out.errors[0]), ref_error, old_error)
+    # the rule, written out: positions and signal against the expected warp's
+    region, mvalid = c.mask.double(), c.moving_mask.double()
+    v_exp = warp_valid(mvalid, c.expected.reshape(-1, 3, 3)[0].double())
+    f = c.reference[image]
+    plane = ((f - (f * region).sum((-2, -1), keepdim=True) / region.sum()) ** 2).sum(0) * region
+    v = warp_valid(mvalid, out.matrices[0].double())
+    assert float((region * v).sum()) >= max(MIN_REGION, KAPPA * float((region * v_exp).sum()))
+    assert float((plane * v).sum()) >= max(SIGMA * float(plane.sum()), KAPPA * float((plane * v_exp).sum()))
