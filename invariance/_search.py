@@ -760,8 +760,8 @@ class _ShiftScorer:
         ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
         tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
         # index of u = t - p in the FFT output (negative u wrap around)
-        self.iy = torch.remainder(ty - py, self.s[0])
-        self.ix = torch.remainder(tx - px, self.s[1])
+        # u = t - p runs over -(h - 1) - 2 py .. h - 1: the negative ones sit at the end of the FFT output
+        self._neg, self._pos = (h - 1 + 2 * py, w - 1 + 2 * px), (h, w)
         self.ty, self.tx = ty, tx
         bad = torch.zeros(len(ty), len(tx), dtype=torch.bool, device=reference.device)
         if max_shift is not None:
@@ -769,7 +769,11 @@ class _ShiftScorer:
         self.invalid = bad
 
     def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., self.iy, :][..., self.ix]
+        """The correlation at every shift ``t``, in the order of ``ty``, ``tx``: the FFT output's
+        last ``-u`` rows / columns (negative ``u``) then its first ones, by slicing (no gather)."""
+        (ny, nx), (hy, hx) = self._neg, self._pos
+        x = torch.cat([x[..., -ny:, :], x[..., :hy, :]], -2) if ny else x[..., :hy, :]
+        return torch.cat([x[..., -nx:], x[..., :hx]], -1) if nx else x[..., :hx]
 
     def __call__(self, warped: torch.Tensor, valid: torch.Tensor):
         """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc) ->
