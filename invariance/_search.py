@@ -759,7 +759,6 @@ class _ShiftScorer:
         self.fs = torch.fft.rfft2(rule.plane, s=self.s)  # the signal plane (B, N, N')
         ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
         tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
-        # index of u = t - p in the FFT output (negative u wrap around)
         # u = t - p runs over -(h - 1) - 2 py .. h - 1: the negative ones sit at the end of the FFT output
         self._neg, self._pos = (h - 1 + 2 * py, w - 1 + 2 * px), (h, w)
         self.ty, self.tx = ty, tx
