@@ -1096,29 +1096,16 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
 
 
 def _refine(prob: _Problem, centred: torch.Tensor):
-    """:func:`_refine_batch` on groups of images whose per-step tensors stay small (:func:`step_bytes`)."""
-    b, k = centred.shape[:2]
-    per_image = k * (prob.moving.shape[1] + 1) * prob.size[0] * prob.size[1] * prob.moving.element_size()
-    n = max(1, int(step_bytes(prob.moving.device) // max(per_image, 1)))
-    if n >= b:
-        return _refine_batch(prob, centred)
-    out = []
-    for i in range(0, b, n):
-        sl = slice(i, i + n)
-        out.append(_refine_batch(prob.select(sl), centred[sl]))
-    return torch.cat(out)
-
-
-def _refine_batch(prob: _Problem, centred: torch.Tensor):
     """Adam on the family parameters, per (image, start). Returns refined centred matrices.
 
     The loss is the region error of docs/definitions.md (``V_g`` follows the warp; no gradient
-    flows through the region itself); the best *feasible* iterate is kept.
+    flows through the region itself); the best *feasible* iterate is kept. Starts are independent
+    (their own parameters, Adam state and error), so they run in groups whose warped maps per step
+    stay within :func:`step_bytes` (:func:`_adam_groups`): several images per group on small maps,
+    a few starts of one image on large ones, and the same result either way.
     """
-    reference, moving, region, mvalid, size, family, cfg, required, perm = (
-        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required,
-        prob.perm)
-    fam = G.get_family(SEARCH_FAMILIES[family][0])
+    cfg = prob.cfg
+    fam = G.get_family(SEARCH_FAMILIES[prob.family][0])
     if cfg.refine_steps <= 0:
         return centred
     with torch.no_grad():
@@ -1128,20 +1115,40 @@ def _refine_batch(prob: _Problem, centred: torch.Tensor):
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         jitter = (torch.rand(z0.shape[1:], generator=gen, dtype=z0.dtype) - 0.5) * 0.4
         z = (z0 + jitter.to(z0.device)).clone()
-    stack = _permuted(_stack(moving, mvalid), perm)
-    energy = _energy(reference, region)
     k = z.shape[1]
     keep = min(k, cfg.refine_keep)
     cut = max(1, cfg.refine_steps // 3) if keep < k else cfg.refine_steps
     unknown = torch.full(z.shape[:-1], torch.inf, dtype=z.dtype, device=z.device)
-    best_z, best_e = _adam(reference, stack, z, unknown, 0, cut, region, size, fam, cfg, required, energy)
+    best_z, best_e = _adam_groups(prob, fam, z, unknown, 0, cut)
     if cut < cfg.refine_steps:  # successive halving: only the best starts so far go on
         idx = best_e.argsort(dim=1, stable=True)[:, :keep, None].expand(-1, -1, z.shape[-1])
-        bz, _ = _adam(reference, stack, torch.gather(best_z, 1, idx), torch.gather(best_e, 1, idx[..., 0]), cut,
-                      cfg.refine_steps, region, size, fam, cfg, required, energy)
+        bz, _ = _adam_groups(prob, fam, torch.gather(best_z, 1, idx), torch.gather(best_e, 1, idx[..., 0]), cut,
+                             cfg.refine_steps)
         best_z = best_z.scatter(1, idx, bz)
     with torch.no_grad():
         return G.to_matrix(fam, _from_free(fam, best_z), check=False)
+
+
+def _adam_groups(prob: _Problem, fam: G.Family, z: torch.Tensor, best_e: torch.Tensor, first: int, last: int):
+    """:func:`_adam` on groups of (image, start) whose warped maps per step stay within
+    :func:`step_bytes`: ``n`` whole images at a time when a start's maps are small, otherwise one
+    image and as many of its starts as fit (at least one). Returns the best iterates and errors
+    ``(B, k, P)``, ``(B, k)``."""
+    b, k = z.shape[:2]
+    per_start = (prob.moving.shape[1] + 1) * prob.size[0] * prob.size[1] * prob.moving.element_size()
+    cap = max(1, int(step_bytes(prob.moving.device) // max(per_start, 1)))
+    n_images, n_starts = max(1, cap // k), min(k, cap)
+    out_z, out_e = [], []
+    for i in range(0, b, n_images):
+        sub = prob if n_images >= b else prob.select(slice(i, i + n_images))
+        stack = _permuted(_stack(sub.moving, sub.mvalid), sub.perm)
+        energy = _energy(sub.reference, sub.region)
+        parts = [_adam(sub.reference, stack, z[i : i + n_images, j : j + n_starts],
+                       best_e[i : i + n_images, j : j + n_starts], first, last, sub.region, sub.size, fam, sub.cfg,
+                       sub.required, energy) for j in range(0, k, n_starts)]
+        out_z.append(torch.cat([p[0] for p in parts], 1))
+        out_e.append(torch.cat([p[1] for p in parts], 1))
+    return torch.cat(out_z), torch.cat(out_e)
 
 
 def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy):

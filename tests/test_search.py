@@ -745,3 +745,33 @@ def test_the_near_grid_searches_only_the_expected_warps_neighbourhood(monkeypatc
         else:
             at_expected = region_error(ref, mov, G.inverse(t).expand(2, 3, 3), mask=mask)
             assert bool((near.errors <= at_expected * (1 + 1e-12)).all()) and float(near.errors.max()) > EXACT64
+
+
+def test_the_refinement_groups_starts_within_its_step_budget_and_gets_the_same_result(monkeypatch):
+    """Refinement starts are independent (their own parameters, Adam state and error), so grouping
+    them changes nothing: with a step budget of one start's warped maps the refinement runs one
+    start of one image per Adam call (never more than the budget's maps at once) and returns the
+    same warps and errors as with all starts of all images in one call, to rounding (1e-12)."""
+    import invariance._search as S
+
+    g = torch.Generator().manual_seed(7)
+    ref = F.avg_pool2d(torch.randn(2, 5, 24, 24, generator=g, dtype=DT), 5, 1)
+    mov = torch.rot90(ref, 1, (-2, -1)) + 0.05 * torch.randn(ref.shape, generator=g, dtype=DT)
+    per_start = (5 + 1) * 20 * 20 * 8  # one start's warped maps and valid plane, float64
+    calls = []
+    real = S._adam
+
+    def counting(reference, stack, z, *args):
+        calls.append(tuple(z.shape[:2]))
+        return real(reference, stack, z, *args)
+
+    monkeypatch.setattr(S, "_adam", counting)
+    monkeypatch.setattr(S, "step_bytes", lambda device: 1 << 30)
+    whole = align(ref, mov, "rigid", config=CFG)
+    assert calls and all(n > 1 for _, n in calls)
+    calls.clear()
+    monkeypatch.setattr(S, "step_bytes", lambda device: per_start)
+    grouped = align(ref, mov, "rigid", config=CFG)
+    assert calls and all(shape == (1, 1) for shape in calls), calls
+    torch.testing.assert_close(grouped.errors, whole.errors, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grouped.matrices, whole.matrices, atol=1e-12, rtol=0)
