@@ -29,3 +29,19 @@ def write_results(folder, stem: str, out: dict, text: str) -> None:
     atomic_write_json(folder / f"{stem}.json", out)
     atomic_write_text(folder / f"{stem}.md", text)
     print(text, flush=True)
+
+
+def cpu_times() -> dict:
+    """This process's user and system CPU seconds and minor page faults so far (``getrusage``)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user": r.ru_utime, "system": r.ru_stime, "minor_faults": r.ru_minflt}
+
+
+def cpu_share(before: dict, after: dict) -> dict:
+    """User and system seconds between two :func:`cpu_times`, the system share of their sum and the
+    page faults in between (the issue "near the limit" wants the system share at most 5%)."""
+    user, system = after["user"] - before["user"], after["system"] - before["system"]
+    return {"user_s": user, "system_s": system, "system_share": system / max(user + system, 1e-9),
+            "minor_faults": after["minor_faults"] - before["minor_faults"]}

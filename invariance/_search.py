@@ -700,11 +700,13 @@ def _canvas_pads(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> list[tu
     return list(zip(py.tolist(), px.tolist()))
 
 
-SEARCH_BYTES_PER_CANVAS_ELEMENT = 40
+SEARCH_BYTES_PER_CANVAS_ELEMENT = 56
 """Peak bytes :func:`align` holds per image, channel and element of its largest FFT canvas, for
-float32 maps (the warped canvas, its half spectrum, the reference's, products and planes);
-measured on the CPU at 23 (resnet50's layer3 maps, 1024 x 14 x 14) and 33 (the 3 x 224 x 224 input
-of its interpolation floor): a margin for the allocator's fragmentation."""
+float32 maps (the warped canvas, its half spectrum, the reference's, products and planes).
+Measured on the CPU as the growth of the peak resident memory from one image to four: 45 for the
+3 x 224 x 224 input of resnet50's interpolation floor, 30 for its layer1 maps (256 x 56 x 56,
+with the random-pair null); the rest is a margin for the allocator's fragmentation, which moved
+the peak of one run by up to a fifth (``benchmarks/results/memory_budget.md``)."""
 
 
 def search_bytes_per_image(family: str, channels: int, size, config: SearchConfig | None = None,
@@ -717,7 +719,7 @@ def search_bytes_per_image(family: str, channels: int, size, config: SearchConfi
     :func:`invariance.measure` sizes its batches of images from it.
 
     >>> search_bytes_per_image("rigid", 1024, (14, 14)) // 2**20   # resnet50 layer3, 72 angles
-    79
+    110
     """
     cfg = SearchConfig.of(config)
     h, w = (int(v) for v in size)
