@@ -45,3 +45,15 @@ def cpu_share(before: dict, after: dict) -> dict:
     user, system = after["user"] - before["user"], after["system"] - before["system"]
     return {"user_s": user, "system_s": system, "system_share": system / max(user + system, 1e-9),
             "minor_faults": after["minor_faults"] - before["minor_faults"]}
+
+
+def machine_record(load_before) -> dict:
+    """The machine a benchmark ran on, for its record: CPU, cores, torch, platform, and the load
+    average before (``load_before``, taken at the start) and now."""
+    import os
+    import platform
+
+    import torch
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "platform": platform.platform(), "load_before": load_before, "load_after": os.getloadavg()}

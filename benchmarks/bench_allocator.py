@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _machine import cpu_model, cpu_share, cpu_times, write_results  # noqa: E402  (benchmarks/)
+from _machine import cpu_share, cpu_times, machine_record, write_results  # noqa: E402  (benchmarks/)
 
 CASES = {"quick full size": (16, 64, 28, 90, {"refine_steps": 0, "top_k": 1, "subpixel_top": 0}),
          "default": (4, 512, 28, 72, {})}
@@ -75,8 +74,7 @@ def main() -> None:
         rows.append({"case": case, **best, "same_errors": best["default"]["errors"] == best["tuned"]["errors"],
                      "speedup": best["default"]["wall_s"] / best["tuned"]["wall_s"]})
         print(case, {k: (round(v["wall_s"], 2), round(v["system_share"], 3)) for k, v in best.items()}, flush=True)
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "platform": platform.platform(), "load_before": load, "load_after": os.getloadavg()}
+    machine = machine_record(load)
     lines = ["# The allocator's share of the search", "",
              f"Command: `python benchmarks/bench_allocator.py --repeats {a.repeats}`. Machine: {machine['cpu']}, "
              f"{machine['cores']} cores, torch {torch.__version__}; load average {load[0]:.1f} before, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if a.child:
         return child(a)
-    from _machine import cpu_model, write_results
+    from _machine import machine_record, write_results
 
     load = os.getloadavg()
     rows = []
@@ -94,8 +93,7 @@ def main() -> None:
         worst = dict(max(runs, key=lambda r: r["ratio"]))
         worst["runs_extra_bytes"] = [r["extra_bytes"] for r in runs]
         rows.append(worst)
-    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-               "platform": platform.platform(), "load_before": load, "load_after": os.getloadavg()}
+    machine = machine_record(load)
     lines = ["# Memory budget against the peak it allows", "",
              f"Command: `python benchmarks/bench_memory.py --images {a.images} --layer {a.layer} "
              f"--budgets {a.budgets} --repeats {a.repeats}`. "
