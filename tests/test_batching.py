@@ -75,7 +75,8 @@ def test_a_small_memory_budget_batches_images_and_groups_layers(one_batch):
     """64 kB: two images' maps of both layers (4 x 16 x 16 x 3 x 8 B and 4 x 8 x 8 x 4 x 8 B,
     times two for the transformed images) exceed half the budget, so the layers are measured in
     two groups; the search bytes per image (``search_bytes_per_image``: 56 B x 2 channels x a
-    48 x 48 FFT canvas x 2 for float64, 516 kB, for the 1-channel input's floor) exceed the budget, so one image per batch."""
+    48 x 48 FFT canvas x 2 for float64, 516 kB, for the 1-channel input's floor) exceed the
+    budget, so one image per batch."""
     rep = _run(memory_budget="64kB")
     assert rep.meta["batching"] == {"images_per_batch": 1, "layer_groups": 2, "memory_budget": 64000}
     _same(one_batch, rep)
