@@ -47,13 +47,21 @@ def cpu_share(before: dict, after: dict) -> dict:
             "minor_faults": after["minor_faults"] - before["minor_faults"]}
 
 
-def machine_record(load_before) -> dict:
-    """The machine a benchmark ran on, for its record: CPU, cores, torch, platform, and the load
-    average before (``load_before``, taken at the start) and now."""
+def machine() -> dict:
+    """The machine a benchmark runs on, for its record: platform, CPU, cores, torch and its threads,
+    Python, and the GPU (None without CUDA)."""
     import os
     import platform
 
     import torch
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "platform": platform.platform(), "load_before": load_before, "load_after": os.getloadavg()}
+    return {"platform": platform.platform(), "cpu": cpu_model("unknown"), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def machine_record(load_before) -> dict:
+    """:func:`machine` with the load average before (``load_before``, taken at the start) and now."""
+    import os
+
+    return {**machine(), "load_before": load_before, "load_after": os.getloadavg()}

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _fft import recorded_ffts, time_ffts  # noqa: E402
-from _machine import write_results  # noqa: E402
-from bench_search import candidate_matrices, loop_search, machine, slice_loop_search, smooth_maps  # noqa: E402
+from _machine import machine, write_results  # noqa: E402
+from bench_search import candidate_matrices, loop_search, slice_loop_search, smooth_maps  # noqa: E402
 
 from invariance import SearchConfig, align  # noqa: E402
 from invariance import geometry as G  # noqa: E402

@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _machine import write_results  # noqa: E402
+from _machine import machine, write_results  # noqa: E402
 from bench_resnet50 import smooth_images  # noqa: E402
-from bench_search import machine  # noqa: E402
 
 import invariance  # noqa: E402
 

@@ -129,8 +129,7 @@ def main() -> None:
     if args.layer:
         child(args)
         return
-    from _machine import write_results
-    from bench_search import machine
+    from _machine import machine, write_results
 
 
     load_before = os.getloadavg()

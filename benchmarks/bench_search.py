@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _machine import cpu_model, cpu_share, cpu_times  # noqa: E402  (benchmarks/, the script's own folder)
+from _machine import cpu_share, cpu_times, machine  # noqa: E402  (benchmarks/, the script's own folder)
 
 from invariance import (  # noqa: E402
     SearchConfig,
@@ -47,13 +46,6 @@ from invariance import (  # noqa: E402
 )
 from invariance import geometry as G  # noqa: E402
 from invariance.files import atomic_write_json, atomic_write_text  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = cpu_model("unknown")
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def smooth_maps(b, c, h, w, seed=0, device="cpu"):

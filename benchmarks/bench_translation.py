@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _machine import write_results  # noqa: E402
-from bench_search import machine, smooth_maps  # noqa: E402
+from _machine import machine, write_results  # noqa: E402
+from bench_search import smooth_maps  # noqa: E402
 
 from invariance import align  # noqa: E402
 
