@@ -133,6 +133,7 @@ _VALID = 1.0 - 1e-5  # bilinear sample of a valid region that counts as "inside"
 _STEP_BYTES = 4 << 20  # CPU: warped maps per step of the exact scoring and the refinement: small tensors
 # are reused by the allocator, large ones are returned to the system and page-faulted back every step
 _STEP_BYTES_CUDA = (4 << 20, 512 << 20)  # CUDA: 1/64 of the free memory, within these bounds
+_BLOCK_BYTES = 1 << 20  # CPU: a block of channel spectra in the FFT scoring, sized to stay in the caches
 
 
 def step_bytes(device: torch.device | str) -> int:
@@ -753,12 +754,13 @@ class _ShiftScorer:
         self.s = (next_fast_len(hc + h - 1, real=True), next_fast_len(wc + w - 1, real=True))
         self.canvas = (hc, wc)
         self.energy = _energy(reference, region)  # (B,)
-        # conj(FFT(M F_c)), (B, C, N, N'): the channel sum below accumulates FFT(G_c) * conj(FFT(M F_c))
-        self.fa = torch.fft.rfft2(reference * region, s=self.s).conj().resolve_conj()
+        # conj(FFT(M F_c)), channels first (C, B, N, N'): score_all accumulates FFT(G_c) * conj(FFT(M F_c))
+        self.fa = torch.fft.rfft2((reference * region).transpose(0, 1), s=self.s).conj().resolve_conj()
         self.fm = torch.fft.rfft2(region, s=self.s)
         self.fp = torch.fft.rfft2(reference.pow(2).sum(1) * region, s=self.s)  # (B, N, N')
         self.rule = rule
         self.fs = torch.fft.rfft2(rule.plane, s=self.s)  # the signal plane (B, N, N')
+        self._buf = None  # the zero-bordered canvas the maps are warped into, reused across chunks
         ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
         tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
         # u = t - p runs over -(h - 1) - 2 py .. h - 1: the negative ones sit at the end of the FFT output
@@ -776,34 +778,63 @@ class _ShiftScorer:
         x = torch.cat([x[..., -ny:, :], x[..., :hy, :]], -2) if ny else x[..., :hy, :]
         return torch.cat([x[..., -nx:], x[..., :hx]], -1) if nx else x[..., :hx]
 
-    def __call__(self, warped: torch.Tensor, valid: torch.Tensor):
-        """warped (B, k, C, Hc, Wc), valid (B or 1, k, Hc, Wc) ->
+    def __call__(self, stacked: torch.Tensor, shared_valid: bool = False):
+        """stacked (B, k, C + 1, Hc, Wc), the canvas-warped stack of :func:`_stack` ->
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
-        return self.score(self.spectra(warped, valid))
+        return self.score_all(stacked, shared_valid, [(self, slice(None))])[0]
 
-    def spectra(self, warped: torch.Tensor, valid: torch.Tensor) -> tuple:
-        """The candidates' FFTs ``(FFT(G_c), FFT(Q), conj FFT(V))``: they depend on the moving maps
-        only, so one set scores them against several references (:meth:`score`). ``valid`` of
-        shape ``(1, k, ...)`` (one moving mask for every image, shared candidates) is transformed
-        once per candidate, not once per image."""
-        fg = torch.fft.rfft2(warped * valid[:, :, None], s=self.s)
-        fq = torch.fft.rfft2(warped.pow(2).sum(2) * valid, s=self.s)
-        fv = torch.fft.rfft2(valid, s=self.s).conj()  # (B or 1, k, ...)
-        return fg, fq, fv
+    def _canvas_buffer(self, c: int, k: int, b: int, like: torch.Tensor) -> torch.Tensor:
+        """A zero ``(C, k, B, N, N')`` buffer, kept across chunks: the warped maps are written into its
+        top-left ``(Hc, Wc)`` window, so its border stays zero and each chunk's transforms need
+        neither a padded copy nor a fresh allocation (the allocator's page faults, issue 22);
+        channels first, so that a block of channels is one contiguous transform."""
+        shape = (c, k, b, *self.s)
+        if self._buf is None or self._buf.shape != shape:
+            self._buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self._buf
 
-    def score(self, spectra: tuple, images: slice = slice(None)):
-        """:meth:`spectra` of the moving maps ``images`` (one per reference image) -> (best error
-        (B, k), best shift (B, k, 2) as (tx, ty))."""
-        fg, fq, fv = spectra
-        fg, fq = fg[images], fq[images]
-        fv = fv if fv.shape[0] == 1 else fv[images]
-        # sum_c FFT(G_c) conj(FFT(M F_c)), in blocks of channels whose products stay under
-        # step_bytes (2-7x faster than einsum's batched one-row matmuls)
-        spec = torch.zeros(fg.shape[:2] + fg.shape[3:], dtype=fg.dtype, device=fg.device)
-        c = fg.shape[2]
-        blk = max(1, min(c, step_bytes(fg.device) // max(1, spec.numel() * spec.element_size())))
+    def score_all(self, stacked: torch.Tensor, shared_valid: bool, targets: list) -> list:
+        """Score the canvas-warped stack ``(B, k, C + 1, Hc, Wc)`` of :func:`_stack` (maps zeroed
+        outside their valid region, then the region) against each ``(scorer, images)`` of
+        ``targets`` (this scorer's canvas; ``images``: the moving maps of the scorer's reference
+        images): a list of (best error ``(B', k)``, best shift ``(B', k, 2)`` as ``(tx, ty)``).
+
+        The moving side is transformed once for all targets, in blocks of channels (a block's
+        spectra are multiplied into every target's cross spectrum while they are in the caches,
+        never stored for all channels). With the warped region's weight ``w`` (:func:`_weights`)
+        and the normalised samples ``x_c / w`` (:func:`_split`), ``G_c = w (x_c / w) = x_c`` and
+        ``Q = w sum_c (x_c / w)^2 = sum_c x_c^2 / w`` where ``w > 0`` (0 elsewhere): no division of
+        the ``C`` planes. ``shared_valid``: every image's warped region is the same plane (one
+        moving mask for every image, shared candidates), transformed once per candidate, not once
+        per image."""
+        b, k, c1, hc, wc = stacked.shape
+        c = c1 - 1
+        w = _weights(stacked[:, :, -1])  # (B, k, Hc, Wc)
+        buf = self._canvas_buffer(c, k, b, stacked)
+        window = buf[..., :hc, :wc].permute(2, 1, 0, 3, 4)  # (B, k, C, Hc, Wc), a view of the buffer
+        torch.mul(stacked[:, :, :-1], (w > 0).to(stacked.dtype)[:, :, None], out=window)
+        # sum_c FFT(G_c) conj(FFT(M F_c)) per target, in blocks of channels whose spectra stay under
+        # step_bytes on CUDA and _BLOCK_BYTES (the caches) on the CPU
+        nf = self.s[1] // 2 + 1
+        specs = [torch.zeros(k, len(range(b)[images]), self.s[0], nf, dtype=self.fa.dtype, device=buf.device)
+                 for _, images in targets]
+        budget = step_bytes(buf.device) if buf.device.type == "cuda" else _BLOCK_BYTES
+        blk = max(1, min(c, budget // max(1, k * b * self.s[0] * nf * self.fa.element_size())))
         for c0 in range(0, c, blk):
-            spec += (fg[:, :, c0 : c0 + blk] * self.fa[:, None, c0 : c0 + blk]).sum(2)
+            fg = torch.fft.rfft2(buf[c0 : c0 + blk])  # (c', k, B, N, N')
+            for spec, (scorer, images) in zip(specs, targets):
+                spec += (fg[:, :, images] * scorer.fa[c0 : c0 + blk, None]).sum(0)
+        del fg
+        sq = window.square_().sum(2)  # the window's transforms are taken: square it in place
+        fq = torch.fft.rfft2(sq / torch.where(w > 0, w, torch.ones_like(w)), s=self.s)
+        fv = torch.fft.rfft2(w[:1] if shared_valid else w, s=self.s).conj()  # (B or 1, k, ...)
+        return [scorer.score(spec.transpose(0, 1), fq[images], fv if shared_valid else fv[images])
+                for spec, (scorer, images) in zip(specs, targets)]
+
+    def score(self, spec: torch.Tensor, fq: torch.Tensor, fv: torch.Tensor):
+        """The cross spectrum ``sum_c FFT(G_c) conj(FFT(M F_c))`` ``(B, k, N, N')``, ``FFT(Q)`` and
+        ``conj FFT(V)`` (``(B or 1, k, N, N')``) of the moving maps of this scorer's references ->
+        (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
         cross = torch.fft.irfft2(spec.conj(), s=self.s)
         sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
         den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
@@ -987,13 +1018,16 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
             side = int(math.sqrt(h * w))
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
         for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
-            warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
-            if shared_valid:  # every image's warped valid region is the same plane
-                valid = valid[:1]
-            spectra = scorers[0].spectra(warped, valid) if has_t else None
+            if has_t:
+                scored = scorers[0].score_all(stacked, shared_valid,
+                                              [(sc, images) for sc, (images, _, _) in zip(scorers, out)])
+            else:
+                warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
+                if shared_valid:  # every image's warped valid region is the same plane
+                    valid = valid[:1]
             for j, (q, (images, errs, shifts)) in enumerate(zip(probs, out)):
                 if has_t:
-                    e, t = scorers[j].score(spectra, images)
+                    e, t = scored[j]
                 else:
                     v = valid if valid.shape[0] == 1 else valid[images]
                     e = q.required.feasible(*_region_terms(q.reference, warped[images], region, v, q.required.plane),
@@ -1009,7 +1043,6 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
                     errs[:, idx[sl]] = e
                     if t is not None:
                         shifts[:, idx[sl]] = t
-            del spectra
     res = [(errs, _translation(shifts) @ (lin if per_image else lin.unsqueeze(0))) for _, errs, shifts in out]
     return res[0] if nxt is None else tuple(res)
 

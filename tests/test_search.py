@@ -196,8 +196,9 @@ def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad, device):
         only = torch.ones_like(scorer.invalid)
         only[(scorer.ty == ty).nonzero().item(), (scorer.tx == tx).nonzero().item()] = False
         scorer.invalid = only
-        valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py))[None, None].to(device)
-        e, shift = scorer(canvas[:, None], valid)
+        valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py)).to(device)
+        stacked = torch.cat([canvas, valid.expand(2, 1, *valid.shape)], 1)  # the maps and their region
+        e, shift = scorer(stacked[:, None])
         direct = region_err(ref, mov, nmat("translation", [tx, ty], (h, w), device=device), m).cpu()
         if bool(direct.isnan().all()):  # the shift leaves no position of the mask to compare
             assert bool(torch.isinf(e).all())
