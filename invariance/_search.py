@@ -511,6 +511,24 @@ def _region_terms(reference, warped, region, valid, plane):
     return num, den, cnt, sig
 
 
+def _stack_terms(reference, stacked, region, plane):
+    """:func:`_region_terms` of :func:`_split` of a warped stack ``(B, k, C + 1, H, W)``, without the
+    normalised samples: ``R ||x / w - F||^2`` is one fused pass over the ``C`` planes
+    (``x (1 / w) - F``) squared in place, where the two functions make four passes and four
+    temporaries (the error's inner loop: every polish move and exact scoring). The same terms up to
+    rounding (``x (1 / w)`` for ``x / w``); outside the valid region (``w = 0``) ``R`` is 0 whatever the
+    difference."""
+    w = _weights(stacked[:, :, -1])  # (B, k, H, W)
+    inv = torch.where(w > 0, 1 / torch.where(w > 0, w, torch.ones_like(w)), torch.zeros_like(w))
+    diff = torch.addcmul(-reference.unsqueeze(1), stacked[:, :, :-1], inv.unsqueeze(2))
+    r = region * w
+    num = (diff.square_().sum(2) * r).flatten(-2).sum(-1)
+    den = (reference.pow(2).sum(1, keepdim=True) * r).flatten(-2).sum(-1)
+    cnt = r.flatten(-2).sum(-1).expand_as(den)
+    sig = (plane.unsqueeze(1) * w).flatten(-2).sum(-1).expand_as(den)
+    return num, den, cnt, sig
+
+
 def _resolve_mask(mask, mask_radius, size, dtype, device, name="mask") -> torch.Tensor:
     """The reference's region M (float 0/1, ``(H, W)``): the given mask, a disk, or the whole map."""
     if mask is None:
@@ -1120,8 +1138,7 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
     c = stack.shape[1]
     chunk = max(1, int(step_bytes(moving.device) // max(1, b * c * size[0] * size[1] * moving.element_size())))
     for _, stacked in unchecked_chunks(stack, norm, size, chunk, affine=True):
-        warped, valid = _split(stacked)  # (B, k, C, H, W), (B, k, H, W)
-        num, den, cnt, sig = _region_terms(reference, warped, region, valid, required.plane)
+        num, den, cnt, sig = _stack_terms(reference, stacked, region, required.plane)
         errs.append(required.feasible(num, den, cnt, sig, energy))
         cnts.append(cnt)
         sigs.append(sig)

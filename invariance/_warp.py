@@ -166,18 +166,17 @@ def unchecked_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[i
     ``(1, K, 3, 3)`` with ``shared=True`` (every image warped by each, without copying them)."""
     b, c, h, w = images.shape
     k_total = matrices.shape[1]
+    ho, wo = size
+    # the k grids of a chunk are stacked along the output's rows, so each image is sampled once per
+    # chunk as it is (never copied k times) and the k warps of one image come out as one tall map
+    src = images.reshape(1, b * c, h, w) if shared else images
     for k0 in range(0, k_total, chunk_size):
         sl = slice(k0, min(k_total, k0 + chunk_size))
         m = matrices[:, sl]
         kk = m.shape[1]
         grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
-        if shared:
-            src = images.reshape(1, b * c, h, w).expand(kk, b * c, h, w)
-            out = _sample(src, grid, mode, padding_mode).reshape(kk, b, c, *size).transpose(0, 1)
-        else:
-            src = images.unsqueeze(1).expand(b, kk, c, h, w).reshape(b * kk, c, h, w)
-            out = _sample(src, grid, mode, padding_mode).reshape(b, kk, c, *size)
-        yield sl, out
+        out = _sample(src, grid.reshape(src.shape[0], kk * ho, wo, 2), mode, padding_mode)
+        yield sl, out.view(b, c, kk, ho, wo).transpose(1, 2)  # (B, k, C, H', W'), a view
 
 
 def warp(
