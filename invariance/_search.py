@@ -153,6 +153,7 @@ def step_bytes(device: torch.device | str) -> int:
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower it by more
 _POLISH_MOVES = 8  # moves per step size of the polish (:func:`_polish`)
+_POLISH_ONLY_MOVED = True  # CPU: after a move, the polish scores only the seeds that moved (a test turns it off)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
 
@@ -1333,7 +1334,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     for _ in range(cfg.polish_levels):
         moving_seeds = None  # (image, seed) pairs that moved in the last move (CPU only)
         for _ in range(_POLISH_MOVES):
-            if moving_seeds is None or moving_seeds.all:
+            if moving_seeds is None or moving_seeds.all or not _POLISH_ONLY_MOVED:
                 cand = z[:, :, None, :] + step * dirs  # (B, S, D, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2)), check=False)
                 e, _ = _exact(reference, moving, moves, region, mvalid, size, required, perm)

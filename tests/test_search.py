@@ -776,3 +776,34 @@ def test_the_refinement_groups_starts_within_its_step_budget_and_gets_the_same_r
     assert calls and all(shape == (1, 1) for shape in calls), calls
     torch.testing.assert_close(grouped.errors, whole.errors, atol=1e-12, rtol=0)
     torch.testing.assert_close(grouped.matrices, whole.matrices, atol=1e-12, rtol=0)
+
+
+def test_the_polish_scores_again_only_the_seeds_that_moved_and_gets_the_same_result(monkeypatch):
+    """The polish is deterministic: a seed that did not move in a move would try the same candidates
+    in the next and find nothing better. Scoring only the seeds that moved must therefore return
+    the same warps and errors as scoring every seed at every move (to 1e-12: the exact errors do not
+    depend on the batch), with fewer candidates scored; three images whose seeds stop at different
+    moves make the subsets ragged."""
+    import invariance._search as S
+
+    g = torch.Generator().manual_seed(3)
+    ref = F.avg_pool2d(torch.randn(3, 4, 24, 24, generator=g, dtype=DT), 5, 1)
+    mov = torch.cat([warp(ref[i:i + 1], nmat("rigid", [a, 0.6, -0.4], (24, 24))) for i, a in
+                     enumerate([17.0, -41.0, 63.0])]) + 0.03 * torch.randn(ref.shape, generator=g, dtype=DT)
+    scored = []
+    real = S._exact
+
+    def counting(reference, moving, centred, *args, **kw):
+        scored.append(centred.shape[0] * centred.shape[1])
+        return real(reference, moving, centred, *args, **kw)
+
+    monkeypatch.setattr(S, "_exact", counting)
+    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", False)
+    every = align(ref, mov, "rigid", config=CFG)
+    n_every = sum(scored)
+    scored.clear()
+    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", True)
+    moved = align(ref, mov, "rigid", config=CFG)
+    assert sum(scored) < n_every, (sum(scored), n_every)
+    torch.testing.assert_close(moved.errors, every.errors, atol=1e-12, rtol=0)
+    torch.testing.assert_close(moved.matrices, every.matrices, atol=1e-12, rtol=0)
