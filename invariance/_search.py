@@ -87,7 +87,7 @@ from scipy.fft import next_fast_len
 from scipy.optimize import linear_sum_assignment
 
 from . import geometry as G
-from ._warp import disk_mask, unchecked_chunks, warp, warp_chunks
+from ._warp import disk_mask, unchecked_block_chunks, unchecked_chunks, warp, warp_chunks
 from .checks import check_images
 
 __all__ = [
@@ -800,54 +800,59 @@ class _ShiftScorer:
     def __call__(self, stacked: torch.Tensor, shared_valid: bool = False):
         """stacked (B, k, C + 1, Hc, Wc), the canvas-warped stack of :func:`_stack` ->
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
-        return self.score_all(stacked, shared_valid, [(self, slice(None))])[0]
+        c = stacked.shape[2] - 1
+        return self.score_all(lambda c0, c1: stacked[:, :, c0:c1].permute(2, 0, 1, 3, 4), c, shared_valid,
+                              [(self, slice(None))])[0]
 
-    def _canvas_buffer(self, c: int, k: int, b: int, like: torch.Tensor) -> torch.Tensor:
-        """A zero ``(C, k, B, N, N')`` buffer, kept across chunks: the warped maps are written into its
+    def _canvas_buffer(self, c: int, b: int, k: int, like: torch.Tensor) -> torch.Tensor:
+        """A zero ``(C, B, k, N, N')`` buffer, kept across chunks: the warped maps are written into its
         top-left ``(Hc, Wc)`` window, so its border stays zero and each chunk's transforms need
         neither a padded copy nor a fresh allocation (the allocator's page faults, issue 22);
         channels first, so that a block of channels is one contiguous transform."""
-        shape = (c, k, b, *self.s)
+        shape = (c, b, k, *self.s)
         if self._buf is None or self._buf.shape != shape:
             self._buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self._buf
 
-    def score_all(self, stacked: torch.Tensor, shared_valid: bool, targets: list) -> list:
-        """Score the canvas-warped stack ``(B, k, C + 1, Hc, Wc)`` of :func:`_stack` (maps zeroed
-        outside their valid region, then the region) against each ``(scorer, images)`` of
-        ``targets`` (this scorer's canvas; ``images``: the moving maps of the scorer's reference
-        images): a list of (best error ``(B', k)``, best shift ``(B', k, 2)`` as ``(tx, ty)``).
+    def score_all(self, sample, c: int, shared_valid: bool, targets: list) -> list:
+        """Score the canvas warps of the stack of :func:`_stack` (maps zeroed outside their valid
+        region, then the region as channel ``c``) against each ``(scorer, images)`` of ``targets``
+        (this scorer's canvas; ``images``: the moving maps of the scorer's reference images): a
+        list of (best error ``(B', k)``, best shift ``(B', k, 2)`` as ``(tx, ty)``). ``sample(c0, c1)``
+        gives the warps of the stack's channels ``c0 .. c1 - 1``, ``(c1 - c0, B, k, Hc, Wc)``
+        (:func:`~invariance._warp.unchecked_block_chunks`).
 
-        The moving side is transformed once for all targets, in blocks of channels (a block's
-        spectra are multiplied into every target's cross spectrum while they are in the caches,
-        never stored for all channels). With the warped region's weight ``w`` (:func:`_weights`)
-        and the normalised samples ``x_c / w`` (:func:`_split`), ``G_c = w (x_c / w) = x_c`` and
-        ``Q = w sum_c (x_c / w)^2 = sum_c x_c^2 / w`` where ``w > 0`` (0 elsewhere): no division of
-        the ``C`` planes. ``shared_valid``: every image's warped region is the same plane (one
-        moving mask for every image, shared candidates), transformed once per candidate, not once
-        per image."""
-        b, k, c1, hc, wc = stacked.shape
-        c = c1 - 1
-        w = _weights(stacked[:, :, -1])  # (B, k, Hc, Wc)
-        buf = self._canvas_buffer(c, k, b, stacked)
-        window = buf[..., :hc, :wc].permute(2, 1, 0, 3, 4)  # (B, k, C, Hc, Wc), a view of the buffer
-        torch.mul(stacked[:, :, :-1], (w > 0).to(stacked.dtype)[:, :, None], out=window)
+        The moving side is warped and transformed once for all targets, in blocks of channels: a
+        block is warped into the canvas, transformed and multiplied into every target's cross
+        spectrum while it is in the caches, so no tensor holds all channels' warps or spectra.
+        With the warped region's weight ``w`` (:func:`_weights`) and the normalised samples
+        ``x_c / w`` (:func:`_split`), ``G_c = w (x_c / w) = x_c`` and ``Q = w sum_c (x_c / w)^2 =
+        sum_c x_c^2 / w`` where ``w > 0`` (0 elsewhere): no division of the ``C`` planes.
+        ``shared_valid``: every image's warped region is the same plane (one moving mask for every
+        image, shared candidates), transformed once per candidate, not once per image."""
+        w = _weights(sample(c, c + 1)[0])  # (B, k, Hc, Wc)
+        b, k, hc, wc = w.shape
+        inside = (w > 0).to(w.dtype)
+        buf = self._canvas_buffer(c, b, k, w)
         # sum_c FFT(G_c) conj(FFT(M F_c)) per target, in blocks of channels whose spectra stay under
         # step_bytes on CUDA and _BLOCK_BYTES (the caches) on the CPU
         nf = self.s[1] // 2 + 1
-        specs = [torch.zeros(k, len(range(b)[images]), self.s[0], nf, dtype=self.fa.dtype, device=buf.device)
+        specs = [torch.zeros(len(range(b)[images]), k, self.s[0], nf, dtype=self.fa.dtype, device=buf.device)
                  for _, images in targets]
+        sq = torch.zeros_like(w)
         budget = step_bytes(buf.device) if buf.device.type == "cuda" else _BLOCK_BYTES
         blk = max(1, min(c, budget // max(1, k * b * self.s[0] * nf * self.fa.element_size())))
         for c0 in range(0, c, blk):
-            fg = torch.fft.rfft2(buf[c0 : c0 + blk])  # (c', k, B, N, N')
+            c1 = min(c, c0 + blk)
+            window = buf[c0:c1, ..., :hc, :wc]
+            torch.mul(sample(c0, c1), inside, out=window)
+            fg = torch.fft.rfft2(buf[c0:c1])  # (c', B, k, N, N')
             for spec, (scorer, images) in zip(specs, targets):
-                spec += (fg[:, :, images] * scorer.fa[c0 : c0 + blk, None]).sum(0)
-        del fg
-        sq = window.square_().sum(2)  # the window's transforms are taken: square it in place
+                spec += (fg[:, images] * scorer.fa[c0:c1, :, None]).sum(0)
+            sq += window.square_().sum(0)  # the block's transforms are taken: square it in place
         fq = torch.fft.rfft2(sq / torch.where(w > 0, w, torch.ones_like(w)), s=self.s)
         fv = torch.fft.rfft2(w[:1] if shared_valid else w, s=self.s).conj()  # (B or 1, k, ...)
-        return [scorer.score(spec.transpose(0, 1), fq[images], fv if shared_valid else fv[images])
+        return [scorer.score(spec, fq[images], fv if shared_valid else fv[images])
                 for spec, (scorer, images) in zip(specs, targets)]
 
     def score(self, spec: torch.Tensor, fq: torch.Tensor, fv: torch.Tensor):
@@ -1036,9 +1041,14 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
         else:
             side = int(math.sqrt(h * w))
         chunk = _auto_chunk(cfg, b, c, side, side, reference.element_size())
-        for sl, stacked in warp_chunks(stack, norm, size=canvas, chunk_size=chunk):
+        if has_t:  # warped a block of channels at a time, into the scorer's canvas
+            chunks = unchecked_block_chunks(stack, norm if per_image else norm[None], canvas, chunk, affine=True,
+                                            shared=not per_image)
+        else:
+            chunks = warp_chunks(stack, norm, size=canvas, chunk_size=chunk)
+        for sl, stacked in chunks:
             if has_t:
-                scored = scorers[0].score_all(stacked, shared_valid,
+                scored = scorers[0].score_all(stacked, c, shared_valid,
                                               [(sc, images) for sc, (images, _, _) in zip(scorers, out)])
             else:
                 warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)

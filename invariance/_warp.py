@@ -16,7 +16,7 @@ differentiable with respect to both the images and the matrices.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +177,40 @@ def unchecked_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[i
         grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
         out = _sample(src, grid.reshape(src.shape[0], kk * ho, wo, 2), mode, padding_mode)
         yield sl, out.view(b, c, kk, ho, wo).transpose(1, 2)  # (B, k, C, H', W'), a view
+
+
+def unchecked_block_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int], chunk_size: int, *,
+                           affine: bool, shared: bool = False) -> Iterator[tuple[slice, Callable]]:
+    """:func:`unchecked_chunks` whose chunks warp on demand, a block of channels at a time: yields
+    ``(k_slice, sample)`` with ``sample(c0, c1)`` the chunk's warps of channels ``c0 .. c1 - 1``,
+    ``(c1 - c0, B, k, H', W')`` (bilinear, zero padding). The grids are built once per chunk, so a
+    caller that consumes a block before warping the next never holds all channels' warps (the FFT
+    scoring: each block is transformed while it is in the caches).
+
+    >>> x = torch.rand(2, 3, 8, 8)
+    >>> (sl, sample), = unchecked_block_chunks(x, torch.eye(3).repeat(1, 4, 1, 1), (8, 8), 4, affine=True, shared=True)
+    >>> torch.equal(sample(1, 3), x[:, 1:3, None].expand(-1, -1, 4, -1, -1).transpose(0, 1))
+    True
+    """
+    b, c, h, w = images.shape
+    ho, wo = size
+    src = images.transpose(0, 1).contiguous()  # (C, B, H, W): a block of channels is contiguous
+    k_total = matrices.shape[1]
+    for k0 in range(0, k_total, chunk_size):
+        sl = slice(k0, min(k_total, k0 + chunk_size))
+        m = matrices[:, sl]
+        kk = m.shape[1]
+        grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
+        grid = grid.reshape(m.shape[0], kk * ho, wo, 2)
+
+        def sample(c0: int, c1: int, grid=grid, kk=kk) -> torch.Tensor:
+            if shared:  # every image and channel of the block as channels of one input
+                out = _sample(src[c0:c1].reshape(1, (c1 - c0) * b, h, w), grid, "bilinear", "zeros")
+                return out.view(c1 - c0, b, kk, ho, wo)
+            out = _sample(src[c0:c1].transpose(0, 1), grid, "bilinear", "zeros")  # (B, c', k H', W')
+            return out.view(b, c1 - c0, kk, ho, wo).transpose(0, 1)
+
+        yield sl, sample
 
 
 def warp(

@@ -871,3 +871,26 @@ def test_bad_chunk_size_and_radius():
     for r in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="radius"):
             W.disk_mask((4, 4), r)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_block_chunks_warp_each_block_of_channels_as_the_whole_warp_does(shared):
+    """``unchecked_block_chunks`` (the FFT scoring's warps, a block of channels at a time) must give,
+    for every chunk and every block of channels, exactly the values of ``unchecked_chunks`` (the
+    same grids, the same bilinear samples; only the layout differs): shared candidates and one set
+    per image, a chunk size that does not divide K, blocks that do not divide C."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 5, 9, 11, generator=g, dtype=torch.float64)
+    k = 7
+    params = torch.stack([torch.linspace(-170, 170, k), torch.linspace(-2, 2, k), torch.linspace(1, -1, k)], 1)
+    mats = G.centred_to_normalized(G.to_matrix("rigid", params.double()), (9, 11))  # (K, 3, 3)
+    if shared:
+        mats = mats[None]
+    else:
+        mats = torch.stack([mats, mats.flip(0), mats.roll(2, 0)])  # (B, K, 3, 3)
+    whole = list(W.unchecked_chunks(x, mats, (13, 15), 3, affine=True, shared=shared))
+    blocks = list(W.unchecked_block_chunks(x, mats, (13, 15), 3, affine=True, shared=shared))
+    assert [sl for sl, _ in blocks] == [sl for sl, _ in whole]
+    for (_, out), (_, sample) in zip(whole, blocks):
+        for c0, c1 in [(0, 2), (2, 4), (4, 5)]:
+            torch.testing.assert_close(sample(c0, c1), out[:, :, c0:c1].permute(2, 0, 1, 3, 4), atol=0, rtol=0)
