@@ -1046,12 +1046,12 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
                                             shared=not per_image)
         else:
             chunks = warp_chunks(stack, norm, size=canvas, chunk_size=chunk)
-        for sl, stacked in chunks:
+        for sl, part in chunks:  # has_t: a block sampler; else the warped stack
             if has_t:
-                scored = scorers[0].score_all(stacked, c, shared_valid,
+                scored = scorers[0].score_all(part, c, shared_valid,
                                               [(sc, images) for sc, (images, _, _) in zip(scorers, out)])
             else:
-                warped, valid = _split(stacked)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
+                warped, valid = _split(part)  # (B, k, C, Hc, Wc), (B, k, Hc, Wc)
                 if shared_valid:  # every image's warped valid region is the same plane
                     valid = valid[:1]
             for j, (q, (images, errs, shifts)) in enumerate(zip(probs, out)):

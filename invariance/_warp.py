@@ -165,18 +165,27 @@ def unchecked_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[i
     matrix is not checked: a singular one gives non-finite samples, never an error), or
     ``(1, K, 3, 3)`` with ``shared=True`` (every image warped by each, without copying them)."""
     b, c, h, w = images.shape
-    k_total = matrices.shape[1]
     ho, wo = size
-    # the k grids of a chunk are stacked along the output's rows, so each image is sampled once per
-    # chunk as it is (never copied k times) and the k warps of one image come out as one tall map
     src = images.reshape(1, b * c, h, w) if shared else images
+    for sl, kk, grid in _tall_grids(matrices, size, chunk_size, affine):
+        out = _sample(src, grid, mode, padding_mode)
+        yield sl, out.view(b, c, kk, ho, wo).transpose(1, 2)  # (B, k, C, H', W'), a view
+
+
+def _tall_grids(matrices: torch.Tensor, size: tuple[int, int], chunk_size: int,
+                affine: bool) -> Iterator[tuple[slice, int, torch.Tensor]]:
+    """Per chunk of ``chunk_size`` of the matrices ``(B or 1, K, 3, 3)``: ``(k_slice, k, grid)`` with the
+    chunk's ``k`` grids stacked along the output's rows, ``(B or 1, k H', W', 2)``, so that each
+    image is sampled once per chunk as it is (never copied ``k`` times) and its ``k`` warps come out
+    as one tall map."""
+    ho, wo = size
+    k_total = matrices.shape[1]
     for k0 in range(0, k_total, chunk_size):
         sl = slice(k0, min(k_total, k0 + chunk_size))
         m = matrices[:, sl]
         kk = m.shape[1]
         grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
-        out = _sample(src, grid.reshape(src.shape[0], kk * ho, wo, 2), mode, padding_mode)
-        yield sl, out.view(b, c, kk, ho, wo).transpose(1, 2)  # (B, k, C, H', W'), a view
+        yield sl, kk, grid.reshape(m.shape[0], kk * ho, wo, 2)
 
 
 def unchecked_block_chunks(images: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int], chunk_size: int, *,
@@ -195,13 +204,7 @@ def unchecked_block_chunks(images: torch.Tensor, matrices: torch.Tensor, size: t
     b, c, h, w = images.shape
     ho, wo = size
     src = images.transpose(0, 1).contiguous()  # (C, B, H, W): a block of channels is contiguous
-    k_total = matrices.shape[1]
-    for k0 in range(0, k_total, chunk_size):
-        sl = slice(k0, min(k_total, k0 + chunk_size))
-        m = matrices[:, sl]
-        kk = m.shape[1]
-        grid = grid_from_inverse(torch.linalg.inv_ex(m.reshape(-1, 3, 3))[0], size, affine=affine)
-        grid = grid.reshape(m.shape[0], kk * ho, wo, 2)
+    for sl, kk, grid in _tall_grids(matrices, size, chunk_size, affine):
 
         def sample(c0: int, c1: int, grid=grid, kk=kk) -> torch.Tensor:
             if shared:  # every image and channel of the block as channels of one input
