@@ -701,22 +701,48 @@ def _translation(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- FFT shift search
 
 
-def _canvas_pads(lin: torch.Tensor, h: int, w: int, cap: float = 1.0) -> list[tuple[int, int]]:
+def _support_outline(valid: torch.Tensor) -> torch.Tensor | None:
+    """Points ``(P, 2)`` (centred ``(x, y)``, float64, CPU) whose convex hull holds every position
+    that the bilinear footprint of the valid region ``(H, W)`` or ``(B, H, W)`` (any image's) reaches:
+    each row's first and last valid pixel centre, moved by one pixel either way along both axes (a
+    sample blends the pixels within one pixel of it). None when nothing is valid."""
+    v = (valid.detach() > 0)
+    v = (v.reshape(-1, *v.shape[-2:]).any(0)).cpu()
+    h, w = v.shape
+    rows = v.any(1).nonzero()[:, 0]
+    if rows.numel() == 0:
+        return None
+    first = v[rows].to(torch.int8).argmax(1)
+    last = w - 1 - v[rows].flip(1).to(torch.int8).argmax(1)
+    y = rows.double() - (h - 1) / 2
+    pts = torch.cat([torch.stack([x.double() - (w - 1) / 2, y], 1) for x in (first, last)])
+    step = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    return (pts[:, None] + step).reshape(-1, 2)
+
+
+def _canvas_pads(lin: torch.Tensor, h: int, w: int, cap: float = 1.0,
+                 outline: torch.Tensor | None = None) -> list[tuple[int, int]]:
     """Padding ``(py, px)`` per candidate of a canvas that holds its warped map's whole support.
 
     The moving map is warped by each linear candidate ``lin (K, 3, 3)`` onto a canvas larger than
     the reference (same pixel pitch and centre), so that an integer shift of the canvas followed
     by a crop is *exactly* the warp by ``shift o candidate``: no content is lost at the
-    reference's border. The padding is capped at ``cap`` times the size (a zoom by more than ~5x
+    reference's border. ``outline`` (:func:`_support_outline`): the canvas holds the warp of the
+    valid region's footprint (all the search keeps of a warped map: it is zero elsewhere), else
+    the whole frame's. The padding is capped at ``cap`` times the size (a zoom by more than ~5x
     loses a border).
     """
-    # a sample blends the map while its source lies within one pixel of the outer pixel centres,
-    # i.e. within half a pixel of the frame's edge
-    hw, hh = w / 2 + 0.5, h / 2 + 0.5
-    corners = torch.tensor([[-hw, -hh], [hw, -hh], [-hw, hh], [hw, hh]], dtype=lin.dtype, device=lin.device)
-    pts = G.apply_to_points(lin, corners.expand(lin.shape[0], 4, 2)).abs().amax(1).double().cpu().numpy() + 1.0
-    px = np.minimum(np.ceil(np.maximum(0.0, pts[:, 0] - w / 2)), int(cap * w)).astype(int)
-    py = np.minimum(np.ceil(np.maximum(0.0, pts[:, 1] - h / 2)), int(cap * h)).astype(int)
+    if outline is None:
+        # a sample blends the map while its source lies within one pixel of the outer pixel
+        # centres, i.e. within half a pixel of the frame's edge
+        hw, hh = w / 2 + 0.5, h / 2 + 0.5
+        outline = torch.tensor([[-hw, -hh], [hw, -hh], [-hw, hh], [hw, hh]], dtype=torch.float64)
+    pts = outline.to(dtype=lin.dtype, device=lin.device)
+    pts = G.apply_to_points(lin, pts.expand(lin.shape[0], *pts.shape)).abs().amax(1).double().cpu().numpy()
+    # canvas pixel centres reach (size - 1) / 2 + pad; half a pixel more as a margin for rounding
+    # (a full valid region's outline is the frame's corners: the same pads either way)
+    px = np.minimum(np.ceil(np.maximum(0.0, pts[:, 0] + 1.0 - w / 2)), int(cap * w)).astype(int)
+    py = np.minimum(np.ceil(np.maximum(0.0, pts[:, 1] + 1.0 - h / 2)), int(cap * h)).astype(int)
     return list(zip(py.tolist(), px.tolist()))
 
 
@@ -761,17 +787,26 @@ class _ShiftScorer:
     ``Q = V sum_c warped_c^2`` and the canvas offset ``p``, for a shift
     ``t`` every term is a cross-correlation ``R(u) = sum_y X(y + u) Y(y)`` at ``u = t - p``:
     ``num = corr(M, Q) - 2 sum_c corr(M F_c, G_c) + corr(M P, V)``, ``den = corr(M P, V)``,
-    ``overlap = corr(M, V)``; all by zero-padded real FFTs (no wrap-around).
+    ``overlap = corr(M, V)``; all by zero-padded real FFTs, sized to hold the lags that can be
+    feasible (:func:`_lag_window`) without wrap-around. The terms are not cropped: the FFT output's
+    rows and columns carry their shifts (``ty``, ``tx``) and ``invalid`` marks the ones not scored.
     """
 
     def __init__(self, reference: torch.Tensor, region: torch.Tensor, pad: tuple[int, int],
-                 max_shift: float | None, rule: _Rule):
+                 max_shift: float | None, rule: _Rule, lags=None):
+        """``lags``: per axis, the first and last lag ``u`` to score (:func:`_lag_window`); None: every
+        lag with a nonzero correlation, ``-(canvas - 1) .. size - 1``."""
         b, c, h, w = reference.shape
         py, px = pad
         hc, wc = h + 2 * py, w + 2 * px
-        # a linear correlation needs hc + h - 1 points; sizes with small prime factors are fast
-        self.s = (next_fast_len(hc + h - 1, real=True), next_fast_len(wc + w - 1, real=True))
         self.canvas = (hc, wc)
+        full = ((-(hc - 1), h - 1), (-(wc - 1), w - 1))
+        lags = full if lags is None else lags
+        # a cyclic correlation of length n holds the linear one's lags a .. b without wrap-around
+        # when n > (size - 1) - a and n > b + (canvas - 1) (every lag: n >= canvas + size - 1), and
+        # the canvas must fit; sizes with small prime factors are fast
+        self.s = tuple(next_fast_len(max(cn, top - lo_u + 1, hi_u - lo + 1), real=True)
+                       for (lo, top), (lo_u, hi_u), cn in zip(full, lags, (hc, wc)))
         self.energy = _energy(reference, region)  # (B,)
         # conj(FFT(M F_c)), channels first (C, B, N, N'): score_all accumulates FFT(G_c) * conj(FFT(M F_c))
         self.fa = torch.fft.rfft2((reference * region).transpose(0, 1), s=self.s).conj().resolve_conj()
@@ -780,22 +815,17 @@ class _ShiftScorer:
         self.rule = rule
         self.fs = torch.fft.rfft2(rule.plane, s=self.s)  # the signal plane (B, N, N')
         self._buf = None  # the zero-bordered canvas the maps are warped into, reused across chunks
-        ty = torch.arange(-(h - 1) - py, h + py, device=reference.device)
-        tx = torch.arange(-(w - 1) - px, w + px, device=reference.device)
-        # u = t - p runs over -(h - 1) - 2 py .. h - 1: the negative ones sit at the end of the FFT output
-        self._neg, self._pos = (h - 1 + 2 * py, w - 1 + 2 * px), (h, w)
-        self.ty, self.tx = ty, tx
-        bad = torch.zeros(len(ty), len(tx), dtype=torch.bool, device=reference.device)
+
+        def axis(n, first, last, p):  # the shift t = u + p of each FFT output index, and whether it is scored
+            u = first + torch.remainder(torch.arange(n, device=reference.device) - first, n)
+            return u + p, u <= last
+
+        (ty, oky), (tx, okx) = axis(self.s[0], *lags[0], py), axis(self.s[1], *lags[1], px)
+        self.ty, self.tx = ty, tx  # per FFT output row / column
+        bad = ~(oky[:, None] & okx[None, :])
         if max_shift is not None:
             bad |= (ty[:, None] ** 2 + tx[None, :] ** 2).to(reference.dtype) > max_shift**2
         self.invalid = bad
-
-    def _crop(self, x: torch.Tensor) -> torch.Tensor:
-        """The correlation at every shift ``t``, in the order of ``ty``, ``tx``: the FFT output's
-        last ``-u`` rows / columns (negative ``u``) then its first ones, by slicing (no gather)."""
-        (ny, nx), (hy, hx) = self._neg, self._pos
-        x = torch.cat([x[..., -ny:, :], x[..., :hy, :]], -2) if ny else x[..., :hy, :]
-        return torch.cat([x[..., -nx:], x[..., :hx]], -1) if nx else x[..., :hx]
 
     def __call__(self, stacked: torch.Tensor, shared_valid: bool = False):
         """stacked (B, k, C + 1, Hc, Wc), the canvas-warped stack of :func:`_stack` ->
@@ -859,18 +889,41 @@ class _ShiftScorer:
         """The cross spectrum ``sum_c FFT(G_c) conj(FFT(M F_c))`` ``(B, k, N, N')``, ``FFT(Q)`` and
         ``conj FFT(V)`` (``(B or 1, k, N, N')``) of the moving maps of this scorer's references ->
         (best error (B, k), best shift (B, k, 2) as (tx, ty))."""
-        cross = torch.fft.irfft2(spec.conj(), s=self.s)
-        sq = torch.fft.irfft2(self.fm * fq.conj(), s=self.s)
-        den = self._crop(torch.fft.irfft2(self.fp[:, None] * fv, s=self.s))
-        cnt = self._crop(torch.fft.irfft2(self.fm * fv, s=self.s))  # (1, k): one per candidate when V is shared
-        sig = self._crop(torch.fft.irfft2(self.fs[:, None] * fv, s=self.s))
-        num = self._crop(sq - 2 * cross) + den
-        e = self.rule.feasible(num, den, cnt, sig, self.energy, rounding=True)
-        e = e.masked_fill(self.invalid, torch.inf)
+        # corr(M, Q) - 2 sum_c corr(M F_c, G_c) in one inverse transform (the FFT is linear)
+        num = torch.fft.irfft2(self.fm * fq.conj() - 2 * spec.conj(), s=self.s)
+        den = torch.fft.irfft2(self.fp[:, None] * fv, s=self.s)
+        cnt = torch.fft.irfft2(self.fm * fv, s=self.s)  # (1, k): one per candidate when V is shared
+        sig = torch.fft.irfft2(self.fs[:, None] * fv, s=self.s)
+        e = self.rule.feasible(num.add_(den), den, cnt, sig, self.energy, rounding=True)
+        e = e.masked_fill_(self.invalid, torch.inf)
         best, idx = e.flatten(-2).min(-1)
-        nx = len(self.tx)
+        nx = self.s[1]
         shift = torch.stack([self.tx[idx % nx], self.ty[idx // nx]], -1).to(best.dtype)
         return best, shift
+
+
+def _lag_window(region: torch.Tensor, canvas: tuple[int, int], need: float):
+    """Per axis ``(first, last)``: the lags ``u`` (:class:`_ShiftScorer`) at which a canvas-warped
+    candidate can overlap the region ``M`` on ``need`` positions or more; None when every lag is
+    needed. A candidate's weight ``V`` is at most 1 and zero off the canvas, so its overlap at a
+    lag is at most the sum of ``M`` over the reference rows (columns) the canvas's rows (columns)
+    reach there; a lag where that sum is below ``need`` is infeasible along either axis, and the
+    FFT need not hold it (a feasible warp keeps ``min_overlap`` of the expected warp's positions:
+    with the default 1/2 that drops about a third of the lags and half the FFT's area)."""
+    if not need > 0:
+        return None
+    m = region.detach().reshape(-1, *region.shape[-2:]).amax(0).double().cpu()  # any image's region
+    out = []
+    for profile, cn in ((m.sum(1), canvas[0]), (m.sum(0), canvas[1])):
+        n = profile.shape[0]
+        cum = torch.cat([profile.new_zeros(1), profile.cumsum(0)])
+        u = torch.arange(-(cn - 1), n)  # every lag with a nonzero correlation
+        reach = cum[(u + cn).clamp(0, n)] - cum[u.clamp(0, n)]  # M over reference rows u .. u + cn - 1
+        ok = (reach >= need).nonzero()[:, 0]
+        if ok.numel() == 0:
+            return None
+        out.append((int(u[ok[0]]), int(u[ok[-1]])))
+    return tuple(out)
 
 
 def _auto_chunk(cfg: SearchConfig, b: int, c: int, h: int, w: int, itemsize: int) -> int:
@@ -969,7 +1022,7 @@ def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch
     return torch.cat([errs, e2], 1), torch.cat([mats, m2], 1)
 
 
-def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool) -> dict:
+def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool, outline: torch.Tensor | None = None) -> dict:
     """Candidates grouped by the canvas they need: ``{(py, px): indices}``.
 
     Shared ``lin (K, 3, 3)``: indices ``(k,)``. Per-image ``lin (B, K, 3, 3)``: indices ``(B, k)``,
@@ -979,7 +1032,7 @@ def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool) -> dict:
     """
     flat = lin.reshape(-1, 3, 3)
     if has_t:
-        pads = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in _canvas_pads(flat, h, w, cap=4.0)]
+        pads = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in _canvas_pads(flat, h, w, cap=4.0, outline=outline)]
     else:
         pads = [(0, 0)] * flat.shape[0]
     if lin.dim() == 3:
@@ -1024,7 +1077,11 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
     out = [(slice(None) if q is prob else slice(0, q.reference.shape[0]),
             torch.full((q.reference.shape[0], k), torch.inf, dtype=reference.dtype, device=reference.device),
             torch.zeros(q.reference.shape[0], k, 2, dtype=reference.dtype, device=reference.device)) for q in probs]
-    for (py, px), group in _canvas_groups(lin, h, w, has_t).items():
+    # the canvases hold the warps of the valid region's footprint (the search zeroes the rest), and
+    # the FFTs only the lags where a warp can keep the rule's positions (less the coarse rounding)
+    outline = _support_outline(mvalid) if has_t else None
+    need = min(float(q.required.positions.min()) for q in probs) - 64 * torch.finfo(reference.dtype).eps * h * w - 1
+    for (py, px), group in _canvas_groups(lin, h, w, has_t, outline).items():
         canvas = (h + 2 * py, w + 2 * px)
         # candidates from the moving map's normalised frame to the canvas' normalised frame
         c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
@@ -1036,7 +1093,8 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
             part = lin[idx]
         norm = c_out @ part @ torch.linalg.inv(c_src)
         if has_t:
-            scorers = [_ShiftScorer(q.reference, region, (py, px), cfg.max_shift, q.required) for q in probs]
+            lags = _lag_window(region, canvas, need)
+            scorers = [_ShiftScorer(q.reference, region, (py, px), cfg.max_shift, q.required, lags) for q in probs]
             side = int(math.sqrt(scorers[0].s[0] * scorers[0].s[1]))
         else:
             side = int(math.sqrt(h * w))

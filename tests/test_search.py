@@ -43,6 +43,7 @@ from invariance._search import (
     SearchConfig,
     _coarse,
     _compressed,
+    _lag_window,
     _Problem,
     _Rule,
     _ShiftScorer,
@@ -205,6 +206,110 @@ def test_shift_scorer_matches_direct_evaluation_shift_by_shift(pad, device):
             continue
         assert shift[:, 0].tolist() == [[tx, ty]] * 2
         torch.testing.assert_close(e[:, 0].cpu(), direct, atol=1e-10, rtol=0)
+
+
+@settings(max_examples=40)
+@given(h=st.integers(3, 12), w=st.integers(3, 12), py=st.integers(0, 5), px=st.integers(0, 5),
+       density=st.floats(0.2, 1.0), share=st.floats(0.05, 1.2), seed=st.integers(0, 2**16))
+def test_the_lag_window_is_the_hull_of_the_lags_where_a_warp_can_keep_enough_positions(h, w, py, px, density,
+                                                                                      share, seed):
+    """``_lag_window`` may leave out of the FFT only lags at which no warp keeps ``need`` positions
+    of the region. The largest weight a warp can have is 1 on its whole canvas; its overlap with
+    the region ``M`` at every lag is computed here directly (a sum over the shifted canvas). The
+    window must be exactly each axis's hull of the lags where that overlap reaches ``need``: a
+    wider one wastes FFT area, a narrower one drops a feasible warp. Exact: the overlaps are sums
+    of 0/1 values."""
+    gen = torch.Generator().manual_seed(seed)
+    m = (torch.rand(h, w, generator=gen) < density).to(DT)
+    hc, wc = h + 2 * py, w + 2 * px
+    need = share * float(m.sum())
+    overlap = torch.zeros(hc + h - 1, wc + w - 1, dtype=DT)  # lag u: canvas row y meets reference row y + u
+    for i, uy in enumerate(range(-(hc - 1), h)):
+        for j, ux in enumerate(range(-(wc - 1), w)):
+            overlap[i, j] = m[max(0, uy):min(h, uy + hc), max(0, ux):min(w, ux + wc)].sum()
+    feasible = (overlap >= need).nonzero()
+    window = _lag_window(m, (hc, wc), need)
+    if feasible.numel() == 0:
+        assert window is None
+        return
+    hull = ((int(feasible[:, 0].min()) - (hc - 1), int(feasible[:, 0].max()) - (hc - 1)),
+            (int(feasible[:, 1].min()) - (wc - 1), int(feasible[:, 1].max()) - (wc - 1)))
+    assert window == hull
+
+
+def test_the_fft_sized_to_the_feasible_lags_scores_as_the_full_one(device):
+    """With the default rule (a warp keeps at least half the expected warp's positions), the
+    scorer whose FFT holds only the lags of :func:`_lag_window` must return what the scorer of
+    every lag returns: the same best shift and error for every candidate (1e-10: float64 FFT
+    rounding of two transform sizes), with a smaller transform. Random maps, a moving map embedded
+    in a padded canvas, disk region."""
+    h, w, py, px = 16, 13, 3, 5
+    ref, mov = rand(3, 2, h, w, seed=20).to(device), rand(3, 2, h, w, seed=21).to(device)
+    m = disk_mask((h, w), 0.9, dtype=DT).to(DT).to(device)
+    rule = _Rule.of(ref, m, None, SearchConfig())
+    rule = _Rule(rule.positions, torch.zeros_like(rule.signal), rule.plane)  # positions only: the edges are feasible
+    need = float(rule.positions.min()) - 1
+    lags = _lag_window(m, (h + 2 * py, w + 2 * px), need)
+    full = _ShiftScorer(ref, m, (py, px), None, rule)
+    cut = _ShiftScorer(ref, m, (py, px), None, rule, lags)
+    assert cut.s[0] * cut.s[1] < full.s[0] * full.s[1]
+    canvas = F.pad(mov, (px, px, py, py))
+    valid = F.pad(torch.ones(h, w, dtype=DT), (px, px, py, py)).to(device)
+    # the canvas, and the canvas with a part of its valid region cleared
+    stacks = []
+    for rows in (slice(0, 0), slice(0, h // 2), slice(h // 3, h)):
+        v = valid.clone()
+        v[py:py + h][rows] = 0
+        stacks.append(torch.cat([canvas * v, v.expand(3, 1, *v.shape)], 1))
+    # and a candidate valid on its whole canvas: the only one that reaches the window's edges
+    whole = torch.ones_like(valid).expand(3, 1, *valid.shape)
+    stacks.append(torch.cat([rand(3, 2, *valid.shape, seed=22).to(device), whole], 1))
+    stacked = torch.stack(stacks, 1)  # (B, k, C + 1, Hc, Wc)
+    (e_full, t_full), (e_cut, t_cut) = full(stacked), cut(stacked)
+    assert bool(torch.isfinite(e_full).any())
+    torch.testing.assert_close(e_cut.cpu(), e_full.cpu(), atol=1e-10, rtol=0)
+    ok = torch.isfinite(e_full)
+    assert torch.equal(t_cut[ok].cpu(), t_full[ok].cpu())
+    # the window's edges, one lag at a time (each scorer's own invalid shifts kept): a window one
+    # lag short, or an FFT one point short (wrap-around), changes these
+    (ay, by), (ax, bx) = lags
+    scored = 0
+    for uy, ux in [(ay, -px), (by, -px), (-py, ax), (-py, bx)]:
+        ty, tx = uy + py, ux + px
+        out = []
+        for sc, own in ((full, full.invalid), (cut, cut.invalid)):
+            sc.invalid = own | (sc.ty != ty)[:, None] | (sc.tx != tx)[None, :]
+            out.append(sc(stacked)[0])
+            sc.invalid = own
+        torch.testing.assert_close(out[1].cpu(), out[0].cpu(), atol=1e-10, rtol=0)
+        scored += int(torch.isfinite(out[0]).sum())
+    assert scored > 0
+
+
+@pytest.mark.parametrize("family", ["rigid", "similarity"])
+def test_coarse_errors_on_a_partly_valid_moving_map_equal_the_exact_errors(family, device):
+    """When the moving map is valid on part of its frame only (a rotated image's valid region),
+    the coarse canvases hold the warps of that part's footprint, not of the whole frame (smaller
+    FFTs). Every candidate's FFT error must still equal the exact ``grid_sample`` error of the
+    returned matrix with that moving mask (1e-9: float64 FFT rounding), and the canvas must be
+    smaller than the frame's (so that this path is the one tested)."""
+    from invariance._search import _canvas_pads, _linear_candidates, _support_outline
+    h, w = 15, 18
+    ref, mov = rand(2, 3, h, w, seed=30).to(device), rand(2, 3, h, w, seed=31).to(device)
+    t = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([35.0], dtype=DT)), (h, w))
+    mvalid = (warp(torch.ones(1, 1, h, w, dtype=DT), t)[0, 0] > 0.999).to(DT).to(device)
+    m = disk_mask((h, w), 0.9, dtype=DT).to(DT).to(device)
+    cfg = SearchConfig(refine_steps=0, n_angles=24, similarity_n_angles=12)
+    lin = _linear_candidates(family, cfg, DT, "cpu")
+    frame = _canvas_pads(lin, h, w, cap=4.0)
+    tight = _canvas_pads(lin, h, w, cap=4.0, outline=_support_outline(mvalid))
+    assert sum(map(sum, tight)) < sum(map(sum, frame))
+    rule = _Rule.of(ref, m, None, cfg)
+    e, mats = _coarse(_Problem(ref, mov, m, mvalid, (h, w), family, cfg, rule))
+    direct = region_error(ref, mov, G.centred_to_normalized(mats, (h, w)), mask=m, moving_mask=mvalid)
+    ok = torch.isfinite(e)
+    assert bool(ok.any())
+    torch.testing.assert_close(e[ok].cpu(), direct[ok].cpu(), atol=1e-9, rtol=0)
 
 
 def test_max_shift_bounds_the_coarse_shift(device):
