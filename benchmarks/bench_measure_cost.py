@@ -1,14 +1,16 @@
 """Benchmark: what one ``measure`` call costs against its main ``align`` alone, first and second call.
 
     make test-models   # builds .venv-models (torchvision)
-    .venv-models/bin/python benchmarks/bench_measure_cost.py [--images 8] [--layer layer2] [--size 224]
+    .venv-models/bin/python benchmarks/bench_measure_cost.py [--images 8] [--layer layer2] [--size 224] [--repeats 3]
 
 torchvision resnet50 (random weights, no download), ``--images`` smooth random images, one layer,
 ``rotation:30``, the default search, spatial channel, with the interpolation floor and the
 random-pair null. In one process: a first ``measure`` call with an empty floor cache, a second
 call with the same images (the floor read back), and the layer's main search alone
 (``measure_layer`` without the null, on the same maps: what the measurement cannot avoid), then
-with the null (the difference is the null's cost).
+with the null (the difference is the null's cost); ``--repeats`` such rounds, each side by side
+(this machine's speed drifts by tens of percent between minutes), ratios taken within a round and
+their medians reported.
 The issue's case, ``layer3`` with 16 images, has no verdict at 224 px (``layer3``'s receptive field
 covers the image, so no position sees only the image: no floor, nothing to time), hence ``layer2``.
 Targets (issue "near the limit"): the second call <= 1.5x its main align, the first <= 2.5x. Written to
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=8)
     p.add_argument("--layer", default="layer2")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3, help="rounds, each side by side; the table gives medians")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -52,12 +56,6 @@ def main() -> None:
     x = smooth_images(a.images, a.size)
     tr = parse_transforms("rotation:30")[0]
     kw = dict(layers=a.layer, channels=("spatial",), n_boot=200, progress=False)
-    with tempfile.TemporaryDirectory() as cache:
-        t0 = time.perf_counter()
-        first = measure(model, x, [tr], floor_cache=cache, **kw)
-        t1 = time.perf_counter()
-        second = measure(model, x, [tr], floor_cache=cache, **kw)
-        t2 = time.perf_counter()
     # the main search alone (what the measurement cannot avoid), then with the null, on the same
     # maps through the public per-layer entry point
     with torch.no_grad():
@@ -65,41 +63,59 @@ def main() -> None:
         f, frames = extract_features(model, x, [a.layer])
         fh, _ = extract_features(model, warp(x, t_img.to(x.dtype)), [a.layer])
     lk = dict(family="rigid", channels=("spatial",))
-    t3 = time.perf_counter()
-    measure_layer(f[a.layer], fh[a.layer], frames[a.layer], t_img, null=False, **lk)
-    t4 = time.perf_counter()
-    measure_layer(f[a.layer], fh[a.layer], frames[a.layer], t_img, null=True, **lk)
-    t5 = time.perf_counter()
-    spent = {"main": t4 - t3, "null": (t5 - t4) - (t4 - t3)}
-    main_first = spent
-    rec = second.records[0]
-    if rec.calibration.floor is None:
-        raise SystemExit(f"--layer: {a.layer} at --size {a.size} leaves no image with a verdict "
-                         f"({'; '.join(rec.errors.spatial.reasons)}), so there is no floor to time; "
-                         "valid choices at 224 px: layer1, layer2 (or a larger --size)")
-    row = {"layer": a.layer, "images": a.images, "size": a.size,
-           "first_call_s": t1 - t0, "second_call_s": t2 - t1, "align_alone_s": spent["main"],
-           "first_ratio": (t1 - t0) / main_first["main"], "second_ratio": (t2 - t1) / spent["main"],
-           "floor_cache": [first.meta["floor_cache"], second.meta["floor_cache"]],
-           "null_s": spent["null"],
-           "spatial_mean": rec.errors.spatial.mean,
-           "same_floor": first.records[0].calibration.floor.per_image == rec.calibration.floor.per_image}
+    rounds = []
+    for _ in range(a.repeats):  # each round side by side: a fresh cache, first and second call, align alone
+        with tempfile.TemporaryDirectory() as cache:
+            t0 = time.perf_counter()
+            first = measure(model, x, [tr], floor_cache=cache, **kw)
+            t1 = time.perf_counter()
+            second = measure(model, x, [tr], floor_cache=cache, **kw)
+            t2 = time.perf_counter()
+        measure_layer(f[a.layer], fh[a.layer], frames[a.layer], t_img, null=False, **lk)
+        t3 = time.perf_counter()
+        measure_layer(f[a.layer], fh[a.layer], frames[a.layer], t_img, null=True, **lk)
+        t4 = time.perf_counter()
+        rounds.append({"first_call_s": t1 - t0, "second_call_s": t2 - t1, "align_alone_s": t3 - t2,
+                       "null_s": (t4 - t3) - (t3 - t2), "first_ratio": (t1 - t0) / (t3 - t2),
+                       "second_ratio": (t2 - t1) / (t3 - t2), "floor_cache": [first.meta["floor_cache"],
+                                                                              second.meta["floor_cache"]],
+                       "same_floor": first.records[0].calibration.floor.per_image
+                       == second.records[0].calibration.floor.per_image})
+        rec = second.records[0]
+        if rec.calibration.floor is None:
+            raise SystemExit(f"--layer: {a.layer} at --size {a.size} leaves no image with a verdict "
+                             f"({'; '.join(rec.errors.spatial.reasons)}), so there is no floor to time; "
+                             "valid choices at 224 px: layer1, layer2 (or a larger --size)")
+
+    def median(key):
+        return statistics.median(r[key] for r in rounds)
+
+    row = {"layer": a.layer, "images": a.images, "size": a.size, "repeats": a.repeats, "rounds": rounds,
+           **{k: median(k) for k in ("first_call_s", "second_call_s", "align_alone_s", "null_s", "first_ratio",
+                                     "second_ratio")},
+           "floor_cache": rounds[-1]["floor_cache"], "spatial_mean": rec.errors.spatial.mean,
+           "same_floor": all(r["same_floor"] for r in rounds)}
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "load_before": load, "load_after": os.getloadavg()}
     out = {"machine": machine, "row": row}
-    text = "\n".join([
+    lines = [
         "# One measure call against its main align alone", "",
-        f"Command: `python benchmarks/bench_measure_cost.py --images {a.images} --layer {a.layer} --size {a.size}`. "
-        f"Machine: {machine['cpu']}, {os.cpu_count()} cores, torch {torch.__version__}; load average "
-        f"{load[0]:.1f} before, {os.getloadavg()[0]:.1f} after. torchvision resnet50 (random weights), "
-        "rotation:30, default search, spatial channel with floor and null.", "",
-        "| layer | images | main align s | first measure s (ratio) | second measure s (ratio) | null s |",
-        "|---|---|---|---|---|---|",
-        f"| {a.layer} | {a.images} | {row['align_alone_s']:.1f} | "
-        f"{row['first_call_s']:.1f} ({row['first_ratio']:.2f}x) | {row['second_call_s']:.1f} "
-        f"({row['second_ratio']:.2f}x) | {spent['null']:.1f} |", "",
-        f"Floors read back by the second call: {row['floor_cache'][1]['read']} (identical values: "
-        f"{row['same_floor']}). Targets: second <= 1.5x, first <= 2.5x.", ""])
+        f"Command: `python benchmarks/bench_measure_cost.py --images {a.images} --layer {a.layer} --size {a.size} "
+        f"--repeats {a.repeats}`. Machine: {machine['cpu']}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"load average {load[0]:.1f} before, {os.getloadavg()[0]:.1f} after. torchvision resnet50 (random "
+        "weights), rotation:30, default search, spatial channel with floor and null. Each round, side by side: "
+        "a first `measure` call (empty floor cache), a second one (the floor read back), the layer's main "
+        "search alone and with the null (`measure_layer`); ratios are taken within a round, the table's first "
+        "row gives the medians.", "",
+        "| round | main align s | first measure s (ratio) | second measure s (ratio) | null s |",
+        "|---|---|---|---|---|"]
+    for name, r in [("**median**", row)] + [(str(i + 1), r) for i, r in enumerate(rounds)]:
+        lines.append(f"| {name} | {r['align_alone_s']:.1f} | {r['first_call_s']:.1f} ({r['first_ratio']:.2f}x) | "
+                     f"{r['second_call_s']:.1f} ({r['second_ratio']:.2f}x) | {r['null_s']:.1f} |")
+    lines += ["", f"{a.layer}, {a.images} images. Floors read back by each second call: "
+              f"{row['floor_cache'][1]['read']} (identical values in every round: {row['same_floor']}). "
+              "Targets: second <= 1.5x, first <= 2.5x.", ""]
+    text = "\n".join(lines)
     write_results(a.out, "measure_cost", out, text)
 
 

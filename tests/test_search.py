@@ -914,6 +914,49 @@ def test_the_polish_scores_again_only_the_seeds_that_moved_and_gets_the_same_res
     torch.testing.assert_close(moved.matrices, every.matrices, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_after_a_move_the_polish_skips_exactly_the_points_that_move_scored(n):
+    """After a move along ``d_j`` the polish's next candidates are ``z + step d_j + step d_k``; those
+    with ``d_j + d_k`` zero or one of the directions were scored in the move itself (no better than
+    the new centre) and are skipped, every other one is kept, the repeated ``d_j`` first among
+    them when it comes first. Known answer from the definition: the set of ``k`` for each ``j``, in
+    order, padded with the first."""
+    from invariance._search import _fresh_directions, _pattern_directions
+    dirs = _pattern_directions(n, DT, "cpu")
+    fresh = _fresh_directions(dirs)
+    scored = {tuple(v) for v in dirs.tolist()} | {(0.0,) * n}
+    for j in range(len(dirs)):
+        want = [k for k in range(len(dirs)) if tuple((dirs[j] + dirs[k]).tolist()) not in scored]
+        assert j in want  # twice the same direction is never a direction
+        assert fresh[j].tolist() == want + [want[0]] * (fresh.shape[1] - len(want))
+
+
+def test_the_polish_walking_down_a_long_valley_gets_the_same_result_with_fewer_directions(monkeypatch):
+    """Seeds several steps from the optimum (4.5 degrees and 3.5 px off) make the polish move along
+    the same direction move after move, where the skipped directions matter most. The result with
+    the directions skipped must equal the one that scores every direction at every move (1e-12)."""
+    import invariance._search as S
+    from invariance._search import _exact, _polish
+
+    g = torch.Generator().manual_seed(5)
+    ref = F.avg_pool2d(torch.randn(2, 3, 28, 28, generator=g, dtype=DT), 7, 1)  # (2, 3, 22, 22)
+    true = G.to_matrix("rigid", torch.tensor([[20.0, 1.0, -0.5], [-35.0, -0.7, 0.3]], dtype=DT))
+    inv = G.centred_to_normalized(G.inverse(true), (22, 22))
+    mov = torch.cat([warp(ref[i:i + 1], inv[i]) for i in range(2)])  # the optimum of image i: true[i]
+    m = torch.ones(22, 22, dtype=DT)
+    off = G.to_matrix("rigid", torch.tensor([[4.5, 3.5, 0.0], [-2.0, 0.0, -3.5]], dtype=DT))
+    seeds = (true[:, None] @ off[None]).contiguous()  # (2 images, 2 seeds, 3, 3)
+    prob = _Problem(ref, mov, m, torch.ones(22, 22, dtype=DT), (22, 22), "rigid", CFG, _Rule.anything(ref, m))
+    e0, _ = _exact(ref, mov, seeds, m, prob.mvalid, (22, 22), prob.required)
+    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", False)
+    every = _polish(prob, seeds, e0)
+    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", True)
+    fewer = _polish(prob, seeds, e0)
+    assert float(every[1].max()) < 0.5 * float(e0.min())  # the seeds did walk down
+    torch.testing.assert_close(fewer[1], every[1], atol=1e-12, rtol=0)
+    torch.testing.assert_close(fewer[0], every[0], atol=1e-12, rtol=0)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), angle=st.floats(-180, 180), dx=st.floats(-4, 4), edge=st.integers(0, 5))
 def test_the_fused_exact_terms_equal_the_normalised_samples_terms(seed, angle, dx, edge):
