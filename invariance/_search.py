@@ -1418,10 +1418,19 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     stop_early = reference.device.type == "cpu"
     fresh = _fresh_directions(dirs) if stop_early and _POLISH_ONLY_MOVED else None
     last = torch.zeros(b, s, dtype=torch.long, device=z.device)  # the direction of each seed's last move
+    # a seed equal to an earlier one of its image (the best warp is usually also the best refined
+    # start) would walk the same path: on the CPU it is polished once, and copied after
+    same = (centred[:, :, None] == centred[:, None]).flatten(-2).all(-1) & (errors[:, :, None] == errors[:, None])
+    first = torch.triu(same, 1).to(torch.int8).argmax(1)  # (B, S): the first seed equal to each (itself if none)
+    first = torch.where(torch.triu(same, 1).any(1), first, torch.arange(s, device=z.device))
+    distinct = first == torch.arange(s, device=z.device)
+    if fresh is None or bool(distinct.all()):
+        distinct = None
+    every = torch.arange(d, device=z.device)
     for _ in range(cfg.polish_levels):
         moving_seeds = None  # (image, seed) pairs that moved in the last move (CPU only)
         for _ in range(_POLISH_MOVES):
-            if moving_seeds is None or fresh is None:
+            if fresh is None or (moving_seeds is None and distinct is None):
                 cand = z[:, :, None, :] + step * dirs  # (B, S, D, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2)), check=False)
                 e, _ = _exact(reference, moving, moves, region, mvalid, size, required, perm)
@@ -1435,13 +1444,14 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 last = j
             else:
                 # a seed that did not move would try the same candidates again and find nothing
-                # better: only the seeds that moved are scored, each as an image of its own (the
-                # exact errors do not depend on the batch), and only along the directions that
-                # reach a point its last move did not score (:func:`_fresh_directions`): the same
-                # result, fewer warps
-                bi, si = moving_seeds.idx // s, moving_seeds.idx % s
+                # better: after a level's first move only the seeds that moved are scored, each as
+                # an image of its own (the exact errors do not depend on the batch), and only along
+                # the directions that reach a point its last move did not score
+                # (:func:`_fresh_directions`): the same result, fewer warps
+                todo = _Subset(distinct.flatten()) if moving_seeds is None else moving_seeds
+                bi, si = todo.idx // s, todo.idx % s
                 sub = prob.select(bi)
-                ks = fresh[last[bi, si]]  # (P', L)
+                ks = every.expand(len(bi), d) if moving_seeds is None else fresh[last[bi, si]]  # (P', L)
                 cand = z[bi, si][:, None, :] + step * dirs[ks]  # (P', L, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand), check=False)
                 e, _ = _exact(sub.reference, sub.moving, moves, region, sub.mvalid, size, sub.required, sub.perm)
@@ -1454,11 +1464,14 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 best[bi, si] = torch.where(better, eb, best[bi, si])
                 last[bi, si] = ks[rows, j]
                 full = torch.zeros(b * s, dtype=torch.bool, device=z.device)
-                full[moving_seeds.idx] = better
+                full[todo.idx] = better
                 better = full.reshape(b, s)
             if stop_early:
                 moving_seeds = _Subset(better.flatten())
         step /= 2
+    if distinct is not None:  # the copies take their first's endpoint
+        rows = torch.arange(b, device=z.device)[:, None]
+        z, best = z[rows, first], best[rows, first]
     m = G.to_matrix(fam, _from_free(fam, z), check=False)
     e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
     keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
