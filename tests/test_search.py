@@ -883,33 +883,40 @@ def test_the_refinement_groups_starts_within_its_step_budget_and_gets_the_same_r
     torch.testing.assert_close(grouped.matrices, whole.matrices, atol=1e-12, rtol=0)
 
 
-def test_the_polish_scores_again_only_the_seeds_that_moved_and_gets_the_same_result(monkeypatch):
-    """The polish is deterministic: a seed that did not move in a move would try the same candidates
-    in the next and find nothing better. Scoring only the seeds that moved must therefore return
-    the same warps and errors as scoring every seed at every move (to 1e-12: the exact errors do not
-    depend on the batch), with fewer candidates scored; three images whose seeds stop at different
-    moves make the subsets ragged."""
+def polish_both_ways(monkeypatch, run):
+    """``run()`` with the polish scoring every seed along every direction at every move, then with
+    its subsets (the seeds that moved, the fresh directions, a copied seed once): ``[(result,
+    candidates scored)] * 2``."""
     import invariance._search as S
 
-    g = torch.Generator().manual_seed(3)
-    ref = F.avg_pool2d(torch.randn(3, 4, 24, 24, generator=g, dtype=DT), 5, 1)
-    mov = torch.cat([warp(ref[i:i + 1], nmat("rigid", [a, 0.6, -0.4], (24, 24))) for i, a in
-                     enumerate([17.0, -41.0, 63.0])]) + 0.03 * torch.randn(ref.shape, generator=g, dtype=DT)
-    scored = []
-    real = S._exact
+    scored, real = [], S._exact
 
     def counting(reference, moving, centred, *args, **kw):
         scored.append(centred.shape[0] * centred.shape[1])
         return real(reference, moving, centred, *args, **kw)
 
     monkeypatch.setattr(S, "_exact", counting)
-    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", False)
-    every = align(ref, mov, "rigid", config=CFG)
-    n_every = sum(scored)
-    scored.clear()
-    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", True)
-    moved = align(ref, mov, "rigid", config=CFG)
-    assert sum(scored) < n_every, (sum(scored), n_every)
+    out = []
+    for subsets in (False, True):
+        monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", subsets)
+        scored.clear()
+        out.append((run(), sum(scored)))
+    return out
+
+
+def test_the_polish_scores_again_only_the_seeds_that_moved_and_gets_the_same_result(monkeypatch):
+    """The polish is deterministic: a seed that did not move in a move would try the same candidates
+    in the next and find nothing better. Scoring only the seeds that moved must therefore return
+    the same warps and errors as scoring every seed at every move (to 1e-12: the exact errors do not
+    depend on the batch), with fewer candidates scored; three images whose seeds stop at different
+    moves make the subsets ragged."""
+
+    g = torch.Generator().manual_seed(3)
+    ref = F.avg_pool2d(torch.randn(3, 4, 24, 24, generator=g, dtype=DT), 5, 1)
+    mov = torch.cat([warp(ref[i:i + 1], nmat("rigid", [a, 0.6, -0.4], (24, 24))) for i, a in
+                     enumerate([17.0, -41.0, 63.0])]) + 0.03 * torch.randn(ref.shape, generator=g, dtype=DT)
+    (every, n_every), (moved, n_moved) = polish_both_ways(monkeypatch, lambda: align(ref, mov, "rigid", config=CFG))
+    assert n_moved < n_every, (n_moved, n_every)
     torch.testing.assert_close(moved.errors, every.errors, atol=1e-12, rtol=0)
     torch.testing.assert_close(moved.matrices, every.matrices, atol=1e-12, rtol=0)
 
@@ -938,7 +945,6 @@ def test_the_polish_walking_down_a_long_valley_gets_the_same_result_with_fewer_d
     seed along every direction at every move (1e-12: the exact errors do not depend on the
     batch), with under 3/4 of its candidates (a third of the seeds is a copy, and half the
     directions are skipped after each move)."""
-    import invariance._search as S
     from invariance._search import _exact, _polish
 
     g = torch.Generator().manual_seed(5)
@@ -952,22 +958,9 @@ def test_the_polish_walking_down_a_long_valley_gets_the_same_result_with_fewer_d
     seeds = seeds[:, [0, 1, 0]]  # the third a copy of the first (the best warp is often the best refined start)
     prob = _Problem(ref, mov, m, torch.ones(22, 22, dtype=DT), (22, 22), "rigid", CFG, _Rule.anything(ref, m))
     e0, _ = _exact(ref, mov, seeds, m, prob.mvalid, (22, 22), prob.required)
-    scored = []
-    real = S._exact
-
-    def counting(reference, moving, centred, *args, **kw):
-        scored.append(centred.shape[0] * centred.shape[1])
-        return real(reference, moving, centred, *args, **kw)
-
-    monkeypatch.setattr(S, "_exact", counting)
-    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", False)
-    every = _polish(prob, seeds, e0)
-    n_every = sum(scored)
-    scored.clear()
-    monkeypatch.setattr(S, "_POLISH_ONLY_MOVED", True)
-    fewer = _polish(prob, seeds, e0)
+    (every, n_every), (fewer, n_fewer) = polish_both_ways(monkeypatch, lambda: _polish(prob, seeds, e0))
     assert float(every[1].max()) < 0.5 * float(e0.min())  # the seeds did walk down
-    assert sum(scored) < 0.75 * n_every, (sum(scored), n_every)  # a third of the seeds is a copy
+    assert n_fewer < 0.75 * n_every, (n_fewer, n_every)  # a third of the seeds is a copy
     torch.testing.assert_close(fewer[1], every[1], atol=1e-12, rtol=0)
     torch.testing.assert_close(fewer[0], every[0], atol=1e-12, rtol=0)
 
