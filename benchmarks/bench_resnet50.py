@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -75,6 +76,10 @@ def child(args) -> None:
     }))
 
 
+def _has_verdict(r: dict) -> bool:
+    return r["spatial_error"] is not None and math.isfinite(r["spatial_error"])
+
+
 def _system(r: dict) -> str:
     return f"{r['cpu']['system_share']:.1%}" if "cpu" in r else "-"  # records before the column: none
 
@@ -86,27 +91,36 @@ def markdown(out: dict) -> str:
              f"GPU: {m['gpu'] or 'none'}. Load average before {out['load_before']}, after {out['load_after']}.", "",
              f"Command: `{out['command']}`", "",
              f"Random weights, smooth random images, default search ({out['angles']} angles), spatial channels, "
-             "with the interpolation floor and the random-pair null, default memory budget; one fresh process "
-             "per layer. *peak*: the "
+             "with the interpolation floor (computed afresh in each process: `floor_cache=False`) and the "
+             "random-pair null, default memory budget; one fresh process per layer. *peak*: the "
              "process's maximum resident set size (as `/usr/bin/time -v`). *bare FFTs*: every `rfft2`/`irfft2` "
              "the run called, timed alone afterwards. *system*: the system share of the run's CPU time "
              "(`getrusage`; page faults of buffers the allocator returned and took again).", "",
              "| layer (map) | images | images per batch | peak memory | time | per image | bare FFTs "
              "| time / FFTs | system | spatial | null |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    measured = [r for r in out["results"] if _has_verdict(r)]
     for r in out["results"]:
         h, w = r["map"]
+        if not _has_verdict(r):  # nothing was searched: its time is the model's, its ratios say nothing
+            lines.append(f"| {r['layer']} ({h}x{w}) | {r['images']} | - | {r['peak_rss_gib']:.2f} GiB "
+                         f"| {r['seconds']:.0f} s | - | - | no verdict | - | - | - |")
+            continue
         lines.append(f"| {r['layer']} ({h}x{w}) | {r['images']} | {r['batching']['images_per_batch']} "
                      f"| {r['peak_rss_gib']:.2f} GiB | {r['seconds']:.0f} s | {r['seconds_per_image']:.2f} s "
                      f"| {r['fft_seconds']:.0f} s | **{r['over_fft']:.2f}x** | {_system(r)} | {r['spatial_error']:.3f} "
                      f"| {r['null']:.3f} |")
     peak = max(r["peak_rss_gib"] for r in out["results"])
-    worst = max(r["over_fft"] for r in out["results"])
-    shares = [r["cpu"]["system_share"] for r in out["results"] if "cpu" in r]
+    worst = max((r["over_fft"] for r in measured), default=math.nan)
+    shares = [r["cpu"]["system_share"] for r in measured if "cpu" in r]
     lines += ["", f"- Peak memory <= 2 GB (1.86 GiB): **{peak * 2**30 <= 2e9}** (largest {peak:.2f} GiB).",
               f"- Time within 3x of the bare FFTs: **{worst <= 3}** (worst {worst:.2f}x)."]
     if shares:
         lines += [f"- System time <= 5% of the CPU time: **{max(shares) <= 0.05}** (worst {max(shares):.1%})."]
+    if len(measured) < len(out["results"]):
+        lines += ["- *no verdict*: no image has one at this layer (its receptive field covers the image, so no "
+                  "position sees only the image; `measure` gives NaN with the reason): nothing to time, and the "
+                  "checks above leave it out."]
     if not out.get("complete", True):
         lines += ["", f"**Incomplete**: the results of the first {len(out['results'])} layer(s) only (the run was "
                   "stopped, e.g. by its time cap, or is still running)."]
