@@ -1025,10 +1025,11 @@ def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch
 def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool, outline: torch.Tensor | None = None) -> dict:
     """Candidates grouped by the canvas they need: ``{(py, px): indices}``.
 
-    Shared ``lin (K, 3, 3)``: indices ``(k,)``. Per-image ``lin (B, K, 3, 3)``: indices ``(B, k)``,
-    each row an image's candidates of that canvas, filled up to the longest row with its first one
-    (or its candidate 0); :func:`_coarse_grid` keeps only the real ones, so that each candidate is
-    scored on the canvas it needs whatever the other images need.
+    Shared ``lin (K, 3, 3)``: indices ``(k,)``. Per-image ``lin (B, K, 3, 3)``: ``(indices (B, k), real
+    (B, k))``: each image's candidates in the order of the canvas they need, the ``j``-th of every
+    image on the canvas the largest of them needs (a larger canvas holds a warp as exactly), and
+    consecutive slots that need the same canvas in one group; every candidate is scored once
+    (``real`` all true: the images' candidates are not filled up to a common count per canvas).
     """
     flat = lin.reshape(-1, 3, 3)
     if has_t:
@@ -1041,15 +1042,13 @@ def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool, outline: torc
             groups.setdefault(p, []).append(i)
         return {p: np.asarray(idx) for p, idx in groups.items()}
     b, k = lin.shape[:2]
-    rows: dict[tuple[int, int], list[list[int]]] = {}
-    for i, p in enumerate(pads):
-        rows.setdefault(p, [[] for _ in range(b)])[i // k].append(i % k)
-    out = {}
-    for p, per_image in rows.items():
-        n = max(len(r) for r in per_image)
-        out[p] = np.asarray([r + [r[0] if r else 0] * (n - len(r)) for r in per_image]), np.asarray(
-            [[True] * len(r) + [False] * (n - len(r)) for r in per_image])
-    return out
+    per = np.asarray(pads).reshape(b, k, 2)
+    order = np.lexsort((per[..., 1], per[..., 0]), axis=1)  # per image: by canvas, then as given
+    need = np.take_along_axis(per, order[..., None], 1).max(0)  # (k, 2): the slot's canvas
+    out: dict = {}
+    for j, p in enumerate(map(tuple, need.tolist())):
+        out.setdefault(p, []).append(j)
+    return {p: (order[:, slots], np.ones((b, len(slots)), dtype=bool)) for p, slots in out.items()}
 
 
 def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None):

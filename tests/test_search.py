@@ -312,6 +312,30 @@ def test_coarse_errors_on_a_partly_valid_moving_map_equal_the_exact_errors(famil
     torch.testing.assert_close(e[ok].cpu(), direct[ok].cpu(), atol=1e-9, rtol=0)
 
 
+@settings(max_examples=30)
+@given(b=st.integers(1, 4), k=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_per_image_candidates_are_grouped_once_each_on_a_canvas_that_holds_them(b, k, seed):
+    """Per-image candidates (the half-pixel pass, the local re-search) are scored in groups that
+    share a canvas: every image's every candidate must appear in exactly one group (none filled in
+    twice, none left out), and the group's canvas must be at least the one the candidate needs
+    (:func:`_canvas_pads`, rounded up to 4 pixels), so that its warp loses nothing."""
+    from invariance._search import _canvas_groups, _canvas_pads
+    gen = torch.Generator().manual_seed(seed)
+    params = torch.stack([torch.rand(b, k, generator=gen, dtype=DT) * 360 - 180,
+                          2 ** (torch.rand(b, k, generator=gen, dtype=DT) * 2 - 1)], -1)
+    lin = G.to_matrix("similarity", torch.cat([params, torch.zeros(b, k, 2, dtype=DT)], -1))
+    h, w = 11, 14
+    own = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in _canvas_pads(lin.reshape(-1, 3, 3), h, w, cap=4.0)]
+    seen = [[] for _ in range(b)]
+    for (py, px), (idx, real) in _canvas_groups(lin, h, w, True).items():
+        assert idx.shape == real.shape and real.all()
+        for i in range(b):
+            for j in idx[i]:
+                seen[i].append(int(j))
+                assert own[i * k + j][0] <= py and own[i * k + j][1] <= px
+    assert all(sorted(s) == list(range(k)) for s in seen)
+
+
 def test_max_shift_bounds_the_coarse_shift(device):
     """A planted shift of (5, 5) px is out of reach with ``max_shift=2``: the coarse answer stays
     within the radius (and is then not exact)."""
