@@ -153,7 +153,8 @@ def step_bytes(device: torch.device | str) -> int:
 _W_MIN = 1e-6  # a smaller valid share counts as outside (its sample would be rounding noise)
 _SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower it by more
 _POLISH_MOVES = 8  # moves per step size of the polish (:func:`_polish`)
-_POLISH_ONLY_MOVED = True  # CPU: after a move, the polish scores only the seeds that moved (a test turns it off)
+_POLISH_ONLY_MOVED = True  # CPU: the polish scores a copied seed column once and, after a move, only the seeds
+# that moved along the directions the move did not reach (a test turns it off: every seed, every direction)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
 
@@ -1404,6 +1405,14 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
         prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required,
         prob.perm)
     fam = G.get_family(SEARCH_FAMILIES[family][0])
+    if reference.device.type == "cpu" and _POLISH_ONLY_MOVED and centred.shape[1] > 1:
+        # a seed equal to an earlier one of its image (the best warp is usually also the best
+        # refined start) would walk the same path and tie with it; a seed column that is such a
+        # copy in every image is left out (on the CPU, where reading the flag back is free)
+        same = (centred[:, :, None] == centred[:, None]).flatten(-2).all(-1) & (errors[:, :, None] == errors[:, None])
+        cols = ~torch.triu(same, 1).any(1).all(0)
+        if not bool(cols.all()):
+            centred, errors = centred[:, cols], errors[:, cols]
     b, s = centred.shape[:2]
     z = _to_free(fam, G.from_matrix(fam, centred))  # (B, S, P)
     best = errors.clone()
@@ -1417,19 +1426,10 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     stop_early = reference.device.type == "cpu"
     fresh = _fresh_directions(dirs) if stop_early and _POLISH_ONLY_MOVED else None
     last = torch.zeros(b, s, dtype=torch.long, device=z.device)  # the direction of each seed's last move
-    # a seed equal to an earlier one of its image (the best warp is usually also the best refined
-    # start) would walk the same path: on the CPU it is polished once, and copied after
-    same = (centred[:, :, None] == centred[:, None]).flatten(-2).all(-1) & (errors[:, :, None] == errors[:, None])
-    first = torch.triu(same, 1).to(torch.int8).argmax(1)  # (B, S): the first seed equal to each (itself if none)
-    first = torch.where(torch.triu(same, 1).any(1), first, torch.arange(s, device=z.device))
-    distinct = first == torch.arange(s, device=z.device)
-    if fresh is None or bool(distinct.all()):
-        distinct = None
-    every = torch.arange(d, device=z.device)
     for _ in range(cfg.polish_levels):
         moving_seeds = None  # (image, seed) pairs that moved in the last move (CPU only)
         for _ in range(_POLISH_MOVES):
-            if fresh is None or (moving_seeds is None and distinct is None):
+            if moving_seeds is None or fresh is None:
                 cand = z[:, :, None, :] + step * dirs  # (B, S, D, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2)), check=False)
                 e, _ = _exact(reference, moving, moves, region, mvalid, size, required, perm)
@@ -1443,14 +1443,13 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 last = j
             else:
                 # a seed that did not move would try the same candidates again and find nothing
-                # better: after a level's first move only the seeds that moved are scored, each as
-                # an image of its own (the exact errors do not depend on the batch), and only along
-                # the directions that reach a point its last move did not score
-                # (:func:`_fresh_directions`): the same result, fewer warps
-                todo = _Subset(distinct.flatten()) if moving_seeds is None else moving_seeds
-                bi, si = todo.idx // s, todo.idx % s
+                # better: only the seeds that moved are scored, each as an image of its own (the
+                # exact errors do not depend on the batch), and only along the directions that
+                # reach a point its last move did not score (:func:`_fresh_directions`): the same
+                # result, fewer warps
+                bi, si = moving_seeds.idx // s, moving_seeds.idx % s
                 sub = prob.select(bi)
-                ks = every.expand(len(bi), d) if moving_seeds is None else fresh[last[bi, si]]  # (P', L)
+                ks = fresh[last[bi, si]]  # (P', L)
                 cand = z[bi, si][:, None, :] + step * dirs[ks]  # (P', L, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand), check=False)
                 e, _ = _exact(sub.reference, sub.moving, moves, region, sub.mvalid, size, sub.required, sub.perm)
@@ -1463,14 +1462,11 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 best[bi, si] = torch.where(better, eb, best[bi, si])
                 last[bi, si] = ks[rows, j]
                 full = torch.zeros(b * s, dtype=torch.bool, device=z.device)
-                full[todo.idx] = better
+                full[moving_seeds.idx] = better
                 better = full.reshape(b, s)
             if stop_early:
                 moving_seeds = _Subset(better.flatten())
         step /= 2
-    if distinct is not None:  # the copies take their first's endpoint
-        rows = torch.arange(b, device=z.device)[:, None]
-        z, best = z[rows, first], best[rows, first]
     m = G.to_matrix(fam, _from_free(fam, z), check=False)
     e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
     keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
