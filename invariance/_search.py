@@ -155,6 +155,7 @@ _SETTLED = 1e-12  # an exact error at or below this is final: no stage can lower
 _POLISH_MOVES = 8  # moves per step size of the polish (:func:`_polish`)
 _POLISH_ONLY_MOVED = True  # CPU: the polish scores a copied seed column once and, after a move, only the seeds
 # that moved along the directions the move did not reach (a test turns it off: every seed, every direction)
+_COARSE_ROUNDING = 64  # the coarse FFT terms' absolute errors, in eps times their totals (_Rule.feasible)
 _CONSTANT_RTOL = 1e-10  # spatial variance below this fraction of the energy: a constant map
 
 
@@ -634,6 +635,11 @@ class _Rule:
         total = self.plane.flatten(-2).sum(-1).reshape(-1, *[1] * (sig.dim() - 1))
         return torch.where(total > 0, sig / total.clamp_min(1e-300), torch.nan)
 
+    def least_positions(self, n: int, dtype) -> float:
+        """The fewest positions a coarse candidate of any image may keep and stay a candidate
+        (:meth:`feasible` with ``rounding``, ``n`` positions in the map)."""
+        return float(self.positions.min()) - _COARSE_ROUNDING * torch.finfo(dtype).eps * n
+
     def feasible(self, num, den, cnt, sig, energy, rounding: bool = False):
         """Errors ``num / den`` with infeasible candidates set to inf.
 
@@ -648,8 +654,8 @@ class _Rule:
         need_n, need_s = self.positions.reshape(shape), self.signal.reshape(shape)
         if rounding:
             n = float(self.plane.shape[-1] * self.plane.shape[-2])
-            need_n = need_n - 64 * eps * n
-            need_s = need_s - 64 * eps * self.plane.flatten(-2).sum(-1).reshape(shape)
+            need_n = need_n - _COARSE_ROUNDING * eps * n
+            need_s = need_s - _COARSE_ROUNDING * eps * self.plane.flatten(-2).sum(-1).reshape(shape)
         ok = (cnt >= need_n) & (sig >= need_s) & (den > 1e3 * eps * energy.reshape(shape))
         # a safe denominator off the feasible set keeps gradients finite (torch.where differentiates both sides)
         return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.inf)
@@ -903,19 +909,26 @@ class _ShiftScorer:
         return best, shift
 
 
-def _lag_window(region: torch.Tensor, canvas: tuple[int, int], need: float):
+def _region_profiles(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column sums of the region ``M`` (any image's: the largest over a batch), float64 on
+    the CPU: what :func:`_lag_window` needs of it."""
+    m = region.detach().reshape(-1, *region.shape[-2:]).amax(0).double().cpu()
+    return m.sum(1), m.sum(0)
+
+
+def _lag_window(profiles: tuple[torch.Tensor, torch.Tensor], canvas: tuple[int, int], need: float):
     """Per axis ``(first, last)``: the lags ``u`` (:class:`_ShiftScorer`) at which a canvas-warped
-    candidate can overlap the region ``M`` on ``need`` positions or more; None when every lag is
-    needed. A candidate's weight ``V`` is at most 1 and zero off the canvas, so its overlap at a
-    lag is at most the sum of ``M`` over the reference rows (columns) the canvas's rows (columns)
-    reach there; a lag where that sum is below ``need`` is infeasible along either axis, and the
-    FFT need not hold it (a feasible warp keeps ``min_overlap`` of the expected warp's positions:
-    with the default 1/2 that drops about a third of the lags and half the FFT's area)."""
+    candidate can overlap the region ``M`` (its :func:`_region_profiles`) on ``need`` positions or
+    more; None when every lag is needed. A candidate's weight ``V`` is at most 1 and zero off the
+    canvas, so its overlap at a lag is at most the sum of ``M`` over the reference rows (columns)
+    the canvas's rows (columns) reach there; a lag where that sum is below ``need`` is infeasible
+    along either axis, and the FFT need not hold it (a feasible warp keeps ``min_overlap`` of the
+    expected warp's positions: with the default 1/2 that drops about a third of the lags and half
+    the FFT's area)."""
     if not need > 0:
         return None
-    m = region.detach().reshape(-1, *region.shape[-2:]).amax(0).double().cpu()  # any image's region
     out = []
-    for profile, cn in ((m.sum(1), canvas[0]), (m.sum(0), canvas[1])):
+    for profile, cn in zip(profiles, canvas):
         n = profile.shape[0]
         cum = torch.cat([profile.new_zeros(1), profile.cumsum(0)])
         u = torch.arange(-(cn - 1), n)  # every lag with a nonzero correlation
@@ -1026,11 +1039,11 @@ def _subpixel(prob: _Problem, lin: torch.Tensor, errs: torch.Tensor, mats: torch
 def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool, outline: torch.Tensor | None = None) -> dict:
     """Candidates grouped by the canvas they need: ``{(py, px): indices}``.
 
-    Shared ``lin (K, 3, 3)``: indices ``(k,)``. Per-image ``lin (B, K, 3, 3)``: ``(indices (B, k), real
-    (B, k))``: each image's candidates in the order of the canvas they need, the ``j``-th of every
-    image on the canvas the largest of them needs (a larger canvas holds a warp as exactly), and
-    consecutive slots that need the same canvas in one group; every candidate is scored once
-    (``real`` all true: the images' candidates are not filled up to a common count per canvas).
+    Shared ``lin (K, 3, 3)``: indices ``(k,)``. Per-image ``lin (B, K, 3, 3)``: indices ``(B, k)``:
+    each image's candidates in the order of the canvas they need, the ``j``-th of every image on the
+    canvas the largest of them needs (a larger canvas holds a warp as exactly), and the slots that
+    need the same canvas in one group; every candidate is scored once (the images' candidates are
+    not filled up to a common count per canvas).
     """
     flat = lin.reshape(-1, 3, 3)
     if has_t:
@@ -1049,7 +1062,7 @@ def _canvas_groups(lin: torch.Tensor, h: int, w: int, has_t: bool, outline: torc
     out: dict = {}
     for j, p in enumerate(map(tuple, need.tolist())):
         out.setdefault(p, []).append(j)
-    return {p: (order[:, slots], np.ones((b, len(slots)), dtype=bool)) for p, slots in out.items()}
+    return {p: order[:, slots] for p, slots in out.items()}
 
 
 def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None):
@@ -1080,20 +1093,17 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
     # the canvases hold the warps of the valid region's footprint (the search zeroes the rest), and
     # the FFTs only the lags where a warp can keep the rule's positions (less the coarse rounding)
     outline = _support_outline(mvalid) if has_t else None
-    need = min(float(q.required.positions.min()) for q in probs) - 64 * torch.finfo(reference.dtype).eps * h * w - 1
+    profiles = _region_profiles(region) if has_t else None
+    need = min(q.required.least_positions(h * w, reference.dtype) for q in probs) - 1
     for (py, px), group in _canvas_groups(lin, h, w, has_t, outline).items():
         canvas = (h + 2 * py, w + 2 * px)
         # candidates from the moving map's normalised frame to the canvas' normalised frame
         c_out = G.frame_matrix(canvas, frm="centred", to="normalized", dtype=lin.dtype, device=lin.device)
-        if per_image:
-            idx, real = (torch.as_tensor(a, device=reference.device) for a in group)
-            part = lin[rows, idx]  # (B, n, 3, 3)
-        else:
-            idx = torch.as_tensor(group, device=reference.device)
-            part = lin[idx]
+        idx = torch.as_tensor(group, device=reference.device)
+        part = lin[rows, idx] if per_image else lin[idx]  # (B, n, 3, 3) or (n, 3, 3)
         norm = c_out @ part @ torch.linalg.inv(c_src)
         if has_t:
-            lags = _lag_window(region, canvas, need)
+            lags = _lag_window(profiles, canvas, need)
             scorers = [_ShiftScorer(q.reference, region, (py, px), cfg.max_shift, q.required, lags) for q in probs]
             side = int(math.sqrt(scorers[0].s[0] * scorers[0].s[1]))
         else:
@@ -1120,16 +1130,10 @@ def _coarse_grid(prob: _Problem, lin: torch.Tensor, nxt: _Problem | None = None)
                     e = q.required.feasible(*_region_terms(q.reference, warped[images], region, v, q.required.plane),
                                             energies[j])
                     t = None
-                if per_image:
-                    r = real[:, sl]
-                    i_b, i_k = rows.expand_as(r)[r], idx[:, sl][r]
-                    errs[i_b, i_k] = e[r]
-                    if t is not None:
-                        shifts[i_b, i_k] = t[r]
-                else:
-                    errs[:, idx[sl]] = e
-                    if t is not None:
-                        shifts[:, idx[sl]] = t
+                at = (rows, idx[:, sl]) if per_image else (slice(None), idx[sl])
+                errs[at] = e
+                if t is not None:
+                    shifts[at] = t
     res = [(errs, _translation(shifts) @ (lin if per_image else lin.unsqueeze(0))) for _, errs, shifts in out]
     return res[0] if nxt is None else tuple(res)
 

@@ -45,6 +45,7 @@ from invariance._search import (
     _compressed,
     _lag_window,
     _Problem,
+    _region_profiles,
     _Rule,
     _ShiftScorer,
     align,
@@ -228,7 +229,7 @@ def test_the_lag_window_is_the_hull_of_the_lags_where_a_warp_can_keep_enough_pos
         for j, ux in enumerate(range(-(wc - 1), w)):
             overlap[i, j] = m[max(0, uy):min(h, uy + hc), max(0, ux):min(w, ux + wc)].sum()
     feasible = (overlap >= need).nonzero()
-    window = _lag_window(m, (hc, wc), need)
+    window = _lag_window(_region_profiles(m), (hc, wc), need)
     if feasible.numel() == 0:
         assert window is None
         return
@@ -249,7 +250,7 @@ def test_the_fft_sized_to_the_feasible_lags_scores_as_the_full_one(device):
     rule = _Rule.of(ref, m, None, SearchConfig())
     rule = _Rule(rule.positions, torch.zeros_like(rule.signal), rule.plane)  # positions only: the edges are feasible
     need = float(rule.positions.min()) - 1
-    lags = _lag_window(m, (h + 2 * py, w + 2 * px), need)
+    lags = _lag_window(_region_profiles(m), (h + 2 * py, w + 2 * px), need)
     full = _ShiftScorer(ref, m, (py, px), None, rule)
     cut = _ShiftScorer(ref, m, (py, px), None, rule, lags)
     assert cut.s[0] * cut.s[1] < full.s[0] * full.s[1]
@@ -327,8 +328,7 @@ def test_per_image_candidates_are_grouped_once_each_on_a_canvas_that_holds_them(
     h, w = 11, 14
     own = [(-(-py // 4) * 4, -(-px // 4) * 4) for py, px in _canvas_pads(lin.reshape(-1, 3, 3), h, w, cap=4.0)]
     seen = [[] for _ in range(b)]
-    for (py, px), (idx, real) in _canvas_groups(lin, h, w, True).items():
-        assert idx.shape == real.shape and real.all()
+    for (py, px), idx in _canvas_groups(lin, h, w, True).items():
         for i in range(b):
             for j in idx[i]:
                 seen[i].append(int(j))
