@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of the project, in one prepared script that fits a short GPU lease by construction:
-# each part runs under a time cap (benchmarks/suite_plan.py: the caps of a GPU run add up to 9 minutes),
+# each part runs under a time cap (benchmarks/suite_plan.py: the caps of a GPU run add up to under 10 minutes),
 # and writes its results as it goes, so a part that runs out of time leaves what it has.
 #
 #   0. plan: the calibration step, on the device: its prices and each part's op counts, hence each
@@ -10,7 +10,7 @@
 #   3. the search against its bare-FFT bound       -> fft_bound.{json,md}
 #   4. the training-throughput benchmark           -> train_throughput_cuda.{json,md}
 #   5. the budgeted reproduction (stn.reproduce_budget) -> reproduction.{json,md}, canonical_pose.png
-#   6. torchvision resnet50 layer3, 360 angles x all shifts, as many of 1,000 images as the plan
+#   6. torchvision resnet50 layer2, 360 angles x all shifts, as many of 1,000 images as the plan
 #      fits in 70% of the part's cap -> resnet50.{json,md} (skipped when torchvision does not import)
 #
 # Usage:
@@ -18,7 +18,7 @@
 #   benchmarks/gpu_suite.sh --plan          # only the plan: each part's estimated time, and the total
 #   benchmarks/gpu_suite.sh --tiny          # the same parts at a tiny size on the CPU (make test runs it)
 #   benchmarks/gpu_suite.sh --out DIR       # write elsewhere
-#   benchmarks/gpu_suite.sh --parts a,b     # only these parts (the plan always runs)
+#   benchmarks/gpu_suite.sh --parts a,b     # only these parts (the plan always runs, counting only these)
 #   benchmarks/gpu_suite.sh --cap PART=S    # another cap for a part, in seconds (repeatable)
 #
 # suite.md has, per part, its result (ok, FAILED, or "capped" when its cap stopped it), its time and
@@ -69,7 +69,7 @@ else
   search_args=(--quick --device cuda)
   fft_args=(--device cuda)
   train_args=(--device cuda)
-  resnet_args=(--device cuda --layers layer3 --angles 360)
+  resnet_args=(--device cuda --layers layer2 --angles 360)
   budget=gpu
   "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
     echo "gpu_suite.sh: error: no CUDA device (use --tiny for the CPU smoke run)" >&2; exit 2; }
@@ -82,7 +82,7 @@ while read -r name seconds; do cap[$name]=$seconds; done <<< "$caps_text"
 mkdir -p "$out"
 if [ "$plan_only" = 1 ]; then
   exec timeout -k 10 "${cap[plan]}" "$py" benchmarks/suite_plan.py "${tiny_flag[@]}" "${cap_args[@]}" \
-    --device "$device" --json "$out/plan.json"
+    ${only:+--parts "$only"} --device "$device" --json "$out/plan.json"
 fi
 
 summary="$out/suite.md"
@@ -119,7 +119,8 @@ part() {  # part NAME COMMAND...: run under its cap, log to NAME.log, record the
 wanted() { [ -z "$only" ] || case ",$only," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 export HYPOTHESIS_PROFILE=ci
-part plan "$py" benchmarks/suite_plan.py "${tiny_flag[@]}" "${cap_args[@]}" --device "$device" --json "$out/plan.json"
+part plan "$py" benchmarks/suite_plan.py "${tiny_flag[@]}" "${cap_args[@]}" ${only:+--parts "$only"} \
+  --device "$device" --json "$out/plan.json"
 # every numeric test that takes the `device` fixture (tests/conftest.py), on CUDA, and the CUDA tests
 wanted cuda-tests && part cuda-tests "$py" -m pytest -q -p no:cacheprovider --junitxml "$out/cuda-tests.xml" \
   tests/test_warp.py tests/test_search.py tests/test_geometry.py tests/test_metric.py tests/test_region.py \

@@ -80,6 +80,10 @@ def _check_family(family: str) -> G.Family:
     return G.FAMILIES[family]
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+"""Dtypes the geometry and the sampling promote to float32."""
+
+
 def raw_to_params(family: str, raw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Raw localisation outputs ``(B, n)`` -> family parameters in the centred frame of an ``(H, W)`` map.
 
@@ -132,11 +136,16 @@ def raw_to_matrix(family: str, raw: torch.Tensor, size: Sequence[int]) -> torch.
              [0., 0., 1.]]])
     """
     fam = _check_family(family)
-    if fam.name in ("affine", "projective"):
-        check_size(size)
-        return _raw_matrix(fam, raw)
-    params = raw_to_params(family, raw, size)
-    return G.centred_to_normalized(G.to_matrix(fam, params), size)
+    # The geometry runs in float32 at least, outside autocast: under bfloat16 autocast (the budgeted
+    # training on CUDA) the regressor's output is bfloat16, in which linalg.inv does not exist and
+    # whose 8-bit mantissa would put a 28-px map's sampling points ~0.1 px off.
+    raw = raw.float() if raw.dtype in _LOW_PRECISION else raw
+    with torch.autocast(raw.device.type, enabled=False):
+        if fam.name in ("affine", "projective"):
+            check_size(size)
+            return _raw_matrix(fam, raw)
+        params = raw_to_params(family, raw, size)
+        return G.centred_to_normalized(G.to_matrix(fam, params), size)
 
 
 def resample(x: torch.Tensor, matrix: torch.Tensor, *, projective: bool | None = None,
@@ -154,11 +163,17 @@ def resample(x: torch.Tensor, matrix: torch.Tensor, *, projective: bool | None =
     """
     if matrix.dim() != 3 or matrix.shape[1:] != (3, 3) or matrix.shape[0] != x.shape[0]:
         raise ValueError(f"matrix: expected shape (B={x.shape[0]}, 3, 3), got {tuple(matrix.shape)}")
-    sampling = torch.linalg.inv(matrix.to(x.dtype))
     if projective is None:
         projective = not G.is_affine(matrix)
-    grid = grid_from_inverse(sampling, x.shape[-2:], affine=not projective)
-    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    # A low-precision map (bfloat16 autocast) is sampled in float32 and returned in its own dtype:
+    # the inverse and the grid need float32 (see raw_to_matrix), and grid_sample one dtype for both.
+    low = x.dtype in _LOW_PRECISION
+    with torch.autocast(x.device.type, enabled=False):
+        xs = x.float() if low else x
+        sampling = torch.linalg.inv(matrix.to(xs.dtype))
+        grid = grid_from_inverse(sampling, x.shape[-2:], affine=not projective)
+        out = F.grid_sample(xs, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    return out.to(x.dtype) if low else out
 
 
 class LocalisationHead(nn.Module):

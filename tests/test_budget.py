@@ -176,14 +176,15 @@ def test_gpu_suite_runs_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_the_gpu_suites_caps_add_up_to_its_lease():
-    """The caps of a GPU run add up to at most the lease (9 minutes): the suite fits by
-    construction, whatever the plan estimates."""
+    """The caps of a GPU run add up to at most the suite's share of a 15-minute lease (10 minutes;
+    the first lease's machine started in 46 s): the suite fits by construction, whatever the plan
+    estimates."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite_plan.py"), "--caps"],
                          capture_output=True, text=True, check=True).stdout
     caps = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()}
     assert set(caps) == {"plan", "cuda-tests", "search-bench", "fft-bound", "train-bench", "reproduction",
                          "resnet50"}
-    assert sum(caps.values()) <= 9 * 60
+    assert sum(caps.values()) <= 10 * 60
 
 
 def test_a_part_that_runs_out_of_time_is_recorded_as_capped(tmp_path):

@@ -164,3 +164,34 @@ def test_runs_on_the_device_of_its_inputs(device):
     ref = transform_images(x.cpu().double(), "projective",
                            tr.params(m.cpu().double(), (10, 10))).to(torch.float32)
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", STN_FAMILIES)
+def test_low_precision_transformer_keeps_float32_geometry(family):
+    """A bfloat16 transformer (as under CUDA's bfloat16 autocast: the regressor's output is bfloat16,
+    and ``linalg.inv`` has no bfloat16 kernel) predicts float32 matrices, exactly those of its raw
+    output promoted to float32, and returns a bfloat16 map equal to the float32 sampling of the same
+    bfloat16 input rounded once to bfloat16 (so within half a bfloat16 step: 2**-8 relative, bfloat16
+    keeping 8 significant bits)."""
+    torch.manual_seed(0)
+    tr = _st(family, 2, dtype=torch.float32)
+    torch.nn.init.normal_(tr.regressor.weight, std=0.05)
+    tr = tr.to(torch.bfloat16)
+    x = torch.rand(3, 2, 12, 17).to(torch.bfloat16)
+    out, m = tr(x)
+    assert m.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(m, raw_to_matrix(family, tr.raw(x).float(), (12, 17)))
+    ref = resample(x.float(), m, projective=tr.projective)
+    torch.testing.assert_close(out.float(), ref, rtol=2.0**-8, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["STN-C0", "STN-C1", "STN-DL1", "STN-SL1"])
+def test_low_precision_models_run(arch):
+    """Each STN architecture in bfloat16 (the weights and the input) gives finite logits of the batch's
+    shape: its transformers' geometry runs in float32 (the first GPU lease's training failed here)."""
+    from stn import build_model
+
+    torch.manual_seed(0)
+    m = build_model(arch, family="rotation").to(torch.bfloat16)
+    out = m(torch.rand(4, 1, 28, 28).to(torch.bfloat16))
+    assert out.shape == (4, 10) and bool(torch.isfinite(out.float()).all())
