@@ -67,9 +67,9 @@ class Part:
 
 PARTS = (
     Part("plan", 60, 300, "this plan: the device's prices, the op counts, the sizes"),
-    Part("cuda-tests", 60, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
+    Part("cuda-tests", 75, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
     Part("search-bench", 30, 600, "benchmarks/bench_search.py --quick: the search against the per-candidate loop"),
-    Part("fft-bound", 30, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
+    Part("fft-bound", 20, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
     Part("train-bench", 20, 600, "benchmarks/bench_train.py: the five architectures together against the loop"),
     Part("reproduction", 300, 600, "stn reproduce --budget gpu: the paper's three columns"),
     Part("resnet50", 90, 600, "benchmarks/bench_resnet50.py: resnet50 layer2, 360 angles, sized images"),
@@ -81,7 +81,7 @@ def caps(tiny: bool, overrides: dict[str, int]) -> dict[str, int]:
     """Each part's cap in seconds, with ``--cap PART=SECONDS`` overrides.
 
     >>> caps(False, {})["resnet50"], sum(caps(False, {}).values())
-    (90, 590)
+    (90, 595)
     >>> caps(True, {"fft-bound": 3})["fft-bound"]
     3
     """
@@ -250,11 +250,14 @@ def start_seconds() -> float:
 
 
 
-def plan(tiny: bool, device: str, cap: dict[str, int], progress=print, parts_run=None) -> dict:
+def plan(tiny: bool, device: str, cap: dict[str, int], progress=print, parts_run=None,
+         checkpoint=None) -> dict:
     """The plan (see the module docstring) as a dict: prices, per part its counts, estimate and cap.
 
     ``parts_run``: the parts the suite will run (default all); the others are not counted (counting
-    under the dispatcher is slow on a GPU: 20 s for the search benchmark alone on an H200)."""
+    under the dispatcher is slow on a GPU: 20 s for the search benchmark alone on an H200). The
+    resnet50 part, the one the plan sizes, is counted first, and ``checkpoint(plan_so_far)`` is
+    called after each part, so a plan stopped by its cap has still sized it."""
     dev = torch.device(device)
     wanted = {p.name for p in PARTS} if parts_run is None else set(parts_run)
     t0 = time.perf_counter()
@@ -263,46 +266,52 @@ def plan(tiny: bool, device: str, cap: dict[str, int], progress=print, parts_run
     progress(f"prices on {dev}: {r.launch * 1e6:.1f} us per launch, {r.sync * 1e6:.1f} us per sync, "
              f"FFT {r.fft / 1e9:.1f} GFLOP/s, matmul {r.mm / 1e9:.1f} GFLOP/s, {r.bandwidth / 1e9:.1f} GB/s, "
              f"{start:.1f} s to start a process")
-    parts = {"plan": {"estimate": None, "counts": None}, "cuda-tests": {"estimate": None, "counts": None}}
-    for name in sorted({p.name for p in PARTS} - wanted - {"plan"}):
-        parts[name] = {"estimate": 0.0, "counts": None, "skipped": "not run (--parts)"}
-    for name, fn in (("search-bench", work_search_bench), ("fft-bound", work_fft_bound),
-                     ("train-bench", work_train_bench)):
-        if name not in wanted:
-            continue
-        c = fn(tiny, dev)
-        parts[name] = {"estimate": PROCESSES[name] * start + _ops.seconds(c, r), "counts": asdict(c)}
-        progress(f"{name}: {parts[name]['estimate']:.1f} s")
-    if "reproduction" in wanted:
-        c, train = work_reproduction(tiny, dev, r)
-        parts["reproduction"] = {"estimate": start + train + _ops.seconds(c, r), "counts": asdict(c),
-                                 "training_seconds": train}
-        progress(f"reproduction: {parts['reproduction']['estimate']:.1f} s ({train:.0f} s of training)")
+    parts = {p.name: ({"estimate": None, "counts": None, "cap": cap[p.name]} if p.name in wanted | {"plan"}
+                      else {"estimate": 0.0, "counts": None, "cap": cap[p.name], "skipped": "not run (--parts)"})
+             for p in PARTS}
+
+    def summary(complete: bool) -> dict:
+        parts["plan"]["measured"] = time.perf_counter() - t0
+        est = sum(min(v["estimate"] if v["estimate"] is not None else v["cap"], v["cap"]) for v in parts.values())
+        total = sum((v["estimate"] or 0.0) for v in parts.values()) + parts["plan"]["measured"]
+        return {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                "tiny": tiny, "lease_seconds": LEASE_SECONDS, "prices": {**asdict(r), "process_start": start},
+                "parts": parts, "complete": complete,
+                "estimated_total": total, "bounded_total": est, "caps_total": sum(cap.values())}
+
+    def done(text: str) -> None:
+        progress(text)
+        if checkpoint is not None:
+            checkpoint(summary(complete=False))
+
     if "resnet50" in wanted:
         res = work_resnet50(tiny, dev)
         if res is None:
-            parts["resnet50"] = {"estimate": 0.0, "counts": None, "images": 0, "skipped": "torchvision does not import"}
+            parts["resnet50"].update(estimate=0.0, images=0, skipped="torchvision does not import")
         else:
             fixed_c, per_c = res
             t_fixed, t_img = _ops.seconds(fixed_c, r), _ops.seconds(per_c, r)
             target = 2 if tiny else RESNET50_IMAGES
             fit = int((RESNET50_FILL * cap["resnet50"] - PROCESSES["resnet50"] * start - t_fixed) / max(t_img, 1e-12))
             images = max(1, min(target, fit))
-            parts["resnet50"] = {"estimate": PROCESSES["resnet50"] * start + t_fixed + images * t_img,
-                                 "images": images, "target_images": target,
-                                 "fixed_seconds": t_fixed, "seconds_per_image": t_img,
-                                 "counts": {"fixed": asdict(fixed_c), "per_image": asdict(per_c)}}
-            progress(f"resnet50: {images} of {target} images, {parts['resnet50']['estimate']:.1f} s")
-    parts = {p.name: parts[p.name] for p in PARTS}  # in the suite's order
-    parts["plan"]["measured"] = time.perf_counter() - t0
-    for p in PARTS:
-        parts[p.name]["cap"] = cap[p.name]
-    est = sum(min(v["estimate"] if v["estimate"] is not None else v["cap"], v["cap"]) for v in parts.values())
-    total = sum((v["estimate"] or 0.0) for v in parts.values()) + parts["plan"]["measured"]
-    return {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "tiny": tiny, "lease_seconds": LEASE_SECONDS, "prices": {**asdict(r), "process_start": start},
-            "parts": parts,
-            "estimated_total": total, "bounded_total": est, "caps_total": sum(cap.values())}
+            parts["resnet50"].update(estimate=PROCESSES["resnet50"] * start + t_fixed + images * t_img,
+                                     images=images, target_images=target, fixed_seconds=t_fixed,
+                                     seconds_per_image=t_img,
+                                     counts={"fixed": asdict(fixed_c), "per_image": asdict(per_c)})
+        done(f"resnet50: {parts['resnet50'].get('images', 0)} of {RESNET50_IMAGES if not tiny else 2} "
+                         f"images, {parts['resnet50']['estimate']:.1f} s")
+    if "reproduction" in wanted:
+        c, train = work_reproduction(tiny, dev, r)
+        parts["reproduction"].update(estimate=start + train + _ops.seconds(c, r), counts=asdict(c),
+                                     training_seconds=train)
+        done(f"reproduction: {parts['reproduction']['estimate']:.1f} s ({train:.0f} s of training)")
+    for name, fn in (("train-bench", work_train_bench), ("search-bench", work_search_bench),
+                     ("fft-bound", work_fft_bound)):
+        if name in wanted:
+            c = fn(tiny, dev)
+            parts[name].update(estimate=PROCESSES[name] * start + _ops.seconds(c, r), counts=asdict(c))
+            done(f"{name}: {parts[name]['estimate']:.1f} s")
+    return summary(complete=True)
 
 
 def markdown(p: dict) -> str:
@@ -328,6 +337,9 @@ def markdown(p: dict) -> str:
     fits = p["bounded_total"] <= p["lease_seconds"]
     verdict = ("a tiny run: the lease does not apply" if p["tiny"]
                else f"lease {p['lease_seconds']} s: **{'fits' if fits else 'does not fit'}**")
+    if not p.get("complete", True):
+        lines += ["", "**Incomplete**: the plan was stopped (by its cap) before it counted every part; the "
+                  "parts it has not reached are not estimated."]
     lines += ["", f"Estimated total {p['estimated_total']:.0f} s (not-estimated parts at 0); with every part "
               f"bounded by its cap {p['bounded_total']:.0f} s; caps {p['caps_total']} s; {verdict}."]
     return "\n".join(lines) + "\n"
@@ -353,14 +365,17 @@ def main() -> None:
         bad = sorted(set(parts_run) - set(cap))
         if bad:
             raise SystemExit(f"suite_plan: error: --parts: unknown part {bad[0]!r}; valid parts: {', '.join(cap)}")
-    p = plan(args.tiny, device, cap, progress=lambda s: print(s, file=sys.stderr, flush=True), parts_run=parts_run)
-    text = markdown(p)
-    if args.json:
-        from invariance.files import atomic_write_json, atomic_write_text
+    def write(p: dict) -> None:
+        if args.json:
+            from invariance.files import atomic_write_json, atomic_write_text
 
-        atomic_write_json(Path(args.json), p)
-        atomic_write_text(Path(args.json).with_suffix(".md"), text)
-    print(text)
+            atomic_write_json(Path(args.json), p)
+            atomic_write_text(Path(args.json).with_suffix(".md"), markdown(p))
+
+    p = plan(args.tiny, device, cap, progress=lambda s: print(s, file=sys.stderr, flush=True), parts_run=parts_run,
+             checkpoint=write)
+    write(p)
+    print(markdown(p))
     if not args.tiny and p["bounded_total"] > LEASE_SECONDS:
         raise SystemExit(1)
 

@@ -203,6 +203,37 @@ def test_a_part_that_runs_out_of_time_is_recorded_as_capped(tmp_path):
     assert rows["reproduction"].startswith("capped at 1 s") and rows["plan"].startswith("capped at 1 s"), summary
 
 
+def test_the_plan_counts_only_the_parts_run_and_checkpoints_after_each(monkeypatch):
+    """``--parts`` reaches the plan: a part not run is marked skipped and never counted (on the first
+    GPU lease counting every part outran the plan's cap), and the plan hands its state to
+    ``checkpoint`` after each part it counts, incomplete until the last, so a capped plan leaves
+    what it has. Counting is replaced by a stub: the law is about the order and the records."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _ops
+    import suite_plan
+
+    counted = []
+
+    def stub(name):
+        def work(tiny, dev, *rest):
+            counted.append(name)
+            return (_ops.OpCount(), 0.0) if name == "reproduction" else _ops.OpCount()
+        return work
+
+    for name in ("search_bench", "fft_bound", "train_bench", "reproduction"):
+        monkeypatch.setattr(suite_plan, f"work_{name}", stub(name.replace("_", "-")))
+    monkeypatch.setattr(suite_plan, "start_seconds", lambda: 0.0)
+    states = []
+    p = suite_plan.plan(True, "cpu", suite_plan.caps(True, {}), progress=lambda s: None,
+                        parts_run=["reproduction", "fft-bound"],
+                        checkpoint=lambda st: states.append((st["complete"], sorted(
+                            k for k, v in st["parts"].items() if v["estimate"] is not None and "skipped" not in v))))
+    assert counted == ["reproduction", "fft-bound"]
+    assert states == [(False, ["reproduction"]), (False, ["fft-bound", "reproduction"])]
+    assert p["complete"] and {k for k, v in p["parts"].items() if "skipped" in v} == {
+        "cuda-tests", "search-bench", "train-bench", "resnet50"}
+
+
 def test_a_benchmark_writes_each_result_as_it_finishes(tmp_path):
     """What a capped part leaves: the FFT-bound benchmark rewrites its results after every map
     size, so they are on disk (marked incomplete) before the next size starts. Read while the
