@@ -348,7 +348,7 @@ def check_invertible(matrix: torch.Tensor, name: str = "matrix") -> None:
     m = m / torch.where(top > 0, top, torch.ones_like(top))
     eps = torch.finfo(matrix.dtype).eps
     cond = torch.linalg.cond(torch.where(m.abs() < eps * eps, torch.zeros_like(m), m))
-    if bool((~torch.isfinite(cond) | (cond > 1.0 / (30 * torch.finfo(matrix.dtype).eps))).any()):
+    if bool((~torch.isfinite(cond) | (cond > 1.0 / (30 * eps))).any()):
         raise ValueError(f"{name}: transformation is singular and has no inverse")
 
 

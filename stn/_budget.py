@@ -344,9 +344,10 @@ BUDGETS: dict[str, Budget] = {
         max_steps={"rotation": 60000, "scale": 30000, "translation": 30000},
         seeds={"rotation": (0, 1), "scale": (0,), "translation": (0,)},
         sizes={"rotation": None, "scale": None, "translation": None},
-        note="One H100/H200 within the project's 9-minute GPU lease: full protocols, the five architectures of a "
-             "column (and both rotation seeds) trained together on device-rendered batches, bfloat16 autocast and "
-             "channels-last; steps sized from the measured throughput; learning rate cut only after take-off."),
+        note="One H100/H200 within the GPU suite's 5-minute reproduction part: full protocols, the five "
+             "architectures of a column (and both rotation seeds) trained together on device-rendered batches, "
+             "bfloat16 autocast and channels-last; steps sized from the measured throughput; learning rate cut "
+             "only after take-off."),
     "tiny": Budget(
         name="tiny", seconds={"rotation": 5, "scale": 5, "translation": 5},
         max_steps={"rotation": 4, "scale": 2, "translation": 2},
