@@ -87,7 +87,7 @@ from scipy.fft import next_fast_len
 from scipy.optimize import linear_sum_assignment
 
 from . import geometry as G
-from ._warp import disk_mask, unchecked_block_chunks, unchecked_chunks, warp, warp_chunks
+from ._warp import disk_mask, grid_from_inverse, unchecked_block_chunks, unchecked_chunks, warp, warp_chunks
 from .checks import check_images
 
 __all__ = [
@@ -960,6 +960,7 @@ class _Problem:
         size: ``(H, W)``; family: the search family; cfg: the :class:`SearchConfig`.
         required: the feasibility rule (:class:`_Rule`); perm: per-image channel
             permutations applied to ``moving`` (``(B, C)``), or None.
+        gram: the polish's inner-product tables (:class:`_Gram`), or None: it warps the channels.
     """
 
     reference: torch.Tensor
@@ -971,13 +972,15 @@ class _Problem:
     cfg: SearchConfig
     required: _Rule
     perm: torch.Tensor | None = None
+    gram: _Gram | None = None
 
     def select(self, images: slice) -> _Problem:
         """The same search for some of the images."""
         return replace(self, reference=self.reference[images], moving=self.moving[images],
                        mvalid=self.mvalid[images] if self.mvalid.dim() == 3 else self.mvalid,
                        required=self.required.select(images),
-                       perm=None if self.perm is None else self.perm[images])
+                       perm=None if self.perm is None else self.perm[images],
+                       gram=None if self.gram is None else self.gram.select(images))
 
 
 _HALF_PIXELS = ((0.5, 0.0), (0.0, 0.5), (0.5, 0.5))
@@ -1220,6 +1223,141 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
     return torch.cat(errs, 1), torch.cat(cnts, 1)
 
 
+_GRAM_MIN_CHANNELS = 48
+"""Channels from which the polish scores warps through :class:`_Gram` tables rather than by warping
+every channel (a candidate then costs O(H W) instead of O(C H W); the tables cost one matrix product).
+Measured on 8 maps of 28 x 28, rigid: the polish took 0.26 s warped and 0.29 s through tables at 32
+channels, 0.72 s and 0.30 s at 64, 10.9 s and 0.41 s at 512."""
+
+
+@dataclass
+class _Gram:
+    """Inner-product tables that give a bilinear warp's exact error without warping the channels.
+
+    With ``g`` the moving maps zeroed outside their valid region, on the grid padded by one zero
+    pixel (``P = (H + 2)(W + 2)`` positions), and a warp's four bilinear taps ``p_k(q)`` with
+    weights ``t_k(q)`` (zero off the valid region), the warped stack is ``x(q) = sum_k t_k g(p_k)``
+    and ``w(q) = sum_k t_k``; so ``<x, F(q)> = sum_k t_k cross[q, p_k]`` and ``||x||^2 =
+    sum_kl t_k t_l <g(p_k), g(p_l)>``, whose pairs are neighbours on the grid (``local``). The
+    error's terms (:func:`_stack_terms`) follow: ``R ||x / w - F||^2 = region (||x||^2 / w -
+    2 <x, F> + w ||F||^2)`` where ``w > 0``. The same numbers up to rounding (float64 sums in
+    another order).
+
+    Attributes:
+        cross: ``(B, H W, P)``, ``<F(q), g(p)>``.
+        local: ``(B, 5, P)``: ``<g(p), g(p + d)>`` for ``d`` = 0, right, down, down-right, and
+            ``<g(p + right), g(p + down)>``.
+        ref_sq: ``(B, H W)``, ``||F(q)||^2``.
+        valid: ``(B | 1, P)``, the moving map's valid region, padded.
+        rows: ``(B,)`` the rows of ``cross`` of a selection of the images (:meth:`select`: the
+            largest table is not copied), or None for all of them in order.
+    """
+
+    cross: torch.Tensor
+    local: torch.Tensor
+    ref_sq: torch.Tensor
+    valid: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    @staticmethod
+    def of(reference: torch.Tensor, moving: torch.Tensor, mvalid: torch.Tensor) -> _Gram:
+        b, c, h, w = moving.shape
+        v = mvalid.expand(b, h, w) if mvalid.dim() == 2 else mvalid
+        g = torch.nn.functional.pad(moving * v[:, None].to(moving.dtype), (1, 1, 1, 1))  # (B, C, H+2, W+2)
+        ref = reference.flatten(2)  # (B, C, HW)
+        cross = ref.transpose(1, 2) @ g.flatten(2)  # (B, HW, P)
+
+        def pair(a, bb):  # <g(p + a), g(p + bb)> on the padded grid, zero where either leaves it
+            out = torch.zeros(b, h + 2, w + 2, dtype=g.dtype, device=g.device)
+            (ay, ax), (by, bx) = a, bb
+            ys, xs = h + 2 - max(ay, by), w + 2 - max(ax, bx)
+            out[:, :ys, :xs] = (g[:, :, ay:ay + ys, ax:ax + xs] * g[:, :, by:by + ys, bx:bx + xs]).sum(1)
+            return out.flatten(1)
+
+        local = torch.stack([pair((0, 0), (0, 0)), pair((0, 0), (0, 1)), pair((0, 0), (1, 0)),
+                             pair((0, 0), (1, 1)), pair((0, 1), (1, 0))], 1)
+        vp = torch.nn.functional.pad(mvalid.to(moving.dtype), (1, 1, 1, 1)).flatten(-2)
+        return _Gram(cross, local, ref.pow(2).sum(1), vp[None] if vp.dim() == 1 else vp)
+
+    def select(self, images) -> _Gram:
+        rows = torch.arange(self.cross.shape[0], device=self.cross.device) if self.rows is None else self.rows
+        return _Gram(self.cross, self.local[images], self.ref_sq[images],
+                     self.valid if self.valid.shape[0] == 1 else self.valid[images], rows[images])
+
+
+def _use_gram(prob: _Problem) -> bool:
+    """Whether the polish scores through :class:`_Gram` tables: many channels, no permutation, and
+    the tables within the chunk budget (``cfg.memory_budget``: they are built once per search and
+    kept while it polishes, after the coarse stage has freed its canvases)."""
+    b, c, h, w = prob.moving.shape
+    table = b * h * w * (h + 2) * (w + 2) * prob.moving.element_size()
+    return prob.perm is None and c >= _GRAM_MIN_CHANNELS and table <= prob.cfg.memory_budget
+
+
+def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, plane: torch.Tensor):
+    """:func:`_stack_terms` of per-image centred matrices ``(B, n, 3, 3)`` from :class:`_Gram` tables."""
+    h, w = size
+    wp = w + 2
+    norm = G.centred_to_normalized(centred, size)
+    b, n = norm.shape[:2]
+    grid = grid_from_inverse(torch.linalg.inv_ex(norm.reshape(-1, 3, 3))[0], size, affine=True)
+    grid = grid.reshape(b, n * h * w, 2)
+    # grid_sample's bilinear taps (align_corners=False), in the padded grid's coordinates
+    ix = ((grid[..., 0] + 1) * w - 1) / 2
+    iy = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = torch.floor(ix), torch.floor(iy)
+    fx, fy = ix - x0, iy - y0
+    px0 = (x0 + 1).clamp(0, w + 1).long()
+    px1 = (x0 + 2).clamp(0, w + 1).long()
+    py0 = (y0 + 1).clamp(0, h + 1).long()
+    py1 = (y0 + 2).clamp(0, h + 1).long()
+    idx = torch.stack([py0 * wp + px0, py0 * wp + px1, py1 * wp + px0, py1 * wp + px1])  # (4, B, nHW)
+    a = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    valid = gram.valid.expand(b, -1)
+    t = a * torch.gather(valid[None].expand(4, -1, -1), 2, idx)  # (4, B, nHW)
+    wt = _weights(t.sum(0))
+    hw_p = gram.cross.shape[1] * gram.cross.shape[2]
+    rows = torch.arange(b, device=grid.device) if gram.rows is None else gram.rows
+    q = rows[:, None] * hw_p + torch.arange(h * w, device=grid.device).repeat(n)[None] * gram.cross.shape[-1]
+    x_f = sum(t[k] * torch.take(gram.cross, q + idx[k]) for k in range(4))
+
+    def local(j, k):
+        return torch.gather(gram.local[:, j], 1, idx[k])
+
+    x_sq = (t.square() * torch.stack([local(0, k) for k in range(4)])).sum(0) + 2 * (
+        t[0] * t[1] * local(1, 0) + t[2] * t[3] * local(1, 2) + t[0] * t[2] * local(2, 0)
+        + t[1] * t[3] * local(2, 1) + t[0] * t[3] * local(3, 0) + t[1] * t[2] * local(4, 0))
+    ref_sq = gram.ref_sq.repeat(1, n)
+    inv = torch.where(wt > 0, 1 / torch.where(wt > 0, wt, torch.ones_like(wt)), torch.zeros_like(wt))
+    reg = region.reshape(-1, h * w).repeat(1, n)
+    per = reg * (x_sq * inv - 2 * x_f * (wt > 0) + wt * ref_sq)
+    num = per.reshape(b, n, h * w).sum(-1)
+    r = (reg * wt).reshape(b, n, h * w)
+    den = (r * gram.ref_sq[:, None]).sum(-1)
+    cnt = r.sum(-1)
+    sig = (plane.reshape(b, 1, h * w) * wt.reshape(b, n, h * w)).sum(-1)
+    return num, den, cnt, sig
+
+
+def _exact_of(prob: _Problem, centred: torch.Tensor):
+    """:func:`_exact` of a problem's maps; through its :class:`_Gram` tables when it has them."""
+    gram = prob.gram
+    if gram is None or prob.perm is not None:
+        return _exact(prob.reference, prob.moving, centred, prob.region, prob.mvalid, prob.size, prob.required,
+                      prob.perm)
+    energy = _energy(prob.reference, prob.region)
+    b, n = centred.shape[:2]
+    h, w = prob.size
+    chunk = max(1, int(prob.cfg.memory_budget // max(1, b * h * w * 256)))
+    errs, cnts = [], []
+    for k0 in range(0, n, chunk):
+        num, den, cnt, sig = _gram_terms(gram, centred[:, k0:k0 + chunk], prob.region, prob.size,
+                                         prob.required.plane)
+        errs.append(prob.required.feasible(num, den, cnt, sig, energy))
+        cnts.append(cnt)
+    return torch.cat(errs, 1), torch.cat(cnts, 1)
+
+
 def _refine(prob: _Problem, centred: torch.Tensor):
     """Adam on the family parameters, per (image, start). Returns refined centred matrices.
 
@@ -1354,7 +1492,7 @@ def _hop(prob: _Problem, fam: G.Family, best_m: torch.Tensor, best_e: torch.Tens
     eb, i = e.min(1)
     seed = mats[torch.arange(b, device=e.device), i][:, None]
     # the FFT's rounding may accept a warp just below the minimum: the polish starts from exact errors
-    seed_e, _ = _exact(prob.reference, prob.moving, seed, prob.region, prob.mvalid, prob.size, prob.required)
+    seed_e, _ = _exact_of(prob, seed)
     pm, pe, _ = _polish(prob, seed, seed_e)
     better = pe < best_e
     return torch.where(better[:, None, None], pm, best_m), torch.where(better, pe, best_e)
@@ -1405,9 +1543,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
     Never worse than its seeds. Returns the best of all seeds per image: (matrices (B, 3, 3),
     errors (B,), overlap counts (B,)).
     """
-    reference, moving, region, mvalid, size, family, cfg, required, perm = (
-        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required,
-        prob.perm)
+    reference, family, cfg = prob.reference, prob.family, prob.cfg
     fam = G.get_family(SEARCH_FAMILIES[family][0])
     if reference.device.type == "cpu" and _POLISH_ONLY_MOVED and centred.shape[1] > 1:
         # a seed equal to an earlier one of its image (the best warp is usually also the best
@@ -1436,7 +1572,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
             if moving_seeds is None or fresh is None:
                 cand = z[:, :, None, :] + step * dirs  # (B, S, D, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand.flatten(1, 2)), check=False)
-                e, _ = _exact(reference, moving, moves, region, mvalid, size, required, perm)
+                e, _ = _exact_of(prob, moves)
                 eb, j = e.reshape(b, s, d).min(-1)
                 better = eb < best
                 if stop_early and not bool(better.any()):
@@ -1456,7 +1592,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 ks = fresh[last[bi, si]]  # (P', L)
                 cand = z[bi, si][:, None, :] + step * dirs[ks]  # (P', L, P)
                 moves = G.to_matrix(fam, _from_free(fam, cand), check=False)
-                e, _ = _exact(sub.reference, sub.moving, moves, region, sub.mvalid, size, sub.required, sub.perm)
+                e, _ = _exact_of(sub, moves)
                 eb, j = e.min(-1)
                 better = eb < best[bi, si]
                 if not bool(better.any()):
@@ -1472,7 +1608,7 @@ def _polish(prob: _Problem, centred: torch.Tensor, errors: torch.Tensor):
                 moving_seeds = _Subset(better.flatten())
         step /= 2
     m = G.to_matrix(fam, _from_free(fam, z), check=False)
-    e, cnt = _exact(reference, moving, m, region, mvalid, size, required, perm)
+    e, cnt = _exact_of(prob, m)
     keep = e <= errors  # rounding of the re-scoring: never return worse than a seed
     m = torch.where(keep[..., None, None], m, centred)
     e = torch.where(keep, e, errors)
@@ -1839,6 +1975,9 @@ def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None)
         ar = torch.arange(b, device=device)
         best_e = exact[ar, best_i]
         best_m = cands[ar, best_i]
+        if _use_gram(prob) and some.any and cfg.refine_steps > 0 and (
+                cfg.polish_levels > 0 or (cfg.hop_steps and SEARCH_FAMILIES[family][1])):
+            prob = replace(prob, gram=_Gram.of(prob.reference, prob.moving, prob.mvalid))
         if cfg.polish_levels > 0 and cfg.refine_steps > 0 and some.any:
             # polish the best candidate and the polish_starts best refined starts (other basins' endpoints)
             k = starts.shape[1]
