@@ -1224,10 +1224,11 @@ def _exact(reference, moving, centred, region, mvalid, size, required, perm=None
 
 
 _GRAM_MIN_CHANNELS = 48
-"""Channels from which the polish scores warps through :class:`_Gram` tables rather than by warping
-every channel (a candidate then costs O(H W) instead of O(C H W); the tables cost one matrix product).
-Measured on 8 maps of 28 x 28, rigid: the polish took 0.26 s warped and 0.29 s through tables at 32
-channels, 0.72 s and 0.30 s at 64, 10.9 s and 0.41 s at 512."""
+"""Channels from which the refinement and the polish score warps through :class:`_Gram` tables
+rather than by warping every channel (a warp then costs O(H W) instead of O(C H W); the tables cost
+one matrix product per image). Measured on 8 maps of 28 x 28, rigid, the whole ``align`` warping /
+through tables: 1.76 / 1.74 s at 32 channels, 2.58 / 2.16 s at 48, 7.3 / 4.3 s at 128 (and 0.51 /
+1.06 s at 4: below the threshold the tables cost more than they save)."""
 
 
 @dataclass
@@ -1285,10 +1286,16 @@ class _Gram:
                      self.valid if self.valid.shape[0] == 1 else self.valid[images], rows[images])
 
 
+_GRAM_STEP_PLANES = 64
+"""Planes of its positions that a refinement step through the tables holds per start (bytes for
+:func:`_adam_groups`' groups): the four taps' indices, weights and gathered values, the sums,
+and autograd's saved copies."""
+
+
 def _use_gram(prob: _Problem) -> bool:
-    """Whether the polish scores through :class:`_Gram` tables: many channels, no permutation, and
-    the tables within the chunk budget (``cfg.memory_budget``: they are built once per search and
-    kept while it polishes, after the coarse stage has freed its canvases)."""
+    """Whether the refinement and the polish score through :class:`_Gram` tables: many channels, no
+    permutation, and the tables within the chunk budget (``cfg.memory_budget``: they are built once
+    per search, after the coarse stage has freed its canvases, and kept to its end)."""
     b, c, h, w = prob.moving.shape
     table = b * h * w * (h + 2) * (w + 2) * prob.moving.element_size()
     return prob.perm is None and c >= _GRAM_MIN_CHANNELS and table <= prob.cfg.memory_budget
@@ -1398,26 +1405,31 @@ def _adam_groups(prob: _Problem, fam: G.Family, z: torch.Tensor, best_e: torch.T
     image and as many of its starts as fit (at least one). Returns the best iterates and errors
     ``(B, k, P)``, ``(B, k)``."""
     b, k = z.shape[:2]
-    per_start = (prob.moving.shape[1] + 1) * prob.size[0] * prob.size[1] * prob.moving.element_size()
+    tables = prob.gram is not None and prob.perm is None
+    # through the tables a start's step holds ~64 planes of its positions (taps, weights, their
+    # gradients), not its C + 1 warped channels
+    planes = _GRAM_STEP_PLANES if tables else prob.moving.shape[1] + 1
+    per_start = planes * prob.size[0] * prob.size[1] * prob.moving.element_size()
     cap = max(1, int(step_bytes(prob.moving.device) // max(per_start, 1)))
     n_images, n_starts = max(1, cap // k), min(k, cap)
     out_z, out_e = [], []
     for i in range(0, b, n_images):
         sub = prob if n_images >= b else prob.select(slice(i, i + n_images))
-        stack = _permuted(_stack(sub.moving, sub.mvalid), sub.perm)
+        stack = None if tables else _permuted(_stack(sub.moving, sub.mvalid), sub.perm)
         energy = _energy(sub.reference, sub.region)
         parts = [_adam(sub.reference, stack, z[i : i + n_images, j : j + n_starts],
                        best_e[i : i + n_images, j : j + n_starts], first, last, sub.region, sub.size, fam, sub.cfg,
-                       sub.required, energy) for j in range(0, k, n_starts)]
+                       sub.required, energy, sub.gram if tables else None) for j in range(0, k, n_starts)]
         out_z.append(torch.cat([p[0] for p in parts], 1))
         out_e.append(torch.cat([p[1] for p in parts], 1))
     return torch.cat(out_z), torch.cat(out_e)
 
 
-def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy):
+def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, required, energy, gram=None):
     """Steps ``first .. last - 1`` of the refinement's cosine schedule from free parameters ``z (B, k, P)``.
 
-    ``best_e`` are the errors of ``z`` known so far (inf: none). Returns the best feasible iterate
+    ``best_e`` are the errors of ``z`` known so far (inf: none); with ``gram`` (:class:`_Gram`) the
+    error and its gradient come from the tables, not from warping ``stack``. Returns the best feasible iterate
     and its error, per start. A step is a fixed sequence of kernels with no host synchronisation
     (no check, no ``.item()``, no data-dependent shape; tests/test_search.py counts them), so that
     on a GPU the steps queue up without waiting for each other."""
@@ -1429,10 +1441,14 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
         # cosine annealing from 1 to 0.01 over all the refinement's steps
         lr = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / cfg.refine_steps))
         zz = z.requires_grad_(True)
-        m = G.centred_to_normalized(G.to_matrix(fam, _from_free(fam, zz), check=False), size)
-        (_, stacked), = unchecked_chunks(stack, m, size, m.shape[1], affine=True)
-        warped, valid = _split(stacked)
-        e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
+        centred = G.to_matrix(fam, _from_free(fam, zz), check=False)
+        if gram is not None:
+            e = required.feasible(*_gram_terms(gram, centred, region, size, required.plane), energy)
+        else:
+            (_, stacked), = unchecked_chunks(stack, G.centred_to_normalized(centred, size), size, centred.shape[1],
+                                             affine=True)
+            warped, valid = _split(stacked)
+            e = required.feasible(*_region_terms(reference, warped, region, valid, required.plane), energy)
         # infeasible starts (inf) take no step: their loss is replaced by a constant
         loss = torch.where(torch.isfinite(e), e, torch.zeros_like(e))
         (grad,) = torch.autograd.grad(loss.sum(), zz)
@@ -1959,7 +1975,9 @@ def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None)
     # can gain at most that much: it skips the refinement, the polish and the local re-search
     todo = ~(start_e.min(1).values <= _SETTLED)
     some = _Subset(todo)
-    # 2. refinement through the sampler
+    # 2. refinement through the sampler (or the tables that give its errors, :class:`_Gram`)
+    if _use_gram(prob) and some.any and cfg.refine_steps > 0:
+        prob = replace(prob, gram=_Gram.of(prob.reference, prob.moving, prob.mvalid))
     refined = some.put(starts, _refine(some.of(prob), some.take(starts))) if some.any else starts
     extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
     for m in (exp_c, extra_c):
@@ -1975,9 +1993,6 @@ def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None)
         ar = torch.arange(b, device=device)
         best_e = exact[ar, best_i]
         best_m = cands[ar, best_i]
-        if _use_gram(prob) and some.any and cfg.refine_steps > 0 and (
-                cfg.polish_levels > 0 or (cfg.hop_steps and SEARCH_FAMILIES[family][1])):
-            prob = replace(prob, gram=_Gram.of(prob.reference, prob.moving, prob.mvalid))
         if cfg.polish_levels > 0 and cfg.refine_steps > 0 and some.any:
             # polish the best candidate and the polish_starts best refined starts (other basins' endpoints)
             k = starts.shape[1]
