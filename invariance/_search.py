@@ -960,7 +960,8 @@ class _Problem:
         size: ``(H, W)``; family: the search family; cfg: the :class:`SearchConfig`.
         required: the feasibility rule (:class:`_Rule`); perm: per-image channel
             permutations applied to ``moving`` (``(B, C)``), or None.
-        gram: the polish's inner-product tables (:class:`_Gram`), or None: it warps the channels.
+        gram: the inner-product tables of the refinement and the polish (:class:`_Gram`), or None:
+            they warp the channels.
     """
 
     reference: torch.Tensor
