@@ -502,15 +502,27 @@ def masked_error(reference: torch.Tensor, aligned: torch.Tensor, mask: torch.Ten
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.nan)
 
 
+def _weight_terms(ref_sq, region, w, plane):
+    """``R = region * w`` and its (den, count, signal) for a warp's weights ``w (B|1, k, H, W)``;
+    ``ref_sq`` the reference's ``sum_c F_c^2`` ``(B, H, W)``, ``plane`` its signal plane
+    ``(B, H, W)`` (:func:`_signal_plane`)."""
+    r = region * w
+    den = (ref_sq.unsqueeze(1) * r).flatten(-2).sum(-1)
+    cnt = r.flatten(-2).sum(-1).expand_as(den)
+    sig = (plane.unsqueeze(1) * w).flatten(-2).sum(-1).expand_as(den)
+    return r, den, cnt, sig
+
+
+def _safe_inverse(w: torch.Tensor) -> torch.Tensor:
+    """``1 / w`` where ``w > 0``, else 0 (the normalised sample's factor)."""
+    return torch.where(w > 0, 1 / torch.where(w > 0, w, torch.ones_like(w)), torch.zeros_like(w))
+
+
 def _region_terms(reference, warped, region, valid, plane):
     """(num, den, count, signal) of ``R = region * valid`` for warped ``(B, k, C, H, W)``, valid
     ``(B|1, k, H, W)``; ``plane`` the reference's signal plane ``(B, H, W)`` (:func:`_signal_plane`)."""
-    r = region * valid
-    ref = reference.unsqueeze(1)
-    num = ((warped - ref).pow(2).sum(2) * r).flatten(-2).sum(-1)
-    den = (ref.pow(2).sum(2) * r).flatten(-2).sum(-1)
-    cnt = r.flatten(-2).sum(-1).expand_as(den)
-    sig = (plane.unsqueeze(1) * valid).flatten(-2).sum(-1).expand_as(den)
+    r, den, cnt, sig = _weight_terms(reference.pow(2).sum(1), region, valid, plane)
+    num = ((warped - reference.unsqueeze(1)).pow(2).sum(2) * r).flatten(-2).sum(-1)
     return num, den, cnt, sig
 
 
@@ -522,13 +534,9 @@ def _stack_terms(reference, stacked, region, plane):
     rounding (``x (1 / w)`` for ``x / w``); outside the valid region (``w = 0``) ``R`` is 0 whatever the
     difference."""
     w = _weights(stacked[:, :, -1])  # (B, k, H, W)
-    inv = torch.where(w > 0, 1 / torch.where(w > 0, w, torch.ones_like(w)), torch.zeros_like(w))
-    diff = torch.addcmul(-reference.unsqueeze(1), stacked[:, :, :-1], inv.unsqueeze(2))
-    r = region * w
+    diff = torch.addcmul(-reference.unsqueeze(1), stacked[:, :, :-1], _safe_inverse(w).unsqueeze(2))
+    r, den, cnt, sig = _weight_terms(reference.pow(2).sum(1), region, w, plane)
     num = (diff.square_().sum(2) * r).flatten(-2).sum(-1)
-    den = (reference.pow(2).sum(1, keepdim=True) * r).flatten(-2).sum(-1)
-    cnt = r.flatten(-2).sum(-1).expand_as(den)
-    sig = (plane.unsqueeze(1) * w).flatten(-2).sum(-1).expand_as(den)
     return num, den, cnt, sig
 
 
@@ -1309,7 +1317,7 @@ def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, 
     norm = G.centred_to_normalized(centred, size)
     b, n = norm.shape[:2]
     grid = grid_from_inverse(torch.linalg.inv_ex(norm.reshape(-1, 3, 3))[0], size, affine=True)
-    grid = grid.reshape(b, n * h * w, 2)
+    grid = grid.reshape(b, n, h * w, 2)
     # grid_sample's bilinear taps (align_corners=False), in the padded grid's coordinates
     ix = ((grid[..., 0] + 1) * w - 1) / 2
     iy = ((grid[..., 1] + 1) * h - 1) / 2
@@ -1319,32 +1327,37 @@ def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, 
     px1 = (x0 + 2).clamp(0, w + 1).long()
     py0 = (y0 + 1).clamp(0, h + 1).long()
     py1 = (y0 + 2).clamp(0, h + 1).long()
-    idx = torch.stack([py0 * wp + px0, py0 * wp + px1, py1 * wp + px0, py1 * wp + px1])  # (4, B, nHW)
+    idx = torch.stack([py0 * wp + px0, py0 * wp + px1, py1 * wp + px0, py1 * wp + px1])  # (4, B, n, HW)
     a = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    valid = gram.valid.expand(b, -1)
-    t = a * torch.gather(valid[None].expand(4, -1, -1), 2, idx)  # (4, B, nHW)
-    wt = _weights(t.sum(0))
-    hw_p = gram.cross.shape[1] * gram.cross.shape[2]
+    t = a * torch.take(gram.valid.expand(b, -1), _row_offsets(gram.valid.expand(b, -1), None) + idx)
+    wt = _weights(t.sum(0))  # (B, n, HW)
+    # <x, F(q)>: each tap's entry of its image's row q of the cross table
     rows = torch.arange(b, device=grid.device) if gram.rows is None else gram.rows
-    q = rows[:, None] * hw_p + torch.arange(h * w, device=grid.device).repeat(n)[None] * gram.cross.shape[-1]
-    x_f = sum(t[k] * torch.take(gram.cross, q + idx[k]) for k in range(4))
+    q = torch.arange(h * w, device=grid.device) * gram.cross.shape[-1]
+    x_f = sum(t[k] * torch.take(gram.cross, _row_offsets(gram.cross, rows) + q + idx[k]) for k in range(4))
+    off = _row_offsets(gram.local[:, 0], None)
 
     def local(j, k):
-        return torch.gather(gram.local[:, j], 1, idx[k])
+        return torch.take(gram.local[:, j], off + idx[k])
 
     x_sq = (t.square() * torch.stack([local(0, k) for k in range(4)])).sum(0) + 2 * (
         t[0] * t[1] * local(1, 0) + t[2] * t[3] * local(1, 2) + t[0] * t[2] * local(2, 0)
         + t[1] * t[3] * local(2, 1) + t[0] * t[3] * local(3, 0) + t[1] * t[2] * local(4, 0))
-    ref_sq = gram.ref_sq.repeat(1, n)
-    inv = torch.where(wt > 0, 1 / torch.where(wt > 0, wt, torch.ones_like(wt)), torch.zeros_like(wt))
-    reg = region.reshape(-1, h * w).repeat(1, n)
-    per = reg * (x_sq * inv - 2 * x_f * (wt > 0) + wt * ref_sq)
-    num = per.reshape(b, n, h * w).sum(-1)
-    r = (reg * wt).reshape(b, n, h * w)
-    den = (r * gram.ref_sq[:, None]).sum(-1)
-    cnt = r.sum(-1)
-    sig = (plane.reshape(b, 1, h * w) * wt.reshape(b, n, h * w)).sum(-1)
+    # region (||x||^2 / w - 2 <x, F> + w ||F||^2) where w > 0: R ||x / w - F||^2 (:class:`_Gram`)
+    shape = (b, n, h, w)
+    ref_sq = gram.ref_sq.reshape(b, 1, h * w)
+    per = x_sq * _safe_inverse(wt) - 2 * x_f * (wt > 0) + wt * ref_sq
+    r, den, cnt, sig = _weight_terms(gram.ref_sq.reshape(b, h, w), region, wt.reshape(shape), plane)
+    num = (region * per.reshape(shape)).flatten(-2).sum(-1)
     return num, den, cnt, sig
+
+
+def _row_offsets(table: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``(B, 1, 1)`` flat offsets of each image's block of ``table`` (its rows ``rows``, default in
+    order), for :func:`torch.take` with indices inside one image's block."""
+    block = table[0].numel()
+    r = torch.arange(table.shape[0], device=table.device) if rows is None else rows
+    return (r * block).reshape(-1, 1, 1)
 
 
 def _exact_of(prob: _Problem, centred: torch.Tensor):
@@ -1353,9 +1366,9 @@ def _exact_of(prob: _Problem, centred: torch.Tensor):
     if gram is None or prob.perm is not None:
         return _exact(prob.reference, prob.moving, centred, prob.region, prob.mvalid, prob.size, prob.required,
                       prob.perm)
-    energy = _energy(prob.reference, prob.region)
     b, n = centred.shape[:2]
     h, w = prob.size
+    energy = (gram.ref_sq.reshape(b, 1, h, w) * prob.region).flatten(1).sum(-1)  # no pass over the channels
     chunk = max(1, int(prob.cfg.memory_budget // max(1, b * h * w * 256)))
     errs, cnts = [], []
     for k0 in range(0, n, chunk):
