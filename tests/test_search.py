@@ -219,7 +219,8 @@ def test_the_lag_window_is_the_hull_of_the_lags_where_a_warp_can_keep_enough_pos
     the region ``M`` at every lag is computed here directly (a sum over the shifted canvas). The
     window must be exactly each axis's hull of the lags where that overlap reaches ``need``: a
     wider one wastes FFT area, a narrower one drops a feasible warp. Exact: the overlaps are sums
-    of 0/1 values."""
+    of 0/1 values. None stands for every lag (what the scorer does without a window): right when
+    nothing is needed (an empty region, ``need`` 0) and harmless when no lag is feasible."""
     gen = torch.Generator().manual_seed(seed)
     m = (torch.rand(h, w, generator=gen) < density).to(DT)
     hc, wc = h + 2 * py, w + 2 * px
@@ -235,7 +236,8 @@ def test_the_lag_window_is_the_hull_of_the_lags_where_a_warp_can_keep_enough_pos
         return
     hull = ((int(feasible[:, 0].min()) - (hc - 1), int(feasible[:, 0].max()) - (hc - 1)),
             (int(feasible[:, 1].min()) - (wc - 1), int(feasible[:, 1].max()) - (wc - 1)))
-    assert window == hull
+    every = ((-(hc - 1), h - 1), (-(wc - 1), w - 1))
+    assert (every if window is None else window) == hull
 
 
 def test_the_fft_sized_to_the_feasible_lags_scores_as_the_full_one(device):
