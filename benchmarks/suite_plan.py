@@ -70,8 +70,8 @@ PARTS = (
     Part("cuda-tests", 75, 600, "every test that takes the device fixture, and tests/test_cuda.py, on CUDA"),
     Part("search-bench", 30, 600, "benchmarks/bench_search.py --quick: the search against the per-candidate loop"),
     Part("fft-bound", 20, 600, "benchmarks/bench_fft_bound.py: the search against its bare FFTs, resnet50 sizes"),
-    Part("train-bench", 20, 600, "benchmarks/bench_train.py: the five architectures together against the loop"),
-    Part("reproduction", 300, 600, "stn reproduce --budget gpu: the paper's three columns"),
+    Part("train-bench", 30, 600, "benchmarks/bench_train.py: the five architectures together against the loop"),
+    Part("reproduction", 290, 600, "stn reproduce --budget gpu: the paper's three columns"),
     Part("resnet50", 90, 600, "benchmarks/bench_resnet50.py: resnet50 layer2, 360 angles, sized images"),
 )
 assert sum(p.cap for p in PARTS) <= LEASE_SECONDS
@@ -162,10 +162,11 @@ def work_train_bench(tiny: bool, dev) -> _ops.OpCount:
     """bench_train.py: per round, ``steps`` SGD steps of each of the five models alone and together
     (priced as twice the plain loop), ``repeats`` rounds plus a one-step warm-up."""
     import torch.nn.functional as F
+    from bench_train import BATCH, REPEATS, STEPS, TINY
 
     from stn import ARCHS, build_model
 
-    steps, batch, repeats = (1, 8, 1) if tiny else (200 if dev.type == "cuda" else 20, 256, 3)
+    steps, batch, repeats = TINY if tiny else (STEPS["cuda" if dev.type == "cuda" else "cpu"], BATCH, REPEATS)
     x = torch.rand(batch, 1, 28, 28, device=dev)
     y = torch.arange(batch, device=dev) % 10
     one = _ops.OpCount()
@@ -185,26 +186,28 @@ def work_train_bench(tiny: bool, dev) -> _ops.OpCount:
 
 
 def work_reproduction(tiny: bool, dev, r: _ops.Rates) -> tuple[_ops.OpCount, float]:
-    """stn reproduce --budget: per column, counted, the calibration steps and the evaluation (every
-    model on every test image, ``repeats`` times), and the training time: the budget's seconds (its
-    steps are sized from the measured throughput to fill them), or less when its ``max_steps``
-    bound ends it sooner. An SGD step is priced as three forward passes (forward, backward, update)."""
-    from stn import ARCHS, BUDGETS, build_model
+    """stn reproduce --budget: per column, counted, the evaluation (every model on every test image,
+    ``repeats`` times, at the column's image size), and the time of the calibration and training:
+    the budget's seconds (the calibration pays from them and the steps are sized to fill the rest),
+    or less when its ``max_steps`` bound ends it sooner. An SGD step is priced as three forward
+    passes (forward, backward, update)."""
+    from stn import ARCHS, BUDGETS, DEFAULT_FAMILY, build_model, get_protocol
 
     b = BUDGETS["tiny" if tiny else "gpu"]
     train = 0.0
     total = _ops.OpCount()
     for t, seeds in b.seeds.items():
-        x = torch.rand(b.batch_size, 1, 28, 28, device=dev)
+        size = get_protocol(t, b.sizes[t]).size
+        x = torch.rand(b.batch_size, 1, size, size, device=dev)
         step = _ops.OpCount()
         for a in ARCHS:
-            m = build_model(a, family="rotation").to(dev).eval()
+            m = build_model(a, family=DEFAULT_FAMILY[t], image_size=[size] * 2).to(dev).eval()
             with torch.no_grad():
                 fwd = _ops.count(lambda m=m, x=x: m(x))
-            batches = math.ceil(b.test_limit / x.shape[0]) * b.repeats * len(seeds)
-            total = total + fwd * (batches + 3 * 2 * b.calibrate * len(seeds))
+            total = total + fwd * (math.ceil(b.test_limit / x.shape[0]) * b.repeats * len(seeds))
             step = step + fwd * (3 * len(seeds))
-        train += min(float(b.seconds[t]), b.max_steps[t] * _ops.seconds(step, r))
+        steps = min(b.warmup, b.calibrate) + b.calibrate + b.max_steps[t]
+        train += min(float(b.seconds[t]), steps * _ops.seconds(step, r))
     return total, train
 
 

@@ -1323,26 +1323,25 @@ def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, 
     iy = ((grid[..., 1] + 1) * h - 1) / 2
     x0, y0 = torch.floor(ix), torch.floor(iy)
     fx, fy = ix - x0, iy - y0
-    px0 = (x0 + 1).clamp(0, w + 1).long()
-    px1 = (x0 + 2).clamp(0, w + 1).long()
-    py0 = (y0 + 1).clamp(0, h + 1).long()
-    py1 = (y0 + 2).clamp(0, h + 1).long()
-    idx = torch.stack([py0 * wp + px0, py0 * wp + px1, py1 * wp + px0, py1 * wp + px1])  # (4, B, n, HW)
-    a = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    px = torch.stack([x0 + 1, x0 + 2]).clamp_(0, w + 1).long()  # the taps' columns and rows, padded grid
+    py = torch.stack([y0 + 1, y0 + 2]).clamp_(0, h + 1).long()
+    idx = (py[:, None] * wp + px[None]).flatten(0, 1)  # (4, B, n, HW): (y0, x0), (y0, x1), (y1, x0), (y1, x1)
+    ax, ay = torch.stack([1 - fx, fx]), torch.stack([1 - fy, fy])
+    a = (ay[:, None] * ax[None]).flatten(0, 1)
     t = a * torch.take(gram.valid.expand(b, -1), _row_offsets(gram.valid.expand(b, -1), None) + idx)
     wt = _weights(t.sum(0))  # (B, n, HW)
-    # <x, F(q)>: each tap's entry of its image's row q of the cross table
+    # <x, F(q)>: each tap's entry of its image's row q of the cross table (one gather for the 4 taps)
     rows = torch.arange(b, device=grid.device) if gram.rows is None else gram.rows
     q = torch.arange(h * w, device=grid.device) * gram.cross.shape[-1]
-    x_f = sum(t[k] * torch.take(gram.cross, _row_offsets(gram.cross, rows) + q + idx[k]) for k in range(4))
-    off = _row_offsets(gram.local[:, 0], None)
-
-    def local(j, k):
-        return torch.take(gram.local[:, j], off + idx[k])
-
-    x_sq = (t.square() * torch.stack([local(0, k) for k in range(4)])).sum(0) + 2 * (
-        t[0] * t[1] * local(1, 0) + t[2] * t[3] * local(1, 2) + t[0] * t[2] * local(2, 0)
-        + t[1] * t[3] * local(2, 1) + t[0] * t[3] * local(3, 0) + t[1] * t[2] * local(4, 0))
+    x_f = (t * torch.take(gram.cross, _row_offsets(gram.cross, rows) + q + idx)).sum(0)
+    # ||x||^2 = sum_k t_k^2 <g_k, g_k> + 2 sum_{k<l} t_k t_l <g_k, g_l>: the 4 + 6 entries of the
+    # local table (plane j of ``local`` at tap k's position), in one gather; few kernels per step
+    p = gram.local.shape[-1]
+    at = torch.stack([idx[0], idx[1], idx[2], idx[3], idx[0] + p, idx[2] + p, idx[0] + 2 * p, idx[1] + 2 * p,
+                      idx[0] + 3 * p, idx[0] + 4 * p])
+    ip = torch.take(gram.local, _row_offsets(gram.local, None) + at)  # (10, B, n, HW)
+    tt = torch.stack([t[0] * t[1], t[2] * t[3], t[0] * t[2], t[1] * t[3], t[0] * t[3], t[1] * t[2]])
+    x_sq = (t.square() * ip[:4]).sum(0) + 2 * (tt * ip[4:]).sum(0)
     # region (||x||^2 / w - 2 <x, F> + w ||F||^2) where w > 0: R ||x / w - F||^2 (:class:`_Gram`)
     shape = (b, n, h, w)
     ref_sq = gram.ref_sq.reshape(b, 1, h * w)

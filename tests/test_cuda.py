@@ -36,15 +36,30 @@ def test_cuda_align_matches_cpu():
 @cuda
 def test_cuda_rendering_matches_cpu():
     """The transformed digits rendered on the GPU equal the CPU's to float32 rounding of bilinear
-    interpolation (1e-5 on values in [0, 1])."""
+    interpolation.
+
+    Both compute each sample's source coordinate in the normalised frame, where it has magnitude at
+    most ``M`` (rotation: the corners, sqrt 2; translation: 1 + 2 x max shift / canvas; scale: the
+    largest zoom-out, 1 / smallest scale = 2), from about 8 float32 roundings (base grid, the
+    affine product and sum, the unnormalisation), each within eps/2 relative of ``M``; scaled by
+    canvas / 2 into pixels, two devices' coordinates differ by at most ``8 eps M canvas / 2`` px per
+    axis. A value in [0, 1] moves by at most that difference times its largest neighbour difference
+    (1) per axis, plus the blend's own rounding (4 eps): ``tol = 8 eps M canvas + 4 eps`` (3.8e-5 at
+    28 px rotation, 8.7e-5 at 60 px translation, 2.1e-4 at 112 px scale). A convention error (half a
+    pixel, a flipped axis) moves values by 1e-1 or more. (The first GPU run compared at a flat 1e-5
+    and saw 1.5e-5 at 2 of 200,704 values of the scale protocol.)"""
+    eps = torch.finfo(torch.float32).eps
     imgs, labels = load_digits()
     for name in ("rotation", "scale", "translation"):
         p = get_protocol(name)
+        reach = {"rotation": 2 ** 0.5, "translation": 1 + 2 * p.max_shift / p.canvas,
+                 "scale": 2.0 ** -p.log2_scale[0]}[name]
         a = TransformedDataset(imgs[:16], labels[:16], p, seed=3, device="cpu")
         b = TransformedDataset(imgs[:16], labels[:16], p, seed=3, device="cuda")
         xa, _, _ = next(a.batches(0, 16))
         xb, _, _ = next(b.batches(0, 16))
-        torch.testing.assert_close(xb.cpu(), xa, atol=1e-5, rtol=0)
+        torch.testing.assert_close(xb.cpu(), xa, atol=8 * eps * reach * p.canvas + 4 * eps, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @cuda
