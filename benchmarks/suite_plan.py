@@ -16,8 +16,9 @@ construction), and calls this module first, on the device, as its calibration st
 3. prices the counts: the estimated seconds of each part; a part whose time is fixed by
    construction (the budgeted reproduction trains for its budget's seconds) adds that time; the
    CUDA tests are not estimated (bounded by their cap);
-4. sizes the one part whose size is free, the resnet50 search: the most images (at most 1,000)
-   whose estimate stays within 70% of its cap.
+4. sizes the one part whose size is free, the resnet50 search, from its work **timed** on the
+   device (two calls of its measure, on 2 and 6 images after a warm-up: :func:`time_resnet50`)
+   rather than counted: the most images (at most 1,000) whose estimate stays within 70% of its cap.
 
 The estimate of the counted work is a sum of the prices (``_ops.seconds``), which errs long on a
 GPU that overlaps launches with compute; what the model leaves out (loading data, writing
@@ -211,7 +212,13 @@ def work_reproduction(tiny: bool, dev, r: _ops.Rates) -> tuple[_ops.OpCount, flo
     return total, train
 
 
-def _resnet50_work(images: int, tiny: bool, dev) -> _ops.OpCount:
+RESNET50_TIMED = {True: (1, 2), False: (2, 6)}
+"""Images of the two timed calls that size the resnet50 part (tiny run, GPU run): far enough apart
+that the per-image time is the batch's own, not the launches' of a one-image call."""
+
+
+def _resnet50_call(images: int, tiny: bool, dev):
+    """The resnet50 part's measure call on ``images`` images, ready to run (the benchmark's work)."""
     import torchvision
     from bench_resnet50 import smooth_images
 
@@ -221,20 +228,54 @@ def _resnet50_work(images: int, tiny: bool, dev) -> _ops.OpCount:
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(dev)
     x = smooth_images(images, size).to(dev)
-    return _ops.count(lambda: measure(model, x, "rotation:30", layers=layer, channels=("spatial",), n_boot=100,
-                                      config=SearchConfig(n_angles=angles), progress=False, floor_cache=False))
+    return lambda: measure(model, x, "rotation:30", layers=layer, channels=("spatial",), n_boot=100,
+                           config=SearchConfig(n_angles=angles), progress=False, floor_cache=False)
 
 
-def work_resnet50(tiny: bool, dev) -> tuple[_ops.OpCount, _ops.OpCount] | None:
-    """The fixed and the per-image counts of the resnet50 part (from 1 and 2 images; ``None`` without
-    torchvision). The bare-FFT pass the benchmark times afterwards is priced as the search again."""
+def _timed_call(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t
+
+
+def time_resnet50(tiny: bool, dev) -> tuple[float, float] | None:
+    """The fixed and the per-image seconds of the resnet50 part, **timed** on the device (``None``
+    without torchvision): its measure call on ``n1`` and ``n2`` images (:data:`RESNET50_TIMED`)
+    after a one-image warm-up; per image ``(t2 - t1) / (n2 - n1)``, fixed ``t1 - n1`` per image (at
+    least 0); both doubled for the bare-FFT pass the benchmark times afterwards (priced as the
+    search again: it errs long). Timed, not counted: on the second GPU lease the counted operators
+    priced as launches put 5.5 s on an image that took 0.66 s (many operators are views or host-side
+    scalars, and a GPU overlaps launches with its work), and counting under the dispatcher is the
+    plan's slowest step."""
     try:
         import torchvision  # noqa: F401
     except ImportError:
         return None
-    one, two = _resnet50_work(1, tiny, dev), _resnet50_work(2, tiny, dev)
-    per_image = two - one
-    return (one - per_image) * 2, per_image * 2
+    n1, n2 = RESNET50_TIMED[tiny]
+    if not tiny:
+        _resnet50_call(1, tiny, dev)()  # warm-up: kernels, cuFFT plans, the allocator
+    t1 = _timed_call(_resnet50_call(n1, tiny, dev), dev)
+    t2 = _timed_call(_resnet50_call(n2, tiny, dev), dev)
+    per_image = max(t2 - t1, 0.0) / (n2 - n1)
+    return 2 * max(t1 - n1 * per_image, 0.0), 2 * per_image
+
+
+def size_resnet50(cap: float, start: float, fixed: float, per_image: float, target: int) -> tuple[int, float]:
+    """The most images (1 to ``target``) whose estimate stays within :data:`RESNET50_FILL` of the
+    part's cap, and that estimate: ``PROCESSES * start + fixed + images * per_image``.
+
+    >>> size_resnet50(100, 5.5, 2.0, 1.0, 1000)    # 70 s - 11 s of starts - 2 s fixed: 57 images
+    (57, 70.0)
+    >>> size_resnet50(100, 5.5, 2.0, 0.001, 1000)  # the target caps it
+    (1000, 14.0)
+    """
+    base = PROCESSES["resnet50"] * start + fixed
+    images = max(1, min(target, int((RESNET50_FILL * cap - base) / max(per_image, 1e-12))))
+    return images, base + images * per_image
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -288,21 +329,17 @@ def plan(tiny: bool, device: str, cap: dict[str, int], progress=print, parts_run
             checkpoint(summary(complete=False))
 
     if "resnet50" in wanted:
-        res = work_resnet50(tiny, dev)
+        res = time_resnet50(tiny, dev)
         if res is None:
             parts["resnet50"].update(estimate=0.0, images=0, skipped="torchvision does not import")
         else:
-            fixed_c, per_c = res
-            t_fixed, t_img = _ops.seconds(fixed_c, r), _ops.seconds(per_c, r)
+            t_fixed, t_img = res
             target = 2 if tiny else RESNET50_IMAGES
-            fit = int((RESNET50_FILL * cap["resnet50"] - PROCESSES["resnet50"] * start - t_fixed) / max(t_img, 1e-12))
-            images = max(1, min(target, fit))
-            parts["resnet50"].update(estimate=PROCESSES["resnet50"] * start + t_fixed + images * t_img,
-                                     images=images, target_images=target, fixed_seconds=t_fixed,
-                                     seconds_per_image=t_img,
-                                     counts={"fixed": asdict(fixed_c), "per_image": asdict(per_c)})
+            images, estimate = size_resnet50(cap["resnet50"], start, t_fixed, t_img, target)
+            parts["resnet50"].update(estimate=estimate, images=images, target_images=target, fixed_seconds=t_fixed,
+                                     seconds_per_image=t_img, timed_images=list(RESNET50_TIMED[tiny]))
         done(f"resnet50: {parts['resnet50'].get('images', 0)} of {RESNET50_IMAGES if not tiny else 2} "
-                         f"images, {parts['resnet50']['estimate']:.1f} s")
+             f"images, {parts['resnet50']['estimate']:.1f} s")
     if "reproduction" in wanted:
         c, train = work_reproduction(tiny, dev, r)
         parts["reproduction"].update(estimate=start + train + _ops.seconds(c, r), counts=asdict(c),
@@ -319,15 +356,13 @@ def plan(tiny: bool, device: str, cap: dict[str, int], progress=print, parts_run
 
 def markdown(p: dict) -> str:
     lines = [f"# GPU suite plan ({p['device']}{', tiny' if p['tiny'] else ''})", "",
-             "Each part's time estimated from its op counts at this device's measured prices "
-             "(`benchmarks/suite_plan.py`); a part that is not estimated is bounded by its cap.", "",
+             "Each part's time estimated from its op counts at this device's measured prices, the resnet50 "
+             "part's from two timed calls of its work (`benchmarks/suite_plan.py`); a part that is not "
+             "estimated is bounded by its cap.", "",
              "| part | estimate | cap | operators | FFT GFLOP | dense GFLOP | GB written |",
              "|---|---|---|---|---|---|---|"]
     for name, v in p["parts"].items():
         c = v["counts"]
-        if c is not None and "fixed" in c:  # resnet50: fixed + images x per image
-            n = v["images"]
-            c = {k: c["fixed"][k] + n * c["per_image"][k] for k in c["fixed"]}
         est = v.get("measured") if name == "plan" else v["estimate"]
         est = "not estimated" if est is None else f"{est:.1f} s"
         if name == "resnet50" and "images" in v and "skipped" not in v:
@@ -336,6 +371,8 @@ def markdown(p: dict) -> str:
             est = f"skipped: {v['skipped']}"
         cols = ["", "", "", ""] if c is None else [f"{c['ops']:.3g}", f"{c['fft_flops'] / 1e9:.3g}",
                                                    f"{c['dense_flops'] / 1e9:.3g}", f"{c['bytes'] / 1e9:.3g}"]
+        if "timed_images" in v:
+            cols = [f"timed: {v['fixed_seconds']:.2f} s + {v['seconds_per_image']:.3f} s per image", "", "", ""]
         lines.append(f"| {name} | {est} | {v['cap']} s | " + " | ".join(cols) + " |")
     fits = p["bounded_total"] <= p["lease_seconds"]
     verdict = ("a tiny run: the lease does not apply" if p["tiny"]

@@ -234,6 +234,25 @@ def test_the_plan_counts_only_the_parts_run_and_checkpoints_after_each(monkeypat
         "cuda-tests", "search-bench", "train-bench", "resnet50"}
 
 
+def test_the_plan_sizes_resnet50_from_its_timed_work_within_its_share_of_the_cap(monkeypatch):
+    """The resnet50 part is sized from two timed calls of its work (stubbed here: 2 s fixed, 0.5 s
+    per image): the most images whose estimate, process starts included, stays within
+    ``RESNET50_FILL`` of the cap; one more image would not (the law, not a recorded number)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import suite_plan
+
+    monkeypatch.setattr(suite_plan, "time_resnet50", lambda tiny, dev: (2.0, 0.5))
+    monkeypatch.setattr(suite_plan, "start_seconds", lambda: 5.5)
+    cap = suite_plan.caps(False, {})
+    p = suite_plan.plan(False, "cpu", cap, progress=lambda s: None, parts_run=["resnet50"])
+    r = p["parts"]["resnet50"]
+    budget = suite_plan.RESNET50_FILL * cap["resnet50"]
+    starts = suite_plan.PROCESSES["resnet50"] * 5.5
+    assert r["estimate"] == pytest.approx(starts + 2.0 + 0.5 * r["images"])
+    assert r["estimate"] <= budget < r["estimate"] + 0.5, r
+    assert r["timed_images"] == list(suite_plan.RESNET50_TIMED[False])
+
+
 def test_a_benchmark_writes_each_result_as_it_finishes(tmp_path):
     """What a capped part leaves: the FFT-bound benchmark rewrites its results after every map
     size, so they are on disk (marked incomplete) before the next size starts. Read while the
