@@ -245,8 +245,8 @@ def _timed_call(fn, dev) -> float:
 def time_resnet50(tiny: bool, dev) -> tuple[float, float] | None:
     """The fixed and the per-image seconds of the resnet50 part, **timed** on the device (``None``
     without torchvision): its measure call on ``n1`` and ``n2`` images (:data:`RESNET50_TIMED`)
-    after a one-image warm-up; per image ``(t2 - t1) / (n2 - n1)``, fixed ``t1 - n1`` per image (at
-    least 0); both doubled for the bare-FFT pass the benchmark times afterwards (priced as the
+    after a one-image warm-up; per image ``(t2 - t1) / (n2 - n1)``, fixed ``t1 - n1 * per image``
+    (at least 0); both doubled for the bare-FFT pass the benchmark times afterwards (priced as the
     search again: it errs long). Timed, not counted: on the second GPU lease the counted operators
     priced as launches put 5.5 s on an image that took 0.66 s (many operators are views or host-side
     scalars, and a GPU overlaps launches with its work), and counting under the dispatcher is the

@@ -344,8 +344,8 @@ BUDGETS: dict[str, Budget] = {
     "gpu": Budget(
         name="gpu", seconds={"rotation": 135, "scale": 65, "translation": 55},
         # the scale column's localisation at 0.1: on the full 112-px canvas a step of the warp's
-        # parameters moves the image ~4x as many pixels as at 28 px; at 1.0 the first GPU run's
-        # STN-C0 and STN-DL1 never left chance level (benchmarks/results/gpu/README.md)
+        # parameters moves the image ~4x as many pixels as at 28 px; at 1.0 the second GPU lease's
+        # STN-C0 and STN-DL1 stayed at chance level (benchmarks/results/gpu/README.md)
         loc_lr_mult={"rotation": 1.0, "scale": 0.1, "translation": 0.03},
         max_steps={"rotation": 60000, "scale": 30000, "translation": 30000},
         seeds={"rotation": (0, 1), "scale": (0,), "translation": (0,)},
@@ -370,9 +370,9 @@ def _calibrate(budget: Budget, transform, archs, trains, family, protocol, loc, 
 
     The column's ``seconds`` pay for this calibration too (a warm-up of ``budget.warmup`` steps for
     the kernels and the allocator, then ``budget.calibrate`` timed steps): the training gets what is
-    left, so a column takes its ``seconds`` and a budget's columns fit its time by construction (the
-    first GPU run spent 40 s calibrating beyond its 255 s of training, and its cap stopped the last
-    column)."""
+    left, so a column takes its ``seconds`` and a budget's columns fit its time by construction (on
+    the second GPU lease the calibration took 40 s beyond the 255 s of training, and the part's cap
+    stopped the last column)."""
     seeds = budget.seeds[transform]
     t0 = time.perf_counter()
     cal = {f"cal/{a}": build_model(a, family=family, image_size=[protocol.size] * 2).to(dev) for a in archs}
