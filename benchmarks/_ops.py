@@ -102,18 +102,20 @@ class Rates:
     bandwidth: float  # bytes/s
 
 
+def elapsed(fn, dev: torch.device) -> float:
+    """Seconds of one call of ``fn``, the device's queue drained before and after."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
 def _timed(fn, dev: torch.device, repeats: int = 5) -> float:
     fn()  # warm-up (kernels, plans, allocator)
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(elapsed(fn, dev) for _ in range(repeats))[repeats // 2]
 
 
 def rates(device: str | torch.device = "cpu") -> Rates:

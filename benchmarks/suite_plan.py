@@ -232,16 +232,6 @@ def _resnet50_call(images: int, tiny: bool, dev):
                            config=SearchConfig(n_angles=angles), progress=False, floor_cache=False)
 
 
-def _timed_call(fn, dev) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t = time.perf_counter()
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - t
-
-
 def time_resnet50(tiny: bool, dev) -> tuple[float, float] | None:
     """The fixed and the per-image seconds of the resnet50 part, **timed** on the device (``None``
     without torchvision): its measure call on ``n1`` and ``n2`` images (:data:`RESNET50_TIMED`)
@@ -258,8 +248,8 @@ def time_resnet50(tiny: bool, dev) -> tuple[float, float] | None:
     n1, n2 = RESNET50_TIMED[tiny]
     if not tiny:
         _resnet50_call(1, tiny, dev)()  # warm-up: kernels, cuFFT plans, the allocator
-    t1 = _timed_call(_resnet50_call(n1, tiny, dev), dev)
-    t2 = _timed_call(_resnet50_call(n2, tiny, dev), dev)
+    t1 = _ops.elapsed(_resnet50_call(n1, tiny, dev), dev)
+    t2 = _ops.elapsed(_resnet50_call(n2, tiny, dev), dev)
     per_image = max(t2 - t1, 0.0) / (n2 - n1)
     return 2 * max(t1 - n1 * per_image, 0.0), 2 * per_image
 
