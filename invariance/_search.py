@@ -1328,7 +1328,8 @@ def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, 
     idx = (py[:, None] * wp + px[None]).flatten(0, 1)  # (4, B, n, HW): (y0, x0), (y0, x1), (y1, x0), (y1, x1)
     ax, ay = torch.stack([1 - fx, fx]), torch.stack([1 - fy, fy])
     a = (ay[:, None] * ax[None]).flatten(0, 1)
-    t = a * torch.take(gram.valid.expand(b, -1), _row_offsets(gram.valid.expand(b, -1), None) + idx)
+    valid = gram.valid.expand(b, -1)
+    t = a * torch.take(valid, _row_offsets(valid, None) + idx)
     wt = _weights(t.sum(0))  # (B, n, HW)
     # <x, F(q)>: each tap's entry of its image's row q of the cross table (one gather for the 4 taps)
     rows = torch.arange(b, device=grid.device) if gram.rows is None else gram.rows
@@ -1444,7 +1445,7 @@ def _adam(reference, stack, z, best_e, first, last, region, size, fam, cfg, requ
     ``best_e`` are the errors of ``z`` known so far (inf: none); with ``gram`` (:class:`_Gram`) the
     error and its gradient come from the tables, not from warping ``stack``. Returns the best feasible iterate
     and its error, per start. A step is a fixed sequence of kernels with no host synchronisation
-    (no check, no ``.item()``, no data-dependent shape; tests/test_search.py counts them), so that
+    (no check, no ``.item()``, no data-dependent shape; tests/test_device_path.py counts them), so that
     on a GPU the steps queue up without waiting for each other."""
     z = z.detach().clone()
     adam = _AdamState(z)
