@@ -338,6 +338,7 @@ class LayerAccumulator:
         self.held: list[list[torch.Tensor]] = []
         self.first_f: torch.Tensor | None = None  # image 0's maps and the last transformed maps
         self.last_fh: torch.Tensor | None = None
+        self.wrap_null: torch.Tensor | None = None  # image 0's null, from the last batch
 
     @property
     def second_pass(self) -> bool:
@@ -355,8 +356,16 @@ class LayerAccumulator:
         mvalid, expected = self._mvalid(index), self._expected(index)
         channels = "permutation" if self.want_perm else "spatial"
         if self.want_null:  # the null's pairs within the batch share the main search's warps
+            if index.start == 0:
+                self.first_f = f[:1]
+            # the last batch's last moving map also takes the wrap-around pair (image 0's reference)
+            wrap = index.stop == self.n and self.n > 1
+            first = slice(0, 1)
             res, within = align_with_null(f, fh, self.family, null_config=self._null_config(), mask=self.region,
-                                          moving_mask=mvalid, config=self.config, expected=expected, channels=channels)
+                                          moving_mask=mvalid, config=self.config, expected=expected, channels=channels,
+                                          next_reference=self.first_f if wrap else None,
+                                          next_moving_mask=self._mvalid(first) if wrap else None,
+                                          next_expected=self._expected(first) if wrap else None)
         else:
             res = align(f, fh, self.family, mask=self.region, moving_mask=mvalid, config=self.config,
                         expected=expected, channels=channels)
@@ -422,15 +431,18 @@ class LayerAccumulator:
         return replace(self.config or SearchConfig(), top_k=1, hop_steps=())
 
     def _null(self, f, fh, index, expected, mvalid, within: Alignment | None) -> torch.Tensor:
-        """Image i against the transformed maps of image i - 1 (image 0: of the last image, at the end):
-        ``within`` holds the pairs inside this batch (:func:`align_with_null`); the first image of a
-        later batch is paired with the previous batch's last here."""
-        out = torch.full((f.shape[0],), math.nan, dtype=torch.float64)
+        """Image i against the transformed maps of image i - 1 (image 0: of the last image):
+        ``within`` holds the pairs inside this batch (:func:`align_with_null`), and in the last batch
+        also image 0's pair, last; the first image of a later batch is paired with the previous
+        batch's last here."""
+        b = f.shape[0]
+        out = torch.full((b,), math.nan, dtype=torch.float64)
         if within is not None:
-            out[1:] = within.errors.cpu().double()
-        if index.start == 0:
-            self.first_f = f[:1]
-        else:
+            errors = within.errors.cpu().double()
+            out[1:] = errors[: b - 1]
+            if errors.shape[0] == b:  # the wrap-around pair
+                self.wrap_null = errors[-1]
+        if index.start > 0:
             first = slice(0, 1)
             out[0] = align(f[:1], self.last_fh, self.family, mask=self.region, config=self._null_config(),
                            moving_mask=_sliced(mvalid, first, mvalid.dim() == 3),
@@ -480,9 +492,5 @@ class LayerAccumulator:
     def _null_result(self) -> torch.Tensor:
         null = torch.cat([p["null"] for p in self.parts])
         if self.n > 1:
-            first = slice(0, 1)
-            expected, mvalid = self._expected(first), self._mvalid(first)
-            cfg = self._null_config()
-            null[0] = align(self.first_f, self.last_fh, self.family, mask=self.region, moving_mask=mvalid, config=cfg,
-                            expected=expected).errors.cpu().double()[0]
+            null[0] = self.wrap_null  # image 0 against the last image's transformed maps (the last batch)
         return null

@@ -1009,8 +1009,8 @@ def _coarse(prob: _Problem):
 
 
 def _coarse_pair(prob: _Problem, nxt: _Problem):
-    """:func:`_coarse` of ``prob`` and of the problem ``nxt`` that warps ``prob``'s moving maps
-    ``0 .. B - 2`` onto the references of images ``1 .. B - 1`` (the random-pair null): the
+    """:func:`_coarse` of ``prob`` and of the problem ``nxt`` that warps ``prob``'s first moving maps
+    (as many as ``nxt`` has references) onto ``nxt``'s references (the random-pair null): the
     shared grid's warps and their FFTs are computed once and scored against both references, so
     the null's exhaustive stage costs its channel products, not its warps and transforms.
     The results are those of two :func:`_coarse` calls."""
@@ -1857,11 +1857,19 @@ def align_with_null(
     channels: str = "spatial",
     config: SearchConfig | None = None,
     expected: torch.Tensor | None = None,
+    next_reference: torch.Tensor | None = None,
+    next_moving_mask: torch.Tensor | None = None,
+    next_expected: torch.Tensor | None = None,
 ) -> tuple[Alignment, Alignment | None]:
     """:func:`align` of the pairs ``(reference[i], moving[i])`` and, with ``null_config``, of the
     pairs ``(reference[i + 1], moving[i])`` (the random-pair null within a batch; each pair with
     the moving mask and expected warp of its reference image), which are ``align``'s results of
     each (None for a single image).
+
+    ``next_reference`` ``(1, C, H, W)``: the reference of the image after the batch's last (the
+    null's wrap-around: image 0 after the last batch), paired with ``moving[-1]`` as the null's
+    last pair (with ``next_moving_mask`` and ``next_expected``, its own, where those are per
+    image); the null then has one pair per moving map.
 
     The two searches share their exhaustive stage: the grid's warps of ``moving`` and their FFTs
     are computed once and scored against both references (where both searches see the same
@@ -1873,16 +1881,28 @@ def align_with_null(
     common = dict(mask=mask, mask_radius=None, extra_candidates=None)
     st = _setup(reference, moving, family, moving_mask=moving_mask, channels=channels, config=config,
                 expected=expected, **common)
+
     def run(s: _Setup | Alignment, coarse=None) -> Alignment:
         return s if isinstance(s, Alignment) else _search(s, coarse)
 
-    if b < 2:
+    def then(x, nxt, name):  # the null's references' own masks or expected warps: x[1:] and nxt's
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+            return x  # one for every image
+        if next_reference is None:
+            return x[1:]
+        if nxt is None:
+            raise ValueError(f"{name}: needed with next_reference when {name[5:]} is one per image")
+        return torch.cat([x[1:], nxt.reshape(1, *x.shape[1:]).to(x)])
+
+    if b < 2 and next_reference is None:
         return run(st), None
-    per_image = isinstance(moving_mask, torch.Tensor) and moving_mask.dim() == 3
-    nxt = _setup(reference[1:], moving[:-1], family, channels="spatial", config=null_config,
-                 moving_mask=moving_mask[1:] if per_image else moving_mask,
-                 expected=expected[1:] if isinstance(expected, torch.Tensor) and expected.dim() == 3 else expected,
-                 **common)
+    if next_reference is not None and next_reference.shape != (1, *reference.shape[1:]):
+        raise ValueError(f"next_reference: expected one map {(1, *reference.shape[1:])}, "
+                         f"got {tuple(next_reference.shape)}")
+    null_ref = reference[1:] if next_reference is None else torch.cat([reference[1:], next_reference])
+    nxt = _setup(null_ref, moving[:null_ref.shape[0]], family, channels="spatial", config=null_config,
+                 moving_mask=then(moving_mask, next_moving_mask, "next_moving_mask"),
+                 expected=then(expected, next_expected, "next_expected"), **common)
     if isinstance(st, Alignment) or isinstance(nxt, Alignment) or not _shares_grid(st, nxt):
         return run(st), run(nxt)
     with torch.no_grad():

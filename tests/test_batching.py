@@ -108,6 +108,37 @@ def test_accumulator_pairs_images_across_batches_like_one_batch():
     assert torch.allclose(got.linear, one.linear, rtol=1e-9, atol=1e-12)
 
 
+def test_only_batch_borders_search_the_null_apart(monkeypatch):
+    """The null's pairs share their batch's exhaustive stage (``align_with_null``), the wrap-around
+    pair (image 0 against the last image) the last batch's; only a pair across a batch border
+    (a later batch's first image against the previous batch's last) is a search of its own: two
+    for three batches, none for one, whatever the image count."""
+    import invariance._metric as M
+
+    net = _net()
+    x = _images(6)
+    t = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([30.0], dtype=DT)), (16, 16))
+    with torch.no_grad():
+        f, fh = net(x), net(warp(x, t))
+    frame = LayerFrame(stride=(2.0, 2.0), offset=(0.0, 0.0), size=(8, 8), input_size=(16, 16), exact=False)
+    apart = []
+    real = M.align
+
+    def counted(*a, **k):
+        apart.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "align", counted)
+    for parts, borders in (([slice(0, 6)], 0), ([slice(0, 1), slice(1, 4), slice(4, 6)], 2)):
+        apart.clear()
+        acc = LayerAccumulator(frame, t, 6, family="rigid", config=CFG, null=True)
+        for sl in parts:
+            acc.add(f[sl], fh[sl], sl)
+        null = acc.result().null
+        assert apart == [1] * borders
+        assert bool(torch.isfinite(null).all())
+
+
 def test_accumulator_refuses_a_missing_batch():
     t = torch.eye(3, dtype=DT)
     frame = LayerFrame.identity((8, 8))

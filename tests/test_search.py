@@ -846,6 +846,42 @@ def test_the_null_shares_the_main_searchs_warps_and_equals_two_calls(monkeypatch
     assert float(null.errors.mean()) > 10 * float(main.errors.mean())  # another image's maps: far worse
 
 
+def test_the_nulls_wrap_around_pair_rides_in_the_shared_exhaustive_stage(monkeypatch):
+    """With ``next_reference`` the null has one pair per moving map: ``(reference[i + 1],
+    moving[i])`` and ``(next_reference, moving[-1])``, equal to ``align`` of those pairs (each
+    image's search is independent of its batch-mates: rounding, 1e-12), in the one exhaustive pass
+    the main search makes anyway; a batch of one image gets its null pair too. Per-image masks
+    and expected warps need the next image's own (a one-line error names the argument)."""
+    from invariance._search import _coarse_grid, align_with_null
+
+    g = torch.Generator().manual_seed(5)
+    ref = F.avg_pool2d(torch.randn(4, 3, 22, 22, generator=g, dtype=DT), 5, 1)
+    mov = torch.rot90(ref, 1, (-2, -1)) + 0.01 * torch.randn(ref.shape, generator=g, dtype=DT)
+    first = F.avg_pool2d(torch.randn(1, 3, 22, 22, generator=g, dtype=DT), 5, 1)
+    null_cfg = replace(CFG, top_k=1, hop_steps=())
+    passes = []
+
+    def counted(prob, lin, nxt=None):
+        passes.append((lin.dim(), nxt is not None))
+        return _coarse_grid(prob, lin, nxt)
+
+    monkeypatch.setattr("invariance._search._coarse_grid", counted)
+    for b in (4, 1):
+        passes.clear()
+        main, null = align_with_null(ref[:b], mov[:b], "rigid", null_config=null_cfg, config=CFG, next_reference=first)
+        assert [p for p in passes if p[0] == 3] == [(3, True)]  # one pass over the shared grid, for both
+        pairs = align(torch.cat([ref[1:b], first]), mov[:b], "rigid", config=null_cfg)
+        assert null.errors.shape == (b,)
+        assert torch.allclose(null.errors, pairs.errors, rtol=0, atol=1e-12)
+        assert torch.allclose(null.matrices, pairs.matrices, rtol=0, atol=1e-9)
+        assert torch.allclose(main.errors, align(ref[:b], mov[:b], "rigid", config=CFG).errors, rtol=0, atol=1e-12)
+    per_image = G.centred_to_normalized(G.to_matrix("rotation", torch.full((4, 1), -90.0, dtype=DT)), (18, 18))
+    with pytest.raises(ValueError, match="^next_expected: needed with next_reference"):
+        align_with_null(ref, mov, "rigid", null_config=null_cfg, config=CFG, expected=per_image, next_reference=first)
+    with pytest.raises(ValueError, match="^next_reference: expected one map"):
+        align_with_null(ref, mov, "rigid", null_config=null_cfg, config=CFG, next_reference=ref[:2])
+
+
 def test_the_near_grid_searches_only_the_expected_warps_neighbourhood(monkeypatch):
     """``align_near`` scores, per image, the grid's linear parts within two steps of the identity
     (5 of the 72 rotations) composed with that image's expected warp. A quarter turn, expected to
