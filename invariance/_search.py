@@ -1987,24 +1987,25 @@ def _setup(reference, moving, family, *, mask, mask_radius, moving_mask, channel
     return _Setup(prob, fam, reference, moving, exp_c, extra_c, reasons, channels)
 
 
-def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None) -> Alignment:
-    """Run a :class:`_Setup`'s search: coarse (or the given coarse errors and matrices), refinement,
-    exact scoring, polish, local re-search; then the permutation stage when asked for."""
-    prob, fam, reference, moving, exp_c, extra_c, reasons, channels = (
-        st.prob, st.fam, st.reference, st.moving, st.exp_c, st.extra_c, st.reasons, st.channels)
+def _table_groups(prob: _Problem) -> list[torch.Tensor] | None:
+    """The batch's images in groups whose inner-product tables (:class:`_Gram`) fit the chunk budget,
+    where the whole batch's do not but one image's do (resnet50 ``layer1``: 42 MB per image, 64 MiB
+    budget); None: one group (the tables fit, or are not used)."""
+    b, c, h, w = prob.moving.shape
+    per_image = h * w * (h + 2) * (w + 2) * prob.moving.element_size()
+    fit = int(prob.cfg.memory_budget // per_image)
+    if _use_gram(prob) or prob.perm is not None or c < _GRAM_MIN_CHANNELS or fit < 1 or b < 2:
+        return None
+    return list(torch.arange(b, device=prob.moving.device).split(fit))
+
+
+def _refined(prob: _Problem, fam: G.Family, starts, start_e, start_n, extras):
+    """:func:`_search`'s stages after the coarse one, for its batch's starts ``(B, k, 3, 3)`` (their
+    exact errors and positions) and extra candidates ``(B, n, 3, 3)``: refinement, exact scoring,
+    polish and local re-search -> (best error (B,), best matrix (B, 3, 3))."""
     sp_ref, sp_mov, region, mvalid, size, family, cfg, required = (
         prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required)
-    b, dtype, device = sp_ref.shape[0], sp_ref.dtype, sp_ref.device
-    # 1. coarse search (exhaustive over the grid x all integer shifts)
-    with torch.no_grad():
-        coarse_e, coarse_m = _coarse(prob) if coarse is None else coarse
-        coarse_best = coarse_e.min(1).values
-        # distinct basins at two separations: across the grid, and near the best
-        fine = replace(cfg, basin_separation=cfg.basin_separation / 2, basin_shift=cfg.basin_shift / 2)
-        idx = torch.cat([_distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg),
-                         _distinct_starts(coarse_e, coarse_m, 3, fine)[:, 1:]], 1)
-        starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
-        start_e, start_n = _exact(sp_ref, sp_mov, starts, region, mvalid, size, required)
+    b, device = sp_ref.shape[0], sp_ref.device
     # an image whose best start is exact already (an integer shift, a quarter turn: error <= _SETTLED)
     # can gain at most that much: it skips the refinement, the polish and the local re-search
     todo = ~(start_e.min(1).values <= _SETTLED)
@@ -2013,11 +2014,6 @@ def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None)
     if _use_gram(prob) and some.any and cfg.refine_steps > 0:
         prob = replace(prob, gram=_Gram.of(prob.reference, prob.moving, prob.mvalid))
     refined = some.put(starts, _refine(some.of(prob), some.take(starts))) if some.any else starts
-    extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
-    for m in (exp_c, extra_c):
-        if m is not None:
-            extras.append(m)
-    extras = torch.cat(extras, 1)
     cands = torch.cat([starts, refined, extras], 1)
     # 3. exact scoring; keep the best
     with torch.no_grad():
@@ -2042,6 +2038,43 @@ def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None)
         if cfg.hop_steps and SEARCH_FAMILIES[family][1] and cfg.refine_steps > 0 and some.any:
             hm, he = _hop(some.of(prob), fam, some.take(best_m), some.take(best_e))
             best_m, best_e = some.put(best_m, hm), some.put(best_e, he)
+    return best_e, best_m
+
+
+def _search(st: _Setup, coarse: tuple[torch.Tensor, torch.Tensor] | None = None) -> Alignment:
+    """Run a :class:`_Setup`'s search: coarse (or the given coarse errors and matrices), refinement,
+    exact scoring, polish, local re-search; then the permutation stage when asked for."""
+    prob, fam, reference, moving, exp_c, extra_c, reasons, channels = (
+        st.prob, st.fam, st.reference, st.moving, st.exp_c, st.extra_c, st.reasons, st.channels)
+    sp_ref, sp_mov, region, mvalid, size, family, cfg, required = (
+        prob.reference, prob.moving, prob.region, prob.mvalid, prob.size, prob.family, prob.cfg, prob.required)
+    b, dtype, device = sp_ref.shape[0], sp_ref.dtype, sp_ref.device
+    # 1. coarse search (exhaustive over the grid x all integer shifts)
+    with torch.no_grad():
+        coarse_e, coarse_m = _coarse(prob) if coarse is None else coarse
+        coarse_best = coarse_e.min(1).values
+        # distinct basins at two separations: across the grid, and near the best
+        fine = replace(cfg, basin_separation=cfg.basin_separation / 2, basin_shift=cfg.basin_shift / 2)
+        idx = torch.cat([_distinct_starts(coarse_e, coarse_m, cfg.top_k, cfg),
+                         _distinct_starts(coarse_e, coarse_m, 3, fine)[:, 1:]], 1)
+        starts = torch.gather(coarse_m, 1, idx[..., None, None].expand(-1, -1, 3, 3))
+        start_e, start_n = _exact(sp_ref, sp_mov, starts, region, mvalid, size, required)
+    extras = [torch.eye(3, dtype=dtype, device=device).expand(b, 1, 3, 3)]
+    for m in (exp_c, extra_c):
+        if m is not None:
+            extras.append(m)
+    extras = torch.cat(extras, 1)
+    # 2.-5. per group of images whose inner-product tables fit the chunk budget (every image's
+    # search is its own: the groups give the same results as one batch)
+    groups = _table_groups(prob)
+    if groups is None:
+        best_e, best_m = _refined(prob, fam, starts, start_e, start_n, extras)
+    else:
+        best_e = start_e.new_empty(b)
+        best_m = starts.new_empty(b, 3, 3)
+        for idx in groups:
+            best_e[idx], best_m[idx] = _refined(prob.select(idx), fam, starts[idx], start_e[idx], start_n[idx],
+                                                extras[idx])
     result = _result(prob, fam, best_e, best_m, reasons)
     result.coarse_errors = torch.where(torch.isfinite(coarse_best), coarse_best, torch.nan).double()
     if channels == "permutation":

@@ -1116,3 +1116,33 @@ def test_the_search_scores_through_tables_when_channels_are_many(monkeypatch):
     assert not calls
     torch.testing.assert_close(tables.errors, direct.errors, atol=1e-12, rtol=0)
     torch.testing.assert_close(tables.matrices, direct.matrices, atol=1e-9, rtol=0)
+
+
+def test_a_batch_whose_tables_do_not_fit_refines_in_groups_whose_tables_do(monkeypatch):
+    """When one image's inner-product tables fit the chunk budget but the batch's do not, the
+    stages after the coarse one run on groups of images whose tables fit (each image's search is
+    its own): the tables are built once per group, and every image gets what it gets alone
+    (float64 rounding, 1e-12; matrices 1e-9). With a budget below one image's tables nothing is
+    grouped and no tables are built."""
+    import invariance._search as S
+
+    g = torch.Generator().manual_seed(6)
+    ref = F.avg_pool2d(torch.randn(5, 48, 14, 14, generator=g, dtype=DT), 5, 1)  # 10 x 10 maps
+    t = G.centred_to_normalized(G.to_matrix("rigid", torch.tensor([25.0, 0.6, -0.4], dtype=DT)), (10, 10))
+    mov = warp(ref, t) + 0.05 * torch.randn(ref.shape, generator=g, dtype=DT)
+    per_image = 10 * 10 * 12 * 12 * 8  # one image's tables, float64
+    built = []
+    real = S._Gram.of
+    monkeypatch.setattr(S._Gram, "of", staticmethod(lambda r, *a: built.append(r.shape[0]) or real(r, *a)))
+    cfg = replace(CFG, memory_budget=2 * per_image)  # two images' tables
+    grouped = align(ref, mov, "rigid", config=cfg)
+    assert built == [2, 2, 1]
+    built.clear()
+    for i in range(5):
+        alone = align(ref[i:i + 1], mov[i:i + 1], "rigid", config=cfg)
+        torch.testing.assert_close(alone.errors, grouped.errors[i:i + 1], atol=1e-12, rtol=0)
+        torch.testing.assert_close(alone.matrices, grouped.matrices[i:i + 1], atol=1e-9, rtol=0)
+    assert built == [1] * 5
+    built.clear()
+    align(ref, mov, "rigid", config=replace(CFG, memory_budget=per_image - 1))
+    assert built == []
