@@ -87,14 +87,19 @@ def test_the_default_budget_takes_small_problems_in_one_batch(one_batch):
     assert one_batch.meta["batching"]["layer_groups"] == 1
 
 
-def test_accumulator_pairs_images_across_batches_like_one_batch():
-    """The null of image i is against the transformed maps of image i - 1, across batch borders."""
-    net = _net()
-    x = _images(6)
-    t = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([90.0], dtype=DT)), (16, 16))
+def _six_maps(angle: float):
+    """Six images' maps and transformed maps (stride 2), their frame and the rotation by ``angle``."""
+    t = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([angle], dtype=DT)), (16, 16))
+    net, x = _net(), _images(6)
     with torch.no_grad():
         f, fh = net(x), net(warp(x, t))
     frame = LayerFrame(stride=(2.0, 2.0), offset=(0.0, 0.0), size=(8, 8), input_size=(16, 16), exact=False)
+    return f, fh, frame, t
+
+
+def test_accumulator_pairs_images_across_batches_like_one_batch():
+    """The null of image i is against the transformed maps of image i - 1, across batch borders."""
+    f, fh, frame, t = _six_maps(90.0)
     one = measure_layer(f, fh, frame, t, family="rigid", config=CFG, null=True, channels=("spatial", "linear"))
     acc = LayerAccumulator(frame, t, 6, family="rigid", config=CFG, null=True, channels=("spatial", "linear"))
     parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
@@ -115,12 +120,7 @@ def test_only_batch_borders_search_the_null_apart(monkeypatch):
     for three batches, none for one, whatever the image count."""
     import invariance._metric as M
 
-    net = _net()
-    x = _images(6)
-    t = G.centred_to_normalized(G.to_matrix("rotation", torch.tensor([30.0], dtype=DT)), (16, 16))
-    with torch.no_grad():
-        f, fh = net(x), net(warp(x, t))
-    frame = LayerFrame(stride=(2.0, 2.0), offset=(0.0, 0.0), size=(8, 8), input_size=(16, 16), exact=False)
+    f, fh, frame, t = _six_maps(30.0)
     apart = []
     real = M.align
 
