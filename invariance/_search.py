@@ -1305,9 +1305,15 @@ def _use_gram(prob: _Problem) -> bool:
     """Whether the refinement and the polish score through :class:`_Gram` tables: many channels, no
     permutation, and the tables within the chunk budget (``cfg.memory_budget``: they are built once
     per search, after the coarse stage has freed its canvases, and kept to its end)."""
-    b, c, h, w = prob.moving.shape
-    table = b * h * w * (h + 2) * (w + 2) * prob.moving.element_size()
-    return prob.perm is None and c >= _GRAM_MIN_CHANNELS and table <= prob.cfg.memory_budget
+    b, c = prob.moving.shape[:2]
+    return prob.perm is None and c >= _GRAM_MIN_CHANNELS and b * _table_bytes(prob.moving) <= prob.cfg.memory_budget
+
+
+def _table_bytes(moving: torch.Tensor) -> int:
+    """Bytes of one image's :class:`_Gram` tables: its ``H W`` positions against the ``(H + 2)(W + 2)``
+    of the padded grid."""
+    h, w = moving.shape[-2:]
+    return h * w * (h + 2) * (w + 2) * moving.element_size()
 
 
 def _gram_terms(gram: _Gram, centred: torch.Tensor, region: torch.Tensor, size, plane: torch.Tensor):
@@ -1991,10 +1997,9 @@ def _table_groups(prob: _Problem) -> list[torch.Tensor] | None:
     """The batch's images in groups whose inner-product tables (:class:`_Gram`) fit the chunk budget,
     where the whole batch's do not but one image's do (resnet50 ``layer1``: 42 MB per image, 64 MiB
     budget); None: one group (the tables fit, or are not used)."""
-    b, c, h, w = prob.moving.shape
-    per_image = h * w * (h + 2) * (w + 2) * prob.moving.element_size()
-    fit = int(prob.cfg.memory_budget // per_image)
-    if _use_gram(prob) or prob.perm is not None or c < _GRAM_MIN_CHANNELS or fit < 1 or b < 2:
+    b, c = prob.moving.shape[:2]
+    fit = int(prob.cfg.memory_budget // _table_bytes(prob.moving))
+    if prob.perm is not None or c < _GRAM_MIN_CHANNELS or not 1 <= fit < b:
         return None
     return list(torch.arange(b, device=prob.moving.device).split(fit))
 
